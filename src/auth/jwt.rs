@@ -1,0 +1,318 @@
+//! Compact JWS verification for stream tokens, and HS256 minting for `causeloop-stream token`.
+//!
+//! Order of checks, so that nothing unverified is trusted: size bound, shape, header (`alg`
+//! pinned to the kind of key it is checked against, `crit` refused), signature against the live
+//! keys (ring; HMAC comparison is constant-time), then claims. The token itself never appears in
+//! an error: errors are [`AuthError`] variants with fixed labels.
+
+use super::keys::KeySet;
+use super::{AuthError, Identity};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ring::{hmac, signature};
+use simd_json::prelude::*;
+
+/// Tokens longer than this are refused without being parsed.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Header and claims nesting deeper than this is refused before parsing.
+const MAX_JSON_DEPTH: usize = 16;
+
+/// Claim rules from the configuration.
+#[derive(Clone, Debug)]
+pub struct Validation {
+    /// Name of the claim holding the workspace id.
+    pub workspace_claim: String,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` (or one of its entries), when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed for `exp`, `nbf` and `iat`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl Default for Validation {
+    fn default() -> Self {
+        Validation { workspace_claim: "workspace_id".into(), issuer: None, audience: None, leeway_secs: 30 }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Alg {
+    Hs256,
+    Rs256,
+}
+
+/// Verifies `token` and returns the identity it asserts. `now` is seconds since the epoch.
+pub fn verify(token: &[u8], keys: &KeySet, rules: &Validation, now: u64) -> Result<Identity, AuthError> {
+    if token.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(AuthError::TooLarge);
+    }
+    let mut parts = token.splitn(3, |&b| b == b'.');
+    let (Some(h64), Some(c64), Some(s64)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(AuthError::Malformed);
+    };
+    if s64.contains(&b'.') {
+        return Err(AuthError::Malformed);
+    }
+    let signed = &token[..h64.len() + 1 + c64.len()];
+    let mut header = URL_SAFE_NO_PAD.decode(h64).map_err(|_| AuthError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD.decode(s64).map_err(|_| AuthError::Malformed)?;
+    let (alg, kid) = parse_header(&mut header)?;
+    verify_signature(alg, kid.as_deref(), signed, &sig, keys)?;
+    let mut claims = URL_SAFE_NO_PAD.decode(c64).map_err(|_| AuthError::Malformed)?;
+    check_claims(&mut claims, rules, now)
+}
+
+fn parse_header(header: &mut [u8]) -> Result<(Alg, Option<String>), AuthError> {
+    if crate::json::max_depth(header) > MAX_JSON_DEPTH {
+        return Err(AuthError::Malformed);
+    }
+    let v = simd_json::to_borrowed_value(header).map_err(|_| AuthError::Malformed)?;
+    if !v.is_object() {
+        return Err(AuthError::Malformed);
+    }
+    if v.get("crit").is_some() {
+        return Err(AuthError::Algorithm);
+    }
+    let alg = match v.get("alg").and_then(|a| a.as_str()) {
+        Some("HS256") => Alg::Hs256,
+        Some("RS256") => Alg::Rs256,
+        Some(_) => return Err(AuthError::Algorithm),
+        None => return Err(AuthError::Malformed),
+    };
+    let kid = match v.get("kid") {
+        None => None,
+        Some(k) => Some(k.as_str().ok_or(AuthError::Malformed)?.to_owned()),
+    };
+    Ok((alg, kid))
+}
+
+/// Picks the candidate keys: those whose `kid` matches when any does, else those without a `kid`.
+fn candidates<'k, K>(keys: &'k [K], kid: Option<&'k str>, kid_of: impl Fn(&K) -> Option<&str> + 'k) -> impl Iterator<Item = &'k K> + 'k {
+    let matched = kid.is_some() && keys.iter().any(|k| kid_of(k) == kid);
+    keys.iter().filter(move |k| if matched { kid_of(k) == kid } else { kid_of(k).is_none() })
+}
+
+fn verify_signature(alg: Alg, kid: Option<&str>, signed: &[u8], sig: &[u8], keys: &KeySet) -> Result<(), AuthError> {
+    match alg {
+        Alg::Hs256 => {
+            if keys.hs256.is_empty() {
+                return Err(AuthError::Algorithm);
+            }
+            for k in candidates(&keys.hs256, kid, |k| k.kid.as_deref()) {
+                if hmac::verify(&k.key, signed, sig).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        Alg::Rs256 => {
+            if keys.rs256.is_empty() {
+                return Err(AuthError::Algorithm);
+            }
+            for k in candidates(&keys.rs256, kid, |k| k.kid.as_deref()) {
+                let pk = signature::RsaPublicKeyComponents { n: &k.n, e: &k.e };
+                if pk.verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, sig).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err(AuthError::Signature)
+}
+
+fn numeric(v: Option<&simd_json::BorrowedValue<'_>>) -> Result<Option<u64>, AuthError> {
+    match v {
+        None => Ok(None),
+        Some(v) => {
+            let f = v.cast_f64().ok_or(AuthError::Claims)?;
+            if !f.is_finite() || f < 0.0 {
+                return Err(AuthError::Claims);
+            }
+            Ok(Some(f.min(u64::MAX as f64) as u64))
+        }
+    }
+}
+
+fn check_claims(claims: &mut [u8], rules: &Validation, now: u64) -> Result<Identity, AuthError> {
+    if crate::json::max_depth(claims) > MAX_JSON_DEPTH {
+        return Err(AuthError::Malformed);
+    }
+    let v = simd_json::to_borrowed_value(claims).map_err(|_| AuthError::Malformed)?;
+    if !v.is_object() {
+        return Err(AuthError::Malformed);
+    }
+    let exp = numeric(v.get("exp"))?.ok_or(AuthError::Claims)?;
+    let leeway = rules.leeway_secs;
+    if now >= exp.saturating_add(leeway) {
+        return Err(AuthError::Expired);
+    }
+    if let Some(nbf) = numeric(v.get("nbf"))? {
+        if nbf > now.saturating_add(leeway) {
+            return Err(AuthError::NotYetValid);
+        }
+    }
+    if let Some(iat) = numeric(v.get("iat"))? {
+        if iat > now.saturating_add(leeway) {
+            return Err(AuthError::NotYetValid);
+        }
+    }
+    let sub = v.get("sub").and_then(|s| s.as_str()).filter(|s| !s.is_empty()).ok_or(AuthError::Claims)?;
+    let ws = v
+        .get(rules.workspace_claim.as_str())
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::Claims)?;
+    if let Some(iss) = &rules.issuer {
+        if v.get("iss").and_then(|s| s.as_str()) != Some(iss.as_str()) {
+            return Err(AuthError::Claims);
+        }
+    }
+    if let Some(aud) = &rules.audience {
+        let ok = match v.get("aud") {
+            Some(a) if a.as_str().is_some() => a.as_str() == Some(aud.as_str()),
+            Some(a) => a.as_array().is_some_and(|arr| arr.iter().any(|x| x.as_str() == Some(aud.as_str()))),
+            None => false,
+        };
+        if !ok {
+            return Err(AuthError::Claims);
+        }
+    }
+    Ok(Identity { user_id: sub.into(), workspace_id: ws.into(), exp })
+}
+
+/// Mints an HS256 token with `claims_json` (a JSON object) as its claims.
+pub fn sign_hs256(secret: &[u8], claims_json: &[u8]) -> String {
+    sign_hs256_with_header(secret, br#"{"alg":"HS256","typ":"JWT"}"#, claims_json)
+}
+
+/// Mints an HS256-signed token with an arbitrary header (tests use it for hostile headers).
+pub fn sign_hs256_with_header(secret: &[u8], header_json: &[u8], claims_json: &[u8]) -> String {
+    let mut out = URL_SAFE_NO_PAD.encode(header_json);
+    out.push('.');
+    out.push_str(&URL_SAFE_NO_PAD.encode(claims_json));
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), out.as_bytes());
+    out.push('.');
+    out.push_str(&URL_SAFE_NO_PAD.encode(tag.as_ref()));
+    out
+}
+
+/// Claims for a token that `causeloop-stream token` and `--dev` mint.
+pub fn claims_json(workspace_claim: &str, workspace: &str, user: &str, iat: u64, exp: u64) -> Vec<u8> {
+    let mut out = b"{\"sub\":".to_vec();
+    crate::json::write_string(&mut out, user);
+    out.push(b',');
+    crate::json::write_string(&mut out, workspace_claim);
+    out.push(b':');
+    crate::json::write_string(&mut out, workspace);
+    out.extend_from_slice(format!(",\"iat\":{iat},\"exp\":{exp}}}").as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const NOW: u64 = 1_700_000_000;
+
+    fn keys() -> KeySet {
+        let mut k = KeySet::default();
+        k.add_hs256(None, SECRET);
+        k
+    }
+
+    fn token(claims: &str) -> String {
+        sign_hs256(SECRET, claims.as_bytes())
+    }
+
+    fn check(t: &str) -> Result<Identity, AuthError> {
+        verify(t.as_bytes(), &keys(), &Validation::default(), NOW)
+    }
+
+    #[test]
+    fn accepts_a_valid_token() {
+        let id = check(&token(r#"{"sub":"usr_1","workspace_id":"ws_1","exp":1700000100,"iat":1699999990}"#)).unwrap();
+        assert_eq!(&*id.user_id, "usr_1");
+        assert_eq!(&*id.workspace_id, "ws_1");
+        assert_eq!(id.exp, 1_700_000_100);
+    }
+
+    #[test]
+    fn time_claims_honour_the_leeway() {
+        assert!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":1699999980}"#)).is_ok());
+        assert_eq!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":1699999970}"#)), Err(AuthError::Expired));
+        assert!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"nbf":1700000030}"#)).is_ok());
+        assert_eq!(
+            check(&token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"nbf":1700000031}"#)),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            check(&token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iat":1700000099}"#)),
+            Err(AuthError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn required_claims() {
+        assert_eq!(check(&token(r#"{"workspace_id":"w","exp":1800000000}"#)), Err(AuthError::Claims));
+        assert_eq!(check(&token(r#"{"sub":"u","exp":1800000000}"#)), Err(AuthError::Claims));
+        assert_eq!(check(&token(r#"{"sub":"u","workspace_id":"w"}"#)), Err(AuthError::Claims));
+        assert_eq!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":"soon"}"#)), Err(AuthError::Claims));
+        assert_eq!(check(&token(r#"{"sub":7,"workspace_id":"w","exp":1800000000}"#)), Err(AuthError::Claims));
+        assert_eq!(check(&token(r#"[1]"#)), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn issuer_and_audience() {
+        let rules = Validation { issuer: Some("iss-a".into()), audience: Some("aud-a".into()), ..Validation::default() };
+        let ok = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a","aud":["x","aud-a"]}"#);
+        assert!(verify(ok.as_bytes(), &keys(), &rules, NOW).is_ok());
+        let bad = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-b","aud":"aud-a"}"#);
+        assert_eq!(verify(bad.as_bytes(), &keys(), &rules, NOW), Err(AuthError::Claims));
+        let no_aud = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a"}"#);
+        assert_eq!(verify(no_aud.as_bytes(), &keys(), &rules, NOW), Err(AuthError::Claims));
+    }
+
+    #[test]
+    fn shape_and_algorithm_attacks() {
+        let claims = r#"{"sub":"u","workspace_id":"w","exp":1800000000}"#;
+        let good = token(claims);
+        assert_eq!(check(""), Err(AuthError::Missing));
+        assert_eq!(check("abc"), Err(AuthError::Malformed));
+        assert_eq!(check(&format!("{good}.x")), Err(AuthError::Malformed));
+        assert_eq!(check(&"a".repeat(MAX_TOKEN_BYTES + 1)), Err(AuthError::TooLarge));
+        let mut tampered = good.clone();
+        tampered.pop();
+        tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(check(&tampered), Err(AuthError::Signature));
+        let none = format!("{}.{}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(claims));
+        assert_eq!(check(&none), Err(AuthError::Algorithm));
+        let rs = sign_hs256_with_header(SECRET, br#"{"alg":"RS256"}"#, claims.as_bytes());
+        assert_eq!(check(&rs), Err(AuthError::Algorithm), "RS256 with no RSA key configured");
+        let crit = sign_hs256_with_header(SECRET, br#"{"alg":"HS256","crit":["x"]}"#, claims.as_bytes());
+        assert_eq!(check(&crit), Err(AuthError::Algorithm));
+        let deep = sign_hs256_with_header(SECRET, format!("{}{}", "[".repeat(40), "]".repeat(40)).as_bytes(), claims.as_bytes());
+        assert_eq!(check(&deep), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn rotation_and_kid_selection() {
+        let mut ks = KeySet::default();
+        ks.add_hs256(Some("old".into()), b"old-secret");
+        ks.add_hs256(Some("new".into()), b"new-secret");
+        ks.add_hs256(None, b"plain-secret");
+        let claims = br#"{"sub":"u","workspace_id":"w","exp":1800000000}"#;
+        let rules = Validation::default();
+        let t = sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"new"}"#, claims);
+        assert!(verify(t.as_bytes(), &ks, &rules, NOW).is_ok());
+        let wrong_kid = sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"old"}"#, claims);
+        assert_eq!(verify(wrong_kid.as_bytes(), &ks, &rules, NOW), Err(AuthError::Signature));
+        let plain = sign_hs256(b"plain-secret", claims);
+        assert!(verify(plain.as_bytes(), &ks, &rules, NOW).is_ok());
+        let unknown_kid = sign_hs256_with_header(b"plain-secret", br#"{"alg":"HS256","kid":"zzz"}"#, claims);
+        assert!(verify(unknown_kid.as_bytes(), &ks, &rules, NOW).is_ok());
+    }
+}

@@ -1,0 +1,128 @@
+//! Validation of `POST /v1/publish` bodies.
+//!
+//! A body is one event object or an array of them. The whole body is validated before anything
+//! is published; the first bad item is named with its index and the reason. The payload's bytes
+//! are kept as the publisher wrote them (key order included), minus insignificant whitespace.
+//!
+//! serde_json is used here rather than simd-json because it can hand back the payload as the raw
+//! text it was (`RawValue`), which is what lets the payload reach subscribers unreordered.
+
+use super::event::{check_id, check_type, EventError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// Deepest JSON nesting accepted in a publish body.
+pub const MAX_DEPTH: usize = 64;
+
+/// One validated event of a publish body, borrowing from the body.
+#[derive(Debug)]
+pub struct EventSpec<'a> {
+    /// `workspace_id`.
+    pub workspace_id: Cow<'a, str>,
+    /// `user_id`, for a user-scoped event.
+    pub user_id: Option<Cow<'a, str>>,
+    /// `type`.
+    pub kind: Cow<'a, str>,
+    /// The payload object as received (validated JSON; may contain whitespace).
+    pub payload: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item<'a> {
+    #[serde(borrow)]
+    workspace_id: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// Why a body was refused (answered `400 {"error": ...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError(pub String);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses and validates a whole publish body.
+pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyError> {
+    if crate::json::max_depth(body) > MAX_DEPTH {
+        return Err(BodyError(format!("JSON nested deeper than {MAX_DEPTH} levels")));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| BodyError("body is not UTF-8".into()))?;
+    match text.trim_start().as_bytes().first() {
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| BodyError(format!("body is not a JSON array of events: {e}")))?;
+            if items.len() > max_items {
+                return Err(BodyError(format!("batch of {} events is over the limit of {max_items}", items.len())));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| item(raw.get()).map_err(|e| BodyError(format!("item {i}: {e}"))))
+                .collect()
+        }
+        Some(b'{') => Ok(vec![item(text).map_err(BodyError)?]),
+        _ => Err(BodyError("body must be an event object or an array of them".into())),
+    }
+}
+
+fn item(text: &str) -> Result<EventSpec<'_>, String> {
+    let it: Item<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let check = |r: Result<(), EventError>| r.map_err(|e| e.to_string());
+    check(check_id(&it.workspace_id, "workspace_id"))?;
+    if let Some(u) = &it.user_id {
+        check(check_id(u, "user_id"))?;
+    }
+    check(check_type(&it.kind))?;
+    if !it.payload.get().starts_with('{') {
+        return Err(EventError::PayloadNotObject.to_string());
+    }
+    Ok(EventSpec { workspace_id: it.workspace_id, user_id: it.user_id, kind: it.kind, payload: it.payload.get() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_and_batch() {
+        let one = parse(br#"{"workspace_id":"ws_1","type":"issue.created","payload":{"b":1, "a":[2]}}"#, 100).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].payload, r#"{"b":1, "a":[2]}"#);
+        let many = parse(
+            br#" [ {"workspace_id":"ws_1","type":"a.b","payload":{}},
+                 {"workspace_id":"ws_2","type":"c","user_id":"usr_1","payload":{"x":"\u00e9"}} ] "#,
+            100,
+        )
+        .unwrap();
+        assert_eq!(many.len(), 2);
+        assert_eq!(many[1].user_id.as_deref(), Some("usr_1"));
+        assert!(parse(b"[]", 100).unwrap().is_empty());
+    }
+
+    #[test]
+    fn names_the_first_bad_item() {
+        let err = |b: &[u8]| parse(b, 100).unwrap_err().0;
+        let e = err(br#"[{"workspace_id":"w","type":"ok","payload":{}},{"workspace_id":"w","type":"Bad","payload":{}}]"#);
+        assert!(e.starts_with("item 1: type \"Bad\""), "{e}");
+        assert!(err(br#"{"workspace_id":"w","type":"a","payload":[1]}"#).contains("payload must be a JSON object"));
+        assert!(err(br#"{"workspace_id":"w","type":"a"}"#).contains("missing field `payload`"));
+        assert!(err(br#"{"workspace_id":"","type":"a","payload":{}}"#).contains("workspace_id"));
+        assert!(err(br#"{"workspace_id":"w","type":"heartbeat","payload":{}}"#).contains("heartbeat"));
+        assert!(err(br#"{"workspace_id":"w","type":"a","payload":{},"extra":1}"#).contains("unknown field `extra`"));
+        assert!(err(br#"{"workspace_id":"w","type":"a","payload":{}"#).contains("EOF"));
+        assert!(err(b"42").contains("event object"));
+        assert!(err(&[b'['; 100]).contains("nested"));
+        assert!(err(b"\xff").contains("UTF-8"));
+        let big: String = format!("[{}]", vec![r#"{"workspace_id":"w","type":"a","payload":{}}"#; 3].join(","));
+        assert!(parse(big.as_bytes(), 2).unwrap_err().0.contains("over the limit of 2"));
+    }
+}

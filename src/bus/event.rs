@@ -1,0 +1,158 @@
+//! An event ready for fan-out: its addressing and its frame, encoded exactly once.
+//!
+//! The frame is `{"type":T,"payload":P,"ts":TS}` with the keys in that order and no whitespace,
+//! behind a final text-frame header. `ts` is stamped here, once, so every subscriber of one event
+//! receives identical bytes.
+
+use crate::clock;
+use crate::ws::frame::encode_text_with;
+use crate::ws::SharedFrame;
+use std::time::Instant;
+
+/// Longest workspace or user id accepted.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest event type accepted.
+pub const MAX_TYPE_BYTES: usize = 128;
+
+/// One event on its way to subscribers.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// The workspace whose connections receive it.
+    pub workspace_id: Box<str>,
+    /// When set, only this user's connections in the workspace receive it.
+    pub user_id: Option<Box<str>>,
+    /// The encoded frame, shared by every recipient.
+    pub frame: SharedFrame,
+    /// When the publish was accepted (for fan-out latency).
+    pub accepted_at: Instant,
+}
+
+/// Why an event's fields are unacceptable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventError {
+    /// `type` does not match `^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$`, is too long, or is reserved.
+    Type(String),
+    /// An id is empty, too long, or contains control characters; the field is named.
+    Id(&'static str),
+    /// The payload is not a JSON object.
+    PayloadNotObject,
+    /// The payload could not be serialized (library callers only).
+    Serialize(String),
+}
+
+impl std::fmt::Display for EventError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EventError::Type(t) => write!(f, "type {t:?} is not a valid event type (lowercase dotted name, not connected or heartbeat)"),
+            EventError::Id(field) => write!(f, "{field} must be 1 to {MAX_ID_BYTES} bytes without control characters"),
+            EventError::PayloadNotObject => f.write_str("payload must be a JSON object"),
+            EventError::Serialize(e) => write!(f, "payload could not be serialized: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// Checks an event type against the contract's pattern and reserved names.
+pub fn check_type(t: &str) -> Result<(), EventError> {
+    let bad = || EventError::Type(t.chars().take(MAX_TYPE_BYTES).collect());
+    if t.len() > MAX_TYPE_BYTES || t == "connected" || t == "heartbeat" {
+        return Err(bad());
+    }
+    for segment in t.split('.') {
+        let mut bytes = segment.bytes();
+        match bytes.next() {
+            Some(b'a'..=b'z') => {}
+            _ => return Err(bad()),
+        }
+        if !bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_')) {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// Checks a workspace or user id.
+pub fn check_id(id: &str, field: &'static str) -> Result<(), EventError> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(EventError::Id(field));
+    }
+    Ok(())
+}
+
+/// Encodes an event frame whose payload is written by `write_payload` (which must write exactly
+/// one JSON object). `ts_ms` is the Unix time in milliseconds to stamp.
+pub fn encode_with(kind: &str, payload_len_hint: usize, ts_ms: u64, write_payload: impl FnOnce(&mut Vec<u8>)) -> SharedFrame {
+    let ts = clock::format_ts(ts_ms);
+    encode_text_with(kind.len() + payload_len_hint + 48, |buf| {
+        buf.extend_from_slice(b"{\"type\":");
+        crate::json::write_string(buf, kind);
+        buf.extend_from_slice(b",\"payload\":");
+        write_payload(buf);
+        buf.extend_from_slice(b",\"ts\":\"");
+        buf.extend_from_slice(&ts);
+        buf.extend_from_slice(b"\"}");
+    })
+}
+
+/// The `connected` frame for one connection.
+pub fn connected_frame(workspace_id: &str, user_id: &str, ts_ms: u64) -> SharedFrame {
+    encode_with("connected", workspace_id.len() + user_id.len() + 32, ts_ms, |buf| {
+        buf.extend_from_slice(b"{\"workspace_id\":");
+        crate::json::write_string(buf, workspace_id);
+        buf.extend_from_slice(b",\"user_id\":");
+        crate::json::write_string(buf, user_id);
+        buf.push(b'}');
+    })
+}
+
+/// The `heartbeat` frame for one tick.
+pub fn heartbeat_frame(ts_ms: u64) -> SharedFrame {
+    encode_with("heartbeat", 11, ts_ms, |buf| buf.extend_from_slice(b"{\"ok\":true}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(frame: &SharedFrame) -> &str {
+        // Short frames: 2-byte header.
+        std::str::from_utf8(&frame[crate::ws::frame::header_len(frame.len() - 2)..]).unwrap()
+    }
+
+    #[test]
+    fn connected_bytes_are_exact() {
+        let f = connected_frame("ws_01abc123", "usr_01abc456", 1_705_312_800_000);
+        assert_eq!(
+            text(&f),
+            r#"{"type":"connected","payload":{"workspace_id":"ws_01abc123","user_id":"usr_01abc456"},"ts":"2024-01-15T10:00:00.000Z"}"#
+        );
+        assert_eq!(f[0], 0x81);
+        assert_eq!(f[1] as usize, f.len() - 2);
+    }
+
+    #[test]
+    fn heartbeat_bytes_are_exact() {
+        let f = heartbeat_frame(1_705_312_805_000);
+        assert_eq!(text(&f), r#"{"type":"heartbeat","payload":{"ok":true},"ts":"2024-01-15T10:00:05.000Z"}"#);
+    }
+
+    #[test]
+    fn type_pattern() {
+        for ok in ["issue.created", "issue.status.changed", "a", "job_2.updated_x"] {
+            assert!(check_type(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Issue.created", "issue..created", ".a", "a.", "1a", "a-b", "connected", "heartbeat", "a.B", "é"] {
+            assert!(check_type(bad).is_err(), "{bad}");
+        }
+        assert!(check_type(&"a".repeat(MAX_TYPE_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn ids() {
+        assert!(check_id("ws_1", "workspace_id").is_ok());
+        assert!(check_id("", "workspace_id").is_err());
+        assert!(check_id("a\nb", "user_id").is_err());
+        assert!(check_id(&"x".repeat(MAX_ID_BYTES + 1), "user_id").is_err());
+    }
+}

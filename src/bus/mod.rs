@@ -1,0 +1,14 @@
+//! The event bus: from a publish call to one shared frame per event on every shard that has
+//! subscribers.
+//!
+//! - [`event`]: validated events and their encoding, once, into a shared frame.
+//! - [`body`]: validation of `POST /v1/publish` bodies.
+//! - [`interest`]: the lock-free map of which shards hold subscribers of which workspaces.
+//! - [`publisher`]: the cloneable [`Publisher`] handle (library `publish`/`publish_user`).
+
+pub mod body;
+pub mod event;
+pub mod interest;
+pub mod publisher;
+
+pub use publisher::{PublishError, Publisher};

@@ -1,0 +1,135 @@
+//! The publish handle: a cheap, cloneable, thread-safe way to put events on the stream.
+//!
+//! An event is validated, then encoded once into a shared frame (`ts` stamped here), then handed
+//! to each shard whose interest bits say it may hold subscribers of the event's workspace. A
+//! batch travels as one message per shard, so the order of events from one publisher is the
+//! order every subscriber sees. Publishing never waits on a client; it waits only when a shard's
+//! inbox is full (back-pressure on the publisher, never loss).
+
+use super::body::EventSpec;
+use super::event::{check_id, check_type, encode_with, Event, EventError};
+use crate::bus::interest::ShardSet;
+use crate::clock;
+use crate::metrics::ShardStats;
+use crate::server::Shared;
+use crate::shard::inbox::ShardMsg;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why a publish was refused. Nothing of a refused publish reaches any subscriber.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The event itself is invalid.
+    Invalid(EventError),
+    /// The server is draining or stopped.
+    Draining,
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Invalid(e) => e.fmt(f),
+            PublishError::Draining => f.write_str("server is draining; publish to another node"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+impl From<EventError> for PublishError {
+    fn from(e: EventError) -> Self {
+        PublishError::Invalid(e)
+    }
+}
+
+/// A handle for publishing events. Clone it freely; all clones feed the same server.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Publisher { shared }
+    }
+
+    /// Publishes to every connection of `workspace_id`.
+    pub fn publish<P: Serialize + ?Sized>(&self, workspace_id: &str, event_type: &str, payload: &P) -> Result<(), PublishError> {
+        let event = self.build(workspace_id, None, event_type, payload)?;
+        self.dispatch(vec![event])
+    }
+
+    /// Publishes to every connection of `user_id` in `workspace_id`.
+    pub fn publish_user<P: Serialize + ?Sized>(
+        &self,
+        workspace_id: &str,
+        user_id: &str,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<(), PublishError> {
+        check_id(user_id, "user_id")?;
+        let event = self.build(workspace_id, Some(user_id), event_type, payload)?;
+        self.dispatch(vec![event])
+    }
+
+    fn build<P: Serialize + ?Sized>(&self, ws: &str, user: Option<&str>, kind: &str, payload: &P) -> Result<Event, PublishError> {
+        check_id(ws, "workspace_id")?;
+        check_type(kind)?;
+        let mut err = None;
+        let frame = encode_with(kind, 64, clock::now_ms(), |buf| {
+            let start = buf.len();
+            if let Err(e) = serde_json::to_writer(&mut *buf, payload) {
+                err = Some(EventError::Serialize(e.to_string()));
+            } else if buf.get(start) != Some(&b'{') {
+                err = Some(EventError::PayloadNotObject);
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        Ok(Event { workspace_id: ws.into(), user_id: user.map(Into::into), frame, accepted_at: Instant::now() })
+    }
+
+    /// Publishes already-validated events from a publish body, in order, all or nothing.
+    pub fn publish_specs(&self, specs: &[EventSpec<'_>]) -> Result<usize, PublishError> {
+        let ts = clock::now_ms();
+        let now = Instant::now();
+        let events: Vec<Event> = specs
+            .iter()
+            .map(|s| Event {
+                workspace_id: (*s.workspace_id).into(),
+                user_id: s.user_id.as_deref().map(Into::into),
+                frame: encode_with(&s.kind, s.payload.len(), ts, |buf| crate::json::minify_into(buf, s.payload.as_bytes())),
+                accepted_at: now,
+            })
+            .collect();
+        let n = events.len();
+        self.dispatch(events)?;
+        Ok(n)
+    }
+
+    fn dispatch(&self, events: Vec<Event>) -> Result<(), PublishError> {
+        if self.shared.is_draining() {
+            ShardStats::add(&self.shared.bus_stats.rejected_draining, 1);
+            return Err(PublishError::Draining);
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut targets = ShardSet::default();
+        for e in &events {
+            targets.union(self.shared.interest.shards_for(&e.workspace_id));
+        }
+        let count = events.len() as u64;
+        let batch: Arc<[Event]> = events.into();
+        for (i, link) in self.shared.links.iter().enumerate() {
+            if targets.contains(i) && link.send(ShardMsg::Events(batch.clone())).is_err() {
+                // The shard has exited: only happens once a drain has finished.
+                return Err(PublishError::Draining);
+            }
+        }
+        ShardStats::add(&self.shared.bus_stats.published, count);
+        Ok(())
+    }
+}

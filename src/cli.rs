@@ -1,0 +1,211 @@
+//! Command-line flags and their environment twins, turned into a [`Config`].
+//!
+//! Every flag `--some-flag` also reads `CAUSELOOP_SOME_FLAG`; a flag given on the command line
+//! wins over the environment. Secrets are never flags: the inline HS256 secret and the publish
+//! key come from `CAUSELOOP_JWT_HS256_SECRET` and `CAUSELOOP_PUBLISH_KEY` (or from files named by
+//! flags), so they never show up in `ps`.
+
+use crate::config::{parse_bytes, parse_duration, Config, JwtConfig, Secret};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Environment variable holding one HS256 secret inline.
+pub const ENV_HS256_SECRET: &str = "CAUSELOOP_JWT_HS256_SECRET";
+/// Environment variable holding the publish key inline.
+pub const ENV_PUBLISH_KEY: &str = "CAUSELOOP_PUBLISH_KEY";
+
+/// causeloop-stream: real-time workspace events over WebSocket.
+#[derive(Parser, Debug)]
+#[command(name = "causeloop-stream", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A subcommand; without one, the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server flags.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mint an HS256 token for a workspace and user (for tests and first runs).
+    Token(TokenArgs),
+}
+
+/// `causeloop-stream token` flags.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// Workspace id to put in the workspace claim.
+    #[arg(long)]
+    pub workspace: String,
+    /// User id (`sub`).
+    #[arg(long)]
+    pub user: String,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// File holding the HS256 secret (first non-empty line); defaults to CAUSELOOP_JWT_HS256_SECRET,
+    /// then CAUSELOOP_JWT_HS256_SECRET_FILE.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Name of the workspace claim.
+    #[arg(long, env = "CAUSELOOP_JWT_WORKSPACE_CLAIM", default_value = "workspace_id")]
+    pub workspace_claim: String,
+}
+
+/// Server flags. Each has an environment twin `CAUSELOOP_<FLAG>`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Development mode: random HS256 secret and publish key, a ready URL, a curl command and a
+    /// demo publisher. Never for production.
+    #[arg(long, env = "CAUSELOOP_DEV")]
+    pub dev: bool,
+    /// Public listener: /v1/stream, /healthz, /readyz. Port 0 picks a free port.
+    #[arg(long, env = "CAUSELOOP_LISTEN", default_value = "0.0.0.0:4000")]
+    pub listen: SocketAddr,
+    /// Internal listener: /v1/publish, /metrics, /healthz, /readyz.
+    #[arg(long, env = "CAUSELOOP_INTERNAL_LISTEN", default_value = "127.0.0.1:4001")]
+    pub internal_listen: SocketAddr,
+    /// Worker threads, each with its own event loop [default: available cores].
+    #[arg(long, env = "CAUSELOOP_SHARDS")]
+    pub shards: Option<usize>,
+    /// Open public sockets before new connections are refused with close code 1013.
+    #[arg(long, env = "CAUSELOOP_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+    /// Unsent bytes per connection before it is closed 1008 (slow consumer).
+    #[arg(long, env = "CAUSELOOP_MAX_OUTBOUND_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_outbound_bytes: usize,
+    /// Time from accept to a completed WebSocket upgrade.
+    #[arg(long, env = "CAUSELOOP_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// How long a drain waits for clients to answer 1001.
+    #[arg(long, env = "CAUSELOOP_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// How long a server-initiated close waits for the client's close frame.
+    #[arg(long, env = "CAUSELOOP_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub close_timeout: Duration,
+    /// Interval between heartbeat frames on each connection.
+    #[arg(long, env = "CAUSELOOP_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Resolution of the shards' timer wheels.
+    #[arg(long, env = "CAUSELOOP_TIMER_TICK", default_value = "10ms", value_parser = parse_duration)]
+    pub timer_tick: Duration,
+    /// Largest POST /v1/publish body.
+    #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_publish_bytes: usize,
+    /// Most events in one publish batch.
+    #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_EVENTS", default_value_t = 10_000)]
+    pub max_publish_events: usize,
+    /// Open connections on the internal listener.
+    #[arg(long, env = "CAUSELOOP_MAX_INTERNAL_CONNECTIONS", default_value_t = 1024)]
+    pub max_internal_connections: usize,
+    /// Largest data message a client may send (it is ignored); larger closes 1009.
+    #[arg(long, env = "CAUSELOOP_MAX_CLIENT_MESSAGE_BYTES", default_value = "4KiB", value_parser = parse_bytes)]
+    pub max_client_message_bytes: usize,
+    /// Largest HTTP request head; larger is answered 431.
+    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEAD_BYTES", default_value = "8KiB", value_parser = parse_bytes)]
+    pub max_request_head_bytes: usize,
+    /// Publish batches queued per shard before publishers wait.
+    #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = 4096)]
+    pub shard_inbox: usize,
+    /// File of HS256 secrets, one per line (several for rotation).
+    #[arg(long, env = "CAUSELOOP_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// PEM file with RS256 public key(s); repeatable (comma-separated in the environment).
+    #[arg(long, env = "CAUSELOOP_JWT_RS256_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_rs256_public_key: Vec<PathBuf>,
+    /// RFC 7517 JWKS file; a token's `kid` picks the key.
+    #[arg(long, env = "CAUSELOOP_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Claim holding the workspace id.
+    #[arg(long, env = "CAUSELOOP_JWT_WORKSPACE_CLAIM", default_value = "workspace_id")]
+    pub jwt_workspace_claim: String,
+    /// Required `iss`.
+    #[arg(long, env = "CAUSELOOP_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`.
+    #[arg(long, env = "CAUSELOOP_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed for exp, nbf and iat.
+    #[arg(long, env = "CAUSELOOP_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+    /// File holding the publish key (first line). CAUSELOOP_PUBLISH_KEY holds it inline instead.
+    #[arg(long, env = "CAUSELOOP_PUBLISH_KEY_FILE")]
+    pub publish_key_file: Option<PathBuf>,
+    /// How events travel between nodes: `local` (in process).
+    #[arg(long, env = "CAUSELOOP_BUS", default_value = "local")]
+    pub bus: String,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, env = "CAUSELOOP_LOG_LEVEL", default_value = "info", value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("invalid log level {s:?}: use error, warn, info, debug or trace"))
+}
+
+/// Reads the first non-empty line of a secret file.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let line = text
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .find(|l| !l.is_empty())
+        .ok_or_else(|| format!("{}: empty file", path.display()))?;
+    Ok(Secret::from(line.to_vec()))
+}
+
+fn env_secret(name: &str) -> Option<Secret> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(|v| Secret::from(v.into_encoded_bytes()))
+}
+
+impl RunArgs {
+    /// Builds the server configuration. Errors name the flag at fault.
+    pub fn to_config(&self) -> Result<Config, String> {
+        if self.bus != "local" {
+            return Err(format!("--bus {:?} is not supported: only `local` is available", self.bus));
+        }
+        let mut jwt = JwtConfig {
+            hs256_secrets: env_secret(ENV_HS256_SECRET).into_iter().collect(),
+            hs256_secret_file: self.jwt_hs256_secret_file.clone(),
+            rs256_public_keys: self.jwt_rs256_public_key.clone(),
+            jwks_file: self.jwt_jwks_file.clone(),
+            workspace_claim: self.jwt_workspace_claim.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+        };
+        if jwt.workspace_claim.is_empty() {
+            return Err("--jwt-workspace-claim must not be empty".into());
+        }
+        let publish_key = match &self.publish_key_file {
+            Some(p) => Some(read_secret_file(p)?),
+            None => env_secret(ENV_PUBLISH_KEY),
+        };
+        let defaults = Config::default();
+        jwt.hs256_secrets.retain(|s| !s.expose().is_empty());
+        Ok(Config {
+            listen: self.listen,
+            internal_listen: self.internal_listen,
+            shards: self.shards.unwrap_or(defaults.shards),
+            max_connections: self.max_connections,
+            max_outbound_bytes: self.max_outbound_bytes,
+            handshake_timeout: self.handshake_timeout,
+            drain_timeout: self.drain_timeout,
+            close_timeout: self.close_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            max_publish_bytes: self.max_publish_bytes,
+            max_publish_events: self.max_publish_events,
+            max_internal_connections: self.max_internal_connections,
+            max_client_message_bytes: self.max_client_message_bytes,
+            max_request_head_bytes: self.max_request_head_bytes,
+            shard_inbox: self.shard_inbox,
+            timer_tick: self.timer_tick,
+            jwt,
+            publish_key,
+        })
+    }
+}

@@ -1,0 +1,227 @@
+//! The server's configuration, as the library sees it. [`crate::cli`] fills it from flags and
+//! environment; embedders fill it in code. Defaults are the contract's.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A secret value (key, publish key). Its `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// The secret's bytes. Call only where the bytes are used as a key.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Secret {
+    fn from(v: Vec<u8>) -> Self {
+        Secret(v)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where tokens are verified against, and which claims they must carry.
+#[derive(Clone, Debug)]
+pub struct JwtConfig {
+    /// Inline HS256 secrets (`CAUSELOOP_JWT_HS256_SECRET`, `--dev`).
+    pub hs256_secrets: Vec<Secret>,
+    /// `--jwt-hs256-secret-file`: one secret per non-empty line.
+    pub hs256_secret_file: Option<PathBuf>,
+    /// `--jwt-rs256-public-key`: PEM files.
+    pub rs256_public_keys: Vec<PathBuf>,
+    /// `--jwt-jwks-file`: an RFC 7517 key set.
+    pub jwks_file: Option<PathBuf>,
+    /// `--jwt-workspace-claim`.
+    pub workspace_claim: String,
+    /// `--jwt-issuer`.
+    pub issuer: Option<String>,
+    /// `--jwt-audience`.
+    pub audience: Option<String>,
+    /// `--jwt-leeway`.
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            hs256_secrets: Vec::new(),
+            hs256_secret_file: None,
+            rs256_public_keys: Vec::new(),
+            jwks_file: None,
+            workspace_claim: "workspace_id".into(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl JwtConfig {
+    /// The claim rules for [`crate::auth::jwt::verify`].
+    pub fn validation(&self) -> crate::auth::jwt::Validation {
+        crate::auth::jwt::Validation {
+            workspace_claim: self.workspace_claim.clone(),
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            leeway_secs: self.leeway.as_secs(),
+        }
+    }
+}
+
+/// Everything the server needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `--listen`: the public listener (`/v1/stream`, `/healthz`, `/readyz`).
+    pub listen: SocketAddr,
+    /// `--internal-listen`: publish, metrics and probes.
+    pub internal_listen: SocketAddr,
+    /// `--shards`: worker threads, each with its own poll loop.
+    pub shards: usize,
+    /// `--max-connections`: open sockets on the public listener before new ones get 1013.
+    pub max_connections: usize,
+    /// `--max-outbound-bytes`: unsent bytes per connection before it is closed 1008.
+    pub max_outbound_bytes: usize,
+    /// `--handshake-timeout`: from accept to a completed upgrade.
+    pub handshake_timeout: Duration,
+    /// `--drain-timeout`: how long a drain waits for clients' close frames.
+    pub drain_timeout: Duration,
+    /// `--close-timeout`: how long a server-initiated close waits for the client's close frame.
+    pub close_timeout: Duration,
+    /// `--heartbeat-interval`.
+    pub heartbeat_interval: Duration,
+    /// `--max-publish-bytes`: largest `POST /v1/publish` body.
+    pub max_publish_bytes: usize,
+    /// `--max-publish-events`: most events in one publish batch.
+    pub max_publish_events: usize,
+    /// `--max-internal-connections`: open connections on the internal listener.
+    pub max_internal_connections: usize,
+    /// `--max-client-message-bytes`: largest data message a client may send (it is ignored).
+    pub max_client_message_bytes: usize,
+    /// `--max-request-head-bytes`: largest HTTP request head on either listener.
+    pub max_request_head_bytes: usize,
+    /// `--shard-inbox`: publish batches queued per shard before publishers wait.
+    pub shard_inbox: usize,
+    /// `--timer-tick`: resolution of the shards' timer wheels.
+    pub timer_tick: Duration,
+    /// Token verification.
+    pub jwt: JwtConfig,
+    /// `--publish-key-file` / `CAUSELOOP_PUBLISH_KEY`. `None` refuses every HTTP publish (401).
+    pub publish_key: Option<Secret>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:4000".parse().expect("literal address"),
+            internal_listen: "127.0.0.1:4001".parse().expect("literal address"),
+            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            max_connections: 1_000_000,
+            max_outbound_bytes: 1 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(5),
+            max_publish_bytes: 1 << 20,
+            max_publish_events: 10_000,
+            max_internal_connections: 1024,
+            max_client_message_bytes: 4096,
+            max_request_head_bytes: 8192,
+            shard_inbox: 4096,
+            timer_tick: Duration::from_millis(10),
+            jwt: JwtConfig::default(),
+            publish_key: None,
+        }
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// Parses a byte size: `4096`, `64KiB`, `1MiB`, `1GiB`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 4096, 64KiB, 1MiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        _ => return Err(format!("invalid size {s:?}: unit must be B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        for d in ["500ms", "5s", "2m", "1h", "0s", "90s"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert!(parse_bytes("1TB").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::from(b"hunter2".to_vec());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        let mut c = Config::default();
+        c.publish_key = Some(s);
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

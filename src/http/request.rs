@@ -1,0 +1,251 @@
+//! Bounded parsing of an HTTP/1.1 request head, and the routing of the public listener.
+//!
+//! [`parse_head`] is a pure function of the bytes received so far: it returns `Ok(None)` until
+//! the head is complete, and refuses a head larger than the bound before buffering more.
+
+use super::query::{parse_stream_query, StreamQuery};
+use super::Status;
+use base64::Engine;
+
+/// Most headers accepted in one request head; more is answered 431.
+pub const MAX_HEADERS: usize = 64;
+
+/// Why a request head cannot be served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadError {
+    /// Over the size or header-count bound: 431.
+    TooLarge,
+    /// Not HTTP/1.x: 400.
+    Malformed,
+}
+
+impl HeadError {
+    /// The status this error is answered with.
+    pub fn status(self) -> Status {
+        match self {
+            HeadError::TooLarge => Status::HeaderFieldsTooLarge,
+            HeadError::Malformed => Status::BadRequest,
+        }
+    }
+}
+
+/// The parts of a request head this server looks at.
+#[derive(Debug, Default)]
+pub struct Head<'a> {
+    /// Request method.
+    pub method: &'a str,
+    /// Path without the query.
+    pub path: &'a [u8],
+    /// The query without `?` (empty if none).
+    pub query: &'a [u8],
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// `Upgrade: websocket` present.
+    pub upgrade_websocket: bool,
+    /// `Connection` lists `upgrade`.
+    pub connection_upgrade: bool,
+    /// `Connection` lists `close`.
+    pub connection_close: bool,
+    /// `Sec-WebSocket-Key`.
+    pub ws_key: Option<&'a [u8]>,
+    /// `Sec-WebSocket-Version`.
+    pub ws_version: Option<&'a [u8]>,
+    /// `Content-Length`, `Some(None)` when present but not a number.
+    pub content_length: Option<Option<u64>>,
+    /// `Transfer-Encoding` present.
+    pub transfer_encoding: bool,
+    /// `Authorization`. Secret: never log.
+    pub authorization: Option<&'a [u8]>,
+    /// Length of the head in bytes, including the blank line.
+    pub len: usize,
+}
+
+/// Parses a request head from the start of `buf`.
+pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_head { Err(HeadError::TooLarge) } else { Ok(None) };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(if buf.len() > max_head { HeadError::TooLarge } else { HeadError::Malformed }),
+    };
+    if len > max_head {
+        return Err(HeadError::TooLarge);
+    }
+    let target = req.path.unwrap_or("/").as_bytes();
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(i) => (&target[..i], &target[i + 1..]),
+        None => (target, &b""[..]),
+    };
+    let mut head = Head {
+        method: req.method.unwrap_or(""),
+        path,
+        query,
+        minor_version: req.version.unwrap_or(1),
+        len,
+        ..Head::default()
+    };
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            head.upgrade_websocket |= has_token(h.value, b"websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            head.connection_upgrade |= has_token(h.value, b"upgrade");
+            head.connection_close |= has_token(h.value, b"close");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            head.ws_key = Some(trim(h.value));
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            head.ws_version = Some(trim(h.value));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(trim(h.value)).ok().and_then(|s| s.parse::<u64>().ok());
+            // Two different lengths are a smuggling attempt: treat as unparseable.
+            head.content_length = match head.content_length {
+                None => Some(parsed),
+                Some(prev) if prev == parsed => Some(prev),
+                Some(_) => Some(None),
+            };
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            head.authorization = Some(trim(h.value));
+        }
+    }
+    Ok(Some(head))
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| trim(t).eq_ignore_ascii_case(token))
+}
+
+/// What the public listener does with a request.
+#[derive(Debug)]
+pub enum PublicRoute {
+    /// A valid WebSocket upgrade on `/v1/stream`.
+    Stream {
+        /// `Sec-WebSocket-Key`, validated.
+        key: Vec<u8>,
+        /// The decoded query (token and workspace).
+        query: StreamQuery,
+    },
+    /// `GET /healthz`.
+    Health,
+    /// `GET /readyz`.
+    Ready,
+    /// Answer with this status and close.
+    Reject(Status),
+}
+
+/// Routes a request head received on the public listener.
+pub fn route_public(head: &Head<'_>) -> PublicRoute {
+    match head.path {
+        b"/v1/stream" => {
+            let is_get = head.method == "GET" && head.minor_version == 1;
+            if !(is_get && head.upgrade_websocket && head.connection_upgrade) {
+                return PublicRoute::Reject(Status::UpgradeRequired);
+            }
+            if head.ws_version != Some(b"13") {
+                return PublicRoute::Reject(Status::UpgradeRequired);
+            }
+            match head.ws_key {
+                Some(key) if valid_ws_key(key) => PublicRoute::Stream { key: key.to_vec(), query: parse_stream_query(head.query) },
+                _ => PublicRoute::Reject(Status::BadRequest),
+            }
+        }
+        b"/healthz" | b"/readyz" if head.method != "GET" && head.method != "HEAD" => {
+            PublicRoute::Reject(Status::MethodNotAllowed)
+        }
+        b"/healthz" => PublicRoute::Health,
+        b"/readyz" => PublicRoute::Ready,
+        _ => PublicRoute::Reject(Status::NotFound),
+    }
+}
+
+/// A `Sec-WebSocket-Key` must be base64 of exactly 16 bytes (RFC 6455 §4.1).
+fn valid_ws_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD.decode(key).map(|k| k.len() == 16).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPGRADE: &[u8] = b"GET /v1/stream?token=t.o.k&workspace=ws_1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn partial_until_blank_line() {
+        for cut in 0..UPGRADE.len() {
+            assert!(parse_head(&UPGRADE[..cut], 8192).unwrap().is_none(), "cut {cut}");
+        }
+        let head = parse_head(UPGRADE, 8192).unwrap().unwrap();
+        assert_eq!(head.len, UPGRADE.len());
+    }
+
+    #[test]
+    fn routes_a_browser_upgrade() {
+        let head = parse_head(UPGRADE, 8192).unwrap().unwrap();
+        match route_public(&head) {
+            PublicRoute::Stream { key, query } => {
+                assert_eq!(key, b"dGhlIHNhbXBsZSBub25jZQ==");
+                assert_eq!(query.workspace.as_deref(), Some("ws_1"));
+                assert_eq!(query.token.as_deref(), Some(&b"t.o.k"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn status_of(req: &[u8]) -> Status {
+        match parse_head(req, 8192) {
+            Err(e) => e.status(),
+            Ok(Some(h)) => match route_public(&h) {
+                PublicRoute::Reject(s) => s,
+                PublicRoute::Health | PublicRoute::Ready => Status::Ok,
+                PublicRoute::Stream { .. } => Status::Accepted,
+            },
+            Ok(None) => panic!("incomplete"),
+        }
+    }
+
+    #[test]
+    fn edge_statuses() {
+        assert_eq!(status_of(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n"), Status::UpgradeRequired);
+        assert_eq!(status_of(b"POST /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n"), Status::UpgradeRequired);
+        assert_eq!(status_of(b"GET /nope HTTP/1.1\r\n\r\n"), Status::NotFound);
+        assert_eq!(status_of(b"GET /healthz HTTP/1.1\r\n\r\n"), Status::Ok);
+        assert_eq!(status_of(b"DELETE /readyz HTTP/1.1\r\n\r\n"), Status::MethodNotAllowed);
+        assert_eq!(status_of(b"\x16\x03\x01 junk\r\n\r\n"), Status::BadRequest);
+        let bad_key = String::from_utf8(UPGRADE.to_vec()).unwrap().replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
+        assert_eq!(status_of(bad_key.as_bytes()), Status::BadRequest);
+        let old = String::from_utf8(UPGRADE.to_vec()).unwrap().replace("Version: 13", "Version: 8");
+        assert_eq!(status_of(old.as_bytes()), Status::UpgradeRequired);
+    }
+
+    #[test]
+    fn oversized_heads_are_refused_before_completion() {
+        let mut big = b"GET /healthz HTTP/1.1\r\nX-Pad: ".to_vec();
+        big.resize(9000, b'a');
+        assert_eq!(parse_head(&big, 8192).unwrap_err(), HeadError::TooLarge);
+        let mut many = b"GET /healthz HTTP/1.1\r\n".to_vec();
+        for i in 0..(MAX_HEADERS + 1) {
+            many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse_head(&many, 8192).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn conflicting_content_lengths_are_unparseable() {
+        let h = parse_head(b"POST /v1/publish HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 8192).unwrap().unwrap();
+        assert_eq!(h.content_length, Some(None));
+    }
+}

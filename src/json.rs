@@ -1,0 +1,119 @@
+//! Small JSON helpers that the encoders share: string escaping, a nesting-depth pre-check and a
+//! whitespace minifier for already-validated documents.
+//!
+//! These run on bytes only. `minify` assumes its input is valid JSON (the caller validated it);
+//! on anything else it still terminates and never panics, it just produces garbage out.
+
+/// Appends `s` to `out` as a JSON string literal, quotes included.
+pub fn write_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// The deepest nesting of arrays and objects in `input`, counting only brackets outside strings.
+///
+/// Cheap enough to run before a recursive parser so that hostile input cannot exhaust the stack.
+pub fn max_depth(input: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in input {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Appends `input` to `out` without the insignificant whitespace between tokens.
+pub fn minify_into(out: &mut Vec<u8>, input: &[u8]) {
+    let (mut in_str, mut escaped) = (false, false);
+    for &b in input {
+        if in_str {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b' ' | b'\n' | b'\r' | b'\t' => {}
+            b'"' => {
+                in_str = true;
+                out.push(b);
+            }
+            _ => out.push(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_like_serde_json() {
+        for s in ["plain", "quo\"te", "back\\slash", "nl\n\r\t", "\u{1}\u{1f}\u{8}\u{c}", "ünï©ode ✓", ""] {
+            let mut out = Vec::new();
+            write_string(&mut out, s);
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(max_depth(br#"{"a":[1,{"b":"[[[{{"}]}"#), 3);
+        assert_eq!(max_depth(br#""\"[""#), 0);
+        assert_eq!(max_depth(b"[[[[]]]]"), 4);
+    }
+
+    #[test]
+    fn minify_keeps_strings_intact() {
+        let mut out = Vec::new();
+        minify_into(&mut out, b"{ \"a b\" : [ 1 , \"x\\\" y\" ],\n\t\"c\":null }");
+        assert_eq!(out, b"{\"a b\":[1,\"x\\\" y\"],\"c\":null}");
+    }
+}

@@ -1,0 +1,147 @@
+//! Counters, kept per shard and summed only when `/metrics` is scraped.
+//!
+//! Each shard writes only its own [`ShardStats`] (uncontended relaxed atomics, each shard's on
+//! its own cache lines); the internal listener reads them all at scrape time. Labels are bounded
+//! enumerations: never a token, user, workspace or address.
+
+use crate::auth::AuthError;
+use crate::ws::close::CloseReason;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Auth failure labels, in [`auth_index`] order.
+pub const AUTH_LABELS: [&str; 7] = ["missing", "malformed", "signature", "expired", "not_yet_valid", "claims", "workspace_mismatch"];
+
+fn auth_index(e: AuthError) -> usize {
+    AUTH_LABELS.iter().position(|l| *l == e.label()).unwrap_or(1)
+}
+
+/// Counters of one shard.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct ShardStats {
+    /// Sockets accepted.
+    pub accepted: AtomicU64,
+    /// Connections that completed authentication and received `connected`.
+    pub subscribed: AtomicU64,
+    /// Connections currently subscribed.
+    pub open: AtomicU64,
+    /// WebSocket closes sent, by reason ([`CloseReason::ALL`] order).
+    pub closes: [AtomicU64; CloseReason::ALL.len()],
+    /// Authentication failures by label ([`AUTH_LABELS`] order).
+    pub auth_failures: [AtomicU64; AUTH_LABELS.len()],
+    /// Plain HTTP responses on the public listener (probes and rejections).
+    pub http_responses: AtomicU64,
+    /// Sockets that ended without a close handshake (reset, EOF, timeout).
+    pub dropped: AtomicU64,
+    /// Frames completely written.
+    pub frames_written: AtomicU64,
+    /// Bytes written.
+    pub bytes_written: AtomicU64,
+    /// Panics caught in a connection's handler (each closed that connection with 1011).
+    pub handler_panics: AtomicU64,
+}
+
+impl ShardStats {
+    /// Adds `n` to a counter.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a close sent for `reason`.
+    pub fn close(&self, reason: CloseReason) {
+        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        Self::add(&self.closes[i], 1);
+    }
+
+    /// Counts an authentication failure.
+    pub fn auth_failure(&self, e: AuthError) {
+        Self::add(&self.auth_failures[auth_index(e)], 1);
+    }
+}
+
+/// Counters of the publish path.
+#[derive(Default)]
+pub struct BusStats {
+    /// Events accepted for fan-out.
+    pub published: AtomicU64,
+    /// Publish requests refused: bad body.
+    pub rejected_invalid: AtomicU64,
+    /// Publish requests refused: bad or missing key.
+    pub rejected_unauthorized: AtomicU64,
+    /// Publish requests refused: body too large.
+    pub rejected_too_large: AtomicU64,
+    /// Publish requests refused: draining.
+    pub rejected_draining: AtomicU64,
+}
+
+fn sum(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+}
+
+/// Renders every counter in the Prometheus text exposition format.
+pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut counter = |name: &str, help: &str, kind: &str, values: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in values {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let plain = |v: u64| vec![(String::new(), v)];
+    let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(String, u64)> {
+        shards.iter().enumerate().map(|(i, s)| (format!("{{shard=\"{i}\"}}"), f(s))).collect()
+    };
+    counter("causeloop_connections_open", "Subscribed WebSocket connections.", "gauge", &per_shard(&|s| s.open.load(Ordering::Relaxed)));
+    counter("causeloop_connections_accepted_total", "Sockets accepted on the public listener.", "counter", &plain(sum(shards, |s| &s.accepted)));
+    counter("causeloop_connections_subscribed_total", "Connections authenticated and sent `connected`.", "counter", &plain(sum(shards, |s| &s.subscribed)));
+    let closes: Vec<(String, u64)> = CloseReason::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("{{code=\"{}\",reason=\"{:?}\"}}", r.code(), r), sum(shards, |s| &s.closes[i])))
+        .collect();
+    counter("causeloop_closes_sent_total", "WebSocket close frames sent, by code.", "counter", &closes);
+    let auth: Vec<(String, u64)> = AUTH_LABELS
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("{{reason=\"{l}\"}}"), sum(shards, |s| &s.auth_failures[i])))
+        .collect();
+    counter("causeloop_auth_failures_total", "Stream connections refused, by reason.", "counter", &auth);
+    counter("causeloop_http_responses_total", "Plain HTTP responses on the public listener.", "counter", &plain(sum(shards, |s| &s.http_responses)));
+    counter("causeloop_connections_dropped_total", "Sockets ended without a close handshake.", "counter", &plain(sum(shards, |s| &s.dropped)));
+    counter("causeloop_frames_written_total", "Frames completely written to sockets.", "counter", &plain(sum(shards, |s| &s.frames_written)));
+    counter("causeloop_bytes_written_total", "Bytes written to WebSocket sockets.", "counter", &plain(sum(shards, |s| &s.bytes_written)));
+    counter("causeloop_handler_panics_total", "Connection handler panics (each closed with 1011).", "counter", &plain(sum(shards, |s| &s.handler_panics)));
+    counter("causeloop_events_published_total", "Events accepted for fan-out.", "counter", &plain(bus.published.load(Ordering::Relaxed)));
+    let rejected = [
+        ("invalid", &bus.rejected_invalid),
+        ("unauthorized", &bus.rejected_unauthorized),
+        ("too_large", &bus.rejected_too_large),
+        ("draining", &bus.rejected_draining),
+    ]
+    .iter()
+    .map(|(l, c)| (format!("{{reason=\"{l}\"}}"), c.load(Ordering::Relaxed)))
+    .collect::<Vec<_>>();
+    counter("causeloop_publish_rejected_total", "Publish requests refused, by reason.", "counter", &rejected);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_shards_and_labels_are_bounded() {
+        let shards: Vec<ShardStats> = (0..3).map(|_| ShardStats::default()).collect();
+        ShardStats::add(&shards[0].frames_written, 5);
+        ShardStats::add(&shards[2].frames_written, 7);
+        shards[1].close(CloseReason::SlowConsumer);
+        shards[1].auth_failure(AuthError::Expired);
+        let text = render(&shards, &BusStats::default());
+        assert!(text.contains("causeloop_frames_written_total 12\n"));
+        assert!(text.contains("causeloop_closes_sent_total{code=\"1008\",reason=\"SlowConsumer\"} 1\n"));
+        assert!(text.contains("causeloop_auth_failures_total{reason=\"expired\"} 1\n"));
+        assert!(text.contains("causeloop_connections_open{shard=\"2\"} 0\n"));
+    }
+}

@@ -1,0 +1,186 @@
+//! A connection's queue of frames to send: references to shared frames, written with vectored
+//! writes, several frames per system call.
+//!
+//! Invariants: `offset < frames[0].len()` whenever `frames` is non-empty (a fully written frame
+//! is popped at once); `bytes` is the sum of the lengths of the queued frames.
+
+use crate::ws::SharedFrame;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+/// Most frames handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// What a flush achieved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Bytes the kernel took.
+    pub bytes: usize,
+    /// Frames completely written.
+    pub frames: usize,
+}
+
+/// Frames waiting to be written to one socket.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    frames: VecDeque<SharedFrame>,
+    offset: usize,
+    bytes: usize,
+}
+
+impl Outbox {
+    /// Queues a frame (a reference to it; no copy).
+    pub fn push(&mut self, frame: SharedFrame) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.bytes - self.offset
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Drops every queued frame except a partially written one, which must be finished before
+    /// anything else (say, a close frame) can follow it on the wire.
+    pub fn discard_unstarted(&mut self) {
+        let keep = usize::from(self.offset > 0).min(self.frames.len());
+        self.frames.truncate(keep);
+        self.bytes = self.frames.iter().map(|f| f.len()).sum();
+    }
+
+    /// Writes as much as the socket takes, until it would block or the queue is empty.
+    /// `WouldBlock` is not an error: it ends the flush with what was written.
+    pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<Flushed> {
+        let mut done = Flushed::default();
+        while !self.frames.is_empty() {
+            let n = {
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let mut count = 0;
+                for (i, f) in self.frames.iter().take(MAX_IOV).enumerate() {
+                    iov[i] = IoSlice::new(if i == 0 { &f[self.offset..] } else { &f[..] });
+                    count += 1;
+                }
+                match w.write_vectored(&iov[..count]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            done.bytes += n;
+            let mut left = n;
+            while left > 0 {
+                let head_left = self.frames[0].len() - self.offset;
+                if left >= head_left {
+                    left -= head_left;
+                    self.bytes -= self.frames[0].len();
+                    self.offset = 0;
+                    self.frames.pop_front();
+                    done.frames += 1;
+                } else {
+                    self.offset += left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call and `budget` bytes in all.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        budget: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                for &x in b.iter() {
+                    if n == self.cap || self.budget == 0 {
+                        return Ok(n);
+                    }
+                    self.got.push(x);
+                    n += 1;
+                    self.budget -= 1;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frames() -> Vec<SharedFrame> {
+        (0..5u8).map(|i| SharedFrame::from(vec![i; 10 + i as usize * 7])).collect()
+    }
+
+    #[test]
+    fn partial_writes_resume_exactly() {
+        for cap in [1, 3, 10, 17, 1000] {
+            let mut o = Outbox::default();
+            let all: Vec<u8> = frames().iter().flat_map(|f| f.to_vec()).collect();
+            for f in frames() {
+                o.push(f);
+            }
+            let mut w = Trickle { got: Vec::new(), cap, budget: 23 };
+            let first = o.write_to(&mut w).unwrap();
+            assert_eq!(first.bytes, 23.min(all.len()));
+            assert_eq!(o.pending_bytes(), all.len() - first.bytes);
+            w.budget = usize::MAX;
+            let second = o.write_to(&mut w).unwrap();
+            assert_eq!(first.frames + second.frames, 5);
+            assert_eq!(w.got, all, "cap {cap}");
+            assert!(o.is_empty());
+            assert_eq!(o.pending_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn discard_keeps_a_started_frame() {
+        let mut o = Outbox::default();
+        for f in frames() {
+            o.push(f);
+        }
+        let mut w = Trickle { got: Vec::new(), cap: 100, budget: 4 };
+        o.write_to(&mut w).unwrap();
+        o.discard_unstarted();
+        assert_eq!(o.pending_bytes(), 10 - 4);
+        let mut o2 = Outbox::default();
+        for f in frames() {
+            o2.push(f);
+        }
+        o2.discard_unstarted();
+        assert!(o2.is_empty());
+        assert_eq!(o2.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn pushing_shares_instead_of_copying() {
+        let f = SharedFrame::from(vec![1u8; 100]);
+        let mut boxes: Vec<Outbox> = (0..10).map(|_| Outbox::default()).collect();
+        for o in &mut boxes {
+            o.push(f.clone());
+        }
+        assert_eq!(std::sync::Arc::strong_count(&f), 11);
+    }
+}

@@ -1,0 +1,396 @@
+//! Incremental decoder for client-to-server frames.
+//!
+//! Clients of this server send nothing but control frames; data messages are tolerated and
+//! discarded up to a size bound. The decoder therefore never buffers a data payload: it skips it
+//! as it streams past. What it does buffer is bounded by one frame header plus one control payload
+//! (14 + 125 bytes), so a peer cannot make a connection grow.
+//!
+//! Invariants:
+//! - `pending` is empty, or holds the beginning of one frame that did not fit the last read.
+//! - `skip > 0` only between frames' payload bytes of an ignored data frame; `pending` is then empty.
+
+use super::close::{is_valid_received_code, CloseReason};
+
+/// A control frame the connection must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Control<'a> {
+    /// A ping with its (unmasked) application data; answer with a pong carrying it.
+    Ping(&'a [u8]),
+    /// A pong; nothing to do.
+    Pong,
+    /// A close frame, with the peer's status code when it sent one.
+    Close(Option<u16>),
+}
+
+/// Why a client's byte stream cannot be accepted. Each maps to one close code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// RFC 6455 violation; the string says which (for logs, never sent).
+    Protocol(&'static str),
+    /// A data message over the configured bound.
+    TooBig,
+    /// A close reason that is not UTF-8.
+    InvalidUtf8,
+}
+
+impl DecodeError {
+    /// The close reason this error is answered with.
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            DecodeError::Protocol(_) => CloseReason::Protocol,
+            DecodeError::TooBig => CloseReason::TooBig,
+            DecodeError::InvalidUtf8 => CloseReason::InvalidPayload,
+        }
+    }
+}
+
+/// A parsed frame header.
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    len: u64,
+    header_len: usize,
+}
+
+enum Parsed {
+    NeedMore(usize),
+    Header(Header),
+}
+
+fn parse_header(buf: &[u8]) -> Parsed {
+    if buf.len() < 2 {
+        return Parsed::NeedMore(2);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    let masked = b1 & 0x80 != 0;
+    let len7 = b1 & 0x7f;
+    let ext = match len7 {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let header_len = 2 + ext + if masked { 4 } else { 0 };
+    if buf.len() < header_len {
+        return Parsed::NeedMore(header_len);
+    }
+    let len = match ext {
+        2 => u16::from_be_bytes([buf[2], buf[3]]) as u64,
+        8 => u64::from_be_bytes(buf[2..10].try_into().unwrap_or([0xff; 8])),
+        _ => len7 as u64,
+    };
+    let mask = masked.then(|| {
+        let m = &buf[2 + ext..2 + ext + 4];
+        [m[0], m[1], m[2], m[3]]
+    });
+    Parsed::Header(Header { fin: b0 & 0x80 != 0, rsv: (b0 >> 4) & 0x7, opcode: b0 & 0x0f, mask, len, header_len })
+}
+
+/// Per-connection decoder state. Small: an empty `Vec` and a few integers while idle.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    pending: Vec<u8>,
+    skip: u64,
+    in_message: bool,
+    message_len: u64,
+}
+
+impl Decoder {
+    /// Feeds bytes read from the socket; calls `on_control` for each complete control frame.
+    ///
+    /// After an error the decoder must not be fed again; the connection closes with
+    /// [`DecodeError::close_reason`].
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        max_message: u64,
+        on_control: &mut dyn FnMut(Control<'_>),
+    ) -> Result<(), DecodeError> {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(input.len() as u64);
+                self.skip -= n;
+                input = &input[n as usize..];
+                if self.skip > 0 {
+                    return Ok(());
+                }
+            }
+            if input.is_empty() && self.pending.is_empty() {
+                return Ok(());
+            }
+            if self.pending.is_empty() {
+                match self.step(input, max_message, on_control)? {
+                    Some(used) => input = &input[used..],
+                    None => {
+                        // The start of a frame that did not arrive whole: keep it (bounded by
+                        // the step's checks to one header plus one control payload).
+                        self.pending.extend_from_slice(input);
+                        return Ok(());
+                    }
+                }
+            } else {
+                // Top the pending frame up with just the bytes it needs, then decode it.
+                let need = match parse_header(&self.pending) {
+                    Parsed::NeedMore(n) => n,
+                    Parsed::Header(h) if is_control(h.opcode) => h.header_len + h.len.min(125) as usize,
+                    Parsed::Header(h) => h.header_len,
+                };
+                if self.pending.len() < need {
+                    let take = (need - self.pending.len()).min(input.len());
+                    self.pending.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if self.pending.len() < need {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let pending = std::mem::take(&mut self.pending);
+                match self.step(&pending, max_message, on_control)? {
+                    Some(used) => {
+                        debug_assert_eq!(used, pending.len());
+                        let mut pending = pending;
+                        pending.clear();
+                        self.pending = pending; // keep the allocation for the next partial frame
+                    }
+                    None => self.pending = pending,
+                }
+                if input.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Decodes one frame from the start of `buf`. Returns the bytes consumed (a data frame's
+    /// header only: its payload is skipped by `skip`), or `None` if `buf` holds less than needed.
+    fn step(
+        &mut self,
+        buf: &[u8],
+        max_message: u64,
+        on_control: &mut dyn FnMut(Control<'_>),
+    ) -> Result<Option<usize>, DecodeError> {
+        let h = match parse_header(buf) {
+            Parsed::NeedMore(_) => {
+                // Validate what we can already see so that junk is rejected without waiting.
+                if let Some(&b0) = buf.first() {
+                    if (b0 >> 4) & 0x7 != 0 {
+                        return Err(DecodeError::Protocol("reserved bits set"));
+                    }
+                }
+                return Ok(None);
+            }
+            Parsed::Header(h) => h,
+        };
+        if h.rsv != 0 {
+            return Err(DecodeError::Protocol("reserved bits set"));
+        }
+        let Some(mask) = h.mask else {
+            return Err(DecodeError::Protocol("unmasked client frame"));
+        };
+        if h.len > i64::MAX as u64 {
+            return Err(DecodeError::Protocol("length with the high bit set"));
+        }
+        match h.opcode {
+            0x8..=0xA => {
+                if !h.fin {
+                    return Err(DecodeError::Protocol("fragmented control frame"));
+                }
+                if h.len > 125 {
+                    return Err(DecodeError::Protocol("control frame over 125 bytes"));
+                }
+                let total = h.header_len + h.len as usize;
+                if buf.len() < total {
+                    return Ok(None);
+                }
+                let mut payload = [0u8; 125];
+                let payload = &mut payload[..h.len as usize];
+                payload.copy_from_slice(&buf[h.header_len..total]);
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b ^= mask[i & 3];
+                }
+                let control = match h.opcode {
+                    0x9 => Control::Ping(payload),
+                    0xA => Control::Pong,
+                    _ => Control::Close(parse_close(payload)?),
+                };
+                on_control(control);
+                Ok(Some(total))
+            }
+            0x1 | 0x2 => {
+                if self.in_message {
+                    return Err(DecodeError::Protocol("new message inside a fragmented one"));
+                }
+                if h.len > max_message {
+                    return Err(DecodeError::TooBig);
+                }
+                self.in_message = !h.fin;
+                self.message_len = h.len;
+                self.skip = h.len;
+                Ok(Some(h.header_len))
+            }
+            0x0 => {
+                if !self.in_message {
+                    return Err(DecodeError::Protocol("continuation without a message"));
+                }
+                self.message_len = self.message_len.saturating_add(h.len);
+                if self.message_len > max_message {
+                    return Err(DecodeError::TooBig);
+                }
+                self.in_message = !h.fin;
+                self.skip = h.len;
+                Ok(Some(h.header_len))
+            }
+            _ => Err(DecodeError::Protocol("unknown opcode")),
+        }
+    }
+
+    /// Bytes held for a partial frame (for memory accounting and tests).
+    pub fn buffered(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+fn is_control(opcode: u8) -> bool {
+    opcode & 0x8 != 0
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, DecodeError> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(DecodeError::Protocol("one-byte close payload")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !is_valid_received_code(code) {
+                return Err(DecodeError::Protocol("invalid close code"));
+            }
+            std::str::from_utf8(&payload[2..]).map_err(|_| DecodeError::InvalidUtf8)?;
+            Ok(Some(code))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encodes a masked client frame the way a browser would.
+    pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        out
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Got {
+        Ping(Vec<u8>),
+        Pong,
+        Close(Option<u16>),
+    }
+
+    fn run(chunks: &[&[u8]]) -> (Vec<Got>, Result<(), DecodeError>) {
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        for c in chunks {
+            let r = d.feed(c, 4096, &mut |c| {
+                got.push(match c {
+                    Control::Ping(p) => Got::Ping(p.to_vec()),
+                    Control::Pong => Got::Pong,
+                    Control::Close(c) => Got::Close(c),
+                })
+            });
+            if r.is_err() {
+                return (got, r);
+            }
+            assert!(d.buffered() <= 14 + 125);
+        }
+        (got, Ok(()))
+    }
+
+    #[test]
+    fn ping_and_close_in_one_read() {
+        let mut bytes = client_frame(true, 0x9, b"hello");
+        let mut close = vec![0x03, 0xe8];
+        close.extend_from_slice(b"bye");
+        bytes.extend(client_frame(true, 0x8, &close));
+        let (got, r) = run(&[&bytes]);
+        assert!(r.is_ok());
+        assert_eq!(got, vec![Got::Ping(b"hello".to_vec()), Got::Close(Some(1000))]);
+    }
+
+    #[test]
+    fn every_split_point_decodes_the_same() {
+        let mut bytes = client_frame(true, 0x1, &vec![b'x'; 300]);
+        bytes.extend(client_frame(true, 0x9, b"p1"));
+        bytes.extend(client_frame(false, 0x2, &[1, 2, 3]));
+        bytes.extend(client_frame(true, 0x0, &[4]));
+        bytes.extend(client_frame(true, 0xA, b""));
+        bytes.extend(client_frame(true, 0x8, &[]));
+        let want = vec![Got::Ping(b"p1".to_vec()), Got::Pong, Got::Close(None)];
+        for a in 0..bytes.len() {
+            for b in [a, (a + 7).min(bytes.len()), bytes.len()] {
+                let (got, r) = run(&[&bytes[..a], &bytes[a..b], &bytes[b..]]);
+                assert!(r.is_ok(), "split {a}/{b}: {r:?}");
+                assert_eq!(got, want, "split {a}/{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let bytes = client_frame(true, 0x9, &[7u8; 125]);
+        let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+        let (got, r) = run(&chunks);
+        assert!(r.is_ok());
+        assert_eq!(got, vec![Got::Ping(vec![7u8; 125])]);
+    }
+
+    #[test]
+    fn violations_map_to_close_codes() {
+        let unmasked = [0x89u8, 0x00];
+        assert_eq!(run(&[&unmasked]).1.unwrap_err().close_reason().code(), 1002);
+        let mut rsv = client_frame(true, 0x9, b"");
+        rsv[0] |= 0x40;
+        assert_eq!(run(&[&rsv]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(true, 0x3, b"")]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(false, 0x9, b"")]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(true, 0x9, &[0; 126])]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(true, 0x0, b"x")]).1.unwrap_err().close_reason().code(), 1002);
+        let mut two = client_frame(false, 0x1, b"a");
+        two.extend(client_frame(true, 0x1, b"b"));
+        assert_eq!(run(&[&two]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(true, 0x8, &[3])]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(true, 0x8, &[0x03, 0xed])]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(run(&[&client_frame(true, 0x8, &[0x03, 0xe8, 0xff])]).1.unwrap_err().close_reason().code(), 1007);
+    }
+
+    #[test]
+    fn data_is_bounded_without_buffering() {
+        assert!(run(&[&client_frame(true, 0x1, &[b'a'; 4096])]).1.is_ok());
+        // The oversize frame is rejected from its header alone.
+        let big = client_frame(true, 0x2, &[0; 4097]);
+        assert_eq!(run(&[&big[..8]]).1.unwrap_err(), DecodeError::TooBig);
+        // Fragments add up.
+        let mut frag = client_frame(false, 0x1, &[b'a'; 4000]);
+        frag.extend(client_frame(true, 0x0, &[b'a'; 97]));
+        assert_eq!(run(&[&frag]).1.unwrap_err(), DecodeError::TooBig);
+        // A header claiming 2^63 bytes is refused.
+        let mut huge = vec![0x82u8, 0x80 | 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        assert!(run(&[&huge]).1.is_err());
+    }
+}

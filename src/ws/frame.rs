@@ -1,0 +1,119 @@
+//! Server-to-client frame encoding.
+//!
+//! A server frame is never masked, so its bytes are the same for every recipient: the whole point
+//! of this module is to build a frame exactly once and hand out references to it.
+
+use super::SharedFrame;
+
+/// Largest header a server frame can have: 2 bytes plus an 8-byte extended length.
+pub const MAX_HEADER_LEN: usize = 10;
+
+/// Frame opcodes the server sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OpCode {
+    /// A UTF-8 text message (every event frame).
+    Text = 0x1,
+    /// Connection close.
+    Close = 0x8,
+    /// Ping.
+    Ping = 0x9,
+    /// Pong, answering a client's ping.
+    Pong = 0xA,
+}
+
+/// Writes a final, unmasked frame header for `len` payload bytes into `out`; returns its length.
+pub fn encode_header(opcode: OpCode, len: usize, out: &mut [u8; MAX_HEADER_LEN]) -> usize {
+    out[0] = 0x80 | opcode as u8;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Length of the header [`encode_header`] writes for `len` payload bytes.
+pub fn header_len(len: usize) -> usize {
+    if len < 126 {
+        2
+    } else if len <= u16::MAX as usize {
+        4
+    } else {
+        10
+    }
+}
+
+/// Encodes one complete frame into a new shared buffer.
+pub fn encode(opcode: OpCode, payload: &[u8]) -> SharedFrame {
+    let mut buf = Vec::with_capacity(header_len(payload.len()) + payload.len());
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let n = encode_header(opcode, payload.len(), &mut hdr);
+    buf.extend_from_slice(&hdr[..n]);
+    buf.extend_from_slice(payload);
+    buf.into()
+}
+
+/// Builds a text frame whose payload is produced by `write` in place, with no intermediate copy
+/// beyond the final conversion into a shared buffer. `len_hint` is the exact payload length when
+/// known (it only sizes the allocation).
+pub fn encode_text_with(len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> SharedFrame {
+    let mut buf = Vec::with_capacity(MAX_HEADER_LEN + len_hint);
+    buf.resize(MAX_HEADER_LEN, 0);
+    write(&mut buf);
+    let len = buf.len() - MAX_HEADER_LEN;
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let n = encode_header(OpCode::Text, len, &mut hdr);
+    let start = MAX_HEADER_LEN - n;
+    buf[start..MAX_HEADER_LEN].copy_from_slice(&hdr[..n]);
+    SharedFrame::from(&buf[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_lengths_at_boundaries() {
+        let mut h = [0u8; MAX_HEADER_LEN];
+        assert_eq!(encode_header(OpCode::Text, 125, &mut h), 2);
+        assert_eq!(&h[..2], &[0x81, 125]);
+        assert_eq!(encode_header(OpCode::Text, 126, &mut h), 4);
+        assert_eq!(&h[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(encode_header(OpCode::Text, 65_535, &mut h), 4);
+        assert_eq!(encode_header(OpCode::Close, 65_536, &mut h), 10);
+        assert_eq!(&h[..10], &[0x88, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 1 << 20] {
+            assert_eq!(header_len(len), encode_header(OpCode::Text, len, &mut h));
+        }
+    }
+
+    #[test]
+    fn in_place_text_frame_matches_plain_encoding() {
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let payload = vec![b'x'; len];
+            let a = encode(OpCode::Text, &payload);
+            let b = encode_text_with(0, |buf| buf.extend_from_slice(&payload));
+            assert_eq!(a, b, "len {len}");
+        }
+    }
+
+    #[test]
+    fn tungstenite_reads_our_frames() {
+        use std::io::Cursor;
+        use tungstenite::protocol::frame::FrameHeader;
+        let f = encode(OpCode::Text, &vec![b'a'; 300]);
+        let mut cur = Cursor::new(&f[..]);
+        let (hdr, len) = FrameHeader::parse(&mut cur).unwrap().unwrap();
+        assert!(hdr.is_final);
+        assert!(hdr.mask.is_none());
+        assert_eq!(len, 300);
+        assert_eq!(cur.position() as usize + 300, f.len());
+    }
+}
