@@ -484,6 +484,7 @@ impl Shard {
         match identity {
             Ok(id) => self.subscribe(key, id, now_ms, now),
             Err(e) => {
+                log::debug!("shard {}: connection {key} from {} refused: {}", self.index, self.conns[key].peer, e.label());
                 self.stats().auth_failure(e);
                 self.close_ws(key, e.close_reason());
             }

@@ -1,0 +1,212 @@
+//! Shared harness for the integration tests: a server on loopback ports chosen by the kernel, a
+//! real WebSocket client (tungstenite over a blocking `TcpStream`), raw HTTP, and token minting.
+#![allow(dead_code)]
+
+use causeloop_stream::auth::jwt;
+use causeloop_stream::config::{Config, Secret};
+use causeloop_stream::server::Server;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
+pub const PUBLISH_KEY: &str = "integration-publish-key";
+
+pub type Ws = WebSocket<TcpStream>;
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A test configuration: loopback, ephemeral ports, the test secret and publish key.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.internal_listen = "127.0.0.1:0".parse().unwrap();
+    c.shards = 2;
+    c.jwt.hs256_secrets = vec![Secret::from(SECRET.to_vec())];
+    c.publish_key = Some(Secret::from(PUBLISH_KEY.as_bytes().to_vec()));
+    c
+}
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        Self::with(|_| {})
+    }
+
+    pub fn with(f: impl FnOnce(&mut Config)) -> TestServer {
+        let mut c = config();
+        f(&mut c);
+        let server = Server::start(c).expect("server starts");
+        TestServer { public: server.public_addr(), internal: server.internal_addr(), server: Some(server) }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn url(&self, token: &str, workspace: &str) -> String {
+        format!("ws://{}/v1/stream?token={token}&workspace={workspace}", self.public)
+    }
+
+    /// Connects with a valid token for (workspace, user) and reads the `connected` frame.
+    pub fn subscribe(&self, workspace: &str, user: &str) -> Ws {
+        let mut ws = connect(&self.url(&token(workspace, user, 3600), workspace));
+        let first = read_text(&mut ws);
+        assert!(first.starts_with(r#"{"type":"connected""#), "{first}");
+        ws
+    }
+
+    pub fn publish(&self, body: &str) -> (u16, String) {
+        publish_with_key(self.internal, Some(PUBLISH_KEY), body)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+            s.wait();
+        }
+    }
+}
+
+/// An HS256 token for (workspace, user) expiring `ttl` seconds from now.
+pub fn token(workspace: &str, user: &str, ttl: i64) -> String {
+    let now = now();
+    let exp = (now as i64 + ttl).max(0);
+    jwt::sign_hs256(SECRET, format!(r#"{{"sub":"{user}","workspace_id":"{workspace}","iat":{now},"exp":{exp}}}"#).as_bytes())
+}
+
+/// Opens a WebSocket (real client, real socket). Panics if the upgrade fails.
+pub fn connect(url: &str) -> Ws {
+    try_connect(url).unwrap_or_else(|e| panic!("connect failed: {e}"))
+}
+
+pub fn try_connect(url: &str) -> Result<Ws, tungstenite::Error> {
+    let addr = url.trim_start_matches("ws://").split('/').next().unwrap().to_string();
+    let stream = TcpStream::connect(addr).expect("tcp connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.set_nodelay(true).unwrap();
+    tungstenite::client(url, stream).map(|(ws, _)| ws).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => e,
+        tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+    })
+}
+
+/// Reads the next text frame (answering pings as tungstenite does). Panics on anything else.
+pub fn read_text(ws: &mut Ws) -> String {
+    loop {
+        match ws.read().expect("read frame") {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads the next text frame that is not a heartbeat.
+pub fn read_event(ws: &mut Ws) -> String {
+    loop {
+        let t = read_text(ws);
+        if !t.starts_with(r#"{"type":"heartbeat""#) {
+            return t;
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns (code, reason). Any text frame before it fails
+/// the test when `no_frames` is set.
+pub fn expect_close(ws: &mut Ws, no_frames: bool) -> (u16, String) {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+            Ok(Message::Close(None)) => return (1005, String::new()),
+            Ok(Message::Text(t)) if !no_frames => {
+                let _ = t;
+            }
+            Ok(Message::Text(t)) => panic!("unexpected frame before close: {t}"),
+            Ok(_) => {}
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// Completes the closing handshake after `expect_close` and checks the server ends the TCP
+/// connection.
+pub fn finish_close(ws: &mut Ws) {
+    loop {
+        match ws.read() {
+            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return,
+            Err(tungstenite::Error::Io(_)) | Err(tungstenite::Error::Protocol(_)) => return,
+            Ok(_) => {}
+            Err(e) => panic!("unexpected error finishing close: {e}"),
+        }
+    }
+}
+
+pub fn close_code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
+
+/// Sends raw bytes and reads the whole response until the server closes (or `timeout`).
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn status_of(response: &str) -> u16 {
+    response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// `POST /v1/publish` with `Connection: close`; returns (status, body).
+pub fn publish_with_key(internal: SocketAddr, key: Option<&str>, body: &str) -> (u16, String) {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let req = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let resp = raw_http(internal, req.as_bytes());
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status_of(&resp), body)
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// Parses a frame's JSON.
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}

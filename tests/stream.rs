@@ -1,0 +1,185 @@
+//! The stream's frames and WebSocket behaviour, through real sockets.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+#[test]
+fn connected_frame_bytes_are_exact() {
+    let s = TestServer::start();
+    let mut ws = connect(&s.url(&token("ws_01abc123", "usr_01abc456", 600), "ws_01abc123"));
+    let first = read_text(&mut ws);
+    let ts = json(&first)["ts"].as_str().unwrap().to_string();
+    assert_eq!(
+        first,
+        format!(r#"{{"type":"connected","payload":{{"workspace_id":"ws_01abc123","user_id":"usr_01abc456"}},"ts":"{ts}"}}"#)
+    );
+    // ts is UTC with milliseconds: YYYY-MM-DDTHH:MM:SS.mmmZ
+    assert_eq!(ts.len(), 24);
+    assert!(ts.ends_with('Z') && &ts[10..11] == "T" && &ts[19..20] == ".");
+}
+
+#[test]
+fn ids_are_json_escaped_in_connected() {
+    let s = TestServer::start();
+    let ws_id = r#"ws "quoted" \ x"#;
+    let tok = causeloop_stream::auth::jwt::sign_hs256(
+        SECRET,
+        serde_json::json!({"sub": "usr\u{1}", "workspace_id": ws_id, "exp": now() + 60}).to_string().as_bytes(),
+    );
+    let url = format!("ws://{}/v1/stream?token={tok}&workspace={}", s.public, "ws%20%22quoted%22%20%5C%20x");
+    let mut ws = connect(&url);
+    let v = json(&read_text(&mut ws));
+    assert_eq!(v["payload"]["workspace_id"], ws_id);
+    assert_eq!(v["payload"]["user_id"], "usr\u{1}");
+}
+
+#[test]
+fn heartbeats_arrive_at_the_configured_cadence() {
+    let s = TestServer::with(|c| c.heartbeat_interval = Duration::from_millis(200));
+    let mut ws = s.subscribe("ws_hb", "usr_1");
+    let start = Instant::now();
+    let mut stamps = Vec::new();
+    for _ in 0..5 {
+        let t = read_text(&mut ws);
+        assert_eq!(
+            t,
+            format!(r#"{{"type":"heartbeat","payload":{{"ok":true}},"ts":"{}"}}"#, json(&t)["ts"].as_str().unwrap())
+        );
+        stamps.push(start.elapsed());
+    }
+    // Five heartbeats at 200 ms take about a second; far fewer or far more means a wrong cadence.
+    let total = stamps[4];
+    assert!(total >= Duration::from_millis(800), "5 heartbeats in {total:?}");
+    assert!(total < Duration::from_millis(3000), "5 heartbeats in {total:?}");
+}
+
+#[test]
+fn ping_gets_pong_with_the_same_payload() {
+    let s = TestServer::start();
+    let mut ws = s.subscribe("ws_p", "u");
+    ws.send(Message::Ping(b"are you there".to_vec().into())).unwrap();
+    loop {
+        match ws.read().unwrap() {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"are you there");
+                break;
+            }
+            Message::Text(t) => assert!(t.contains("heartbeat"), "{t}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn client_close_gets_the_closing_handshake() {
+    let s = TestServer::start();
+    let mut ws = s.subscribe("ws_c", "u");
+    ws.close(Some(tungstenite::protocol::CloseFrame { code: 1000u16.into(), reason: "bye".into() })).unwrap();
+    let (code, _) = expect_close(&mut ws, false);
+    assert_eq!(code, 1000);
+    finish_close(&mut ws);
+}
+
+#[test]
+fn client_data_frames_are_ignored_up_to_the_bound() {
+    let s = TestServer::start();
+    let mut ws = s.subscribe("ws_d", "u");
+    ws.send(Message::Text("x".repeat(4096).into())).unwrap();
+    ws.send(Message::Binary(vec![1u8; 100].into())).unwrap();
+    // Still subscribed: an event arrives.
+    let (status, _) = s.publish(r#"{"workspace_id":"ws_d","type":"issue.created","payload":{"n":1}}"#);
+    assert_eq!(status, 202);
+    assert!(read_event(&mut ws).contains(r#""n":1"#));
+    // Over the bound: 1009.
+    ws.send(Message::Text("x".repeat(4097).into())).unwrap();
+    let (code, reason) = expect_close(&mut ws, false);
+    assert_eq!(code, 1009);
+    assert_eq!(reason, "message too big");
+}
+
+/// Writes a hand-made upgrade and returns the raw socket positioned after the 101 response
+/// and the `connected` frame.
+fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
+    let mut sock = TcpStream::connect(s.public).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "GET /v1/stream?token={}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(workspace, "u", 600)
+    );
+    sock.write_all(req.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        sock.read_exact(&mut b).unwrap();
+        got.push(b[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    let mut hdr = [0u8; 2];
+    sock.read_exact(&mut hdr).unwrap();
+    assert_eq!(hdr[0], 0x81);
+    let mut body = vec![0u8; (hdr[1] & 0x7f) as usize];
+    sock.read_exact(&mut body).unwrap();
+    assert!(String::from_utf8(body).unwrap().contains("connected"));
+    sock
+}
+
+fn read_close_code(sock: &mut TcpStream) -> u16 {
+    loop {
+        let mut hdr = [0u8; 2];
+        sock.read_exact(&mut hdr).unwrap();
+        let mut len = (hdr[1] & 0x7f) as usize;
+        if len == 126 {
+            let mut l = [0u8; 2];
+            sock.read_exact(&mut l).unwrap();
+            len = u16::from_be_bytes(l) as usize;
+        }
+        let mut body = vec![0u8; len];
+        sock.read_exact(&mut body).unwrap();
+        if hdr[0] == 0x88 {
+            return u16::from_be_bytes([body[0], body[1]]);
+        }
+    }
+}
+
+#[test]
+fn unmasked_client_frame_is_a_protocol_error() {
+    let s = TestServer::start();
+    let mut sock = raw_subscribe(&s, "ws_raw");
+    sock.write_all(&[0x89, 0x00]).unwrap(); // ping, no mask bit
+    assert_eq!(read_close_code(&mut sock), 1002);
+}
+
+#[test]
+fn unknown_opcode_and_reserved_bits_are_protocol_errors() {
+    let s = TestServer::start();
+    let mut sock = raw_subscribe(&s, "ws_raw2");
+    sock.write_all(&[0x83, 0x80, 1, 2, 3, 4]).unwrap(); // opcode 3, masked, empty
+    assert_eq!(read_close_code(&mut sock), 1002);
+    let mut sock = raw_subscribe(&s, "ws_raw2");
+    sock.write_all(&[0xC9, 0x80, 1, 2, 3, 4]).unwrap(); // ping with RSV1
+    assert_eq!(read_close_code(&mut sock), 1002);
+}
+
+#[test]
+fn fragmented_messages_count_against_the_bound() {
+    let s = TestServer::start();
+    let mut sock = raw_subscribe(&s, "ws_frag");
+    let mask = [9u8, 8, 7, 6];
+    let frame = |fin: bool, op: u8, len: usize| {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | op, 0x80 | 126];
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+        f.extend_from_slice(&mask);
+        f.extend(std::iter::repeat_n(0u8, len));
+        f
+    };
+    sock.write_all(&frame(false, 0x1, 3000)).unwrap();
+    sock.write_all(&frame(true, 0x0, 1200)).unwrap();
+    assert_eq!(read_close_code(&mut sock), 1009);
+}
