@@ -69,7 +69,7 @@ pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyEr
                 .map(|(i, raw)| item(raw.get()).map_err(|e| BodyError(format!("item {i}: {e}"))))
                 .collect()
         }
-        Some(b'{') => Ok(vec![item(text).map_err(BodyError)?]),
+        Some(b'{') => Ok(vec![item(text).map_err(|e| BodyError(format!("invalid event: {e}")))?]),
         _ => Err(BodyError("body must be an event object or an array of them".into())),
     }
 }

@@ -573,7 +573,12 @@ impl Shard {
         conn.close_sent = true;
         self.stats().close(reason);
         self.enqueue(key, reason.frame());
-        let due = self.tick_of(Instant::now()) + self.limits.close_ticks;
+        // A drain waits for close frames up to its own deadline; other closes use --close-timeout.
+        let now = Instant::now();
+        let due = match self.drain_deadline {
+            Some(d) if reason == CloseReason::GoingAway => self.tick_of(d).max(self.tick_of(now) + 1),
+            _ => self.tick_of(now) + self.limits.close_ticks,
+        };
         self.set_deadline(key, due);
     }
 

@@ -1,0 +1,230 @@
+//! The binary as an operator runs it: the `listening` lines, env twins, SIGTERM drain with 1001,
+//! `/readyz` turning 503, exit status, `--dev`, `token`, and the token never reaching the output.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_causeloop-stream");
+
+struct Proc {
+    child: Child,
+    public: SocketAddr,
+    internal: SocketAddr,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env_remove("CAUSELOOP_JWT_HS256_SECRET").env_remove("CAUSELOOP_PUBLISH_KEY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let public = line.trim().strip_prefix("listening public=").unwrap_or_else(|| panic!("first line: {line:?}")).parse().unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let internal = line.trim().strip_prefix("listening internal=").unwrap_or_else(|| panic!("second line: {line:?}")).parse().unwrap();
+    Proc { child, public, internal, stdout }
+}
+
+fn secret_env() -> Vec<(&'static str, &'static str)> {
+    vec![("CAUSELOOP_JWT_HS256_SECRET", std::str::from_utf8(SECRET).unwrap()), ("CAUSELOOP_PUBLISH_KEY", PUBLISH_KEY)]
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY-free: libc::kill is a plain syscall wrapper; the pid is our own child's.
+    let rc = unsafe_kill(child.id() as i32, sig);
+    assert_eq!(rc, 0);
+}
+
+fn unsafe_kill(pid: i32, sig: i32) -> i32 {
+    // Shelling out keeps the test crate free of `unsafe`.
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    if status.success() {
+        0
+    } else {
+        -1
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Subscribes with a bare socket that will never answer a close frame.
+fn silent_subscriber(public: SocketAddr, workspace: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut sock = std::net::TcpStream::connect(public).unwrap();
+    let req = format!(
+        "GET /v1/stream?token={}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(workspace, "silent", 600)
+    );
+    sock.write_all(req.as_bytes()).unwrap();
+    // Wait until subscribed: the 101 and the `connected` frame have arrived.
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("\"connected\"") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before subscribing");
+        got.extend_from_slice(&buf[..n]);
+    }
+    sock
+}
+
+#[test]
+fn sigterm_drains_with_1001_and_exits_zero() {
+    let mut p = spawn(&["--drain-timeout", "20s", "--log-level", "debug"], &secret_env());
+    let tok = token("ws_drain", "usr_1", 600);
+    let mut ws = connect(&format!("ws://{}/v1/stream?token={tok}&workspace=ws_drain", p.public));
+    assert!(read_text(&mut ws).contains("connected"));
+    let silent = silent_subscriber(p.public, "ws_drain");
+    let get = |addr: SocketAddr, path: &str| raw_http(addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    assert_eq!(status_of(&get(p.internal, "/readyz")), 200);
+
+    signal(&p.child, libc_sigterm());
+    let (code, reason) = expect_close(&mut ws, false);
+    assert_eq!((code, reason.as_str()), (1001, "server going away"));
+    finish_close(&mut ws);
+    drop(ws);
+    // The silent client holds the drain open: the process is draining, not ready, and refuses
+    // publishes with a clear answer.
+    assert_eq!(status_of(&get(p.internal, "/readyz")), 503);
+    let (st, body) = publish_with_key(p.internal, Some(PUBLISH_KEY), r#"{"workspace_id":"w","type":"a","payload":{}}"#);
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    // New connections are refused: the public listener is closed.
+    assert!(std::net::TcpStream::connect(p.public).is_err());
+    assert!(wait_exit(&mut p.child, Duration::from_millis(300)).is_none(), "exited while a client was still connected");
+    // The last client goes away; the drain ends and the process exits 0 well before the timeout.
+    drop(silent);
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(8)), Some(0));
+
+    let mut err = String::new();
+    p.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let mut out = String::new();
+    p.stdout.read_to_string(&mut out).unwrap();
+    assert!(!err.contains(&tok) && !out.contains(&tok), "the token reached the output");
+    assert!(!err.contains(&tok[tok.len() - 20..]), "part of the token's signature reached the output");
+    assert!(err.contains("closed after"), "debug log of the connection is missing: {err}");
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+#[test]
+fn drain_timeout_bounds_an_unresponsive_client() {
+    let mut p = spawn(&["--drain-timeout", "500ms"], &secret_env());
+    let tok = token("ws_d", "u", 600);
+    let mut ws = connect(&format!("ws://{}/v1/stream?token={tok}&workspace=ws_d", p.public));
+    assert!(read_text(&mut ws).contains("connected"));
+    signal(&p.child, libc_sigterm());
+    // The client never answers the 1001.
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
+    assert_eq!(expect_close(&mut ws, false).0, 1001);
+}
+
+#[test]
+fn refuses_to_start_without_keys_and_says_why() {
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"])
+        .env_remove("CAUSELOOP_JWT_HS256_SECRET")
+        .env("CAUSELOOP_PUBLISH_KEY", "k")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no JWT key configured"), "{err}");
+    let bad = Command::new(BIN).args(["--heartbeat-interval", "5 parsecs"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid duration"));
+}
+
+#[test]
+fn env_twins_configure_the_server() {
+    let mut env = secret_env();
+    env.push(("CAUSELOOP_HEARTBEAT_INTERVAL", "150ms"));
+    env.push(("CAUSELOOP_SHARDS", "1"));
+    let mut p = spawn(&[], &env);
+    let mut ws = connect(&format!("ws://{}/v1/stream?token={}&workspace=w", p.public, token("w", "u", 60)));
+    assert!(read_text(&mut ws).contains("connected"));
+    let start = Instant::now();
+    assert!(read_text(&mut ws).contains("heartbeat"));
+    assert!(start.elapsed() < Duration::from_secs(2), "CAUSELOOP_HEARTBEAT_INTERVAL was not applied");
+    signal(&p.child, libc_sigterm());
+    let _ = expect_close(&mut ws, false);
+    finish_close(&mut ws);
+    drop(ws);
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn dev_mode_prints_a_working_url_and_curl_command() {
+    let mut p = spawn(&["--dev"], &[]);
+    let mut banner = String::new();
+    let mut line = String::new();
+    while !banner.contains("every event type") {
+        line.clear();
+        if p.stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        banner.push_str(&line);
+    }
+    assert!(banner.contains("DEVELOPMENT MODE"), "{banner}");
+    let url = banner.split_whitespace().find(|w| w.starts_with("ws://")).unwrap().to_string();
+    let key = banner.split("Authorization: Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_string();
+    let mut ws = connect(&url);
+    assert!(read_text(&mut ws).contains(r#""workspace_id":"ws_dev","user_id":"usr_dev""#));
+    let (st, _) = publish_with_key(p.internal, Some(&key), r#"{"workspace_id":"ws_dev","type":"issue.created","payload":{"id":"from-test"}}"#);
+    assert_eq!(st, 202);
+    // The demo publisher's events and ours both arrive; ours is among the next few.
+    let mut found = false;
+    for _ in 0..4 {
+        if read_event(&mut ws).contains("from-test") {
+            found = true;
+            break;
+        }
+    }
+    assert!(found);
+    signal(&p.child, libc_sigterm());
+    let _ = expect_close(&mut ws, false);
+    finish_close(&mut ws);
+    drop(ws);
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn token_subcommand_mints_a_token_the_server_accepts() {
+    let out = Command::new(BIN)
+        .args(["token", "--workspace", "ws_t", "--user", "usr_t", "--ttl", "2m"])
+        .env("CAUSELOOP_JWT_HS256_SECRET", std::str::from_utf8(SECRET).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let tok = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let s = TestServer::start();
+    let mut ws = connect(&s.url(&tok, "ws_t"));
+    assert!(read_text(&mut ws).contains(r#""user_id":"usr_t""#));
+    let missing = Command::new(BIN).args(["token", "--workspace", "w", "--user", "u"]).env_remove("CAUSELOOP_JWT_HS256_SECRET").output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}
