@@ -52,7 +52,11 @@ pub struct TokenArgs {
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// Name of the workspace claim.
-    #[arg(long, env = "CAUSELOOP_JWT_WORKSPACE_CLAIM", default_value = "workspace_id")]
+    #[arg(
+        long,
+        env = "CAUSELOOP_JWT_WORKSPACE_CLAIM",
+        default_value = "workspace_id"
+    )]
     pub workspace_claim: String,
 }
 
@@ -67,7 +71,11 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_LISTEN", default_value = "0.0.0.0:4000")]
     pub listen: SocketAddr,
     /// Internal listener: /v1/publish, /metrics, /healthz, /readyz.
-    #[arg(long, env = "CAUSELOOP_INTERNAL_LISTEN", default_value = "127.0.0.1:4001")]
+    #[arg(
+        long,
+        env = "CAUSELOOP_INTERNAL_LISTEN",
+        default_value = "127.0.0.1:4001"
+    )]
     pub internal_listen: SocketAddr,
     /// Worker threads, each with its own event loop [default: available cores].
     #[arg(long, env = "CAUSELOOP_SHARDS")]
@@ -100,7 +108,11 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_EVENTS", default_value_t = 10_000)]
     pub max_publish_events: usize,
     /// Open connections on the internal listener.
-    #[arg(long, env = "CAUSELOOP_MAX_INTERNAL_CONNECTIONS", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "CAUSELOOP_MAX_INTERNAL_CONNECTIONS",
+        default_value_t = 1024
+    )]
     pub max_internal_connections: usize,
     /// Largest data message a client may send (it is ignored); larger closes 1009.
     #[arg(long, env = "CAUSELOOP_MAX_CLIENT_MESSAGE_BYTES", default_value = "4KiB", value_parser = parse_bytes)]
@@ -121,7 +133,11 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_JWT_JWKS_FILE")]
     pub jwt_jwks_file: Option<PathBuf>,
     /// Claim holding the workspace id.
-    #[arg(long, env = "CAUSELOOP_JWT_WORKSPACE_CLAIM", default_value = "workspace_id")]
+    #[arg(
+        long,
+        env = "CAUSELOOP_JWT_WORKSPACE_CLAIM",
+        default_value = "workspace_id"
+    )]
     pub jwt_workspace_claim: String,
     /// Required `iss`.
     #[arg(long, env = "CAUSELOOP_JWT_ISSUER")]
@@ -144,7 +160,8 @@ pub struct RunArgs {
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
-    s.parse().map_err(|_| format!("invalid log level {s:?}: use error, warn, info, debug or trace"))
+    s.parse()
+        .map_err(|_| format!("invalid log level {s:?}: use error, warn, info, debug or trace"))
 }
 
 /// Reads the first non-empty line of a secret file.
@@ -159,14 +176,19 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
 }
 
 fn env_secret(name: &str) -> Option<Secret> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(|v| Secret::from(v.into_encoded_bytes()))
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(|v| Secret::from(v.into_encoded_bytes()))
 }
 
 impl RunArgs {
     /// Builds the server configuration. Errors name the flag at fault.
     pub fn to_config(&self) -> Result<Config, String> {
         if self.bus != "local" {
-            return Err(format!("--bus {:?} is not supported: only `local` is available", self.bus));
+            return Err(format!(
+                "--bus {:?} is not supported: only `local` is available",
+                self.bus
+            ));
         }
         let mut jwt = JwtConfig {
             hs256_secrets: env_secret(ENV_HS256_SECRET).into_iter().collect(),

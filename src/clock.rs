@@ -90,7 +90,9 @@ mod tests {
         for day in 1..(400 * 366) {
             let cur = civil_from_days(day);
             let same_month = cur.0 == prev.0 && cur.1 == prev.1 && cur.2 == prev.2 + 1;
-            let next_month = cur.2 == 1 && ((cur.1 == prev.1 + 1 && cur.0 == prev.0) || (cur.1 == 1 && prev.1 == 12 && cur.0 == prev.0 + 1));
+            let next_month = cur.2 == 1
+                && ((cur.1 == prev.1 + 1 && cur.0 == prev.0)
+                    || (cur.1 == 1 && prev.1 == 12 && cur.0 == prev.0 + 1));
             assert!(same_month || next_month, "{prev:?} -> {cur:?}");
             prev = cur;
         }

@@ -29,14 +29,19 @@ pub struct Dev {
 
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
-    SystemRandom::new().fill(&mut b).expect("system random source");
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("system random source");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Fills in random secrets where none are configured.
 pub fn prepare(config: &mut Config) -> Dev {
     if config.jwt.hs256_secrets.is_empty() && config.jwt.hs256_secret_file.is_none() {
-        config.jwt.hs256_secrets.push(Secret::from(random_hex(32).into_bytes()));
+        config
+            .jwt
+            .hs256_secrets
+            .push(Secret::from(random_hex(32).into_bytes()));
     }
     if config.publish_key.is_none() {
         config.publish_key = Some(Secret::from(random_hex(24).into_bytes()));
@@ -50,7 +55,11 @@ pub fn prepare(config: &mut Config) -> Dev {
             .and_then(|p| causeloop_stream::cli::read_secret_file(p).ok())
             .unwrap_or_else(|| Secret::from(Vec::new())),
     };
-    Dev { secret, publish_key: config.publish_key.clone().expect("set above"), workspace_claim: config.jwt.workspace_claim.clone() }
+    Dev {
+        secret,
+        publish_key: config.publish_key.clone().expect("set above"),
+        workspace_claim: config.jwt.workspace_claim.clone(),
+    }
 }
 
 fn loopback_if_unspecified(addr: std::net::SocketAddr) -> std::net::SocketAddr {
@@ -65,7 +74,13 @@ impl Dev {
     /// Prints the banner on stdout.
     pub fn announce(&self, server: &Server) {
         let now = clock::now_secs();
-        let claims = jwt::claims_json(&self.workspace_claim, DEV_WORKSPACE, DEV_USER, now, now + 24 * 3600);
+        let claims = jwt::claims_json(
+            &self.workspace_claim,
+            DEV_WORKSPACE,
+            DEV_USER,
+            now,
+            now + 24 * 3600,
+        );
         let token = jwt::sign_hs256(self.secret.expose(), &claims);
         let public = loopback_if_unspecified(server.public_addr());
         let internal = loopback_if_unspecified(server.internal_addr());
@@ -103,13 +118,34 @@ fn samples(n: u64) -> Vec<(&'static str, serde_json::Value)> {
     let now = String::from_utf8_lossy(&clock::format_ts(clock::now_ms())).into_owned();
     use serde_json::json;
     vec![
-        ("issue.created", json!({"id": format!("iss_{n:04}"), "title": "Payment gateway timeout on checkout", "status": "new", "severity": "high", "risk_score": 74, "source": "pagerduty", "created_at": now})),
-        ("issue.status.changed", json!({"id": format!("iss_{n:04}"), "previous_status": "new", "status": "analyzing", "changed_at": now})),
-        ("pattern.detected", json!({"id": format!("pat_{n:04}"), "name": "Payment gateway timeout under load", "risk_score": 82, "status": "emerging", "issue_count": 7, "detected_at": now})),
-        ("prediction.alert.fired", json!({"id": format!("alr_{n:04}"), "rule": "checkout latency p99 > 2s", "fired_at": now})),
-        ("recommendation.status.changed", json!({"id": format!("rec_{n:04}"), "previous_status": "proposed", "status": "accepted", "changed_at": now})),
-        ("notification.created", json!({"id": format!("ntf_{n:04}"), "title": "You were assigned an issue", "created_at": now})),
-        ("job.updated", json!({"job_id": format!("rpt_job_{n:04}"), "status": "running", "progress": 0.65, "result_url": null, "error": null, "created_at": now, "finished_at": null})),
+        (
+            "issue.created",
+            json!({"id": format!("iss_{n:04}"), "title": "Payment gateway timeout on checkout", "status": "new", "severity": "high", "risk_score": 74, "source": "pagerduty", "created_at": now}),
+        ),
+        (
+            "issue.status.changed",
+            json!({"id": format!("iss_{n:04}"), "previous_status": "new", "status": "analyzing", "changed_at": now}),
+        ),
+        (
+            "pattern.detected",
+            json!({"id": format!("pat_{n:04}"), "name": "Payment gateway timeout under load", "risk_score": 82, "status": "emerging", "issue_count": 7, "detected_at": now}),
+        ),
+        (
+            "prediction.alert.fired",
+            json!({"id": format!("alr_{n:04}"), "rule": "checkout latency p99 > 2s", "fired_at": now}),
+        ),
+        (
+            "recommendation.status.changed",
+            json!({"id": format!("rec_{n:04}"), "previous_status": "proposed", "status": "accepted", "changed_at": now}),
+        ),
+        (
+            "notification.created",
+            json!({"id": format!("ntf_{n:04}"), "title": "You were assigned an issue", "created_at": now}),
+        ),
+        (
+            "job.updated",
+            json!({"job_id": format!("rpt_job_{n:04}"), "status": "running", "progress": 0.65, "result_url": null, "error": null, "created_at": now, "finished_at": null}),
+        ),
     ]
 }
 

@@ -21,7 +21,14 @@ pub fn write_string(out: &mut Vec<u8>, s: &str) {
             0..=0x1f => {
                 out.extend_from_slice(&bytes[start..i]);
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[(b >> 4) as usize],
+                    HEX[(b & 15) as usize],
+                ]);
                 start = i + 1;
                 continue;
             }
@@ -96,10 +103,22 @@ mod tests {
 
     #[test]
     fn escapes_like_serde_json() {
-        for s in ["plain", "quo\"te", "back\\slash", "nl\n\r\t", "\u{1}\u{1f}\u{8}\u{c}", "ünï©ode ✓", ""] {
+        for s in [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "nl\n\r\t",
+            "\u{1}\u{1f}\u{8}\u{c}",
+            "ünï©ode ✓",
+            "",
+        ] {
             let mut out = Vec::new();
             write_string(&mut out, s);
-            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap(), "{s:?}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap(),
+                "{s:?}"
+            );
         }
     }
 
@@ -113,7 +132,10 @@ mod tests {
     #[test]
     fn minify_keeps_strings_intact() {
         let mut out = Vec::new();
-        minify_into(&mut out, b"{ \"a b\" : [ 1 , \"x\\\" y\" ],\n\t\"c\":null }");
+        minify_into(
+            &mut out,
+            b"{ \"a b\" : [ 1 , \"x\\\" y\" ],\n\t\"c\":null }",
+        );
         assert_eq!(out, b"{\"a b\":[1,\"x\\\" y\"],\"c\":null}");
     }
 }

@@ -23,7 +23,12 @@ impl log::Log for StderrLogger {
         if self.enabled(r.metadata()) {
             let ts = clock::format_ts(clock::now_ms());
             let ts = std::str::from_utf8(&ts).unwrap_or("");
-            let _ = writeln!(std::io::stderr().lock(), "{ts} {:5} {}", r.level(), r.args());
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{ts} {:5} {}",
+                r.level(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -45,7 +50,9 @@ fn token(args: &TokenArgs) -> i32 {
             Some(v) => Ok(Secret::from(v.into_encoded_bytes())),
             None => match std::env::var_os("CAUSELOOP_JWT_HS256_SECRET_FILE") {
                 Some(p) => read_secret_file(std::path::Path::new(&p)),
-                None => Err(format!("no secret: pass --secret-file or set {ENV_HS256_SECRET}")),
+                None => Err(format!(
+                    "no secret: pass --secret-file or set {ENV_HS256_SECRET}"
+                )),
             },
         },
     };
@@ -57,7 +64,13 @@ fn token(args: &TokenArgs) -> i32 {
         }
     };
     let now = clock::now_secs();
-    let claims = jwt::claims_json(&args.workspace_claim, &args.workspace, &args.user, now, now + args.ttl.as_secs());
+    let claims = jwt::claims_json(
+        &args.workspace_claim,
+        &args.workspace,
+        &args.user,
+        now,
+        now + args.ttl.as_secs(),
+    );
     println!("{}", jwt::sign_hs256(secret.expose(), &claims));
     0
 }
@@ -75,12 +88,20 @@ fn run(cli: Cli) -> i32 {
             return 2;
         }
     };
-    let dev = if args.dev { Some(dev::prepare(&mut config)) } else { None };
+    let dev = if args.dev {
+        Some(dev::prepare(&mut config))
+    } else {
+        None
+    };
     if config.publish_key.is_none() {
         eprintln!("causeloop-stream: no publish key: set --publish-key-file or CAUSELOOP_PUBLISH_KEY (or try --dev)");
         return 2;
     }
-    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP]);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]);
     let mut signals = match signals {
         Ok(s) => s,
         Err(e) => {

@@ -10,10 +10,21 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Auth failure labels, in [`auth_index`] order.
-pub const AUTH_LABELS: [&str; 7] = ["missing", "malformed", "signature", "expired", "not_yet_valid", "claims", "workspace_mismatch"];
+pub const AUTH_LABELS: [&str; 7] = [
+    "missing",
+    "malformed",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "claims",
+    "workspace_mismatch",
+];
 
 fn auth_index(e: AuthError) -> usize {
-    AUTH_LABELS.iter().position(|l| *l == e.label()).unwrap_or(1)
+    AUTH_LABELS
+        .iter()
+        .position(|l| *l == e.label())
+        .unwrap_or(1)
 }
 
 /// Counters of one shard.
@@ -51,7 +62,10 @@ impl ShardStats {
 
     /// Counts a close sent for `reason`.
     pub fn close(&self, reason: CloseReason) {
-        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let i = CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         Self::add(&self.closes[i], 1);
     }
 
@@ -91,29 +105,98 @@ pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
     };
     let plain = |v: u64| vec![(String::new(), v)];
     let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(String, u64)> {
-        shards.iter().enumerate().map(|(i, s)| (format!("{{shard=\"{i}\"}}"), f(s))).collect()
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{{shard=\"{i}\"}}"), f(s)))
+            .collect()
     };
-    counter("causeloop_connections_open", "Subscribed WebSocket connections.", "gauge", &per_shard(&|s| s.open.load(Ordering::Relaxed)));
-    counter("causeloop_connections_accepted_total", "Sockets accepted on the public listener.", "counter", &plain(sum(shards, |s| &s.accepted)));
-    counter("causeloop_connections_subscribed_total", "Connections authenticated and sent `connected`.", "counter", &plain(sum(shards, |s| &s.subscribed)));
+    counter(
+        "causeloop_connections_open",
+        "Subscribed WebSocket connections.",
+        "gauge",
+        &per_shard(&|s| s.open.load(Ordering::Relaxed)),
+    );
+    counter(
+        "causeloop_connections_accepted_total",
+        "Sockets accepted on the public listener.",
+        "counter",
+        &plain(sum(shards, |s| &s.accepted)),
+    );
+    counter(
+        "causeloop_connections_subscribed_total",
+        "Connections authenticated and sent `connected`.",
+        "counter",
+        &plain(sum(shards, |s| &s.subscribed)),
+    );
     let closes: Vec<(String, u64)> = CloseReason::ALL
         .iter()
         .enumerate()
-        .map(|(i, r)| (format!("{{code=\"{}\",reason=\"{:?}\"}}", r.code(), r), sum(shards, |s| &s.closes[i])))
+        .map(|(i, r)| {
+            (
+                format!("{{code=\"{}\",reason=\"{:?}\"}}", r.code(), r),
+                sum(shards, |s| &s.closes[i]),
+            )
+        })
         .collect();
-    counter("causeloop_closes_sent_total", "WebSocket close frames sent, by code.", "counter", &closes);
+    counter(
+        "causeloop_closes_sent_total",
+        "WebSocket close frames sent, by code.",
+        "counter",
+        &closes,
+    );
     let auth: Vec<(String, u64)> = AUTH_LABELS
         .iter()
         .enumerate()
-        .map(|(i, l)| (format!("{{reason=\"{l}\"}}"), sum(shards, |s| &s.auth_failures[i])))
+        .map(|(i, l)| {
+            (
+                format!("{{reason=\"{l}\"}}"),
+                sum(shards, |s| &s.auth_failures[i]),
+            )
+        })
         .collect();
-    counter("causeloop_auth_failures_total", "Stream connections refused, by reason.", "counter", &auth);
-    counter("causeloop_http_responses_total", "Plain HTTP responses on the public listener.", "counter", &plain(sum(shards, |s| &s.http_responses)));
-    counter("causeloop_connections_dropped_total", "Sockets ended without a close handshake.", "counter", &plain(sum(shards, |s| &s.dropped)));
-    counter("causeloop_frames_written_total", "Frames completely written to sockets.", "counter", &plain(sum(shards, |s| &s.frames_written)));
-    counter("causeloop_bytes_written_total", "Bytes written to WebSocket sockets.", "counter", &plain(sum(shards, |s| &s.bytes_written)));
-    counter("causeloop_handler_panics_total", "Connection handler panics (each closed with 1011).", "counter", &plain(sum(shards, |s| &s.handler_panics)));
-    counter("causeloop_events_published_total", "Events accepted for fan-out.", "counter", &plain(bus.published.load(Ordering::Relaxed)));
+    counter(
+        "causeloop_auth_failures_total",
+        "Stream connections refused, by reason.",
+        "counter",
+        &auth,
+    );
+    counter(
+        "causeloop_http_responses_total",
+        "Plain HTTP responses on the public listener.",
+        "counter",
+        &plain(sum(shards, |s| &s.http_responses)),
+    );
+    counter(
+        "causeloop_connections_dropped_total",
+        "Sockets ended without a close handshake.",
+        "counter",
+        &plain(sum(shards, |s| &s.dropped)),
+    );
+    counter(
+        "causeloop_frames_written_total",
+        "Frames completely written to sockets.",
+        "counter",
+        &plain(sum(shards, |s| &s.frames_written)),
+    );
+    counter(
+        "causeloop_bytes_written_total",
+        "Bytes written to WebSocket sockets.",
+        "counter",
+        &plain(sum(shards, |s| &s.bytes_written)),
+    );
+    counter(
+        "causeloop_handler_panics_total",
+        "Connection handler panics (each closed with 1011).",
+        "counter",
+        &plain(sum(shards, |s| &s.handler_panics)),
+    );
+    counter(
+        "causeloop_events_published_total",
+        "Events accepted for fan-out.",
+        "counter",
+        &plain(bus.published.load(Ordering::Relaxed)),
+    );
     let rejected = [
         ("invalid", &bus.rejected_invalid),
         ("unauthorized", &bus.rejected_unauthorized),
@@ -123,7 +206,12 @@ pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
     .iter()
     .map(|(l, c)| (format!("{{reason=\"{l}\"}}"), c.load(Ordering::Relaxed)))
     .collect::<Vec<_>>();
-    counter("causeloop_publish_rejected_total", "Publish requests refused, by reason.", "counter", &rejected);
+    counter(
+        "causeloop_publish_rejected_total",
+        "Publish requests refused, by reason.",
+        "counter",
+        &rejected,
+    );
     out
 }
 
@@ -140,7 +228,9 @@ mod tests {
         shards[1].auth_failure(AuthError::Expired);
         let text = render(&shards, &BusStats::default());
         assert!(text.contains("causeloop_frames_written_total 12\n"));
-        assert!(text.contains("causeloop_closes_sent_total{code=\"1008\",reason=\"SlowConsumer\"} 1\n"));
+        assert!(
+            text.contains("causeloop_closes_sent_total{code=\"1008\",reason=\"SlowConsumer\"} 1\n")
+        );
         assert!(text.contains("causeloop_auth_failures_total{reason=\"expired\"} 1\n"));
         assert!(text.contains("causeloop_connections_open{shard=\"2\"} 0\n"));
     }

@@ -149,7 +149,8 @@ fn validate(c: &Config) -> Result<(), StartError> {
 
 fn bind(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, StartError> {
     let err = |e| StartError::Bind(addr, e);
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     if reuse_port {
         socket.set_reuse_port(true).map_err(err)?;
@@ -205,17 +206,38 @@ impl Server {
         });
 
         let mut shards = Vec::new();
-        for (i, ((poll, inbox), listener)) in polls.into_iter().zip(inboxes).zip(listeners).enumerate() {
-            let shard = Shard::new(i, poll, TcpListener::from_std(listener), inbox, shared.clone(), keys.clone()).map_err(StartError::Io)?;
-            let handle = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || shard.run()).map_err(StartError::Io)?;
+        for (i, ((poll, inbox), listener)) in
+            polls.into_iter().zip(inboxes).zip(listeners).enumerate()
+        {
+            let shard = Shard::new(
+                i,
+                poll,
+                TcpListener::from_std(listener),
+                inbox,
+                shared.clone(),
+                keys.clone(),
+            )
+            .map_err(StartError::Io)?;
+            let handle = std::thread::Builder::new()
+                .name(format!("shard-{i}"))
+                .spawn(move || shard.run())
+                .map_err(StartError::Io)?;
             shards.push(handle);
         }
 
         let internal_stop = Arc::new(AtomicBool::new(false));
-        let internal = Internal::new(TcpListener::from_std(internal_listener), shared.clone(), Publisher::new(shared.clone()), internal_stop.clone())
-            .map_err(StartError::Io)?;
+        let internal = Internal::new(
+            TcpListener::from_std(internal_listener),
+            shared.clone(),
+            Publisher::new(shared.clone()),
+            internal_stop.clone(),
+        )
+        .map_err(StartError::Io)?;
         let internal_waker = internal.waker();
-        let internal = std::thread::Builder::new().name("internal".into()).spawn(move || internal.run()).map_err(StartError::Io)?;
+        let internal = std::thread::Builder::new()
+            .name("internal".into())
+            .spawn(move || internal.run())
+            .map_err(StartError::Io)?;
 
         Ok(Server {
             shared,
@@ -250,7 +272,9 @@ impl Server {
 
     /// A handle for draining and key reloads from other threads.
     pub fn control(&self) -> Control {
-        Control { shared: self.shared.clone() }
+        Control {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Begins the graceful drain (see [`Control::shutdown`]).

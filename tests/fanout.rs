@@ -24,7 +24,10 @@ fn every_subscriber_gets_identical_bytes_across_four_shards() {
         .map(|st| st.open.load(std::sync::atomic::Ordering::Relaxed))
         .collect();
     assert_eq!(open.iter().sum::<u64>(), 240, "{open:?}");
-    assert!(open.iter().all(|&n| n > 0), "a shard got no connection: {open:?}");
+    assert!(
+        open.iter().all(|&n| n > 0),
+        "a shard got no connection: {open:?}"
+    );
 
     let mut body = String::from("[");
     for (i, w) in workspaces.iter().enumerate() {
@@ -47,13 +50,21 @@ fn every_subscriber_gets_identical_bytes_across_four_shards() {
             assert_eq!(v["payload"]["ws"], *w as u64, "isolation: {f}");
             assert_eq!(v["payload"]["n"], n as u64, "order: {f}");
             // The payload reached the client byte for byte, whitespace removed, keys in order.
-            assert!(f.contains(&format!(r#""payload":{{"ws":{w},"n":{n},"title":"spaced out"}}"#)), "{f}");
+            assert!(
+                f.contains(&format!(
+                    r#""payload":{{"ws":{w},"n":{n},"title":"spaced out"}}"#
+                )),
+                "{f}"
+            );
         }
         match seen.get(w) {
             None => {
                 seen.insert(*w, frames);
             }
-            Some(first) => assert_eq!(first, &frames, "workspace {w}: bytes differ between subscribers"),
+            Some(first) => assert_eq!(
+                first, &frames,
+                "workspace {w}: bytes differ between subscribers"
+            ),
         }
     }
     assert_eq!(seen.len(), workspaces.len());
@@ -68,9 +79,11 @@ fn user_scoped_events_reach_only_that_user() {
     let mut alice_elsewhere = s.subscribe("ws_other", "alice");
     let (st, _) = s.publish(r#"{"workspace_id":"ws_u","user_id":"alice","type":"notification.created","payload":{"for":"alice"}}"#);
     assert_eq!(st, 202);
-    let (st, _) = s.publish(r#"{"workspace_id":"ws_u","type":"issue.created","payload":{"for":"all"}}"#);
+    let (st, _) =
+        s.publish(r#"{"workspace_id":"ws_u","type":"issue.created","payload":{"for":"all"}}"#);
     assert_eq!(st, 202);
-    let (st, _) = s.publish(r#"{"workspace_id":"ws_other","type":"issue.created","payload":{"for":"other"}}"#);
+    let (st, _) = s
+        .publish(r#"{"workspace_id":"ws_other","type":"issue.created","payload":{"for":"other"}}"#);
     assert_eq!(st, 202);
     for a in [&mut alice1, &mut alice2] {
         assert!(read_event(a).contains(r#"{"for":"alice"}"#));
@@ -90,22 +103,42 @@ fn library_handle_publishes_in_order() {
     let p2 = p.clone();
     std::thread::spawn(move || {
         for i in 0..200 {
-            p2.publish("ws_lib", "job.updated", &serde_json::json!({"seq": i, "progress": 0.5})).unwrap();
+            p2.publish(
+                "ws_lib",
+                "job.updated",
+                &serde_json::json!({"seq": i, "progress": 0.5}),
+            )
+            .unwrap();
         }
     })
     .join()
     .unwrap();
-    p.publish_user("ws_lib", "u2", "notification.created", &serde_json::json!({"last": true})).unwrap();
+    p.publish_user(
+        "ws_lib",
+        "u2",
+        "notification.created",
+        &serde_json::json!({"last": true}),
+    )
+    .unwrap();
     for ws in [&mut a, &mut b] {
         for i in 0..200 {
             let f = read_event(ws);
-            assert!(f.starts_with(&format!(r#"{{"type":"job.updated","payload":{{"seq":{i},"progress":0.5}},"ts":""#)), "{f}");
+            assert!(
+                f.starts_with(&format!(
+                    r#"{{"type":"job.updated","payload":{{"seq":{i},"progress":0.5}},"ts":""#
+                )),
+                "{f}"
+            );
         }
     }
     assert!(read_event(&mut b).contains(r#""last":true"#));
     // Invalid events are refused by the library too.
-    assert!(p.publish("ws_lib", "Bad Type", &serde_json::json!({})).is_err());
-    assert!(p.publish("ws_lib", "ok.type", &serde_json::json!([1, 2])).is_err());
+    assert!(p
+        .publish("ws_lib", "Bad Type", &serde_json::json!({}))
+        .is_err());
+    assert!(p
+        .publish("ws_lib", "ok.type", &serde_json::json!([1, 2]))
+        .is_err());
     assert!(p.publish("", "ok.type", &serde_json::json!({})).is_err());
 }
 
@@ -125,7 +158,10 @@ fn a_client_that_stops_reading_gets_1008_while_a_reader_keeps_up() {
     let reader_thread = std::thread::spawn(move || {
         for n in 0..EVENTS {
             let f = read_event(&mut reader);
-            assert!(f.contains(&format!(r#""seq":{n},"#)), "reader lost or reordered an event at {n}");
+            assert!(
+                f.contains(&format!(r#""seq":{n},"#)),
+                "reader lost or reordered an event at {n}"
+            );
             got.store(n + 1, Ordering::Release);
         }
     });
@@ -137,9 +173,17 @@ fn a_client_that_stops_reading_gets_1008_while_a_reader_keeps_up() {
         while seq >= received.load(Ordering::Acquire) + 4 {
             std::thread::sleep(Duration::from_millis(1));
         }
-        publisher.publish("ws_slow", "job.updated", &serde_json::json!({"seq": seq, "pad": pad})).unwrap();
+        publisher
+            .publish(
+                "ws_slow",
+                "job.updated",
+                &serde_json::json!({"seq": seq, "pad": pad}),
+            )
+            .unwrap();
     }
-    reader_thread.join().expect("the reading client received every event in order");
+    reader_thread
+        .join()
+        .expect("the reading client received every event in order");
     // The stalled client's socket buffers filled, its outbox passed the bound, and it was closed
     // 1008. It now reads what the kernel held, then the close frame.
     let (code, reason) = expect_close(&mut stalled, false);
@@ -159,7 +203,10 @@ fn max_connections_answers_1013() {
     let _b = s.subscribe("ws_m", "b");
     let _c = s.subscribe("ws_m", "c");
     let mut d = connect(&s.url(&token("ws_m", "d", 60), "ws_m"));
-    assert_eq!(expect_close(&mut d, true), (1013, "try again later".to_string()));
+    assert_eq!(
+        expect_close(&mut d, true),
+        (1013, "try again later".to_string())
+    );
     finish_close(&mut d);
     drop(_a);
     // Once a slot frees up, connections are accepted again.

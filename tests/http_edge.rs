@@ -33,7 +33,10 @@ fn edge_statuses_each_with_connection_close() {
 #[test]
 fn oversized_head_is_431() {
     let s = TestServer::start();
-    let req = format!("GET /v1/stream?token={} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
+    let req = format!(
+        "GET /v1/stream?token={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(9000)
+    );
     let resp = get(&s, &req);
     assert_eq!(status_of(&resp), 431, "{resp}");
     // The response never echoes the request (and so never the token).
@@ -50,7 +53,8 @@ fn oversized_head_is_431() {
 fn a_silent_socket_is_closed_at_the_handshake_timeout() {
     let s = TestServer::with(|c| c.handshake_timeout = Duration::from_millis(300));
     let mut sock = TcpStream::connect(s.public).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     sock.write_all(b"GET /v1/stream HTTP/1.1\r\nHost").unwrap();
     let start = Instant::now();
     let mut buf = [0u8; 64];

@@ -20,27 +20,59 @@ struct Proc {
 
 fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(BIN);
-    cmd.args(["--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"]).args(args);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--internal-listen",
+        "127.0.0.1:0",
+    ])
+    .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.env_remove("CAUSELOOP_JWT_HS256_SECRET").env_remove("CAUSELOOP_PUBLISH_KEY");
+    cmd.env_remove("CAUSELOOP_JWT_HS256_SECRET")
+        .env_remove("CAUSELOOP_PUBLISH_KEY");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
-    let public = line.trim().strip_prefix("listening public=").unwrap_or_else(|| panic!("first line: {line:?}")).parse().unwrap();
+    let public = line
+        .trim()
+        .strip_prefix("listening public=")
+        .unwrap_or_else(|| panic!("first line: {line:?}"))
+        .parse()
+        .unwrap();
     line.clear();
     stdout.read_line(&mut line).unwrap();
-    let internal = line.trim().strip_prefix("listening internal=").unwrap_or_else(|| panic!("second line: {line:?}")).parse().unwrap();
-    Proc { child, public, internal, stdout }
+    let internal = line
+        .trim()
+        .strip_prefix("listening internal=")
+        .unwrap_or_else(|| panic!("second line: {line:?}"))
+        .parse()
+        .unwrap();
+    Proc {
+        child,
+        public,
+        internal,
+        stdout,
+    }
 }
 
 fn secret_env() -> Vec<(&'static str, &'static str)> {
-    vec![("CAUSELOOP_JWT_HS256_SECRET", std::str::from_utf8(SECRET).unwrap()), ("CAUSELOOP_PUBLISH_KEY", PUBLISH_KEY)]
+    vec![
+        (
+            "CAUSELOOP_JWT_HS256_SECRET",
+            std::str::from_utf8(SECRET).unwrap(),
+        ),
+        ("CAUSELOOP_PUBLISH_KEY", PUBLISH_KEY),
+    ]
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -51,7 +83,11 @@ fn signal(child: &Child, sig: i32) {
 
 fn unsafe_kill(pid: i32, sig: i32) -> i32 {
     // Shelling out keeps the test crate free of `unsafe`.
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     if status.success() {
         0
     } else {
@@ -80,7 +116,8 @@ fn silent_subscriber(public: SocketAddr, workspace: &str) -> std::net::TcpStream
     );
     sock.write_all(req.as_bytes()).unwrap();
     // Wait until subscribed: the 101 and the `connected` frame have arrived.
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     while !String::from_utf8_lossy(&got).contains("\"connected\"") {
@@ -93,12 +130,23 @@ fn silent_subscriber(public: SocketAddr, workspace: &str) -> std::net::TcpStream
 
 #[test]
 fn sigterm_drains_with_1001_and_exits_zero() {
-    let mut p = spawn(&["--drain-timeout", "20s", "--log-level", "debug"], &secret_env());
+    let mut p = spawn(
+        &["--drain-timeout", "20s", "--log-level", "debug"],
+        &secret_env(),
+    );
     let tok = token("ws_drain", "usr_1", 600);
-    let mut ws = connect(&format!("ws://{}/v1/stream?token={tok}&workspace=ws_drain", p.public));
+    let mut ws = connect(&format!(
+        "ws://{}/v1/stream?token={tok}&workspace=ws_drain",
+        p.public
+    ));
     assert!(read_text(&mut ws).contains("connected"));
     let silent = silent_subscriber(p.public, "ws_drain");
-    let get = |addr: SocketAddr, path: &str| raw_http(addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    let get = |addr: SocketAddr, path: &str| {
+        raw_http(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+    };
     assert_eq!(status_of(&get(p.internal, "/readyz")), 200);
 
     signal(&p.child, libc_sigterm());
@@ -109,23 +157,44 @@ fn sigterm_drains_with_1001_and_exits_zero() {
     // The silent client holds the drain open: the process is draining, not ready, and refuses
     // publishes with a clear answer.
     assert_eq!(status_of(&get(p.internal, "/readyz")), 503);
-    let (st, body) = publish_with_key(p.internal, Some(PUBLISH_KEY), r#"{"workspace_id":"w","type":"a","payload":{}}"#);
+    let (st, body) = publish_with_key(
+        p.internal,
+        Some(PUBLISH_KEY),
+        r#"{"workspace_id":"w","type":"a","payload":{}}"#,
+    );
     assert_eq!(st, 503, "{body}");
     assert!(body.contains("draining"), "{body}");
     // New connections are refused: the public listener is closed.
     assert!(std::net::TcpStream::connect(p.public).is_err());
-    assert!(wait_exit(&mut p.child, Duration::from_millis(300)).is_none(), "exited while a client was still connected");
+    assert!(
+        wait_exit(&mut p.child, Duration::from_millis(300)).is_none(),
+        "exited while a client was still connected"
+    );
     // The last client goes away; the drain ends and the process exits 0 well before the timeout.
     drop(silent);
     assert_eq!(wait_exit(&mut p.child, Duration::from_secs(8)), Some(0));
 
     let mut err = String::new();
-    p.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let mut out = String::new();
     p.stdout.read_to_string(&mut out).unwrap();
-    assert!(!err.contains(&tok) && !out.contains(&tok), "the token reached the output");
-    assert!(!err.contains(&tok[tok.len() - 20..]), "part of the token's signature reached the output");
-    assert!(err.contains("closed after"), "debug log of the connection is missing: {err}");
+    assert!(
+        !err.contains(&tok) && !out.contains(&tok),
+        "the token reached the output"
+    );
+    assert!(
+        !err.contains(&tok[tok.len() - 20..]),
+        "part of the token's signature reached the output"
+    );
+    assert!(
+        err.contains("closed after"),
+        "debug log of the connection is missing: {err}"
+    );
 }
 
 fn libc_sigterm() -> i32 {
@@ -136,7 +205,10 @@ fn libc_sigterm() -> i32 {
 fn drain_timeout_bounds_an_unresponsive_client() {
     let mut p = spawn(&["--drain-timeout", "500ms"], &secret_env());
     let tok = token("ws_d", "u", 600);
-    let mut ws = connect(&format!("ws://{}/v1/stream?token={tok}&workspace=ws_d", p.public));
+    let mut ws = connect(&format!(
+        "ws://{}/v1/stream?token={tok}&workspace=ws_d",
+        p.public
+    ));
     assert!(read_text(&mut ws).contains("connected"));
     signal(&p.child, libc_sigterm());
     // The client never answers the 1001.
@@ -147,7 +219,12 @@ fn drain_timeout_bounds_an_unresponsive_client() {
 #[test]
 fn refuses_to_start_without_keys_and_says_why() {
     let out = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--internal-listen", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ])
         .env_remove("CAUSELOOP_JWT_HS256_SECRET")
         .env("CAUSELOOP_PUBLISH_KEY", "k")
         .output()
@@ -155,7 +232,10 @@ fn refuses_to_start_without_keys_and_says_why() {
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no JWT key configured"), "{err}");
-    let bad = Command::new(BIN).args(["--heartbeat-interval", "5 parsecs"]).output().unwrap();
+    let bad = Command::new(BIN)
+        .args(["--heartbeat-interval", "5 parsecs"])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid duration"));
 }
@@ -166,11 +246,18 @@ fn env_twins_configure_the_server() {
     env.push(("CAUSELOOP_HEARTBEAT_INTERVAL", "150ms"));
     env.push(("CAUSELOOP_SHARDS", "1"));
     let mut p = spawn(&[], &env);
-    let mut ws = connect(&format!("ws://{}/v1/stream?token={}&workspace=w", p.public, token("w", "u", 60)));
+    let mut ws = connect(&format!(
+        "ws://{}/v1/stream?token={}&workspace=w",
+        p.public,
+        token("w", "u", 60)
+    ));
     assert!(read_text(&mut ws).contains("connected"));
     let start = Instant::now();
     assert!(read_text(&mut ws).contains("heartbeat"));
-    assert!(start.elapsed() < Duration::from_secs(2), "CAUSELOOP_HEARTBEAT_INTERVAL was not applied");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "CAUSELOOP_HEARTBEAT_INTERVAL was not applied"
+    );
     signal(&p.child, libc_sigterm());
     let _ = expect_close(&mut ws, false);
     finish_close(&mut ws);
@@ -191,11 +278,26 @@ fn dev_mode_prints_a_working_url_and_curl_command() {
         banner.push_str(&line);
     }
     assert!(banner.contains("DEVELOPMENT MODE"), "{banner}");
-    let url = banner.split_whitespace().find(|w| w.starts_with("ws://")).unwrap().to_string();
-    let key = banner.split("Authorization: Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_string();
+    let url = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("ws://"))
+        .unwrap()
+        .to_string();
+    let key = banner
+        .split("Authorization: Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_string();
     let mut ws = connect(&url);
     assert!(read_text(&mut ws).contains(r#""workspace_id":"ws_dev","user_id":"usr_dev""#));
-    let (st, _) = publish_with_key(p.internal, Some(&key), r#"{"workspace_id":"ws_dev","type":"issue.created","payload":{"id":"from-test"}}"#);
+    let (st, _) = publish_with_key(
+        p.internal,
+        Some(&key),
+        r#"{"workspace_id":"ws_dev","type":"issue.created","payload":{"id":"from-test"}}"#,
+    );
     assert_eq!(st, 202);
     // The demo publisher's events and ours both arrive; ours is among the next few.
     let mut found = false;
@@ -216,15 +318,35 @@ fn dev_mode_prints_a_working_url_and_curl_command() {
 #[test]
 fn token_subcommand_mints_a_token_the_server_accepts() {
     let out = Command::new(BIN)
-        .args(["token", "--workspace", "ws_t", "--user", "usr_t", "--ttl", "2m"])
-        .env("CAUSELOOP_JWT_HS256_SECRET", std::str::from_utf8(SECRET).unwrap())
+        .args([
+            "token",
+            "--workspace",
+            "ws_t",
+            "--user",
+            "usr_t",
+            "--ttl",
+            "2m",
+        ])
+        .env(
+            "CAUSELOOP_JWT_HS256_SECRET",
+            std::str::from_utf8(SECRET).unwrap(),
+        )
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tok = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let s = TestServer::start();
     let mut ws = connect(&s.url(&tok, "ws_t"));
     assert!(read_text(&mut ws).contains(r#""user_id":"usr_t""#));
-    let missing = Command::new(BIN).args(["token", "--workspace", "w", "--user", "u"]).env_remove("CAUSELOOP_JWT_HS256_SECRET").output().unwrap();
+    let missing = Command::new(BIN)
+        .args(["token", "--workspace", "w", "--user", "u"])
+        .env_remove("CAUSELOOP_JWT_HS256_SECRET")
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
 }

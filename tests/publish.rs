@@ -16,7 +16,10 @@ fn single_event_is_accepted_and_delivered() {
     let mut ws = s.subscribe("ws_p", "u");
     assert_eq!(s.publish(OK_EVENT), (202, r#"{"accepted":1}"#.to_string()));
     let f = read_event(&mut ws);
-    assert!(f.starts_with(r#"{"type":"issue.created","payload":{"id":"iss_1"},"ts":""#), "{f}");
+    assert!(
+        f.starts_with(r#"{"type":"issue.created","payload":{"id":"iss_1"},"ts":""#),
+        "{f}"
+    );
 }
 
 #[test]
@@ -24,10 +27,16 @@ fn bad_or_missing_key_is_401() {
     let s = TestServer::start();
     assert_eq!(publish_with_key(s.internal, None, OK_EVENT).0, 401);
     assert_eq!(publish_with_key(s.internal, Some("wrong"), OK_EVENT).0, 401);
-    assert_eq!(publish_with_key(s.internal, Some(&format!("{PUBLISH_KEY}x")), OK_EVENT).0, 401);
+    assert_eq!(
+        publish_with_key(s.internal, Some(&format!("{PUBLISH_KEY}x")), OK_EVENT).0,
+        401
+    );
     let (st, body) = publish_with_key(s.internal, Some("wrong"), OK_EVENT);
     assert_eq!(st, 401);
-    assert!(!body.contains("wrong") && !body.contains(PUBLISH_KEY), "{body}");
+    assert!(
+        !body.contains("wrong") && !body.contains(PUBLISH_KEY),
+        "{body}"
+    );
 }
 
 #[test]
@@ -37,12 +46,36 @@ fn invalid_bodies_are_400_naming_the_item_and_publish_nothing() {
     let cases = [
         ("not json", "{oops", "invalid event: key must be a string"),
         ("array of junk", "[1]", "item 0"),
-        ("bad type", r#"{"workspace_id":"ws_p","type":"Issue","payload":{}}"#, "type"),
-        ("reserved type", r#"{"workspace_id":"ws_p","type":"heartbeat","payload":{}}"#, "heartbeat"),
-        ("payload not an object", r#"{"workspace_id":"ws_p","type":"a","payload":"x"}"#, "payload must be a JSON object"),
-        ("missing workspace", r#"{"type":"a","payload":{}}"#, "workspace_id"),
-        ("empty user", r#"{"workspace_id":"ws_p","user_id":"","type":"a","payload":{}}"#, "user_id"),
-        ("unknown field", r#"{"workspace_id":"ws_p","type":"a","payload":{},"tpye":"b"}"#, "tpye"),
+        (
+            "bad type",
+            r#"{"workspace_id":"ws_p","type":"Issue","payload":{}}"#,
+            "type",
+        ),
+        (
+            "reserved type",
+            r#"{"workspace_id":"ws_p","type":"heartbeat","payload":{}}"#,
+            "heartbeat",
+        ),
+        (
+            "payload not an object",
+            r#"{"workspace_id":"ws_p","type":"a","payload":"x"}"#,
+            "payload must be a JSON object",
+        ),
+        (
+            "missing workspace",
+            r#"{"type":"a","payload":{}}"#,
+            "workspace_id",
+        ),
+        (
+            "empty user",
+            r#"{"workspace_id":"ws_p","user_id":"","type":"a","payload":{}}"#,
+            "user_id",
+        ),
+        (
+            "unknown field",
+            r#"{"workspace_id":"ws_p","type":"a","payload":{},"tpye":"b"}"#,
+            "tpye",
+        ),
     ];
     for (name, body, needle) in cases {
         let (st, resp) = s.publish(body);
@@ -51,12 +84,17 @@ fn invalid_bodies_are_400_naming_the_item_and_publish_nothing() {
         assert!(err.contains(needle), "{name}: {err}");
     }
     // Batch atomicity: the third item is bad, so neither of the first two is published.
-    let batch = format!(r#"[{OK_EVENT},{OK_EVENT},{{"workspace_id":"ws_p","type":"BAD","payload":{{}}}}]"#);
+    let batch =
+        format!(r#"[{OK_EVENT},{OK_EVENT},{{"workspace_id":"ws_p","type":"BAD","payload":{{}}}}]"#);
     let (st, resp) = s.publish(&batch);
     assert_eq!(st, 400);
     assert!(resp.contains("item 2"), "{resp}");
     // The next event the subscriber sees is this marker: nothing of the refused batch arrived.
-    assert_eq!(s.publish(r#"{"workspace_id":"ws_p","type":"marker","payload":{}}"#).0, 202);
+    assert_eq!(
+        s.publish(r#"{"workspace_id":"ws_p","type":"marker","payload":{}}"#)
+            .0,
+        202
+    );
     assert!(read_event(&mut ws).starts_with(r#"{"type":"marker""#));
 }
 
@@ -64,7 +102,8 @@ fn invalid_bodies_are_400_naming_the_item_and_publish_nothing() {
 fn oversized_body_is_413_before_it_is_read() {
     let s = TestServer::with(|c| c.max_publish_bytes = 1024);
     let mut sock = TcpStream::connect(s.internal).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     // Announce 10 MB and send only the head: the answer must come without the body.
     let head = format!("POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Length: 10000000\r\n\r\n");
     sock.write_all(head.as_bytes()).unwrap();
@@ -73,7 +112,10 @@ fn oversized_body_is_413_before_it_is_read() {
     assert_eq!(status_of(&resp), 413, "{resp}");
     assert!(resp.contains("over the limit of 1024 bytes"), "{resp}");
     // A body just over the limit, sent whole, is refused the same way.
-    let body = format!(r#"{{"workspace_id":"w","type":"a","payload":{{"p":"{}"}}}}"#, "x".repeat(1024));
+    let body = format!(
+        r#"{{"workspace_id":"w","type":"a","payload":{{"p":"{}"}}}}"#,
+        "x".repeat(1024)
+    );
     assert_eq!(s.publish(&body).0, 413);
 }
 
@@ -89,10 +131,12 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     let s = TestServer::start();
     let mut ws = s.subscribe("ws_p", "u");
     let mut sock = TcpStream::connect(s.internal).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut all = Vec::new();
     for i in 0..3 {
-        let body = format!(r#"{{"workspace_id":"ws_p","type":"job.updated","payload":{{"i":{i}}}}}"#);
+        let body =
+            format!(r#"{{"workspace_id":"ws_p","type":"job.updated","payload":{{"i":{i}}}}}"#);
         all.extend_from_slice(
             format!("POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
         );
@@ -113,14 +157,28 @@ fn keep_alive_serves_several_requests_on_one_connection() {
 fn internal_probes_and_metrics() {
     let s = TestServer::start();
     let _ws = s.subscribe("ws_m", "u");
-    let get = |path: &str| raw_http(s.internal, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    let get = |path: &str| {
+        raw_http(
+            s.internal,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+    };
     assert_eq!(status_of(&get("/healthz")), 200);
     assert_eq!(status_of(&get("/readyz")), 200);
     assert_eq!(status_of(&get("/nope")), 404);
     assert_eq!(s.publish(OK_EVENT).0, 202);
     let metrics = get("/metrics");
     assert_eq!(status_of(&metrics), 200);
-    assert!(metrics.contains("causeloop_events_published_total 1\n"), "{metrics}");
-    assert!(metrics.contains("causeloop_connections_subscribed_total 1\n"), "{metrics}");
-    assert!(!metrics.contains("ws_m"), "metrics must not carry workspace ids");
+    assert!(
+        metrics.contains("causeloop_events_published_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("causeloop_connections_subscribed_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("ws_m"),
+        "metrics must not carry workspace ids"
+    );
 }

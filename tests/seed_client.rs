@@ -16,20 +16,32 @@ use std::time::Duration;
 const SEED: &str = include_str!("seed/realtime-event-stream.txt");
 
 fn client_source(url: &str, token: &str) -> String {
-    let start = SEED.find("function connectCauseloopStream").expect("client function in the seed");
-    let end = SEED.find("Event bus integration").expect("end of the example");
+    let start = SEED
+        .find("function connectCauseloopStream")
+        .expect("client function in the seed");
+    let end = SEED
+        .find("Event bus integration")
+        .expect("end of the example");
     let code = &SEED[start..end];
-    assert_eq!(code.matches("'wss://api.causeloop.ai/v1/stream'").count(), 1);
+    assert_eq!(
+        code.matches("'wss://api.causeloop.ai/v1/stream'").count(),
+        1
+    );
     assert_eq!(code.matches("'<your_access_token>'").count(), 1);
-    code.replace("'wss://api.causeloop.ai/v1/stream'", &format!("'{url}'")).replace("'<your_access_token>'", &format!("'{token}'"))
+    code.replace("'wss://api.causeloop.ai/v1/stream'", &format!("'{url}'"))
+        .replace("'<your_access_token>'", &format!("'{token}'"))
 }
 
 #[test]
 fn the_seed_copy_matches_the_shared_document() {
-    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed/realtime-event-stream.txt");
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/seed/realtime-event-stream.txt");
     match std::fs::read_to_string(&shared) {
         Ok(original) => assert_eq!(original, SEED, "tests/seed/ drifted from ../shared/seed/"),
-        Err(_) => eprintln!("NOTE: {} not present; checked the committed copy only", shared.display()),
+        Err(_) => eprintln!(
+            "NOTE: {} not present; checked the committed copy only",
+            shared.display()
+        ),
     }
 }
 
@@ -48,11 +60,24 @@ fn seed_client_connects_receives_and_reconnects_after_drain() {
     let dir = std::env::temp_dir().join(format!("causeloop-seed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = dir.join("client.js");
-    std::fs::write(&script, client_source(&url, &token(workspace, "usr_01abc456", 600))).unwrap();
+    std::fs::write(
+        &script,
+        client_source(&url, &token(workspace, "usr_01abc456", 600)),
+    )
+    .unwrap();
 
-    let mut child = Command::new(&node).arg("--experimental-websocket").arg(&script).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(&node)
+        .arg("--experimental-websocket")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let (tx, rx) = mpsc::channel::<String>();
-    for pipe in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {

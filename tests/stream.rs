@@ -16,7 +16,9 @@ fn connected_frame_bytes_are_exact() {
     let ts = json(&first)["ts"].as_str().unwrap().to_string();
     assert_eq!(
         first,
-        format!(r#"{{"type":"connected","payload":{{"workspace_id":"ws_01abc123","user_id":"usr_01abc456"}},"ts":"{ts}"}}"#)
+        format!(
+            r#"{{"type":"connected","payload":{{"workspace_id":"ws_01abc123","user_id":"usr_01abc456"}},"ts":"{ts}"}}"#
+        )
     );
     // ts is UTC with milliseconds: YYYY-MM-DDTHH:MM:SS.mmmZ
     assert_eq!(ts.len(), 24);
@@ -29,9 +31,14 @@ fn ids_are_json_escaped_in_connected() {
     let ws_id = r#"ws "quoted" \ x"#;
     let tok = causeloop_stream::auth::jwt::sign_hs256(
         SECRET,
-        serde_json::json!({"sub": "usr\u{1}", "workspace_id": ws_id, "exp": now() + 60}).to_string().as_bytes(),
+        serde_json::json!({"sub": "usr\u{1}", "workspace_id": ws_id, "exp": now() + 60})
+            .to_string()
+            .as_bytes(),
     );
-    let url = format!("ws://{}/v1/stream?token={tok}&workspace={}", s.public, "ws%20%22quoted%22%20%5C%20x");
+    let url = format!(
+        "ws://{}/v1/stream?token={tok}&workspace={}",
+        s.public, "ws%20%22quoted%22%20%5C%20x"
+    );
     let mut ws = connect(&url);
     let v = json(&read_text(&mut ws));
     assert_eq!(v["payload"]["workspace_id"], ws_id);
@@ -48,21 +55,30 @@ fn heartbeats_arrive_at_the_configured_cadence() {
         let t = read_text(&mut ws);
         assert_eq!(
             t,
-            format!(r#"{{"type":"heartbeat","payload":{{"ok":true}},"ts":"{}"}}"#, json(&t)["ts"].as_str().unwrap())
+            format!(
+                r#"{{"type":"heartbeat","payload":{{"ok":true}},"ts":"{}"}}"#,
+                json(&t)["ts"].as_str().unwrap()
+            )
         );
         stamps.push(start.elapsed());
     }
     // Five heartbeats at 200 ms take about a second; far fewer or far more means a wrong cadence.
     let total = stamps[4];
-    assert!(total >= Duration::from_millis(800), "5 heartbeats in {total:?}");
-    assert!(total < Duration::from_millis(3000), "5 heartbeats in {total:?}");
+    assert!(
+        total >= Duration::from_millis(800),
+        "5 heartbeats in {total:?}"
+    );
+    assert!(
+        total < Duration::from_millis(3000),
+        "5 heartbeats in {total:?}"
+    );
 }
 
 #[test]
 fn ping_gets_pong_with_the_same_payload() {
     let s = TestServer::start();
     let mut ws = s.subscribe("ws_p", "u");
-    ws.send(Message::Ping(b"are you there".to_vec().into())).unwrap();
+    ws.send(Message::Ping(b"are you there".to_vec())).unwrap();
     loop {
         match ws.read().unwrap() {
             Message::Pong(p) => {
@@ -79,7 +95,11 @@ fn ping_gets_pong_with_the_same_payload() {
 fn client_close_gets_the_closing_handshake() {
     let s = TestServer::start();
     let mut ws = s.subscribe("ws_c", "u");
-    ws.close(Some(tungstenite::protocol::CloseFrame { code: 1000u16.into(), reason: "bye".into() })).unwrap();
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: 1000u16.into(),
+        reason: "bye".into(),
+    }))
+    .unwrap();
     let (code, _) = expect_close(&mut ws, false);
     assert_eq!(code, 1000);
     finish_close(&mut ws);
@@ -89,14 +109,15 @@ fn client_close_gets_the_closing_handshake() {
 fn client_data_frames_are_ignored_up_to_the_bound() {
     let s = TestServer::start();
     let mut ws = s.subscribe("ws_d", "u");
-    ws.send(Message::Text("x".repeat(4096).into())).unwrap();
-    ws.send(Message::Binary(vec![1u8; 100].into())).unwrap();
+    ws.send(Message::Text("x".repeat(4096))).unwrap();
+    ws.send(Message::Binary(vec![1u8; 100])).unwrap();
     // Still subscribed: an event arrives.
-    let (status, _) = s.publish(r#"{"workspace_id":"ws_d","type":"issue.created","payload":{"n":1}}"#);
+    let (status, _) =
+        s.publish(r#"{"workspace_id":"ws_d","type":"issue.created","payload":{"n":1}}"#);
     assert_eq!(status, 202);
     assert!(read_event(&mut ws).contains(r#""n":1"#));
     // Over the bound: 1009.
-    ws.send(Message::Text("x".repeat(4097).into())).unwrap();
+    ws.send(Message::Text("x".repeat(4097))).unwrap();
     let (code, reason) = expect_close(&mut ws, false);
     assert_eq!(code, 1009);
     assert_eq!(reason, "message too big");
@@ -106,7 +127,8 @@ fn client_data_frames_are_ignored_up_to_the_bound() {
 /// and the `connected` frame.
 fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
     let mut sock = TcpStream::connect(s.public).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let req = format!(
         "GET /v1/stream?token={}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         token(workspace, "u", 600)
@@ -120,7 +142,10 @@ fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
     }
     let head = String::from_utf8(got).unwrap();
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{head}"
+    );
     let mut hdr = [0u8; 2];
     sock.read_exact(&mut hdr).unwrap();
     assert_eq!(hdr[0], 0x81);

@@ -16,7 +16,9 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
         rest = &rest[n..];
         len
     };
@@ -70,7 +72,9 @@ mod tests {
     #[test]
     fn refuses_truncations_of_a_valid_key() {
         // SEQUENCE { INTEGER 0x00C5, INTEGER 0x010001 }
-        let der = [0x30, 0x09, 0x02, 0x02, 0x00, 0xc5, 0x02, 0x03, 0x01, 0x00, 0x01];
+        let der = [
+            0x30, 0x09, 0x02, 0x02, 0x00, 0xc5, 0x02, 0x03, 0x01, 0x00, 0x01,
+        ];
         assert_eq!(rsa_public_key(&der), Some((vec![0xc5], vec![1, 0, 1])));
         for cut in 0..der.len() {
             assert!(rsa_public_key(&der[..cut]).is_none(), "cut {cut}");
@@ -80,7 +84,10 @@ mod tests {
     #[test]
     fn refuses_non_rsa_spki() {
         // AlgorithmIdentifier with the EC OID 1.2.840.10045.2.1.
-        let der = [0x30, 0x0f, 0x30, 0x09, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x03, 0x02, 0x00, 0x00];
+        let der = [
+            0x30, 0x0f, 0x30, 0x09, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x03,
+            0x02, 0x00, 0x00,
+        ];
         assert!(rsa_public_key(&der).is_none());
     }
 }

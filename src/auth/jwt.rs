@@ -32,7 +32,12 @@ pub struct Validation {
 
 impl Default for Validation {
     fn default() -> Self {
-        Validation { workspace_claim: "workspace_id".into(), issuer: None, audience: None, leeway_secs: 30 }
+        Validation {
+            workspace_claim: "workspace_id".into(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+        }
     }
 }
 
@@ -43,7 +48,12 @@ enum Alg {
 }
 
 /// Verifies `token` and returns the identity it asserts. `now` is seconds since the epoch.
-pub fn verify(token: &[u8], keys: &KeySet, rules: &Validation, now: u64) -> Result<Identity, AuthError> {
+pub fn verify(
+    token: &[u8],
+    keys: &KeySet,
+    rules: &Validation,
+    now: u64,
+) -> Result<Identity, AuthError> {
     if token.is_empty() {
         return Err(AuthError::Missing);
     }
@@ -58,11 +68,17 @@ pub fn verify(token: &[u8], keys: &KeySet, rules: &Validation, now: u64) -> Resu
         return Err(AuthError::Malformed);
     }
     let signed = &token[..h64.len() + 1 + c64.len()];
-    let mut header = URL_SAFE_NO_PAD.decode(h64).map_err(|_| AuthError::Malformed)?;
-    let sig = URL_SAFE_NO_PAD.decode(s64).map_err(|_| AuthError::Malformed)?;
+    let mut header = URL_SAFE_NO_PAD
+        .decode(h64)
+        .map_err(|_| AuthError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(s64)
+        .map_err(|_| AuthError::Malformed)?;
     let (alg, kid) = parse_header(&mut header)?;
     verify_signature(alg, kid.as_deref(), signed, &sig, keys)?;
-    let mut claims = URL_SAFE_NO_PAD.decode(c64).map_err(|_| AuthError::Malformed)?;
+    let mut claims = URL_SAFE_NO_PAD
+        .decode(c64)
+        .map_err(|_| AuthError::Malformed)?;
     check_claims(&mut claims, rules, now)
 }
 
@@ -91,12 +107,28 @@ fn parse_header(header: &mut [u8]) -> Result<(Alg, Option<String>), AuthError> {
 }
 
 /// Picks the candidate keys: those whose `kid` matches when any does, else those without a `kid`.
-fn candidates<'k, K>(keys: &'k [K], kid: Option<&'k str>, kid_of: impl Fn(&K) -> Option<&str> + 'k) -> impl Iterator<Item = &'k K> + 'k {
+fn candidates<'k, K>(
+    keys: &'k [K],
+    kid: Option<&'k str>,
+    kid_of: impl Fn(&K) -> Option<&str> + 'k,
+) -> impl Iterator<Item = &'k K> + 'k {
     let matched = kid.is_some() && keys.iter().any(|k| kid_of(k) == kid);
-    keys.iter().filter(move |k| if matched { kid_of(k) == kid } else { kid_of(k).is_none() })
+    keys.iter().filter(move |k| {
+        if matched {
+            kid_of(k) == kid
+        } else {
+            kid_of(k).is_none()
+        }
+    })
 }
 
-fn verify_signature(alg: Alg, kid: Option<&str>, signed: &[u8], sig: &[u8], keys: &KeySet) -> Result<(), AuthError> {
+fn verify_signature(
+    alg: Alg,
+    kid: Option<&str>,
+    signed: &[u8],
+    sig: &[u8],
+    keys: &KeySet,
+) -> Result<(), AuthError> {
     match alg {
         Alg::Hs256 => {
             if keys.hs256.is_empty() {
@@ -114,7 +146,10 @@ fn verify_signature(alg: Alg, kid: Option<&str>, signed: &[u8], sig: &[u8], keys
             }
             for k in candidates(&keys.rs256, kid, |k| k.kid.as_deref()) {
                 let pk = signature::RsaPublicKeyComponents { n: &k.n, e: &k.e };
-                if pk.verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, sig).is_ok() {
+                if pk
+                    .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, sig)
+                    .is_ok()
+                {
                     return Ok(());
                 }
             }
@@ -159,7 +194,11 @@ fn check_claims(claims: &mut [u8], rules: &Validation, now: u64) -> Result<Ident
             return Err(AuthError::NotYetValid);
         }
     }
-    let sub = v.get("sub").and_then(|s| s.as_str()).filter(|s| !s.is_empty()).ok_or(AuthError::Claims)?;
+    let sub = v
+        .get("sub")
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::Claims)?;
     let ws = v
         .get(rules.workspace_claim.as_str())
         .and_then(|s| s.as_str())
@@ -173,14 +212,20 @@ fn check_claims(claims: &mut [u8], rules: &Validation, now: u64) -> Result<Ident
     if let Some(aud) = &rules.audience {
         let ok = match v.get("aud") {
             Some(a) if a.as_str().is_some() => a.as_str() == Some(aud.as_str()),
-            Some(a) => a.as_array().is_some_and(|arr| arr.iter().any(|x| x.as_str() == Some(aud.as_str()))),
+            Some(a) => a
+                .as_array()
+                .is_some_and(|arr| arr.iter().any(|x| x.as_str() == Some(aud.as_str()))),
             None => false,
         };
         if !ok {
             return Err(AuthError::Claims);
         }
     }
-    Ok(Identity { user_id: sub.into(), workspace_id: ws.into(), exp })
+    Ok(Identity {
+        user_id: sub.into(),
+        workspace_id: ws.into(),
+        exp,
+    })
 }
 
 /// Mints an HS256 token with `claims_json` (a JSON object) as its claims.
@@ -200,7 +245,13 @@ pub fn sign_hs256_with_header(secret: &[u8], header_json: &[u8], claims_json: &[
 }
 
 /// Claims for a token that `causeloop-stream token` and `--dev` mint.
-pub fn claims_json(workspace_claim: &str, workspace: &str, user: &str, iat: u64, exp: u64) -> Vec<u8> {
+pub fn claims_json(
+    workspace_claim: &str,
+    workspace: &str,
+    user: &str,
+    iat: u64,
+    exp: u64,
+) -> Vec<u8> {
     let mut out = b"{\"sub\":".to_vec();
     crate::json::write_string(&mut out, user);
     out.push(b',');
@@ -234,7 +285,10 @@ mod tests {
 
     #[test]
     fn accepts_a_valid_token() {
-        let id = check(&token(r#"{"sub":"usr_1","workspace_id":"ws_1","exp":1700000100,"iat":1699999990}"#)).unwrap();
+        let id = check(&token(
+            r#"{"sub":"usr_1","workspace_id":"ws_1","exp":1700000100,"iat":1699999990}"#,
+        ))
+        .unwrap();
         assert_eq!(&*id.user_id, "usr_1");
         assert_eq!(&*id.workspace_id, "ws_1");
         assert_eq!(id.exp, 1_700_000_100);
@@ -243,37 +297,75 @@ mod tests {
     #[test]
     fn time_claims_honour_the_leeway() {
         assert!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":1699999980}"#)).is_ok());
-        assert_eq!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":1699999970}"#)), Err(AuthError::Expired));
-        assert!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"nbf":1700000030}"#)).is_ok());
         assert_eq!(
-            check(&token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"nbf":1700000031}"#)),
+            check(&token(r#"{"sub":"u","workspace_id":"w","exp":1699999970}"#)),
+            Err(AuthError::Expired)
+        );
+        assert!(check(&token(
+            r#"{"sub":"u","workspace_id":"w","exp":1800000000,"nbf":1700000030}"#
+        ))
+        .is_ok());
+        assert_eq!(
+            check(&token(
+                r#"{"sub":"u","workspace_id":"w","exp":1800000000,"nbf":1700000031}"#
+            )),
             Err(AuthError::NotYetValid)
         );
         assert_eq!(
-            check(&token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iat":1700000099}"#)),
+            check(&token(
+                r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iat":1700000099}"#
+            )),
             Err(AuthError::NotYetValid)
         );
     }
 
     #[test]
     fn required_claims() {
-        assert_eq!(check(&token(r#"{"workspace_id":"w","exp":1800000000}"#)), Err(AuthError::Claims));
-        assert_eq!(check(&token(r#"{"sub":"u","exp":1800000000}"#)), Err(AuthError::Claims));
-        assert_eq!(check(&token(r#"{"sub":"u","workspace_id":"w"}"#)), Err(AuthError::Claims));
-        assert_eq!(check(&token(r#"{"sub":"u","workspace_id":"w","exp":"soon"}"#)), Err(AuthError::Claims));
-        assert_eq!(check(&token(r#"{"sub":7,"workspace_id":"w","exp":1800000000}"#)), Err(AuthError::Claims));
+        assert_eq!(
+            check(&token(r#"{"workspace_id":"w","exp":1800000000}"#)),
+            Err(AuthError::Claims)
+        );
+        assert_eq!(
+            check(&token(r#"{"sub":"u","exp":1800000000}"#)),
+            Err(AuthError::Claims)
+        );
+        assert_eq!(
+            check(&token(r#"{"sub":"u","workspace_id":"w"}"#)),
+            Err(AuthError::Claims)
+        );
+        assert_eq!(
+            check(&token(r#"{"sub":"u","workspace_id":"w","exp":"soon"}"#)),
+            Err(AuthError::Claims)
+        );
+        assert_eq!(
+            check(&token(r#"{"sub":7,"workspace_id":"w","exp":1800000000}"#)),
+            Err(AuthError::Claims)
+        );
         assert_eq!(check(&token(r#"[1]"#)), Err(AuthError::Malformed));
     }
 
     #[test]
     fn issuer_and_audience() {
-        let rules = Validation { issuer: Some("iss-a".into()), audience: Some("aud-a".into()), ..Validation::default() };
-        let ok = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a","aud":["x","aud-a"]}"#);
+        let rules = Validation {
+            issuer: Some("iss-a".into()),
+            audience: Some("aud-a".into()),
+            ..Validation::default()
+        };
+        let ok = token(
+            r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a","aud":["x","aud-a"]}"#,
+        );
         assert!(verify(ok.as_bytes(), &keys(), &rules, NOW).is_ok());
-        let bad = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-b","aud":"aud-a"}"#);
-        assert_eq!(verify(bad.as_bytes(), &keys(), &rules, NOW), Err(AuthError::Claims));
+        let bad =
+            token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-b","aud":"aud-a"}"#);
+        assert_eq!(
+            verify(bad.as_bytes(), &keys(), &rules, NOW),
+            Err(AuthError::Claims)
+        );
         let no_aud = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a"}"#);
-        assert_eq!(verify(no_aud.as_bytes(), &keys(), &rules, NOW), Err(AuthError::Claims));
+        assert_eq!(
+            verify(no_aud.as_bytes(), &keys(), &rules, NOW),
+            Err(AuthError::Claims)
+        );
     }
 
     #[test]
@@ -283,18 +375,37 @@ mod tests {
         assert_eq!(check(""), Err(AuthError::Missing));
         assert_eq!(check("abc"), Err(AuthError::Malformed));
         assert_eq!(check(&format!("{good}.x")), Err(AuthError::Malformed));
-        assert_eq!(check(&"a".repeat(MAX_TOKEN_BYTES + 1)), Err(AuthError::TooLarge));
+        assert_eq!(
+            check(&"a".repeat(MAX_TOKEN_BYTES + 1)),
+            Err(AuthError::TooLarge)
+        );
         let mut tampered = good.clone();
         tampered.pop();
         tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
         assert_eq!(check(&tampered), Err(AuthError::Signature));
-        let none = format!("{}.{}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(claims));
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
         assert_eq!(check(&none), Err(AuthError::Algorithm));
         let rs = sign_hs256_with_header(SECRET, br#"{"alg":"RS256"}"#, claims.as_bytes());
-        assert_eq!(check(&rs), Err(AuthError::Algorithm), "RS256 with no RSA key configured");
-        let crit = sign_hs256_with_header(SECRET, br#"{"alg":"HS256","crit":["x"]}"#, claims.as_bytes());
+        assert_eq!(
+            check(&rs),
+            Err(AuthError::Algorithm),
+            "RS256 with no RSA key configured"
+        );
+        let crit = sign_hs256_with_header(
+            SECRET,
+            br#"{"alg":"HS256","crit":["x"]}"#,
+            claims.as_bytes(),
+        );
         assert_eq!(check(&crit), Err(AuthError::Algorithm));
-        let deep = sign_hs256_with_header(SECRET, format!("{}{}", "[".repeat(40), "]".repeat(40)).as_bytes(), claims.as_bytes());
+        let deep = sign_hs256_with_header(
+            SECRET,
+            format!("{}{}", "[".repeat(40), "]".repeat(40)).as_bytes(),
+            claims.as_bytes(),
+        );
         assert_eq!(check(&deep), Err(AuthError::Malformed));
     }
 
@@ -308,11 +419,16 @@ mod tests {
         let rules = Validation::default();
         let t = sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"new"}"#, claims);
         assert!(verify(t.as_bytes(), &ks, &rules, NOW).is_ok());
-        let wrong_kid = sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"old"}"#, claims);
-        assert_eq!(verify(wrong_kid.as_bytes(), &ks, &rules, NOW), Err(AuthError::Signature));
+        let wrong_kid =
+            sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"old"}"#, claims);
+        assert_eq!(
+            verify(wrong_kid.as_bytes(), &ks, &rules, NOW),
+            Err(AuthError::Signature)
+        );
         let plain = sign_hs256(b"plain-secret", claims);
         assert!(verify(plain.as_bytes(), &ks, &rules, NOW).is_ok());
-        let unknown_kid = sign_hs256_with_header(b"plain-secret", br#"{"alg":"HS256","kid":"zzz"}"#, claims);
+        let unknown_kid =
+            sign_hs256_with_header(b"plain-secret", br#"{"alg":"HS256","kid":"zzz"}"#, claims);
         assert!(verify(unknown_kid.as_bytes(), &ks, &rules, NOW).is_ok());
     }
 }

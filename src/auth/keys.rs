@@ -47,7 +47,12 @@ pub struct KeySet {
 
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeySet {{ hs256: {} key(s), rs256: {} key(s) }}", self.hs256.len(), self.rs256.len())
+        write!(
+            f,
+            "KeySet {{ hs256: {} key(s), rs256: {} key(s) }}",
+            self.hs256.len(),
+            self.rs256.len()
+        )
     }
 }
 
@@ -81,24 +86,32 @@ impl KeySet {
                 }
             }
             if !any {
-                return Err(KeyError(format!("{}: no secret in the file", path.display())));
+                return Err(KeyError(format!(
+                    "{}: no secret in the file",
+                    path.display()
+                )));
             }
         }
         for path in &cfg.rs256_public_keys {
             let text = read_bounded(path)?;
-            let keys = parse_pem_keys(&text).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+            let keys =
+                parse_pem_keys(&text).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
             set.rs256.extend(keys);
         }
         if let Some(path) = &cfg.jwks_file {
             let mut text = read_bounded(path)?;
-            set.add_jwks(&mut text).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+            set.add_jwks(&mut text)
+                .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
         }
         Ok(set)
     }
 
     /// Adds an HS256 secret.
     pub fn add_hs256(&mut self, kid: Option<String>, secret: &[u8]) {
-        self.hs256.push(HsKey { kid, key: hmac::Key::new(hmac::HMAC_SHA256, secret) });
+        self.hs256.push(HsKey {
+            kid,
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        });
     }
 
     /// Adds every usable key of an RFC 7517 key set. Keys of other types or algorithms are skipped
@@ -108,7 +121,10 @@ impl KeySet {
             return Err("JWKS nested too deeply".into());
         }
         let doc = simd_json::to_borrowed_value(json).map_err(|_| "not valid JSON".to_string())?;
-        let keys = doc.get("keys").and_then(|k| k.as_array()).ok_or("no \"keys\" array")?;
+        let keys = doc
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or("no \"keys\" array")?;
         let mut added = 0;
         for (i, jwk) in keys.iter().enumerate() {
             let kid = jwk.get("kid").and_then(|v| v.as_str()).map(str::to_owned);
@@ -120,7 +136,8 @@ impl KeySet {
                 Some("RSA") if alg.is_none() || alg == Some("RS256") => {
                     let n = b64_field(jwk.get("n").and_then(|v| v.as_str()), i, "n")?;
                     let e = b64_field(jwk.get("e").and_then(|v| v.as_str()), i, "e")?;
-                    self.rs256.push(checked_rsa(kid, n, e).map_err(|m| format!("key {i}: {m}"))?);
+                    self.rs256
+                        .push(checked_rsa(kid, n, e).map_err(|m| format!("key {i}: {m}"))?);
                     added += 1;
                 }
                 Some("oct") if alg.is_none() || alg == Some("HS256") => {
@@ -158,7 +175,9 @@ fn checked_rsa(kid: Option<String>, n: Vec<u8>, e: Vec<u8>) -> Result<RsaKey, St
     let e = e[e.iter().position(|&b| b != 0).unwrap_or(e.len())..].to_vec();
     let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-        return Err(format!("RSA modulus of {bits} bits (2048 to 8192 accepted)"));
+        return Err(format!(
+            "RSA modulus of {bits} bits (2048 to 8192 accepted)"
+        ));
     }
     if e.is_empty() || e.len() > 4 {
         return Err("unusable RSA exponent".into());
@@ -177,13 +196,22 @@ pub fn parse_pem_keys(text: &[u8]) -> Result<Vec<RsaKey>, String> {
         let label = &after[..label_end];
         let body_start = &after[label_end + 5..];
         let end_marker = format!("-----END {label}-----");
-        let body_end = body_start.find(&end_marker).ok_or_else(|| format!("no END line for {label}"))?;
-        let b64: String = body_start[..body_end].chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let body_end = body_start
+            .find(&end_marker)
+            .ok_or_else(|| format!("no END line for {label}"))?;
+        let b64: String = body_start[..body_end]
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
         rest = &body_start[body_end + end_marker.len()..];
         if label != "PUBLIC KEY" && label != "RSA PUBLIC KEY" {
-            return Err(format!("unsupported PEM block \"{label}\" (expected PUBLIC KEY)"));
+            return Err(format!(
+                "unsupported PEM block \"{label}\" (expected PUBLIC KEY)"
+            ));
         }
-        let der = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| "PEM body is not base64".to_string())?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "PEM body is not base64".to_string())?;
         let (n, e) = rsa_public_key(&der).ok_or("not an RSA public key")?;
         keys.push(checked_rsa(None, n, e)?);
     }
@@ -195,13 +223,17 @@ pub fn parse_pem_keys(text: &[u8]) -> Result<Vec<RsaKey>, String> {
 
 fn read_bounded(path: &Path) -> Result<Vec<u8>, KeyError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
     let mut buf = Vec::new();
     file.take(MAX_KEY_FILE_BYTES + 1)
         .read_to_end(&mut buf)
         .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
     if buf.len() as u64 > MAX_KEY_FILE_BYTES {
-        return Err(KeyError(format!("{}: larger than {MAX_KEY_FILE_BYTES} bytes", path.display())));
+        return Err(KeyError(format!(
+            "{}: larger than {MAX_KEY_FILE_BYTES} bytes",
+            path.display()
+        )));
     }
     Ok(buf)
 }

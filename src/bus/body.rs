@@ -54,14 +54,20 @@ impl std::fmt::Display for BodyError {
 /// Parses and validates a whole publish body.
 pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyError> {
     if crate::json::max_depth(body) > MAX_DEPTH {
-        return Err(BodyError(format!("JSON nested deeper than {MAX_DEPTH} levels")));
+        return Err(BodyError(format!(
+            "JSON nested deeper than {MAX_DEPTH} levels"
+        )));
     }
     let text = std::str::from_utf8(body).map_err(|_| BodyError("body is not UTF-8".into()))?;
     match text.trim_start().as_bytes().first() {
         Some(b'[') => {
-            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| BodyError(format!("body is not a JSON array of events: {e}")))?;
+            let items: Vec<&RawValue> = serde_json::from_str(text)
+                .map_err(|e| BodyError(format!("body is not a JSON array of events: {e}")))?;
             if items.len() > max_items {
-                return Err(BodyError(format!("batch of {} events is over the limit of {max_items}", items.len())));
+                return Err(BodyError(format!(
+                    "batch of {} events is over the limit of {max_items}",
+                    items.len()
+                )));
             }
             items
                 .iter()
@@ -69,8 +75,12 @@ pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyEr
                 .map(|(i, raw)| item(raw.get()).map_err(|e| BodyError(format!("item {i}: {e}"))))
                 .collect()
         }
-        Some(b'{') => Ok(vec![item(text).map_err(|e| BodyError(format!("invalid event: {e}")))?]),
-        _ => Err(BodyError("body must be an event object or an array of them".into())),
+        Some(b'{') => Ok(vec![
+            item(text).map_err(|e| BodyError(format!("invalid event: {e}")))?
+        ]),
+        _ => Err(BodyError(
+            "body must be an event object or an array of them".into(),
+        )),
     }
 }
 
@@ -85,7 +95,12 @@ fn item(text: &str) -> Result<EventSpec<'_>, String> {
     if !it.payload.get().starts_with('{') {
         return Err(EventError::PayloadNotObject.to_string());
     }
-    Ok(EventSpec { workspace_id: it.workspace_id, user_id: it.user_id, kind: it.kind, payload: it.payload.get() })
+    Ok(EventSpec {
+        workspace_id: it.workspace_id,
+        user_id: it.user_id,
+        kind: it.kind,
+        payload: it.payload.get(),
+    })
 }
 
 #[cfg(test)]
@@ -94,7 +109,11 @@ mod tests {
 
     #[test]
     fn single_and_batch() {
-        let one = parse(br#"{"workspace_id":"ws_1","type":"issue.created","payload":{"b":1, "a":[2]}}"#, 100).unwrap();
+        let one = parse(
+            br#"{"workspace_id":"ws_1","type":"issue.created","payload":{"b":1, "a":[2]}}"#,
+            100,
+        )
+        .unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].payload, r#"{"b":1, "a":[2]}"#);
         let many = parse(
@@ -113,16 +132,28 @@ mod tests {
         let err = |b: &[u8]| parse(b, 100).unwrap_err().0;
         let e = err(br#"[{"workspace_id":"w","type":"ok","payload":{}},{"workspace_id":"w","type":"Bad","payload":{}}]"#);
         assert!(e.starts_with("item 1: type \"Bad\""), "{e}");
-        assert!(err(br#"{"workspace_id":"w","type":"a","payload":[1]}"#).contains("payload must be a JSON object"));
+        assert!(err(br#"{"workspace_id":"w","type":"a","payload":[1]}"#)
+            .contains("payload must be a JSON object"));
         assert!(err(br#"{"workspace_id":"w","type":"a"}"#).contains("missing field `payload`"));
         assert!(err(br#"{"workspace_id":"","type":"a","payload":{}}"#).contains("workspace_id"));
-        assert!(err(br#"{"workspace_id":"w","type":"heartbeat","payload":{}}"#).contains("heartbeat"));
-        assert!(err(br#"{"workspace_id":"w","type":"a","payload":{},"extra":1}"#).contains("unknown field `extra`"));
+        assert!(
+            err(br#"{"workspace_id":"w","type":"heartbeat","payload":{}}"#).contains("heartbeat")
+        );
+        assert!(
+            err(br#"{"workspace_id":"w","type":"a","payload":{},"extra":1}"#)
+                .contains("unknown field `extra`")
+        );
         assert!(err(br#"{"workspace_id":"w","type":"a","payload":{}"#).contains("EOF"));
         assert!(err(b"42").contains("event object"));
         assert!(err(&[b'['; 100]).contains("nested"));
         assert!(err(b"\xff").contains("UTF-8"));
-        let big: String = format!("[{}]", vec![r#"{"workspace_id":"w","type":"a","payload":{}}"#; 3].join(","));
-        assert!(parse(big.as_bytes(), 2).unwrap_err().0.contains("over the limit of 2"));
+        let big: String = format!(
+            "[{}]",
+            [r#"{"workspace_id":"w","type":"a","payload":{}}"#; 3].join(",")
+        );
+        assert!(parse(big.as_bytes(), 2)
+            .unwrap_err()
+            .0
+            .contains("over the limit of 2"));
     }
 }

@@ -82,7 +82,12 @@ pub fn check_id(id: &str, field: &'static str) -> Result<(), EventError> {
 
 /// Encodes an event frame whose payload is written by `write_payload` (which must write exactly
 /// one JSON object). `ts_ms` is the Unix time in milliseconds to stamp.
-pub fn encode_with(kind: &str, payload_len_hint: usize, ts_ms: u64, write_payload: impl FnOnce(&mut Vec<u8>)) -> SharedFrame {
+pub fn encode_with(
+    kind: &str,
+    payload_len_hint: usize,
+    ts_ms: u64,
+    write_payload: impl FnOnce(&mut Vec<u8>),
+) -> SharedFrame {
     let ts = clock::format_ts(ts_ms);
     encode_text_with(kind.len() + payload_len_hint + 48, |buf| {
         buf.extend_from_slice(b"{\"type\":");
@@ -97,18 +102,25 @@ pub fn encode_with(kind: &str, payload_len_hint: usize, ts_ms: u64, write_payloa
 
 /// The `connected` frame for one connection.
 pub fn connected_frame(workspace_id: &str, user_id: &str, ts_ms: u64) -> SharedFrame {
-    encode_with("connected", workspace_id.len() + user_id.len() + 32, ts_ms, |buf| {
-        buf.extend_from_slice(b"{\"workspace_id\":");
-        crate::json::write_string(buf, workspace_id);
-        buf.extend_from_slice(b",\"user_id\":");
-        crate::json::write_string(buf, user_id);
-        buf.push(b'}');
-    })
+    encode_with(
+        "connected",
+        workspace_id.len() + user_id.len() + 32,
+        ts_ms,
+        |buf| {
+            buf.extend_from_slice(b"{\"workspace_id\":");
+            crate::json::write_string(buf, workspace_id);
+            buf.extend_from_slice(b",\"user_id\":");
+            crate::json::write_string(buf, user_id);
+            buf.push(b'}');
+        },
+    )
 }
 
 /// The `heartbeat` frame for one tick.
 pub fn heartbeat_frame(ts_ms: u64) -> SharedFrame {
-    encode_with("heartbeat", 11, ts_ms, |buf| buf.extend_from_slice(b"{\"ok\":true}"))
+    encode_with("heartbeat", 11, ts_ms, |buf| {
+        buf.extend_from_slice(b"{\"ok\":true}")
+    })
 }
 
 #[cfg(test)]
@@ -134,15 +146,35 @@ mod tests {
     #[test]
     fn heartbeat_bytes_are_exact() {
         let f = heartbeat_frame(1_705_312_805_000);
-        assert_eq!(text(&f), r#"{"type":"heartbeat","payload":{"ok":true},"ts":"2024-01-15T10:00:05.000Z"}"#);
+        assert_eq!(
+            text(&f),
+            r#"{"type":"heartbeat","payload":{"ok":true},"ts":"2024-01-15T10:00:05.000Z"}"#
+        );
     }
 
     #[test]
     fn type_pattern() {
-        for ok in ["issue.created", "issue.status.changed", "a", "job_2.updated_x"] {
+        for ok in [
+            "issue.created",
+            "issue.status.changed",
+            "a",
+            "job_2.updated_x",
+        ] {
             assert!(check_type(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Issue.created", "issue..created", ".a", "a.", "1a", "a-b", "connected", "heartbeat", "a.B", "é"] {
+        for bad in [
+            "",
+            "Issue.created",
+            "issue..created",
+            ".a",
+            "a.",
+            "1a",
+            "a-b",
+            "connected",
+            "heartbeat",
+            "a.B",
+            "é",
+        ] {
             assert!(check_type(bad).is_err(), "{bad}");
         }
         assert!(check_type(&"a".repeat(MAX_TYPE_BYTES + 1)).is_err());

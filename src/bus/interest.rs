@@ -47,7 +47,9 @@ pub struct Interest {
 
 impl Default for Interest {
     fn default() -> Self {
-        Interest { bits: (0..BUCKETS * WORDS).map(|_| AtomicU64::new(0)).collect() }
+        Interest {
+            bits: (0..BUCKETS * WORDS).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 }
 
@@ -107,6 +109,10 @@ mod tests {
         for i in 0..1000 {
             seen.insert(bucket(&format!("ws_{i}")));
         }
-        assert!(seen.len() > 850, "{} distinct buckets of 1000 ids", seen.len());
+        assert!(
+            seen.len() > 850,
+            "{} distinct buckets of 1000 ids",
+            seen.len()
+        );
     }
 }

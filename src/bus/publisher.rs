@@ -55,7 +55,12 @@ impl Publisher {
     }
 
     /// Publishes to every connection of `workspace_id`.
-    pub fn publish<P: Serialize + ?Sized>(&self, workspace_id: &str, event_type: &str, payload: &P) -> Result<(), PublishError> {
+    pub fn publish<P: Serialize + ?Sized>(
+        &self,
+        workspace_id: &str,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<(), PublishError> {
         let event = self.build(workspace_id, None, event_type, payload)?;
         self.dispatch(vec![event])
     }
@@ -73,7 +78,13 @@ impl Publisher {
         self.dispatch(vec![event])
     }
 
-    fn build<P: Serialize + ?Sized>(&self, ws: &str, user: Option<&str>, kind: &str, payload: &P) -> Result<Event, PublishError> {
+    fn build<P: Serialize + ?Sized>(
+        &self,
+        ws: &str,
+        user: Option<&str>,
+        kind: &str,
+        payload: &P,
+    ) -> Result<Event, PublishError> {
         check_id(ws, "workspace_id")?;
         check_type(kind)?;
         let mut err = None;
@@ -88,7 +99,12 @@ impl Publisher {
         if let Some(e) = err {
             return Err(e.into());
         }
-        Ok(Event { workspace_id: ws.into(), user_id: user.map(Into::into), frame, accepted_at: Instant::now() })
+        Ok(Event {
+            workspace_id: ws.into(),
+            user_id: user.map(Into::into),
+            frame,
+            accepted_at: Instant::now(),
+        })
     }
 
     /// Publishes already-validated events from a publish body, in order, all or nothing.
@@ -100,7 +116,9 @@ impl Publisher {
             .map(|s| Event {
                 workspace_id: (*s.workspace_id).into(),
                 user_id: s.user_id.as_deref().map(Into::into),
-                frame: encode_with(&s.kind, s.payload.len(), ts, |buf| crate::json::minify_into(buf, s.payload.as_bytes())),
+                frame: encode_with(&s.kind, s.payload.len(), ts, |buf| {
+                    crate::json::minify_into(buf, s.payload.as_bytes())
+                }),
                 accepted_at: now,
             })
             .collect();

@@ -31,7 +31,9 @@ pub fn parse_stream_query(query: &[u8]) -> StreamQuery {
         };
         match k {
             b"token" if q.token.is_none() => q.token = Some(percent_decode(v)),
-            b"workspace" if q.workspace.is_none() => q.workspace = String::from_utf8(percent_decode(v)).ok(),
+            b"workspace" if q.workspace.is_none() => {
+                q.workspace = String::from_utf8(percent_decode(v)).ok()
+            }
             _ => {}
         }
     }

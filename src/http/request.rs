@@ -67,10 +67,20 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HeadE
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            return if buf.len() >= max_head { Err(HeadError::TooLarge) } else { Ok(None) };
+            return if buf.len() >= max_head {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(if buf.len() > max_head { HeadError::TooLarge } else { HeadError::Malformed }),
+        Err(_) => {
+            return Err(if buf.len() > max_head {
+                HeadError::TooLarge
+            } else {
+                HeadError::Malformed
+            })
+        }
     };
     if len > max_head {
         return Err(HeadError::TooLarge);
@@ -100,7 +110,9 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HeadE
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             head.ws_version = Some(trim(h.value));
         } else if name.eq_ignore_ascii_case("content-length") {
-            let parsed = std::str::from_utf8(trim(h.value)).ok().and_then(|s| s.parse::<u64>().ok());
+            let parsed = std::str::from_utf8(trim(h.value))
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok());
             // Two different lengths are a smuggling attempt: treat as unparseable.
             head.content_length = match head.content_length {
                 None => Some(parsed),
@@ -117,14 +129,22 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HeadE
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitive).
 fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value.split(|&b| b == b',').any(|t| trim(t).eq_ignore_ascii_case(token))
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim(t).eq_ignore_ascii_case(token))
 }
 
 /// What the public listener does with a request.
@@ -157,7 +177,10 @@ pub fn route_public(head: &Head<'_>) -> PublicRoute {
                 return PublicRoute::Reject(Status::UpgradeRequired);
             }
             match head.ws_key {
-                Some(key) if valid_ws_key(key) => PublicRoute::Stream { key: key.to_vec(), query: parse_stream_query(head.query) },
+                Some(key) if valid_ws_key(key) => PublicRoute::Stream {
+                    key: key.to_vec(),
+                    query: parse_stream_query(head.query),
+                },
                 _ => PublicRoute::Reject(Status::BadRequest),
             }
         }
@@ -173,7 +196,10 @@ pub fn route_public(head: &Head<'_>) -> PublicRoute {
 /// A `Sec-WebSocket-Key` must be base64 of exactly 16 bytes (RFC 6455 §4.1).
 fn valid_ws_key(key: &[u8]) -> bool {
     key.len() == 24
-        && base64::engine::general_purpose::STANDARD.decode(key).map(|k| k.len() == 16).unwrap_or(false)
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .map(|k| k.len() == 16)
+            .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -185,7 +211,10 @@ mod tests {
     #[test]
     fn partial_until_blank_line() {
         for cut in 0..UPGRADE.len() {
-            assert!(parse_head(&UPGRADE[..cut], 8192).unwrap().is_none(), "cut {cut}");
+            assert!(
+                parse_head(&UPGRADE[..cut], 8192).unwrap().is_none(),
+                "cut {cut}"
+            );
         }
         let head = parse_head(UPGRADE, 8192).unwrap().unwrap();
         assert_eq!(head.len, UPGRADE.len());
@@ -218,15 +247,28 @@ mod tests {
 
     #[test]
     fn edge_statuses() {
-        assert_eq!(status_of(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n"), Status::UpgradeRequired);
-        assert_eq!(status_of(b"POST /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n"), Status::UpgradeRequired);
+        assert_eq!(
+            status_of(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Status::UpgradeRequired
+        );
+        assert_eq!(
+            status_of(b"POST /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Status::UpgradeRequired
+        );
         assert_eq!(status_of(b"GET /nope HTTP/1.1\r\n\r\n"), Status::NotFound);
         assert_eq!(status_of(b"GET /healthz HTTP/1.1\r\n\r\n"), Status::Ok);
-        assert_eq!(status_of(b"DELETE /readyz HTTP/1.1\r\n\r\n"), Status::MethodNotAllowed);
+        assert_eq!(
+            status_of(b"DELETE /readyz HTTP/1.1\r\n\r\n"),
+            Status::MethodNotAllowed
+        );
         assert_eq!(status_of(b"\x16\x03\x01 junk\r\n\r\n"), Status::BadRequest);
-        let bad_key = String::from_utf8(UPGRADE.to_vec()).unwrap().replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
+        let bad_key = String::from_utf8(UPGRADE.to_vec())
+            .unwrap()
+            .replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
         assert_eq!(status_of(bad_key.as_bytes()), Status::BadRequest);
-        let old = String::from_utf8(UPGRADE.to_vec()).unwrap().replace("Version: 13", "Version: 8");
+        let old = String::from_utf8(UPGRADE.to_vec())
+            .unwrap()
+            .replace("Version: 13", "Version: 8");
         assert_eq!(status_of(old.as_bytes()), Status::UpgradeRequired);
     }
 
@@ -245,7 +287,12 @@ mod tests {
 
     #[test]
     fn conflicting_content_lengths_are_unparseable() {
-        let h = parse_head(b"POST /v1/publish HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 8192).unwrap().unwrap();
+        let h = parse_head(
+            b"POST /v1/publish HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            8192,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(h.content_length, Some(None));
     }
 }

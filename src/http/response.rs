@@ -4,7 +4,13 @@
 use super::Status;
 
 /// A complete response with `body` of `content_type`. `close` adds `Connection: close`.
-pub fn build(status: Status, content_type: &str, body: &[u8], close: bool, extra_headers: &str) -> Vec<u8> {
+pub fn build(
+    status: Status,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+    extra_headers: &str,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + body.len());
     out.extend_from_slice(status.line().as_bytes());
     out.extend_from_slice(b"\r\nContent-Type: ");
@@ -25,7 +31,11 @@ pub fn build(status: Status, content_type: &str, body: &[u8], close: bool, extra
 pub fn plain(status: Status, close: bool) -> Vec<u8> {
     let line = status.line();
     let reason = line.splitn(3, ' ').nth(2).unwrap_or("");
-    let extra = if status == Status::UpgradeRequired { "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" } else { "" };
+    let extra = if status == Status::UpgradeRequired {
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
     let mut body = reason.as_bytes().to_vec();
     body.push(b'\n');
     build(status, "text/plain; charset=utf-8", &body, close, extra)

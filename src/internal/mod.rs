@@ -60,12 +60,32 @@ enum Outcome {
 
 impl Internal {
     /// Builds the loop over `listener`. It runs until `stop` is set and the waker fires.
-    pub fn new(mut listener: TcpListener, shared: Arc<Shared>, publisher: Publisher, stop: Arc<AtomicBool>) -> io::Result<Self> {
+    pub fn new(
+        mut listener: TcpListener,
+        shared: Arc<Shared>,
+        publisher: Publisher,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let key = shared.config.publish_key.as_ref().map(|k| PublishKey::new(k.expose()));
-        Ok(Internal { poll, listener, waker, conns: Slab::new(), shared, publisher, key, stop, scratch: vec![0; 64 * 1024] })
+        let key = shared
+            .config
+            .publish_key
+            .as_ref()
+            .map(|k| PublishKey::new(k.expose()));
+        Ok(Internal {
+            poll,
+            listener,
+            waker,
+            conns: Slab::new(),
+            shared,
+            publisher,
+            key,
+            stop,
+            scratch: vec![0; 64 * 1024],
+        })
     }
 
     /// The waker that interrupts the loop (used to stop it).
@@ -102,7 +122,12 @@ impl Internal {
             let now = Instant::now();
             if now >= next_sweep {
                 next_sweep = now + Duration::from_secs(1);
-                let expired: Vec<usize> = self.conns.iter().filter(|(_, c)| c.deadline <= now).map(|(k, _)| k).collect();
+                let expired: Vec<usize> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.deadline <= now)
+                    .map(|(k, _)| k)
+                    .collect();
                 for k in expired {
                     self.conns.remove(k);
                 }
@@ -115,11 +140,24 @@ impl Internal {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= self.shared.config.max_internal_connections {
-                        let _ = stream.write(&response::json_error(Status::Unavailable, "too many connections", true));
+                        let _ = stream.write(&response::json_error(
+                            Status::Unavailable,
+                            "too many connections",
+                            true,
+                        ));
                         continue;
                     }
                     let entry = self.conns.vacant_entry();
-                    if self.poll.registry().register(&mut stream, Token(entry.key()), Interest::READABLE | Interest::WRITABLE).is_ok() {
+                    if self
+                        .poll
+                        .registry()
+                        .register(
+                            &mut stream,
+                            Token(entry.key()),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .is_ok()
+                    {
                         entry.insert(HttpConn {
                             stream,
                             buf: Vec::new(),
@@ -142,7 +180,9 @@ impl Internal {
 
     fn on_readable(&mut self, k: usize) {
         loop {
-            let Some(conn) = self.conns.get_mut(k) else { return };
+            let Some(conn) = self.conns.get_mut(k) else {
+                return;
+            };
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     self.conns.remove(k);
@@ -183,15 +223,27 @@ impl Internal {
                 Err(e) => (response::plain(e.status(), true), conn.buf.len(), true),
                 Ok(Some(head)) => {
                     let close = head.connection_close || head.minor_version == 0;
-                    match route(&head, &conn.buf, &self.shared, &self.publisher, self.key.as_ref()) {
+                    match route(
+                        &head,
+                        &conn.buf,
+                        &self.shared,
+                        &self.publisher,
+                        self.key.as_ref(),
+                    ) {
                         Route::NeedBody => {
-                            if conn.buf.capacity() < head.len + self.shared.config.max_publish_bytes {
-                                let want = head.len + head.content_length.flatten().unwrap_or(0) as usize;
+                            if conn.buf.capacity() < head.len + self.shared.config.max_publish_bytes
+                            {
+                                let want =
+                                    head.len + head.content_length.flatten().unwrap_or(0) as usize;
                                 conn.buf.reserve(want.saturating_sub(conn.buf.len()));
                             }
                             return Outcome::Keep;
                         }
-                        Route::Respond { bytes, consumed, close: force_close } => (bytes, consumed, close || force_close),
+                        Route::Respond {
+                            bytes,
+                            consumed,
+                            close: force_close,
+                        } => (bytes, consumed, close || force_close),
                     }
                 }
             };
@@ -236,24 +288,53 @@ impl Internal {
 
 enum Route {
     NeedBody,
-    Respond { bytes: Vec<u8>, consumed: usize, close: bool },
+    Respond {
+        bytes: Vec<u8>,
+        consumed: usize,
+        close: bool,
+    },
 }
 
 fn respond(bytes: Vec<u8>, consumed: usize) -> Route {
-    Route::Respond { bytes, consumed, close: false }
+    Route::Respond {
+        bytes,
+        consumed,
+        close: false,
+    }
 }
 
-fn route(head: &Head<'_>, buf: &[u8], shared: &Shared, publisher: &Publisher, key: Option<&PublishKey>) -> Route {
+fn route(
+    head: &Head<'_>,
+    buf: &[u8],
+    shared: &Shared,
+    publisher: &Publisher,
+    key: Option<&PublishKey>,
+) -> Route {
     let head_only = head.len;
     let get = head.method == "GET" || head.method == "HEAD";
     match head.path {
         b"/v1/publish" if head.method == "POST" => publish(head, buf, shared, publisher, key),
-        b"/v1/publish" => respond(response::json_error(Status::MethodNotAllowed, "use POST", false), head_only),
+        b"/v1/publish" => respond(
+            response::json_error(Status::MethodNotAllowed, "use POST", false),
+            head_only,
+        ),
         b"/metrics" if get => {
             let body = render(&shared.shard_stats, &shared.bus_stats);
-            respond(response::build(Status::Ok, "text/plain; version=0.0.4", body.as_bytes(), false, ""), head_only)
+            respond(
+                response::build(
+                    Status::Ok,
+                    "text/plain; version=0.0.4",
+                    body.as_bytes(),
+                    false,
+                    "",
+                ),
+                head_only,
+            )
         }
-        b"/healthz" if get => respond(response::build(Status::Ok, "text/plain", b"ok\n", false, ""), head_only),
+        b"/healthz" if get => respond(
+            response::build(Status::Ok, "text/plain", b"ok\n", false, ""),
+            head_only,
+        ),
         b"/readyz" if get => {
             let r = if shared.is_ready() {
                 response::build(Status::Ok, "text/plain", b"ready\n", false, "")
@@ -262,32 +343,64 @@ fn route(head: &Head<'_>, buf: &[u8], shared: &Shared, publisher: &Publisher, ke
             };
             respond(r, head_only)
         }
-        b"/metrics" | b"/healthz" | b"/readyz" => respond(response::plain(Status::MethodNotAllowed, false), head_only),
+        b"/metrics" | b"/healthz" | b"/readyz" => {
+            respond(response::plain(Status::MethodNotAllowed, false), head_only)
+        }
         _ => respond(response::plain(Status::NotFound, false), head_only),
     }
 }
 
-fn publish(head: &Head<'_>, buf: &[u8], shared: &Shared, publisher: &Publisher, key: Option<&PublishKey>) -> Route {
+fn publish(
+    head: &Head<'_>,
+    buf: &[u8],
+    shared: &Shared,
+    publisher: &Publisher,
+    key: Option<&PublishKey>,
+) -> Route {
     let stats = &shared.bus_stats;
     let reject = |status: Status, msg: &str, counter: &std::sync::atomic::AtomicU64| {
         ShardStats::add(counter, 1);
         // The body (if any) is not read: the connection must close after this answer.
-        Route::Respond { bytes: response::json_error(status, msg, true), consumed: buf.len(), close: true }
+        Route::Respond {
+            bytes: response::json_error(status, msg, true),
+            consumed: buf.len(),
+            close: true,
+        }
     };
     let authorized = match (key, head.authorization) {
         (Some(k), Some(value)) => k.check_bearer(value),
         _ => false,
     };
     if !authorized {
-        return reject(Status::Unauthorized, "missing or invalid publish key", &stats.rejected_unauthorized);
+        return reject(
+            Status::Unauthorized,
+            "missing or invalid publish key",
+            &stats.rejected_unauthorized,
+        );
     }
     let len = match head.content_length {
         Some(Some(n)) => n,
-        Some(None) => return reject(Status::BadRequest, "invalid Content-Length", &stats.rejected_invalid),
-        None if head.transfer_encoding => {
-            return reject(Status::LengthRequired, "chunked bodies are not accepted; send Content-Length", &stats.rejected_invalid)
+        Some(None) => {
+            return reject(
+                Status::BadRequest,
+                "invalid Content-Length",
+                &stats.rejected_invalid,
+            )
         }
-        None => return reject(Status::LengthRequired, "Content-Length is required", &stats.rejected_invalid),
+        None if head.transfer_encoding => {
+            return reject(
+                Status::LengthRequired,
+                "chunked bodies are not accepted; send Content-Length",
+                &stats.rejected_invalid,
+            )
+        }
+        None => {
+            return reject(
+                Status::LengthRequired,
+                "Content-Length is required",
+                &stats.rejected_invalid,
+            )
+        }
     };
     let max = shared.config.max_publish_bytes;
     if len > max as u64 {
@@ -300,7 +413,14 @@ fn publish(head: &Head<'_>, buf: &[u8], shared: &Shared, publisher: &Publisher, 
     }
     if shared.is_draining() {
         ShardStats::add(&stats.rejected_draining, 1);
-        return respond(response::json_error(Status::Unavailable, "server is draining; publish to another node", false), total);
+        return respond(
+            response::json_error(
+                Status::Unavailable,
+                "server is draining; publish to another node",
+                false,
+            ),
+            total,
+        );
     }
     let bytes = match body::parse(&buf[head.len..total], shared.config.max_publish_events) {
         Err(e) => {
@@ -308,8 +428,18 @@ fn publish(head: &Head<'_>, buf: &[u8], shared: &Shared, publisher: &Publisher, 
             response::json_error(Status::BadRequest, &e.0, false)
         }
         Ok(specs) => match publisher.publish_specs(&specs) {
-            Ok(n) => response::build(Status::Accepted, "application/json", format!("{{\"accepted\":{n}}}").as_bytes(), false, ""),
-            Err(PublishError::Draining) => response::json_error(Status::Unavailable, "server is draining; publish to another node", false),
+            Ok(n) => response::build(
+                Status::Accepted,
+                "application/json",
+                format!("{{\"accepted\":{n}}}").as_bytes(),
+                false,
+                "",
+            ),
+            Err(PublishError::Draining) => response::json_error(
+                Status::Unavailable,
+                "server is draining; publish to another node",
+                false,
+            ),
             Err(e @ PublishError::Invalid(_)) => {
                 ShardStats::add(&stats.rejected_invalid, 1);
                 response::json_error(Status::BadRequest, &e.to_string(), false)

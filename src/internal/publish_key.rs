@@ -27,7 +27,11 @@ impl PublishKey {
 
     /// Checks an `Authorization` header value of the form `Bearer <key>`.
     pub fn check_bearer(&self, header: &[u8]) -> bool {
-        let Some(rest) = header.get(..7).filter(|p| p.eq_ignore_ascii_case(b"bearer ")).map(|_| &header[7..]) else {
+        let Some(rest) = header
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| &header[7..])
+        else {
             return false;
         };
         let presented = rest.trim_ascii();

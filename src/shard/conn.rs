@@ -74,7 +74,13 @@ pub struct Conn {
 
 impl Conn {
     /// A freshly accepted connection, reading its request head.
-    pub fn new(stream: TcpStream, peer: SocketAddr, gen: u32, over_limit: bool, now: Instant) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        gen: u32,
+        over_limit: bool,
+        now: Instant,
+    ) -> Self {
         Conn {
             stream,
             peer,
@@ -98,5 +104,17 @@ impl Conn {
     /// Whether the WebSocket upgrade has been answered (frames may be sent).
     pub fn upgraded(&self) -> bool {
         matches!(self.phase, Phase::Open | Phase::Closing)
+    }
+}
+
+impl crate::shard::fanout::Subscriber for Conn {
+    #[inline]
+    fn outbox(&mut self) -> &mut Outbox {
+        &mut self.out
+    }
+
+    #[inline]
+    fn mark_dirty(&mut self) -> bool {
+        !std::mem::replace(&mut self.dirty, true)
     }
 }

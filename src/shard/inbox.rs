@@ -34,7 +34,11 @@ pub struct ShardGone;
 impl ShardLink {
     /// A link sending on `tx` and waking `waker`.
     pub fn new(tx: Sender<ShardMsg>, waker: Waker) -> Self {
-        ShardLink { tx, waker, notified: AtomicBool::new(false) }
+        ShardLink {
+            tx,
+            waker,
+            notified: AtomicBool::new(false),
+        }
     }
 
     /// Sends `msg`, waiting while the inbox is full (back-pressure), and wakes the shard if it

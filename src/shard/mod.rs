@@ -12,6 +12,7 @@
 //! reach a reused slab slot; timers carry a generation that is checked before use.
 
 pub mod conn;
+pub mod fanout;
 pub mod inbox;
 pub mod outbox;
 pub mod registry;
@@ -125,8 +126,16 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
 impl Shard {
     /// A shard over `listener`, receiving on `inbox`. `poll` must be the `Poll` whose waker was
     /// given to this shard's [`inbox::ShardLink`].
-    pub fn new(index: usize, poll: Poll, mut listener: TcpListener, inbox: Inbox, shared: Arc<Shared>, keys: Arc<KeySet>) -> io::Result<Shard> {
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+    pub fn new(
+        index: usize,
+        poll: Poll,
+        mut listener: TcpListener,
+        inbox: Inbox,
+        shared: Arc<Shared>,
+        keys: Arc<KeySet>,
+    ) -> io::Result<Shard> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let cfg = &shared.config;
         let tick = cfg.timer_tick;
         let limits = Limits {
@@ -172,7 +181,8 @@ impl Shard {
     }
 
     fn tick_of(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.started).as_nanos() / self.limits.tick.as_nanos().max(1)) as u64
+        (now.saturating_duration_since(self.started).as_nanos()
+            / self.limits.tick.as_nanos().max(1)) as u64
     }
 
     fn instant_of(&self, tick: u64) -> Instant {
@@ -189,7 +199,10 @@ impl Shard {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                log::error!("shard {}: poll failed: {e}; closing every connection with 1011", self.index);
+                log::error!(
+                    "shard {}: poll failed: {e}; closing every connection with 1011",
+                    self.index
+                );
                 self.abort_all();
                 return;
             }
@@ -199,7 +212,8 @@ impl Shard {
                     LISTENER => self.accept_pending = true,
                     WAKER => self.inbox_pending = true,
                     Token(key) => {
-                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                        let readable =
+                            event.is_readable() || event.is_read_closed() || event.is_error();
                         self.guarded(key, |s| {
                             if readable {
                                 s.on_readable(key, now);
@@ -232,7 +246,11 @@ impl Shard {
                     return;
                 }
                 if now >= deadline {
-                    log::info!("shard {}: drain timeout with {} connection(s) left; dropping them", self.index, self.conns.len());
+                    log::info!(
+                        "shard {}: drain timeout with {} connection(s) left; dropping them",
+                        self.index,
+                        self.conns.len()
+                    );
                     self.abort_all();
                     return;
                 }
@@ -245,7 +263,10 @@ impl Shard {
             return Some(Duration::ZERO);
         }
         let mut wake: Option<Instant> = self.wheel.next_tick().map(|t| self.instant_of(t));
-        for t in [self.accept_retry, self.drain_deadline].into_iter().flatten() {
+        for t in [self.accept_retry, self.drain_deadline]
+            .into_iter()
+            .flatten()
+        {
             wake = Some(wake.map_or(t, |w| w.min(t)));
         }
         // Round up so the poll does not return a hair before the tick and spin.
@@ -259,8 +280,13 @@ impl Shard {
         }
         if catch_unwind(AssertUnwindSafe(|| f(self))).is_err() {
             ShardStats::add(&self.stats().handler_panics, 1);
-            log::error!("shard {}: connection handler panicked; closing the connection with 1011", self.index);
-            let closed = catch_unwind(AssertUnwindSafe(|| self.fail(key, CloseReason::ServerError)));
+            log::error!(
+                "shard {}: connection handler panicked; closing the connection with 1011",
+                self.index
+            );
+            let closed = catch_unwind(AssertUnwindSafe(|| {
+                self.fail(key, CloseReason::ServerError)
+            }));
             if closed.is_err() {
                 self.kill(key);
             }
@@ -298,8 +324,16 @@ impl Shard {
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
-                    log::warn!("shard {}: accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}", self.index);
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    log::warn!(
+                        "shard {}: accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}",
+                        self.index
+                    );
                     self.accept_pending = false;
                     self.accept_retry = Some(now + ACCEPT_BACKOFF);
                     return;
@@ -312,10 +346,15 @@ impl Shard {
 
     fn add_conn(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
         let _ = stream.set_nodelay(true);
-        let over_limit = self.shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections;
+        let over_limit =
+            self.shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             log::warn!("shard {}: register: {e}", self.index);
             self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -335,7 +374,15 @@ impl Shard {
             self.wheel.cancel(old);
         }
         let gen = self.conns[key].gen;
-        let id = self.wheel.insert(due, Timer { key: key as u32, gen, kind: TimerKind::Deadline, due });
+        let id = self.wheel.insert(
+            due,
+            Timer {
+                key: key as u32,
+                gen,
+                kind: TimerKind::Deadline,
+                due,
+            },
+        );
         self.conns[key].deadline = Some(id);
     }
 
@@ -361,9 +408,13 @@ impl Shard {
             }
             match t.kind {
                 TimerKind::Deadline => self.kill(key),
-                TimerKind::Expiry => self.guarded(key, |s| s.close_ws(key, CloseReason::TokenExpired)),
+                TimerKind::Expiry => {
+                    self.guarded(key, |s| s.close_ws(key, CloseReason::TokenExpired))
+                }
                 TimerKind::Heartbeat if matches!(conn.phase, Phase::Open) => {
-                    let frame = heartbeat.get_or_insert_with(|| heartbeat_frame(clock::now_ms())).clone();
+                    let frame = heartbeat
+                        .get_or_insert_with(|| heartbeat_frame(clock::now_ms()))
+                        .clone();
                     self.enqueue(key, frame);
                     let next = (t.due + self.limits.heartbeat_ticks).max(tick + 1);
                     let id = self.wheel.insert(next, Timer { due: next, ..t });
@@ -381,8 +432,7 @@ impl Shard {
     fn on_readable(&mut self, key: usize, now: Instant) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
-        loop {
-            let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) else { break };
+        while let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) {
             match conn.stream.read(&mut scratch) {
                 Ok(0) => {
                     // Peer closed its side. Nothing more will arrive; whatever we still owe it
@@ -420,7 +470,9 @@ impl Shard {
     fn on_head_bytes(&mut self, key: usize, data: &[u8], now: Instant) {
         let max = self.limits.max_head;
         let conn = &mut self.conns[key];
-        let Phase::Head(buf) = &mut conn.phase else { return };
+        let Phase::Head(buf) = &mut conn.phase else {
+            return;
+        };
         let room = (max + 1).saturating_sub(buf.len());
         buf.extend_from_slice(&data[..data.len().min(room)]);
         let (route, rest) = match parse_head(buf, max) {
@@ -433,7 +485,10 @@ impl Shard {
         };
         match route {
             PublicRoute::Reject(status) => self.respond_http(key, response::plain(status, true)),
-            PublicRoute::Health => self.respond_http(key, response::build(Status::Ok, "text/plain", b"ok\n", true, "")),
+            PublicRoute::Health => self.respond_http(
+                key,
+                response::build(Status::Ok, "text/plain", b"ok\n", true, ""),
+            ),
             PublicRoute::Ready => {
                 let resp = if self.shared.is_ready() {
                     response::build(Status::Ok, "text/plain", b"ready\n", true, "")
@@ -443,7 +498,13 @@ impl Shard {
                 self.respond_http(key, resp)
             }
             PublicRoute::Stream { key: ws_key, query } => {
-                self.upgrade(key, &ws_key, query.token.as_deref(), query.workspace.as_deref(), now);
+                self.upgrade(
+                    key,
+                    &ws_key,
+                    query.token.as_deref(),
+                    query.workspace.as_deref(),
+                    now,
+                );
                 if !rest.is_empty() {
                     self.on_frame_bytes(key, &rest);
                 }
@@ -459,7 +520,14 @@ impl Shard {
         self.enqueue(key, bytes.into());
     }
 
-    fn upgrade(&mut self, key: usize, ws_key: &[u8], token: Option<&[u8]>, workspace: Option<&str>, now: Instant) {
+    fn upgrade(
+        &mut self,
+        key: usize,
+        ws_key: &[u8],
+        token: Option<&[u8]>,
+        workspace: Option<&str>,
+        now: Instant,
+    ) {
         self.enqueue(key, upgrade::response(ws_key).into());
         if let Some(old) = self.conns[key].deadline.take() {
             self.wheel.cancel(old);
@@ -484,7 +552,12 @@ impl Shard {
         match identity {
             Ok(id) => self.subscribe(key, id, now_ms, now),
             Err(e) => {
-                log::debug!("shard {}: connection {key} from {} refused: {}", self.index, self.conns[key].peer, e.label());
+                log::debug!(
+                    "shard {}: connection {key} from {} refused: {}",
+                    self.index,
+                    self.conns[key].peer,
+                    e.label()
+                );
                 self.stats().auth_failure(e);
                 self.close_ws(key, e.close_reason());
             }
@@ -497,10 +570,33 @@ impl Shard {
         let tick = self.tick_of(now);
         let gen = self.conns[key].gen;
         let hb_due = tick + self.limits.heartbeat_ticks;
-        let hb = self.wheel.insert(hb_due, Timer { key: key as u32, gen, kind: TimerKind::Heartbeat, due: hb_due });
-        let expires_ms = id.exp.saturating_add(self.rules.leeway_secs).saturating_mul(1000);
-        let exp_due = tick + ticks(Duration::from_millis(expires_ms.saturating_sub(now_ms)), self.limits.tick);
-        let ex = self.wheel.insert(exp_due, Timer { key: key as u32, gen, kind: TimerKind::Expiry, due: exp_due });
+        let hb = self.wheel.insert(
+            hb_due,
+            Timer {
+                key: key as u32,
+                gen,
+                kind: TimerKind::Heartbeat,
+                due: hb_due,
+            },
+        );
+        let expires_ms = id
+            .exp
+            .saturating_add(self.rules.leeway_secs)
+            .saturating_mul(1000);
+        let exp_due = tick
+            + ticks(
+                Duration::from_millis(expires_ms.saturating_sub(now_ms)),
+                self.limits.tick,
+            );
+        let ex = self.wheel.insert(
+            exp_due,
+            Timer {
+                key: key as u32,
+                gen,
+                kind: TimerKind::Expiry,
+                due: exp_due,
+            },
+        );
         let conn = &mut self.conns[key];
         conn.heartbeat = Some(hb);
         conn.expiry = Some(ex);
@@ -576,7 +672,9 @@ impl Shard {
         // A drain waits for close frames up to its own deadline; other closes use --close-timeout.
         let now = Instant::now();
         let due = match self.drain_deadline {
-            Some(d) if reason == CloseReason::GoingAway => self.tick_of(d).max(self.tick_of(now) + 1),
+            Some(d) if reason == CloseReason::GoingAway => {
+                self.tick_of(d).max(self.tick_of(now) + 1)
+            }
             _ => self.tick_of(now) + self.limits.close_ticks,
         };
         self.set_deadline(key, due);
@@ -599,8 +697,13 @@ impl Shard {
 
     fn unsubscribe(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let Some(id) = conn.identity.take() else { return };
-        for t in [conn.heartbeat.take(), conn.expiry.take()].into_iter().flatten() {
+        let Some(id) = conn.identity.take() else {
+            return;
+        };
+        for t in [conn.heartbeat.take(), conn.expiry.take()]
+            .into_iter()
+            .flatten()
+        {
             self.wheel.cancel(t);
         }
         self.registry.remove(key, &id.workspace_id, &id.user_id);
@@ -622,7 +725,10 @@ impl Shard {
             let key = key as usize;
             self.unsubscribe(key);
             let conn = self.conns.remove(key);
-            for t in [conn.deadline, conn.heartbeat, conn.expiry].into_iter().flatten() {
+            for t in [conn.deadline, conn.heartbeat, conn.expiry]
+                .into_iter()
+                .flatten()
+            {
                 self.wheel.cancel(t);
             }
             if !matches!(conn.phase, Phase::Lingering) {
@@ -644,7 +750,8 @@ impl Shard {
     fn enqueue(&mut self, key: usize, frame: SharedFrame) {
         let conn = &mut self.conns[key];
         conn.out.push(frame);
-        if conn.out.pending_bytes() > self.limits.max_outbound && matches!(conn.phase, Phase::Open) {
+        if conn.out.pending_bytes() > self.limits.max_outbound && matches!(conn.phase, Phase::Open)
+        {
             self.slow.push(key as u32);
         }
         self.mark_dirty(key);
@@ -661,7 +768,9 @@ impl Shard {
     fn close_slow(&mut self) {
         for key in std::mem::take(&mut self.slow) {
             let key = key as usize;
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             if conn.dead || !matches!(conn.phase, Phase::Open) {
                 continue;
             }
@@ -676,7 +785,9 @@ impl Shard {
         let stats = &shared.shard_stats[self.index];
         for key in std::mem::take(&mut self.dirty) {
             let key = key as usize;
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             conn.dirty = false;
             if conn.dead {
                 continue;
@@ -726,17 +837,15 @@ impl Shard {
 
     fn deliver(&mut self, batch: &[Event]) {
         for event in batch {
-            for &k in self.registry.recipients(&event.workspace_id, event.user_id.as_deref()) {
-                let conn = &mut self.conns[k as usize];
-                conn.out.push(event.frame.clone());
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(k);
-                }
-                if conn.out.pending_bytes() > self.limits.max_outbound {
-                    self.slow.push(k);
-                }
-            }
+            let recipients = self.registry.recipients(&event.workspace_id, event.user_id.as_deref());
+            fanout::fan_out(
+                &event.frame,
+                recipients,
+                &mut self.conns,
+                &mut self.dirty,
+                &mut self.slow,
+                self.limits.max_outbound,
+            );
         }
         self.close_slow();
     }

@@ -131,7 +131,9 @@ mod tests {
     }
 
     fn frames() -> Vec<SharedFrame> {
-        (0..5u8).map(|i| SharedFrame::from(vec![i; 10 + i as usize * 7])).collect()
+        (0..5u8)
+            .map(|i| SharedFrame::from(vec![i; 10 + i as usize * 7]))
+            .collect()
     }
 
     #[test]
@@ -142,7 +144,11 @@ mod tests {
             for f in frames() {
                 o.push(f);
             }
-            let mut w = Trickle { got: Vec::new(), cap, budget: 23 };
+            let mut w = Trickle {
+                got: Vec::new(),
+                cap,
+                budget: 23,
+            };
             let first = o.write_to(&mut w).unwrap();
             assert_eq!(first.bytes, 23.min(all.len()));
             assert_eq!(o.pending_bytes(), all.len() - first.bytes);
@@ -161,7 +167,11 @@ mod tests {
         for f in frames() {
             o.push(f);
         }
-        let mut w = Trickle { got: Vec::new(), cap: 100, budget: 4 };
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: 100,
+            budget: 4,
+        };
         o.write_to(&mut w).unwrap();
         o.discard_unstarted();
         assert_eq!(o.pending_bytes(), 10 - 4);

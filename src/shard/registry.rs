@@ -66,7 +66,10 @@ impl Registry {
         };
         let in_user = users.len() as u32;
         users.push(key as u32);
-        self.positions[key] = Position { in_workspace, in_user };
+        self.positions[key] = Position {
+            in_workspace,
+            in_user,
+        };
     }
 
     /// Unsubscribes connection `key`, previously added with the same workspace and user.
@@ -105,7 +108,9 @@ impl Registry {
 
     /// The connections of `workspace` (of `user` in it, when given).
     pub fn recipients(&self, workspace: &str, user: Option<&str>) -> &[u32] {
-        let Some(ws) = self.workspaces.get(workspace) else { return &[] };
+        let Some(ws) = self.workspaces.get(workspace) else {
+            return &[];
+        };
         match user {
             None => &ws.conns,
             Some(u) => ws.users.get(u).map_or(&[][..], |v| &v[..]),
@@ -158,7 +163,9 @@ mod tests {
         let mut model: HashMap<usize, (String, String)> = HashMap::new();
         let mut seed = 12345u64;
         let mut rnd = move |n: u64| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
         for _ in 0..20_000 {
@@ -175,7 +182,11 @@ mod tests {
         for w in 0..7 {
             let ws = format!("ws_{w}");
             let want: Vec<u32> = {
-                let mut v: Vec<u32> = model.iter().filter(|(_, (mw, _))| *mw == ws).map(|(k, _)| *k as u32).collect();
+                let mut v: Vec<u32> = model
+                    .iter()
+                    .filter(|(_, (mw, _))| *mw == ws)
+                    .map(|(k, _)| *k as u32)
+                    .collect();
                 v.sort();
                 v
             };
@@ -183,7 +194,11 @@ mod tests {
             assert_eq!(interest.shards_for(&ws).contains(0), !want.is_empty());
             for u in 0..5 {
                 let us = format!("u_{u}");
-                let mut want_u: Vec<u32> = model.iter().filter(|(_, (mw, mu))| *mw == ws && *mu == us).map(|(k, _)| *k as u32).collect();
+                let mut want_u: Vec<u32> = model
+                    .iter()
+                    .filter(|(_, (mw, mu))| *mw == ws && *mu == us)
+                    .map(|(k, _)| *k as u32)
+                    .collect();
                 want_u.sort();
                 assert_eq!(sorted(r.recipients(&ws, Some(&us))), want_u);
             }

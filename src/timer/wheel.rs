@@ -69,7 +69,12 @@ impl<T> Wheel<T> {
         let deadline = deadline.max(self.current + 1);
         let slot = (deadline & self.mask) as usize;
         let head = self.heads[slot];
-        let idx = self.entries.insert(Entry { deadline, prev: NIL, next: head, value }) as u32;
+        let idx = self.entries.insert(Entry {
+            deadline,
+            prev: NIL,
+            next: head,
+            value,
+        }) as u32;
         debug_assert!(idx != NIL);
         if head != NIL {
             self.entries[head as usize].prev = idx;
@@ -117,7 +122,11 @@ impl<T> Wheel<T> {
         let slots = self.mask + 1;
         let steps = (now - self.current).min(slots);
         for step in 1..=steps {
-            let tick = if now - self.current > slots { now - slots + step } else { self.current + step };
+            let tick = if now - self.current > slots {
+                now - slots + step
+            } else {
+                self.current + step
+            };
             let slot = (tick & self.mask) as usize;
             if self.occupied[slot / 64] & (1 << (slot % 64)) == 0 {
                 continue;
@@ -257,7 +266,8 @@ mod tests {
                     now += 1 + rnd() % 40;
                     let mut out = Vec::new();
                     w.advance(now, &mut out);
-                    let mut due: Vec<u32> = model.iter().filter(|m| m.0 <= now).map(|m| m.1).collect();
+                    let mut due: Vec<u32> =
+                        model.iter().filter(|m| m.0 <= now).map(|m| m.1).collect();
                     model.retain(|m| m.0 > now);
                     due.sort();
                     out.sort();

@@ -65,7 +65,9 @@ impl CloseReason {
             CloseReason::TooBig => 1009,
             CloseReason::ServerError => 1011,
             CloseReason::TryAgainLater => 1013,
-            CloseReason::InvalidToken | CloseReason::TokenExpired | CloseReason::TokenNotYetValid => 4401,
+            CloseReason::InvalidToken
+            | CloseReason::TokenExpired
+            | CloseReason::TokenNotYetValid => 4401,
             CloseReason::WorkspaceMismatch => 4003,
         }
     }
@@ -91,8 +93,16 @@ impl CloseReason {
     /// The encoded close frame for this reason, built once per process.
     pub fn frame(self) -> SharedFrame {
         static FRAMES: OnceLock<Vec<SharedFrame>> = OnceLock::new();
-        let frames = FRAMES.get_or_init(|| CloseReason::ALL.iter().map(|r| close_frame(r.code(), r.phrase())).collect());
-        let idx = CloseReason::ALL.iter().position(|r| *r == self).unwrap_or(0);
+        let frames = FRAMES.get_or_init(|| {
+            CloseReason::ALL
+                .iter()
+                .map(|r| close_frame(r.code(), r.phrase()))
+                .collect()
+        });
+        let idx = CloseReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(0);
         frames[idx].clone()
     }
 }
@@ -128,7 +138,10 @@ mod tests {
         assert_eq!(CloseReason::SlowConsumer.code(), 1008);
         assert_eq!(CloseReason::TryAgainLater.code(), 1013);
         assert_eq!(CloseReason::TokenExpired.phrase(), "token expired");
-        assert_eq!(CloseReason::WorkspaceMismatch.phrase(), "workspace mismatch");
+        assert_eq!(
+            CloseReason::WorkspaceMismatch.phrase(),
+            "workspace mismatch"
+        );
         assert_eq!(CloseReason::InvalidToken.phrase(), "invalid token");
     }
 

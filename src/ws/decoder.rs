@@ -85,7 +85,14 @@ fn parse_header(buf: &[u8]) -> Parsed {
         let m = &buf[2 + ext..2 + ext + 4];
         [m[0], m[1], m[2], m[3]]
     });
-    Parsed::Header(Header { fin: b0 & 0x80 != 0, rsv: (b0 >> 4) & 0x7, opcode: b0 & 0x0f, mask, len, header_len })
+    Parsed::Header(Header {
+        fin: b0 & 0x80 != 0,
+        rsv: (b0 >> 4) & 0x7,
+        opcode: b0 & 0x0f,
+        mask,
+        len,
+        header_len,
+    })
 }
 
 /// Per-connection decoder state. Small: an empty `Vec` and a few integers while idle.
@@ -134,7 +141,9 @@ impl Decoder {
                 // Top the pending frame up with just the bytes it needs, then decode it.
                 let need = match parse_header(&self.pending) {
                     Parsed::NeedMore(n) => n,
-                    Parsed::Header(h) if is_control(h.opcode) => h.header_len + h.len.min(125) as usize,
+                    Parsed::Header(h) if is_control(h.opcode) => {
+                        h.header_len + h.len.min(125) as usize
+                    }
                     Parsed::Header(h) => h.header_len,
                 };
                 if self.pending.len() < need {
@@ -328,7 +337,10 @@ mod tests {
         bytes.extend(client_frame(true, 0x8, &close));
         let (got, r) = run(&[&bytes]);
         assert!(r.is_ok());
-        assert_eq!(got, vec![Got::Ping(b"hello".to_vec()), Got::Close(Some(1000))]);
+        assert_eq!(
+            got,
+            vec![Got::Ping(b"hello".to_vec()), Got::Close(Some(1000))]
+        );
     }
 
     #[test]
@@ -365,16 +377,65 @@ mod tests {
         let mut rsv = client_frame(true, 0x9, b"");
         rsv[0] |= 0x40;
         assert_eq!(run(&[&rsv]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(true, 0x3, b"")]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(false, 0x9, b"")]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(true, 0x9, &[0; 126])]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(true, 0x0, b"x")]).1.unwrap_err().close_reason().code(), 1002);
+        assert_eq!(
+            run(&[&client_frame(true, 0x3, b"")])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1002
+        );
+        assert_eq!(
+            run(&[&client_frame(false, 0x9, b"")])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1002
+        );
+        assert_eq!(
+            run(&[&client_frame(true, 0x9, &[0; 126])])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1002
+        );
+        assert_eq!(
+            run(&[&client_frame(true, 0x0, b"x")])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1002
+        );
         let mut two = client_frame(false, 0x1, b"a");
         two.extend(client_frame(true, 0x1, b"b"));
         assert_eq!(run(&[&two]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(true, 0x8, &[3])]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(true, 0x8, &[0x03, 0xed])]).1.unwrap_err().close_reason().code(), 1002);
-        assert_eq!(run(&[&client_frame(true, 0x8, &[0x03, 0xe8, 0xff])]).1.unwrap_err().close_reason().code(), 1007);
+        assert_eq!(
+            run(&[&client_frame(true, 0x8, &[3])])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1002
+        );
+        assert_eq!(
+            run(&[&client_frame(true, 0x8, &[0x03, 0xed])])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1002
+        );
+        assert_eq!(
+            run(&[&client_frame(true, 0x8, &[0x03, 0xe8, 0xff])])
+                .1
+                .unwrap_err()
+                .close_reason()
+                .code(),
+            1007
+        );
     }
 
     #[test]

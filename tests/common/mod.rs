@@ -17,21 +17,28 @@ pub const PUBLISH_KEY: &str = "integration-publish-key";
 pub type Ws = WebSocket<TcpStream>;
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A test configuration: loopback, ephemeral ports, the test secret and publish key.
 pub fn config() -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.internal_listen = "127.0.0.1:0".parse().unwrap();
-    c.shards = 2;
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        publish_key: Some(Secret::from(PUBLISH_KEY.as_bytes().to_vec())),
+        ..Config::default()
+    };
     c.jwt.hs256_secrets = vec![Secret::from(SECRET.to_vec())];
-    c.publish_key = Some(Secret::from(PUBLISH_KEY.as_bytes().to_vec()));
     c
 }
 
@@ -50,7 +57,11 @@ impl TestServer {
         let mut c = config();
         f(&mut c);
         let server = Server::start(c).expect("server starts");
-        TestServer { public: server.public_addr(), internal: server.internal_addr(), server: Some(server) }
+        TestServer {
+            public: server.public_addr(),
+            internal: server.internal_addr(),
+            server: Some(server),
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -58,7 +69,10 @@ impl TestServer {
     }
 
     pub fn url(&self, token: &str, workspace: &str) -> String {
-        format!("ws://{}/v1/stream?token={token}&workspace={workspace}", self.public)
+        format!(
+            "ws://{}/v1/stream?token={token}&workspace={workspace}",
+            self.public
+        )
     }
 
     /// Connects with a valid token for (workspace, user) and reads the `connected` frame.
@@ -87,7 +101,11 @@ impl Drop for TestServer {
 pub fn token(workspace: &str, user: &str, ttl: i64) -> String {
     let now = now();
     let exp = (now as i64 + ttl).max(0);
-    jwt::sign_hs256(SECRET, format!(r#"{{"sub":"{user}","workspace_id":"{workspace}","iat":{now},"exp":{exp}}}"#).as_bytes())
+    jwt::sign_hs256(
+        SECRET,
+        format!(r#"{{"sub":"{user}","workspace_id":"{workspace}","iat":{now},"exp":{exp}}}"#)
+            .as_bytes(),
+    )
 }
 
 /// Opens a WebSocket (real client, real socket). Panics if the upgrade fails.
@@ -95,15 +113,26 @@ pub fn connect(url: &str) -> Ws {
     try_connect(url).unwrap_or_else(|e| panic!("connect failed: {e}"))
 }
 
-pub fn try_connect(url: &str) -> Result<Ws, tungstenite::Error> {
-    let addr = url.trim_start_matches("ws://").split('/').next().unwrap().to_string();
+pub fn try_connect(url: &str) -> Result<Ws, Box<tungstenite::Error>> {
+    let addr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let stream = TcpStream::connect(addr).expect("tcp connect");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.set_nodelay(true).unwrap();
-    tungstenite::client(url, stream).map(|(ws, _)| ws).map_err(|e| match e {
-        tungstenite::HandshakeError::Failure(e) => e,
-        tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
-    })
+    tungstenite::client(url, stream)
+        .map(|(ws, _)| ws)
+        .map_err(|e| {
+            Box::new(match e {
+                tungstenite::HandshakeError::Failure(e) => e,
+                tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+            })
+        })
 }
 
 /// Reads the next text frame (answering pings as tungstenite does). Panics on anything else.
@@ -149,7 +178,9 @@ pub fn expect_close(ws: &mut Ws, no_frames: bool) -> (u16, String) {
 pub fn finish_close(ws: &mut Ws) {
     loop {
         match ws.read() {
-            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return,
+            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
+                return
+            }
             Err(tungstenite::Error::Io(_)) | Err(tungstenite::Error::Protocol(_)) => return,
             Ok(_) => {}
             Err(e) => panic!("unexpected error finishing close: {e}"),
@@ -179,12 +210,18 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
 }
 
 pub fn status_of(response: &str) -> u16 {
-    response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `POST /v1/publish` with `Connection: close`; returns (status, body).
 pub fn publish_with_key(internal: SocketAddr, key: Option<&str>, body: &str) -> (u16, String) {
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let req = format!(
         "POST /v1/publish HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
