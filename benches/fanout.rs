@@ -73,13 +73,25 @@ impl Shard {
             let k = conns.insert(Sub::default());
             registry.add(k, "ws_bench", &format!("usr_{i}"));
         }
-        Shard { registry, conns, dirty: Vec::with_capacity(SUBSCRIBERS), slow: Vec::new() }
+        Shard {
+            registry,
+            conns,
+            dirty: Vec::with_capacity(SUBSCRIBERS),
+            slow: Vec::new(),
+        }
     }
 
     /// One delivery as the shard does it: look up the recipients, queue the frame.
     fn deliver(&mut self, frame: &SharedFrame) {
         let recipients = self.registry.recipients("ws_bench", None);
-        fan_out(frame, recipients, &mut self.conns, &mut self.dirty, &mut self.slow, 1 << 20);
+        fan_out(
+            frame,
+            recipients,
+            &mut self.conns,
+            &mut self.dirty,
+            &mut self.slow,
+            1 << 20,
+        );
     }
 
     /// The flush, with a sink standing in for the sockets.
@@ -87,7 +99,9 @@ impl Shard {
         for k in self.dirty.drain(..) {
             let c = &mut self.conns[k as usize];
             c.dirty = false;
-            c.out.write_to(&mut std::io::sink()).expect("sink never fails");
+            c.out
+                .write_to(&mut std::io::sink())
+                .expect("sink never fails");
         }
     }
 }
@@ -96,7 +110,9 @@ fn event_frame(seq: u64) -> SharedFrame {
     let payload = format!(
         r#"{{"id":"iss_{seq:08}","title":"Payment gateway timeout on checkout","status":"new","severity":"high","risk_score":74,"source":"pagerduty","created_at":"2024-01-15T10:00:00.000Z"}}"#
     );
-    encode_with("issue.created", payload.len(), 1_705_312_800_000, |b| b.extend_from_slice(payload.as_bytes()))
+    encode_with("issue.created", payload.len(), 1_705_312_800_000, |b| {
+        b.extend_from_slice(payload.as_bytes())
+    })
 }
 
 fn count_costs() {
@@ -125,7 +141,10 @@ fn count_costs() {
         (SUBSCRIBERS - refs) as f64 / SUBSCRIBERS as f64,
     );
     assert_eq!(shared, SUBSCRIBERS, "every subscriber queued the event");
-    assert_eq!(refs, SUBSCRIBERS, "every subscriber holds a reference to the one shared frame");
+    assert_eq!(
+        refs, SUBSCRIBERS,
+        "every subscriber holds a reference to the one shared frame"
+    );
     assert_eq!(allocs, 0, "fan-out allocated");
     shard.flush();
 }

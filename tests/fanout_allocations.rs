@@ -62,19 +62,43 @@ fn zero_allocations_and_copies_per_subscriber() {
     let flush = |conns: &mut Slab<Sub>, dirty: &mut Vec<u32>| {
         for k in dirty.drain(..) {
             conns[k as usize].dirty = false;
-            conns[k as usize].out.write_to(&mut std::io::sink()).unwrap();
+            conns[k as usize]
+                .out
+                .write_to(&mut std::io::sink())
+                .unwrap();
         }
     };
     // Warm-up: each queue grows once in a connection's life.
     let warm = SharedFrame::from(vec![1u8; 200]);
-    fan_out(&warm, registry.recipients("ws", None), &mut conns, &mut dirty, &mut slow, 1 << 20);
+    fan_out(
+        &warm,
+        registry.recipients("ws", None),
+        &mut conns,
+        &mut dirty,
+        &mut slow,
+        1 << 20,
+    );
     flush(&mut conns, &mut dirty);
 
     for round in 0..3 {
         let frame = SharedFrame::from(vec![round as u8; 300]);
         let before = ALLOCS.load(Ordering::Relaxed);
-        fan_out(&frame, registry.recipients("ws", None), &mut conns, &mut dirty, &mut slow, 1 << 20);
-        fan_out(&frame, registry.recipients("ws", Some("usr_3")), &mut conns, &mut dirty, &mut slow, 1 << 20);
+        fan_out(
+            &frame,
+            registry.recipients("ws", None),
+            &mut conns,
+            &mut dirty,
+            &mut slow,
+            1 << 20,
+        );
+        fan_out(
+            &frame,
+            registry.recipients("ws", Some("usr_3")),
+            &mut conns,
+            &mut dirty,
+            &mut slow,
+            1 << 20,
+        );
         let allocs = ALLOCS.load(Ordering::Relaxed) - before;
         assert_eq!(allocs, 0, "round {round}: fan-out allocated {allocs} times");
         // Zero copies: every queued frame is a reference to the one buffer.

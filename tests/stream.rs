@@ -208,3 +208,25 @@ fn fragmented_messages_count_against_the_bound() {
     sock.write_all(&frame(true, 0x0, 1200)).unwrap();
     assert_eq!(read_close_code(&mut sock), 1009);
 }
+
+#[test]
+fn a_ping_flood_without_reading_is_bounded_as_a_slow_consumer() {
+    let s = TestServer::with(|c| c.max_outbound_bytes = 8 * 1024);
+    let mut sock = raw_subscribe(&s, "ws_flood");
+    // Never read, and ping far more than the bound.
+    let mask = [1u8, 2, 3, 4];
+    let mut ping = vec![0x89, 0x80 | 125];
+    ping.extend_from_slice(&mask);
+    ping.extend(std::iter::repeat_n(0u8, 125));
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 4000)
+        .collect();
+    // The server may close the socket while we are still writing; that is the point.
+    let _ = sock.write_all(&burst);
+    let _ = sock.write_all(&burst);
+    // Everything the server queued is bounded; it ends with a 1008 close frame.
+    assert_eq!(read_close_code(&mut sock), 1008);
+}

@@ -626,6 +626,11 @@ impl Shard {
         });
         if replied {
             self.mark_dirty(key);
+            // A peer that pings without reading its pongs is bounded like any slow consumer.
+            if self.conns[key].out.pending_bytes() > self.limits.max_outbound {
+                self.slow.push(key as u32);
+                self.close_slow();
+            }
         }
         if let Err(e) = result {
             log::debug!("shard {}: connection {key}: {e:?}", self.index);
@@ -837,7 +842,9 @@ impl Shard {
 
     fn deliver(&mut self, batch: &[Event]) {
         for event in batch {
-            let recipients = self.registry.recipients(&event.workspace_id, event.user_id.as_deref());
+            let recipients = self
+                .registry
+                .recipients(&event.workspace_id, event.user_id.as_deref());
             fanout::fan_out(
                 &event.frame,
                 recipients,

@@ -141,8 +141,9 @@ impl Decoder {
                 // Top the pending frame up with just the bytes it needs, then decode it.
                 let need = match parse_header(&self.pending) {
                     Parsed::NeedMore(n) => n,
-                    Parsed::Header(h) if is_control(h.opcode) => {
-                        h.header_len + h.len.min(125) as usize
+                    // An oversized control frame is refused as soon as its header is complete.
+                    Parsed::Header(h) if is_control(h.opcode) && h.len <= 125 => {
+                        h.header_len + h.len as usize
                     }
                     Parsed::Header(h) => h.header_len,
                 };
