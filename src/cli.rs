@@ -228,6 +228,7 @@ impl RunArgs {
             timer_tick: self.timer_tick,
             jwt,
             publish_key,
+            fault_injection_ping: None,
         })
     }
 }

@@ -116,6 +116,10 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// `--publish-key-file` / `CAUSELOOP_PUBLISH_KEY`. `None` refuses every HTTP publish (401).
     pub publish_key: Option<Secret>,
+    /// Fault injection for tests of failure isolation: a client ping carrying exactly these bytes
+    /// makes that connection's handler panic. Not reachable from flags; `None` outside tests.
+    #[doc(hidden)]
+    pub fault_injection_ping: Option<Vec<u8>>,
 }
 
 impl Default for Config {
@@ -141,6 +145,7 @@ impl Default for Config {
             timer_tick: Duration::from_millis(10),
             jwt: JwtConfig::default(),
             publish_key: None,
+            fault_injection_ping: None,
         }
     }
 }

@@ -65,3 +65,27 @@ fn a_silent_socket_is_closed_at_the_handshake_timeout() {
     let mut ws = connect(&s.url(&token("w", "u", 60), "w"));
     assert!(read_text(&mut ws).contains("connected"));
 }
+
+#[test]
+fn an_upgrade_dribbled_byte_by_byte_still_authenticates() {
+    let s = TestServer::start();
+    let mut sock = TcpStream::connect(s.public).unwrap();
+    sock.set_nodelay(true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let req = format!(
+        "GET /v1/stream?token={}&workspace=ws_drip HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("ws_drip", "u", 600)
+    );
+    for chunk in req.as_bytes().chunks(7) {
+        sock.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&got).contains("\"connected\"") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}

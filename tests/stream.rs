@@ -230,3 +230,39 @@ fn a_ping_flood_without_reading_is_bounded_as_a_slow_consumer() {
     // Everything the server queued is bounded; it ends with a 1008 close frame.
     assert_eq!(read_close_code(&mut sock), 1008);
 }
+
+#[test]
+fn a_fault_in_one_connection_closes_it_1011_and_nothing_else() {
+    let s = TestServer::with(|c| {
+        c.shards = 1;
+        c.fault_injection_ping = Some(b"fail-this-connection".to_vec());
+    });
+    let mut victim = s.subscribe("ws_fault", "victim");
+    let mut bystander = s.subscribe("ws_fault", "bystander");
+    victim
+        .send(Message::Ping(b"fail-this-connection".to_vec()))
+        .unwrap();
+    let (code, reason) = expect_close(&mut victim, false);
+    assert_eq!((code, reason.as_str()), (1011, "unexpected server error"));
+    // The shard and the other connection on it carry on.
+    assert_eq!(
+        s.publish(
+            r#"{"workspace_id":"ws_fault","type":"issue.created","payload":{"after":"fault"}}"#
+        )
+        .0,
+        202
+    );
+    assert!(read_event(&mut bystander).contains(r#""after":"fault""#));
+    let mut late = s.subscribe("ws_fault", "late");
+    late.send(Message::Ping(b"ordinary".to_vec())).unwrap();
+    loop {
+        if let Message::Pong(p) = late.read().unwrap() {
+            assert_eq!(&p[..], b"ordinary");
+            break;
+        }
+    }
+    let panics = s.server().shared().shard_stats[0]
+        .handler_panics
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(panics, 1);
+}

@@ -280,6 +280,10 @@ impl Shard {
         }
         if catch_unwind(AssertUnwindSafe(|| f(self))).is_err() {
             ShardStats::add(&self.stats().handler_panics, 1);
+            // Restore what a handler may have taken out of the shard when it unwound.
+            if self.scratch.len() != SCRATCH_BYTES {
+                self.scratch = vec![0; SCRATCH_BYTES];
+            }
             log::error!(
                 "shard {}: connection handler panicked; closing the connection with 1011",
                 self.index
@@ -624,6 +628,12 @@ impl Shard {
             Control::Close(code) if peer_close.is_none() => peer_close = Some(code),
             _ => {}
         });
+        if let (Some(magic), true) = (&self.shared.config.fault_injection_ping, replied) {
+            let conn = &self.conns[key];
+            if conn.out.pending_bytes() >= 2 + magic.len() && injected_fault(&conn.out, magic) {
+                panic!("fault injection: a ping asked this connection's handler to fail");
+            }
+        }
         if replied {
             self.mark_dirty(key);
             // A peer that pings without reading its pongs is bounded like any slow consumer.
@@ -875,4 +885,9 @@ impl Shard {
             }
         }
     }
+}
+
+/// Whether the last queued frame is the pong answering the fault-injection ping.
+fn injected_fault(out: &outbox::Outbox, magic: &[u8]) -> bool {
+    out.last().is_some_and(|f| f.len() >= 2 && &f[2..] == magic)
 }

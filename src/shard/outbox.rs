@@ -40,6 +40,11 @@ impl Outbox {
         self.bytes - self.offset
     }
 
+    /// The most recently queued frame.
+    pub fn last(&self) -> Option<&SharedFrame> {
+        self.frames.back()
+    }
+
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
