@@ -10,53 +10,21 @@
 
 use causeloop_stream::bus::event::encode_with;
 use causeloop_stream::bus::interest::Interest;
-use causeloop_stream::shard::fanout::{fan_out, Subscriber};
-use causeloop_stream::shard::outbox::Outbox;
+use causeloop_stream::shard::fanout::fan_out;
 use causeloop_stream::shard::registry::Registry;
 use causeloop_stream::ws::SharedFrame;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use slab::Slab;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts allocations.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
+#[path = "../tests/support/counting.rs"]
+mod counting;
+use counting::{allocations, Counting, Sub};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
 const SUBSCRIBERS: usize = 10_000;
-
-#[derive(Default)]
-struct Sub {
-    out: Outbox,
-    dirty: bool,
-}
-
-impl Subscriber for Sub {
-    fn outbox(&mut self) -> &mut Outbox {
-        &mut self.out
-    }
-    fn mark_dirty(&mut self) -> bool {
-        !std::mem::replace(&mut self.dirty, true)
-    }
-}
 
 struct Shard {
     registry: Registry,
@@ -124,9 +92,9 @@ fn count_costs() {
     drop(warm);
 
     let frame = event_frame(1);
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocations();
     shard.deliver(&frame);
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let allocs = allocations() - before;
     let shared = shard
         .conns
         .iter_mut()

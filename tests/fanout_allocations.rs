@@ -3,50 +3,18 @@
 //! user-scoped delivery.
 
 use causeloop_stream::bus::interest::Interest;
-use causeloop_stream::shard::fanout::{fan_out, Subscriber};
-use causeloop_stream::shard::outbox::Outbox;
+use causeloop_stream::shard::fanout::fan_out;
 use causeloop_stream::shard::registry::Registry;
 use causeloop_stream::ws::SharedFrame;
 use slab::Slab;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts allocations.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{allocations, Counting, Sub};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-#[derive(Default)]
-struct Sub {
-    out: Outbox,
-    dirty: bool,
-}
-
-impl Subscriber for Sub {
-    fn outbox(&mut self) -> &mut Outbox {
-        &mut self.out
-    }
-    fn mark_dirty(&mut self) -> bool {
-        !std::mem::replace(&mut self.dirty, true)
-    }
-}
 
 #[test]
 fn zero_allocations_and_copies_per_subscriber() {
@@ -82,7 +50,7 @@ fn zero_allocations_and_copies_per_subscriber() {
 
     for round in 0..3 {
         let frame = SharedFrame::from(vec![round as u8; 300]);
-        let before = ALLOCS.load(Ordering::Relaxed);
+        let before = allocations();
         fan_out(
             &frame,
             registry.recipients("ws", None),
@@ -99,7 +67,7 @@ fn zero_allocations_and_copies_per_subscriber() {
             &mut slow,
             1 << 20,
         );
-        let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+        let allocs = allocations() - before;
         assert_eq!(allocs, 0, "round {round}: fan-out allocated {allocs} times");
         // Zero copies: every queued frame is a reference to the one buffer.
         assert_eq!(Arc::strong_count(&frame), 1 + N + N / 10);

@@ -75,24 +75,23 @@ fn secret_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
-fn signal(child: &Child, sig: i32) {
-    // SAFETY-free: libc::kill is a plain syscall wrapper; the pid is our own child's.
-    let rc = unsafe_kill(child.id() as i32, sig);
-    assert_eq!(rc, 0);
-}
-
-fn unsafe_kill(pid: i32, sig: i32) -> i32 {
-    // Shelling out keeps the test crate free of `unsafe`.
+/// Sends SIGTERM (through `kill(1)`, which keeps the test crate free of `unsafe`).
+fn sigterm(child: &Child) {
     let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
+        .arg("-TERM")
+        .arg(child.id().to_string())
         .status()
         .unwrap();
-    if status.success() {
-        0
-    } else {
-        -1
-    }
+    assert!(status.success());
+}
+
+/// SIGTERM, answer the 1001 like a browser, and expect a clean exit.
+fn stop_cleanly(p: &mut Proc, mut ws: Ws) {
+    sigterm(&p.child);
+    assert_eq!(expect_close(&mut ws, false).0, 1001);
+    finish_close(&mut ws);
+    drop(ws);
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
@@ -149,7 +148,7 @@ fn sigterm_drains_with_1001_and_exits_zero() {
     };
     assert_eq!(status_of(&get(p.internal, "/readyz")), 200);
 
-    signal(&p.child, libc_sigterm());
+    sigterm(&p.child);
     let (code, reason) = expect_close(&mut ws, false);
     assert_eq!((code, reason.as_str()), (1001, "server going away"));
     finish_close(&mut ws);
@@ -197,10 +196,6 @@ fn sigterm_drains_with_1001_and_exits_zero() {
     );
 }
 
-fn libc_sigterm() -> i32 {
-    15
-}
-
 #[test]
 fn drain_timeout_bounds_an_unresponsive_client() {
     let mut p = spawn(&["--drain-timeout", "500ms"], &secret_env());
@@ -210,7 +205,7 @@ fn drain_timeout_bounds_an_unresponsive_client() {
         p.public
     ));
     assert!(read_text(&mut ws).contains("connected"));
-    signal(&p.child, libc_sigterm());
+    sigterm(&p.child);
     // The client never answers the 1001.
     assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
     assert_eq!(expect_close(&mut ws, false).0, 1001);
@@ -258,11 +253,7 @@ fn env_twins_configure_the_server() {
         start.elapsed() < Duration::from_secs(2),
         "CAUSELOOP_HEARTBEAT_INTERVAL was not applied"
     );
-    signal(&p.child, libc_sigterm());
-    let _ = expect_close(&mut ws, false);
-    finish_close(&mut ws);
-    drop(ws);
-    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
+    stop_cleanly(&mut p, ws);
 }
 
 #[test]
@@ -308,11 +299,7 @@ fn dev_mode_prints_a_working_url_and_curl_command() {
         }
     }
     assert!(found);
-    signal(&p.child, libc_sigterm());
-    let _ = expect_close(&mut ws, false);
-    finish_close(&mut ws);
-    drop(ws);
-    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
+    stop_cleanly(&mut p, ws);
 }
 
 #[test]
