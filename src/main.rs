@@ -8,7 +8,7 @@ use causeloop_stream::cli::{read_secret_file, Cli, Command, TokenArgs, ENV_HS256
 use causeloop_stream::clock;
 use causeloop_stream::config::Secret;
 use causeloop_stream::server::Server;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::io::Write;
 
 mod dev;
@@ -35,7 +35,18 @@ impl log::Log for StderrLogger {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // A first try should not expose a server with throw-away secrets to the network: under
+    // --dev the public listener defaults to loopback unless --listen (or its env twin) is given.
+    if cli.run.dev
+        && matches.value_source("listen") == Some(clap::parser::ValueSource::DefaultValue)
+    {
+        cli.run.listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     let code = match cli.command {
         Some(Command::Token(args)) => token(&args),
         None => run(cli),

@@ -203,7 +203,7 @@ impl Shard {
                     "shard {}: poll failed: {e}; closing every connection with 1011",
                     self.index
                 );
-                self.abort_all();
+                self.abort_all(Some(CloseReason::ServerError));
                 return;
             }
             let now = Instant::now();
@@ -251,7 +251,8 @@ impl Shard {
                         self.index,
                         self.conns.len()
                     );
-                    self.abort_all();
+                    // Each already has its 1001; it just did not answer in time.
+                    self.abort_all(None);
                     return;
                 }
             }
@@ -297,13 +298,18 @@ impl Shard {
         }
     }
 
-    fn abort_all(&mut self) {
+    /// Drops every connection at once. With `reason`, open connections whose queue is empty get
+    /// one best-effort, non-blocking write of that close frame first (a connection with queued
+    /// bytes cannot take a frame in the middle of another).
+    fn abort_all(&mut self, reason: Option<CloseReason>) {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for k in keys {
-            if self.conns[k].upgraded() {
-                // Best effort: one non-blocking write of the close frame, then drop.
-                let frame = CloseReason::GoingAway.frame();
-                let _ = io::Write::write(&mut self.conns[k].stream, &frame);
+            let conn = &mut self.conns[k];
+            if let Some(r) = reason {
+                if matches!(conn.phase, Phase::Open) && !conn.close_sent && conn.out.is_empty() {
+                    let _ = io::Write::write(&mut conn.stream, &r.frame());
+                    self.stats().close(r);
+                }
             }
             self.kill(k);
         }
