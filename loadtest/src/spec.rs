@@ -1,0 +1,93 @@
+//! What the orchestrator tells a worker process, and what a worker reports back, as JSON lines
+//! over the worker's stdin and stdout. The secret travels this way too: never in argv.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The scenario a worker runs.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Ramp and hold connections.
+    Connect,
+    /// Subscribers receive published events.
+    Fanout,
+    /// Drop everything, reconnect with the seed client's backoff.
+    Storm,
+    /// Some subscribers stop reading.
+    Slow,
+}
+
+/// A worker's assignment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Public listener addresses (`host:port`); connection `i` uses `targets[i % len]`.
+    pub targets: Vec<String>,
+    /// First global connection index of this worker.
+    pub first: u64,
+    /// How many connections this worker opens.
+    pub count: u64,
+    /// Total connections across workers (for the workspace assignment).
+    pub total: u64,
+    /// Number of workspaces.
+    pub workspaces: u32,
+    /// Zipf exponent of the workspace assignment (0: uniform).
+    pub skew: f64,
+    /// Workspace id prefix.
+    pub workspace_prefix: String,
+    /// Connections per second this worker opens (0: as fast as `max_inflight` allows).
+    pub connect_rate: f64,
+    /// Most handshakes in flight at once.
+    pub max_inflight: u64,
+    /// HS256 secret for minting tokens.
+    pub secret: String,
+    /// Workspace claim name.
+    pub claim: String,
+    /// Source addresses to bind, round-robin (empty: the kernel's choice).
+    pub source_ips: Vec<String>,
+    /// Fraction of connections that stop reading (slow scenario).
+    pub slow_fraction: f64,
+    /// The server's heartbeat interval, for lateness.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// A worker's report: counters and histograms (serialized HdrHistogram V2, base64).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// `progress`, `ready` or `final`.
+    pub kind: String,
+    /// Connections attempted (including reconnects).
+    pub attempts: u64,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections that received `connected`.
+    pub connected: u64,
+    /// Failures to connect, by reason (`http 503`, `refused`, `close 4401`, …).
+    pub failures: BTreeMap<String, u64>,
+    /// Close frames received on established connections, by code.
+    pub closes: BTreeMap<u16, u64>,
+    /// Close codes received by connections that were told to stop reading.
+    pub slow_closes: BTreeMap<u16, u64>,
+    /// Event frames received (not counting `connected` and heartbeats).
+    pub events: u64,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Events missing from a subscriber's per-workspace sequence.
+    pub lost: u64,
+    /// Events received out of order (or twice).
+    pub reordered: u64,
+    /// Storm: milliseconds from the drop until every connection was back, when they all came back.
+    pub storm_recovered_ms: Option<u64>,
+    /// Connect latency histogram (µs, TCP connect start to `connected`).
+    pub connect_hist: String,
+    /// Event latency histogram (µs, publish to receipt); readers only in the slow scenario.
+    pub latency_hist: String,
+    /// Heartbeat lateness histogram (µs past the interval).
+    pub heartbeat_hist: String,
+    /// This worker's own CPU, nanoseconds.
+    pub cpu_ns: u64,
+}
