@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// Unsent bytes per connection before it is closed 1008 (slow consumer).
     #[arg(long, env = "CAUSELOOP_MAX_OUTBOUND_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_outbound_bytes: usize,
+    /// SO_SNDBUF of stream sockets (0: the kernel's autotuning). Bounds kernel memory per
+    /// connection and how long a stalled reader hides behind kernel buffers.
+    #[arg(long, env = "CAUSELOOP_SOCKET_SEND_BUFFER", default_value = "256KiB", value_parser = parse_bytes)]
+    pub socket_send_buffer: usize,
     /// Time from accept to a completed WebSocket upgrade.
     #[arg(long, env = "CAUSELOOP_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
@@ -215,6 +219,7 @@ impl RunArgs {
             shards: self.shards.unwrap_or(defaults.shards),
             max_connections: self.max_connections,
             max_outbound_bytes: self.max_outbound_bytes,
+            socket_send_buffer: self.socket_send_buffer,
             handshake_timeout: self.handshake_timeout,
             drain_timeout: self.drain_timeout,
             close_timeout: self.close_timeout,

@@ -90,6 +90,10 @@ pub struct Config {
     pub max_connections: usize,
     /// `--max-outbound-bytes`: unsent bytes per connection before it is closed 1008.
     pub max_outbound_bytes: usize,
+    /// `--socket-send-buffer`: `SO_SNDBUF` for stream sockets (0 keeps the kernel's autotuning).
+    /// Bounds kernel memory per connection and makes a stalled reader visible to
+    /// `--max-outbound-bytes` after this much, not after the kernel's maximum (often 4 MiB).
+    pub socket_send_buffer: usize,
     /// `--handshake-timeout`: from accept to a completed upgrade.
     pub handshake_timeout: Duration,
     /// `--drain-timeout`: how long a drain waits for clients' close frames.
@@ -132,6 +136,7 @@ impl Default for Config {
                 .unwrap_or(1),
             max_connections: 1_000_000,
             max_outbound_bytes: 1 << 20,
+            socket_send_buffer: 256 << 10,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),

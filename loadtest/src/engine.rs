@@ -51,6 +51,8 @@ struct Conn {
     expected: u64,
     last_heartbeat: Option<Instant>,
     slow: bool,
+    /// Was told to stop reading at some point (its latencies are not a reader's).
+    was_slow: bool,
     backoff_ms: u64,
     retry_at: Option<Instant>,
 }
@@ -295,6 +297,7 @@ impl Fleet {
                 expected: u64::MAX,
                 last_heartbeat: None,
                 slow,
+                was_slow: slow,
                 backoff_ms: 1000,
                 retry_at: None,
             };
@@ -335,6 +338,10 @@ impl Fleet {
                 socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
             sock.set_nonblocking(true)?;
             sock.set_nodelay(true)?;
+            if self.conns[k].slow {
+                // A stalled reader should stall: keep what the kernel buffers for it small.
+                sock.set_recv_buffer_size(4096)?;
+            }
             if !self.sources.is_empty() {
                 let ip = self.sources[(index % self.sources.len() as u64) as usize];
                 sock.bind(&SocketAddr::new(ip, 0).into())?;
@@ -499,7 +506,7 @@ impl Fleet {
         let c = &self.conns[k];
         match (&c.state, code) {
             (State::Open, Some(code)) => {
-                let map = if c.slow {
+                let map = if c.was_slow {
                     &mut self.report.slow_closes
                 } else {
                     &mut self.report.closes
@@ -591,7 +598,9 @@ impl Fleet {
                             c.expected = seq + 1;
                         }
                     }
-                    if let Some(t) = wire::number_after(t, b"\"t\":") {
+                    // Latency is a reader's figure: a connection that stopped reading (slow
+                    // scenario) would only measure its own stall.
+                    if let Some(t) = wire::number_after(t, b"\"t\":").filter(|_| !c.was_slow) {
                         let us = (now_ns.saturating_sub(t) / 1000).max(1);
                         let _ = self.latency_hist.record(us);
                         let _ = self.interval_latency.record(us);

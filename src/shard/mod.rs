@@ -82,6 +82,7 @@ struct Timer {
 /// The numbers a shard reads from the configuration on every iteration.
 struct Limits {
     max_outbound: usize,
+    send_buffer: usize,
     max_client_message: u64,
     max_head: usize,
     max_connections: usize,
@@ -140,6 +141,7 @@ impl Shard {
         let tick = cfg.timer_tick;
         let limits = Limits {
             max_outbound: cfg.max_outbound_bytes,
+            send_buffer: cfg.socket_send_buffer,
             max_client_message: cfg.max_client_message_bytes as u64,
             max_head: cfg.max_request_head_bytes,
             max_connections: cfg.max_connections,
@@ -356,6 +358,9 @@ impl Shard {
 
     fn add_conn(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
         let _ = stream.set_nodelay(true);
+        if self.limits.send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(self.limits.send_buffer);
+        }
         let over_limit =
             self.shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections;
         let entry = self.conns.vacant_entry();
