@@ -301,6 +301,7 @@ impl Fleet {
                 backoff_ms: 1000,
                 retry_at: None,
             };
+            self.report.slow += u64::from(slow);
             let key = self.conns.insert(conn);
             self.start(key);
         }
@@ -708,6 +709,7 @@ pub fn merge(
         for (k, v) in &r.slow_closes {
             *total.slow_closes.entry(*k).or_default() += v;
         }
+        total.slow += r.slow;
         total.events += r.events;
         total.heartbeats += r.heartbeats;
         total.bytes += r.bytes;

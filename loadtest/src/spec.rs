@@ -68,6 +68,8 @@ pub struct WorkerReport {
     pub failures: BTreeMap<String, u64>,
     /// Close frames received on established connections, by code.
     pub closes: BTreeMap<u16, u64>,
+    /// Connections told to stop reading (slow scenario).
+    pub slow: u64,
     /// Close codes received by connections that were told to stop reading.
     pub slow_closes: BTreeMap<u16, u64>,
     /// Event frames received (not counting `connected` and heartbeats).

@@ -1,0 +1,147 @@
+//! The load tester's own accounting, against a causeloop-stream server started in the test:
+//! delivered counts, loss and reorder detection, and latency percentiles.
+
+use causeloop_stream::config::{Config, Secret};
+use causeloop_stream::server::Server;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const SECRET: &str = "loadtest-accounting-secret-0123456789";
+const KEY: &str = "loadtest-accounting-publish-key";
+
+fn server() -> Server {
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        publish_key: Some(Secret::from(KEY.as_bytes().to_vec())),
+        ..Config::default()
+    };
+    c.jwt.hs256_secrets = vec![Secret::from(SECRET.as_bytes().to_vec())];
+    Server::start(c).unwrap()
+}
+
+fn loadtest(args: &[String]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_causeloop-loadtest"))
+        .args(args)
+        .env("CAUSELOOP_JWT_HS256_SECRET", SECRET)
+        .env("CAUSELOOP_PUBLISH_KEY", KEY)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn subscribed(s: &Server) -> u64 {
+    s.shared()
+        .shard_stats
+        .iter()
+        .map(|st| st.open.load(Ordering::Relaxed))
+        .sum()
+}
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn counts_every_frame_of_a_clean_run() {
+    let s = server();
+    let json = std::env::temp_dir().join(format!("lt-clean-{}.json", std::process::id()));
+    let args: Vec<String> = [
+        "fanout",
+        "--url",
+        &format!("ws://{}", s.public_addr()),
+        "--internal",
+        &format!("http://{}", s.internal_addr()),
+        "--connections",
+        "60",
+        "--workspaces",
+        "3",
+        "--rate",
+        "10",
+        "--duration",
+        "2s",
+        "--processes",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let status = loadtest(&args).wait().unwrap();
+    assert!(status.success());
+    let r = read_json(&json);
+    let f = &r["fanout"];
+    let published = f["published_events"].as_u64().unwrap();
+    assert!(published >= 30, "published {published}");
+    // 60 subscribers over 3 workspaces: every event reaches 20 of them.
+    assert_eq!(f["delivered_frames"].as_u64().unwrap(), published * 20);
+    assert_eq!(f["lost"], 0);
+    assert_eq!(f["reordered"], 0);
+    assert_eq!(r["connect"]["connected"], 60);
+    let lat = &f["latency_us"];
+    assert_eq!(lat["count"].as_u64().unwrap(), published * 20);
+    assert!(lat["p50"].as_u64().unwrap() <= lat["p99"].as_u64().unwrap());
+    assert!(lat["p99"].as_u64().unwrap() <= lat["max"].as_u64().unwrap());
+    std::fs::remove_file(&json).ok();
+}
+
+#[test]
+fn detects_gaps_and_reordering() {
+    let s = server();
+    let json = std::env::temp_dir().join(format!("lt-gaps-{}.json", std::process::id()));
+    let args: Vec<String> = [
+        "fanout",
+        "--url",
+        &format!("ws://{}", s.public_addr()),
+        "--connections",
+        "10",
+        "--workspaces",
+        "2",
+        "--rate",
+        "0",
+        "--duration",
+        "3s",
+        "--json",
+        json.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut child = loadtest(&args);
+    let start = Instant::now();
+    while subscribed(&s) < 10 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the load tester never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Per workspace: 0, 1, 3, 2, 5. Each subscriber must see one gap that stays open (4) and one
+    // event out of order (2, which first looked lost).
+    let p = s.publisher();
+    for seq in [0u64, 1, 3, 2, 5] {
+        for w in 0..2 {
+            let t = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64;
+            p.publish(
+                &format!("lt_ws_{w}"),
+                "loadtest.event",
+                &serde_json::json!({"seq": seq, "t": t}),
+            )
+            .unwrap();
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    let r = read_json(&json);
+    let f = &r["fanout"];
+    assert_eq!(f["delivered_frames"], 50);
+    assert_eq!(f["lost"], 10, "{f}");
+    assert_eq!(f["reordered"], 10, "{f}");
+    assert_eq!(f["latency_us"]["count"], 50);
+    std::fs::remove_file(&json).ok();
+}
