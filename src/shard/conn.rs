@@ -60,6 +60,8 @@ pub struct Conn {
     pub expiry: Option<TimerId>,
     /// In the shard's flush list.
     pub dirty: bool,
+    /// Registered for write readiness (only while the outbox could not be flushed).
+    pub want_write: bool,
     /// Scheduled for removal at the end of the loop iteration.
     pub dead: bool,
     /// Shut down once the outbox is flushed.
@@ -93,6 +95,7 @@ impl Conn {
             heartbeat: None,
             expiry: None,
             dirty: false,
+            want_write: false,
             dead: false,
             close_when_flushed: false,
             close_sent: false,

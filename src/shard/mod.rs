@@ -368,7 +368,7 @@ impl Shard {
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             Token(key),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE,
         ) {
             log::warn!("shard {}: register: {e}", self.index);
             self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
@@ -822,7 +822,18 @@ impl Shard {
                 Ok(done) => {
                     ShardStats::add(&stats.frames_written, done.frames as u64);
                     ShardStats::add(&stats.bytes_written, done.bytes as u64);
-                    if conn.out.is_empty() && conn.close_when_flushed {
+                    // Write readiness is watched only while bytes wait: registering it for good
+                    // would deliver an EPOLLOUT wake-up for nearly every ACK.
+                    let blocked = !conn.out.is_empty();
+                    if blocked != conn.want_write {
+                        let interest = if blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+                        if self.poll.registry().reregister(&mut conn.stream, Token(key), interest).is_err() {
+                            self.kill(key);
+                            continue;
+                        }
+                        conn.want_write = blocked;
+                    }
+                    if !blocked && conn.close_when_flushed {
                         self.linger(key);
                     }
                 }

@@ -70,7 +70,9 @@ impl Outbox {
                     iov[i] = IoSlice::new(if i == 0 { &f[self.offset..] } else { &f[..] });
                     count += 1;
                 }
-                match w.write_vectored(&iov[..count]) {
+                // One frame: a plain send() skips the vectored path's per-call setup.
+                let result = if count == 1 { w.write(&iov[0]) } else { w.write_vectored(&iov[..count]) };
+                match result {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
