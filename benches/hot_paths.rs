@@ -18,30 +18,56 @@ use std::hint::black_box;
 const NOW: u64 = 1_800_000_000;
 
 fn claims() -> String {
-    format!(r#"{{"sub":"usr_01abc456","workspace_id":"ws_01abc123","iat":{},"exp":{}}}"#, NOW - 10, NOW + 3600)
+    format!(
+        r#"{{"sub":"usr_01abc456","workspace_id":"ws_01abc123","iat":{},"exp":{}}}"#,
+        NOW - 10,
+        NOW + 3600
+    )
 }
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 fn auth(c: &mut Criterion) {
     let mut keys = KeySet::default();
     keys.add_hs256(None, b"bench-secret-0123456789abcdef0123456789");
-    let hs = jwt::sign_hs256(b"bench-secret-0123456789abcdef0123456789", claims().as_bytes());
+    let hs = jwt::sign_hs256(
+        b"bench-secret-0123456789abcdef0123456789",
+        claims().as_bytes(),
+    );
     let rules = Validation::default();
     assert!(jwt::verify(hs.as_bytes(), &keys, &rules, NOW).is_ok());
-    c.bench_function("verify_hs256", |b| b.iter(|| jwt::verify(black_box(hs.as_bytes()), &keys, &rules, NOW)));
+    c.bench_function("verify_hs256", |b| {
+        b.iter(|| jwt::verify(black_box(hs.as_bytes()), &keys, &rules, NOW))
+    });
 
     let mut rsa_keys = KeySet::default();
     rsa_keys.rs256 = parse_pem_keys(&fixture("rsa_public.pem")).unwrap();
     let kp = ring::signature::RsaKeyPair::from_pkcs8(&fixture("rsa_private.pk8")).unwrap();
-    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#), URL_SAFE_NO_PAD.encode(claims()));
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims())
+    );
     let mut sig = vec![0u8; kp.public().modulus_len()];
-    kp.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), input.as_bytes(), &mut sig).unwrap();
+    kp.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
     let rs = format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig));
     assert!(jwt::verify(rs.as_bytes(), &rsa_keys, &rules, NOW).is_ok());
-    c.bench_function("verify_rs256_2048", |b| b.iter(|| jwt::verify(black_box(rs.as_bytes()), &rsa_keys, &rules, NOW)));
+    c.bench_function("verify_rs256_2048", |b| {
+        b.iter(|| jwt::verify(black_box(rs.as_bytes()), &rsa_keys, &rules, NOW))
+    });
 }
 
 fn handshake(c: &mut Criterion) {
@@ -51,7 +77,9 @@ fn handshake(c: &mut Criterion) {
     );
     c.bench_function("parse_and_route_browser_upgrade", |b| {
         b.iter(|| {
-            let head = parse_head(black_box(req.as_bytes()), 8192).unwrap().unwrap();
+            let head = parse_head(black_box(req.as_bytes()), 8192)
+                .unwrap()
+                .unwrap();
             matches!(route_public(&head), PublicRoute::Stream { .. })
         })
     });
@@ -68,7 +96,13 @@ fn publish_body(c: &mut Criterion) {
     let batch = format!("[{}]", items.join(","));
     let mut g = c.benchmark_group("publish_body");
     g.throughput(Throughput::Elements(20));
-    g.bench_function("validate_batch_of_20", |b| b.iter(|| body::parse(black_box(batch.as_bytes()), 10_000).unwrap().len()));
+    g.bench_function("validate_batch_of_20", |b| {
+        b.iter(|| {
+            body::parse(black_box(batch.as_bytes()), 10_000)
+                .unwrap()
+                .len()
+        })
+    });
     g.finish();
 }
 

@@ -546,6 +546,7 @@ fn run(
         }
     }
     let server_end = sample_server();
+    let open_end: u64 = workers.iter().map(|w| w.latest.open).sum();
 
     // Finish: final reports.
     for w in workers.iter_mut() {

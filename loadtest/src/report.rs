@@ -99,7 +99,7 @@ pub struct ServerFigures {
     pub cpu_ns_per_connection: Option<f64>,
     /// Server CPU during the publishing window divided by frames delivered.
     pub cpu_ns_per_frame: Option<f64>,
-    /// RSS growth from before the first connection to the end of the connect phase, per connection.
+    /// RSS growth from before the first connection to the end of the run, per connection open then.
     pub rss_bytes_per_connection: Option<f64>,
     /// RSS before connecting.
     pub rss_bytes_start: u64,

@@ -1,8 +1,13 @@
 //! A connection's queue of frames to send: references to shared frames, written with vectored
 //! writes, several frames per system call.
 //!
-//! Invariants: `offset < frames[0].len()` whenever `frames` is non-empty (a fully written frame
-//! is popped at once); `bytes` is the sum of the lengths of the queued frames.
+//! The first queued frame lives inline; a `VecDeque` takes the rest. An idle connection, or one
+//! that receives one frame at a time and keeps up, never allocates for its queue; one that gets
+//! bursts allocates the deque once and keeps it for its life (so fan-out stays allocation-free).
+//!
+//! Invariants: `head` is `None` only when the deque is empty; `offset < head.len()` whenever
+//! `head` is set (a fully written frame is dropped at once); `bytes` is the sum of the lengths of
+//! the queued frames, `offset` included.
 
 use crate::ws::SharedFrame;
 use std::collections::VecDeque;
@@ -23,75 +28,94 @@ pub struct Flushed {
 /// Frames waiting to be written to one socket.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    frames: VecDeque<SharedFrame>,
-    offset: usize,
-    bytes: usize,
+    head: Option<SharedFrame>,
+    rest: VecDeque<SharedFrame>,
+    offset: u32,
+    bytes: u32,
 }
 
 impl Outbox {
     /// Queues a frame (a reference to it; no copy).
     pub fn push(&mut self, frame: SharedFrame) {
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.bytes = self
+            .bytes
+            .saturating_add(frame.len().min(u32::MAX as usize) as u32);
+        if self.head.is_none() {
+            self.head = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
     }
 
     /// Bytes queued and not yet written.
     pub fn pending_bytes(&self) -> usize {
-        self.bytes - self.offset
-    }
-
-    /// The most recently queued frame.
-    pub fn last(&self) -> Option<&SharedFrame> {
-        self.frames.back()
+        (self.bytes - self.offset) as usize
     }
 
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.head.is_none()
+    }
+
+    /// The most recently queued frame.
+    pub fn last(&self) -> Option<&SharedFrame> {
+        self.rest.back().or(self.head.as_ref())
     }
 
     /// Drops every queued frame except a partially written one, which must be finished before
     /// anything else (say, a close frame) can follow it on the wire.
     pub fn discard_unstarted(&mut self) {
-        let keep = usize::from(self.offset > 0).min(self.frames.len());
-        self.frames.truncate(keep);
-        self.bytes = self.frames.iter().map(|f| f.len()).sum();
+        self.rest.clear();
+        if self.offset == 0 {
+            self.head = None;
+        }
+        self.bytes = self.head.as_ref().map_or(0, |f| f.len() as u32);
+    }
+
+    fn pop_head(&mut self) {
+        if let Some(f) = self.head.take() {
+            self.bytes -= f.len() as u32;
+        }
+        self.offset = 0;
+        self.head = self.rest.pop_front();
     }
 
     /// Writes as much as the socket takes, until it would block or the queue is empty.
     /// `WouldBlock` is not an error: it ends the flush with what was written.
     pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<Flushed> {
         let mut done = Flushed::default();
-        while !self.frames.is_empty() {
-            let n = {
+        while let Some(head) = &self.head {
+            let result = if self.rest.is_empty() {
+                // One frame: a plain send() skips the vectored path's per-call setup.
+                w.write(&head[self.offset as usize..])
+            } else {
                 let mut iov = [IoSlice::new(&[]); MAX_IOV];
-                let mut count = 0;
-                for (i, f) in self.frames.iter().take(MAX_IOV).enumerate() {
-                    iov[i] = IoSlice::new(if i == 0 { &f[self.offset..] } else { &f[..] });
+                iov[0] = IoSlice::new(&head[self.offset as usize..]);
+                let mut count = 1;
+                for (slot, f) in iov[1..].iter_mut().zip(self.rest.iter()) {
+                    *slot = IoSlice::new(f);
                     count += 1;
                 }
-                // One frame: a plain send() skips the vectored path's per-call setup.
-                let result = if count == 1 { w.write(&iov[0]) } else { w.write_vectored(&iov[..count]) };
-                match result {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
+                w.write_vectored(&iov[..count])
+            };
+            let n = match result {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(done),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
             done.bytes += n;
             let mut left = n;
             while left > 0 {
-                let head_left = self.frames[0].len() - self.offset;
+                let Some(head) = &self.head else { break };
+                let head_left = head.len() - self.offset as usize;
                 if left >= head_left {
                     left -= head_left;
-                    self.bytes -= self.frames[0].len();
-                    self.offset = 0;
-                    self.frames.pop_front();
+                    self.pop_head();
                     done.frames += 1;
                 } else {
-                    self.offset += left;
+                    self.offset += left as u32;
                     left = 0;
                 }
             }
@@ -169,6 +193,25 @@ mod tests {
     }
 
     #[test]
+    fn more_frames_than_one_writev_takes() {
+        let mut o = Outbox::default();
+        let mut all = Vec::new();
+        for i in 0..200u32 {
+            let f = SharedFrame::from(i.to_be_bytes().to_vec());
+            all.extend_from_slice(&f);
+            o.push(f);
+        }
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: usize::MAX,
+            budget: usize::MAX,
+        };
+        let done = o.write_to(&mut w).unwrap();
+        assert_eq!(done.frames, 200);
+        assert_eq!(w.got, all);
+    }
+
+    #[test]
     fn discard_keeps_a_started_frame() {
         let mut o = Outbox::default();
         for f in frames() {
@@ -197,7 +240,12 @@ mod tests {
         let mut boxes: Vec<Outbox> = (0..10).map(|_| Outbox::default()).collect();
         for o in &mut boxes {
             o.push(f.clone());
+            o.push(f.clone());
         }
-        assert_eq!(std::sync::Arc::strong_count(&f), 11);
+        assert_eq!(std::sync::Arc::strong_count(&f), 21);
+        assert_eq!(
+            boxes[3].last().map(|l| std::sync::Arc::ptr_eq(l, &f)),
+            Some(true)
+        );
     }
 }

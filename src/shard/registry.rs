@@ -1,30 +1,52 @@
 //! A shard's subscription registry: which of its connections belong to which workspace and user.
 //!
-//! Add and remove are O(1): each connection's positions in its workspace list and user list are
-//! kept beside it (indexed by its slab key), and removal is a `swap_remove` that fixes the moved
-//! entry's position. The registry also keeps this shard's per-bucket counts and flips its bits in
-//! the shared [`Interest`] table when a bucket gains its first or loses its last subscriber.
+//! Add and remove are O(1): each connection's membership (its workspace's slot, its user's name,
+//! its positions in the workspace list and in the user list) is kept here, indexed by its slab
+//! key, and removal is a `swap_remove` that fixes the moved entry's position. A connection
+//! therefore stores no names itself: one shared `Arc<str>` per connection holds its user id (the
+//! same allocation serves as the lookup key), and a workspace's name is stored once per shard.
+//!
+//! The registry also keeps this shard's per-bucket counts and flips its bits in the shared
+//! [`Interest`] table when a bucket gains its first or loses its last subscribed workspace.
 
 use crate::bus::interest::{bucket, Interest, BUCKETS};
+use slab::Slab;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-#[derive(Default)]
-struct Workspace {
-    conns: Vec<u32>,
-    users: HashMap<Box<str>, Vec<u32>>,
+/// The connections of one user in one workspace; one connection needs no allocation.
+enum Conns {
+    One(u32),
+    Many(Vec<u32>),
 }
 
-#[derive(Clone, Copy, Default)]
-struct Position {
+impl Conns {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Conns::One(k) => std::slice::from_ref(k),
+            Conns::Many(v) => v,
+        }
+    }
+}
+
+struct Workspace {
+    name: Box<str>,
+    conns: Vec<u32>,
+    users: HashMap<Arc<str>, Conns>,
+}
+
+struct Member {
+    workspace: u32,
     in_workspace: u32,
     in_user: u32,
+    user: Arc<str>,
 }
 
 /// The registry of one shard.
 pub struct Registry {
-    workspaces: HashMap<Box<str>, Workspace>,
-    positions: Vec<Position>,
+    by_name: HashMap<Box<str>, u32>,
+    workspaces: Slab<Workspace>,
+    members: Vec<Option<Member>>,
     bucket_counts: Box<[u32]>,
     interest: Arc<Interest>,
     shard: usize,
@@ -34,87 +56,140 @@ impl Registry {
     /// An empty registry for shard `shard`, publishing its interest into `interest`.
     pub fn new(shard: usize, interest: Arc<Interest>) -> Self {
         Registry {
-            workspaces: HashMap::new(),
-            positions: Vec::new(),
+            by_name: HashMap::new(),
+            workspaces: Slab::new(),
+            members: Vec::new(),
             bucket_counts: vec![0; BUCKETS].into_boxed_slice(),
             interest,
             shard,
         }
     }
 
-    /// Subscribes connection `key` as `user` of `workspace`. The caller adds each key once.
+    /// Subscribes connection `key` as `user` of `workspace`. The caller adds each key once and
+    /// removes it before adding it again.
     pub fn add(&mut self, key: usize, workspace: &str, user: &str) {
-        if self.positions.len() <= key {
-            self.positions.resize(key + 1, Position::default());
+        if self.members.len() <= key {
+            self.members.resize_with(key + 1, || None);
         }
-        let ws = match self.workspaces.get_mut(workspace) {
-            Some(ws) => ws,
+        debug_assert!(self.members[key].is_none(), "key added twice");
+        let slot = match self.by_name.get(workspace) {
+            Some(&slot) => slot,
             None => {
                 let b = bucket(workspace);
                 self.bucket_counts[b] += 1;
                 if self.bucket_counts[b] == 1 {
                     self.interest.set(b, self.shard);
                 }
-                self.workspaces.entry(workspace.into()).or_default()
+                let slot = self.workspaces.insert(Workspace {
+                    name: workspace.into(),
+                    conns: Vec::new(),
+                    users: HashMap::new(),
+                }) as u32;
+                self.by_name.insert(workspace.into(), slot);
+                slot
             }
         };
+        let ws = &mut self.workspaces[slot as usize];
         let in_workspace = ws.conns.len() as u32;
         ws.conns.push(key as u32);
-        let users = match ws.users.get_mut(user) {
-            Some(u) => u,
-            None => ws.users.entry(user.into()).or_default(),
+        let (user, in_user) = match ws.users.get_key_value(user) {
+            Some((name, _)) => {
+                let name = name.clone();
+                let conns = ws.users.get_mut(user).expect("just found");
+                let in_user = match conns {
+                    Conns::One(first) => {
+                        *conns = Conns::Many(vec![*first, key as u32]);
+                        1
+                    }
+                    Conns::Many(v) => {
+                        v.push(key as u32);
+                        v.len() as u32 - 1
+                    }
+                };
+                (name, in_user)
+            }
+            None => {
+                let name: Arc<str> = user.into();
+                ws.users.insert(name.clone(), Conns::One(key as u32));
+                (name, 0)
+            }
         };
-        let in_user = users.len() as u32;
-        users.push(key as u32);
-        self.positions[key] = Position {
+        self.members[key] = Some(Member {
+            workspace: slot,
             in_workspace,
             in_user,
-        };
+            user,
+        });
     }
 
-    /// Unsubscribes connection `key`, previously added with the same workspace and user.
-    pub fn remove(&mut self, key: usize, workspace: &str, user: &str) {
-        let Some(ws) = self.workspaces.get_mut(workspace) else {
-            debug_assert!(false, "remove of an unknown workspace");
-            return;
+    /// Unsubscribes connection `key`. Returns false if it was not subscribed.
+    pub fn remove(&mut self, key: usize) -> bool {
+        let Some(m) = self.members.get_mut(key).and_then(Option::take) else {
+            return false;
         };
-        let pos = self.positions[key];
-        let i = pos.in_workspace as usize;
+        let ws = &mut self.workspaces[m.workspace as usize];
+        let i = m.in_workspace as usize;
         debug_assert_eq!(ws.conns.get(i), Some(&(key as u32)));
         ws.conns.swap_remove(i);
         if let Some(&moved) = ws.conns.get(i) {
-            self.positions[moved as usize].in_workspace = i as u32;
+            if let Some(mm) = self.members[moved as usize].as_mut() {
+                mm.in_workspace = i as u32;
+            }
         }
-        if let Some(users) = ws.users.get_mut(user) {
-            let j = pos.in_user as usize;
-            debug_assert_eq!(users.get(j), Some(&(key as u32)));
-            users.swap_remove(j);
-            if let Some(&moved) = users.get(j) {
-                self.positions[moved as usize].in_user = j as u32;
+        let mut user_gone = false;
+        if let Some(conns) = ws.users.get_mut(&*m.user) {
+            match conns {
+                Conns::One(_) => user_gone = true,
+                Conns::Many(v) => {
+                    let j = m.in_user as usize;
+                    debug_assert_eq!(v.get(j), Some(&(key as u32)));
+                    v.swap_remove(j);
+                    if let Some(&moved) = v.get(j) {
+                        if let Some(mm) = self.members[moved as usize].as_mut() {
+                            mm.in_user = j as u32;
+                        }
+                    }
+                    if v.len() == 1 {
+                        let last = v[0];
+                        *conns = Conns::One(last);
+                        if let Some(mm) = self.members[last as usize].as_mut() {
+                            mm.in_user = 0;
+                        }
+                    }
+                }
             }
-            if users.is_empty() {
-                ws.users.remove(user);
-            }
+        }
+        if user_gone {
+            ws.users.remove(&*m.user);
         }
         if ws.conns.is_empty() {
-            self.workspaces.remove(workspace);
-            let b = bucket(workspace);
+            let ws = self.workspaces.remove(m.workspace as usize);
+            self.by_name.remove(&*ws.name);
+            let b = bucket(&ws.name);
             self.bucket_counts[b] -= 1;
             if self.bucket_counts[b] == 0 {
                 self.interest.clear(b, self.shard);
             }
         }
+        true
     }
 
     /// The connections of `workspace` (of `user` in it, when given).
     pub fn recipients(&self, workspace: &str, user: Option<&str>) -> &[u32] {
-        let Some(ws) = self.workspaces.get(workspace) else {
+        let Some(&slot) = self.by_name.get(workspace) else {
             return &[];
         };
+        let ws = &self.workspaces[slot as usize];
         match user {
             None => &ws.conns,
-            Some(u) => ws.users.get(u).map_or(&[][..], |v| &v[..]),
+            Some(u) => ws.users.get(u).map_or(&[][..], Conns::as_slice),
         }
+    }
+
+    /// The workspace and user of a subscribed connection (for logs).
+    pub fn names(&self, key: usize) -> Option<(&str, &str)> {
+        let m = self.members.get(key)?.as_ref()?;
+        Some((&self.workspaces[m.workspace as usize].name, &m.user))
     }
 
     /// Number of workspaces with at least one connection on this shard.
@@ -146,14 +221,17 @@ mod tests {
         assert_eq!(sorted(r.recipients("ws_a", Some("u1"))), vec![0, 2]);
         assert_eq!(sorted(r.recipients("ws_b", Some("u1"))), vec![3]);
         assert!(r.recipients("ws_b", Some("u2")).is_empty());
-        r.remove(0, "ws_a", "u1");
+        assert_eq!(r.names(2), Some(("ws_a", "u1")));
+        assert!(r.remove(0));
+        assert!(!r.remove(0));
         assert_eq!(sorted(r.recipients("ws_a", None)), vec![1, 2]);
         assert_eq!(sorted(r.recipients("ws_a", Some("u1"))), vec![2]);
-        r.remove(2, "ws_a", "u1");
-        r.remove(1, "ws_a", "u2");
+        assert!(r.remove(2));
+        assert!(r.remove(1));
         assert!(r.recipients("ws_a", None).is_empty());
         assert!(!interest.shards_for("ws_a").contains(2));
         assert_eq!(r.workspace_count(), 1);
+        assert_eq!(r.names(1), None);
     }
 
     #[test]
@@ -170,14 +248,17 @@ mod tests {
         };
         for _ in 0..20_000 {
             let key = rnd(200) as usize;
-            if let Some((w, u)) = model.remove(&key) {
-                r.remove(key, &w, &u);
+            if model.remove(&key).is_some() {
+                assert!(r.remove(key));
             } else {
                 let w = format!("ws_{}", rnd(7));
                 let u = format!("u_{}", rnd(5));
                 r.add(key, &w, &u);
                 model.insert(key, (w, u));
             }
+        }
+        for (k, (w, u)) in &model {
+            assert_eq!(r.names(*k), Some((w.as_str(), u.as_str())));
         }
         for w in 0..7 {
             let ws = format!("ws_{w}");

@@ -5,6 +5,9 @@
 //! as it streams past. What it does buffer is bounded by one frame header plus one control payload
 //! (14 + 125 bytes), so a peer cannot make a connection grow.
 //!
+//! The partial-frame buffer belongs to the caller (a connection reuses the one it read its request
+//! head into), so an idle decoder is three integers.
+//!
 //! Invariants:
 //! - `pending` is empty, or holds the beginning of one frame that did not fit the last read.
 //! - `skip > 0` only between frames' payload bytes of an ignored data frame; `pending` is then empty.
@@ -95,13 +98,14 @@ fn parse_header(buf: &[u8]) -> Parsed {
     })
 }
 
-/// Per-connection decoder state. Small: an empty `Vec` and a few integers while idle.
+/// Per-connection decoder state.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    pending: Vec<u8>,
-    skip: u64,
+    /// Payload bytes of an ignored data frame still to skip (bounded by the message limit).
+    skip: u32,
+    /// Bytes of the data message in progress (bounded by the message limit).
+    message_len: u32,
     in_message: bool,
-    message_len: u64,
 }
 
 impl Decoder {
@@ -111,35 +115,36 @@ impl Decoder {
     /// [`DecodeError::close_reason`].
     pub fn feed(
         &mut self,
+        pending: &mut Vec<u8>,
         mut input: &[u8],
         max_message: u64,
         on_control: &mut dyn FnMut(Control<'_>),
     ) -> Result<(), DecodeError> {
         loop {
             if self.skip > 0 {
-                let n = self.skip.min(input.len() as u64);
-                self.skip -= n;
-                input = &input[n as usize..];
+                let n = (self.skip as usize).min(input.len());
+                self.skip -= n as u32;
+                input = &input[n..];
                 if self.skip > 0 {
                     return Ok(());
                 }
             }
-            if input.is_empty() && self.pending.is_empty() {
+            if input.is_empty() && pending.is_empty() {
                 return Ok(());
             }
-            if self.pending.is_empty() {
+            if pending.is_empty() {
                 match self.step(input, max_message, on_control)? {
                     Some(used) => input = &input[used..],
                     None => {
                         // The start of a frame that did not arrive whole: keep it (bounded by
                         // the step's checks to one header plus one control payload).
-                        self.pending.extend_from_slice(input);
+                        pending.extend_from_slice(input);
                         return Ok(());
                     }
                 }
             } else {
                 // Top the pending frame up with just the bytes it needs, then decode it.
-                let need = match parse_header(&self.pending) {
+                let need = match parse_header(&pending) {
                     Parsed::NeedMore(n) => n,
                     // An oversized control frame is refused as soon as its header is complete.
                     Parsed::Header(h) if is_control(h.opcode) && h.len <= 125 => {
@@ -147,24 +152,25 @@ impl Decoder {
                     }
                     Parsed::Header(h) => h.header_len,
                 };
-                if self.pending.len() < need {
-                    let take = (need - self.pending.len()).min(input.len());
-                    self.pending.extend_from_slice(&input[..take]);
+                if pending.len() < need {
+                    let take = (need - pending.len()).min(input.len());
+                    pending.extend_from_slice(&input[..take]);
                     input = &input[take..];
-                    if self.pending.len() < need {
+                    if pending.len() < need {
                         return Ok(());
                     }
                     continue;
                 }
-                let pending = std::mem::take(&mut self.pending);
-                match self.step(&pending, max_message, on_control)? {
+                let frame = std::mem::take(pending);
+                match self.step(&frame, max_message, on_control)? {
                     Some(used) => {
-                        debug_assert_eq!(used, pending.len());
-                        let mut pending = pending;
-                        pending.clear();
-                        self.pending = pending; // keep the allocation for the next partial frame
+                        debug_assert_eq!(used, frame.len());
+                        // Keep the allocation for the next partial frame.
+                        let mut frame = frame;
+                        frame.clear();
+                        *pending = frame;
                     }
-                    None => self.pending = pending,
+                    None => *pending = frame,
                 }
                 if input.is_empty() {
                     return Ok(());
@@ -232,33 +238,29 @@ impl Decoder {
                 if self.in_message {
                     return Err(DecodeError::Protocol("new message inside a fragmented one"));
                 }
-                if h.len > max_message {
+                if h.len > max_message || h.len > u32::MAX as u64 {
                     return Err(DecodeError::TooBig);
                 }
                 self.in_message = !h.fin;
-                self.message_len = h.len;
-                self.skip = h.len;
+                self.message_len = h.len as u32;
+                self.skip = h.len as u32;
                 Ok(Some(h.header_len))
             }
             0x0 => {
                 if !self.in_message {
                     return Err(DecodeError::Protocol("continuation without a message"));
                 }
-                self.message_len = self.message_len.saturating_add(h.len);
-                if self.message_len > max_message {
+                let total = (self.message_len as u64).saturating_add(h.len);
+                if total > max_message || total > u32::MAX as u64 {
                     return Err(DecodeError::TooBig);
                 }
+                self.message_len = total as u32;
                 self.in_message = !h.fin;
-                self.skip = h.len;
+                self.skip = h.len as u32;
                 Ok(Some(h.header_len))
             }
             _ => Err(DecodeError::Protocol("unknown opcode")),
         }
-    }
-
-    /// Bytes held for a partial frame (for memory accounting and tests).
-    pub fn buffered(&self) -> usize {
-        self.pending.len()
     }
 }
 
@@ -313,9 +315,10 @@ mod tests {
 
     fn run(chunks: &[&[u8]]) -> (Vec<Got>, Result<(), DecodeError>) {
         let mut d = Decoder::default();
+        let mut pending = Vec::new();
         let mut got = Vec::new();
         for c in chunks {
-            let r = d.feed(c, 4096, &mut |c| {
+            let r = d.feed(&mut pending, c, 4096, &mut |c| {
                 got.push(match c {
                     Control::Ping(p) => Got::Ping(p.to_vec()),
                     Control::Pong => Got::Pong,
@@ -325,7 +328,7 @@ mod tests {
             if r.is_err() {
                 return (got, r);
             }
-            assert!(d.buffered() <= 14 + 125);
+            assert!(pending.len() <= 14 + 125);
         }
         (got, Ok(()))
     }

@@ -1,0 +1,121 @@
+//! Ending connections: the server's close handshake, failures, slow consumers, and removal at the
+//! end of a loop turn (deferred, so no slab slot is reused while the same poll batch may still
+//! name it).
+
+use super::conn::Phase;
+use super::Shard;
+use crate::metrics::ShardStats;
+use crate::ws::close::CloseReason;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+impl Shard {
+    /// Sends a close frame for `reason` and waits (up to `--close-timeout`, or to the drain
+    /// deadline for a drain) for the peer's.
+    pub(super) fn close_ws(&mut self, key: usize, reason: CloseReason) {
+        let conn = &mut self.conns[key];
+        if conn.dead || conn.close_sent || !conn.upgraded() {
+            return;
+        }
+        self.unsubscribe(key);
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::Closing;
+        conn.close_sent = true;
+        self.stats().close(reason);
+        self.enqueue(key, reason.frame());
+        let now = Instant::now();
+        let due = match self.drain_deadline {
+            Some(d) if reason == CloseReason::GoingAway => {
+                self.tick_of(d).max(self.tick_of(now) + 1)
+            }
+            _ => self.tick_of(now) + self.limits.close_ticks,
+        };
+        self.set_timer(key, due);
+    }
+
+    /// Closes after a protocol failure or server error: close frame, then shut down once flushed
+    /// without waiting for the peer's close frame.
+    pub(super) fn fail(&mut self, key: usize, reason: CloseReason) {
+        if !self.conns.get(key).is_some_and(|c| !c.dead) {
+            return;
+        }
+        if self.conns[key].upgraded() {
+            self.close_ws(key, reason);
+            self.conns[key].close_when_flushed = true;
+            self.mark_dirty(key);
+        } else {
+            self.kill(key);
+        }
+    }
+
+    pub(super) fn close_slow(&mut self) {
+        for key in std::mem::take(&mut self.slow) {
+            let key = key as usize;
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.dead || conn.phase != Phase::Open {
+                continue;
+            }
+            conn.out.discard_unstarted();
+            self.close_ws(key, CloseReason::SlowConsumer);
+            self.conns[key].close_when_flushed = true;
+        }
+    }
+
+    pub(super) fn unsubscribe(&mut self, key: usize) {
+        if self.registry.remove(key) {
+            self.stats().open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks a connection for removal at the end of the iteration.
+    pub(super) fn kill(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dead {
+                conn.dead = true;
+                self.dead.push(key as u32);
+            }
+        }
+    }
+
+    pub(super) fn reap(&mut self) {
+        for key in std::mem::take(&mut self.dead) {
+            let key = key as usize;
+            self.unsubscribe(key);
+            self.cancel_timer(key);
+            let conn = self.conns.remove(key);
+            if conn.phase != Phase::Lingering {
+                ShardStats::add(&self.stats().dropped, 1);
+            }
+            self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+            log::debug!(
+                "shard {}: connection {key} closed after {} ms",
+                self.index,
+                (Instant::now()
+                    .saturating_duration_since(self.started)
+                    .as_millis() as u64)
+                    .saturating_sub(conn.opened_ms)
+            );
+            // Dropping the stream closes the socket and removes it from the poll.
+        }
+    }
+
+    /// Drops every connection at once. With `reason`, open connections whose queue is empty get
+    /// one best-effort, non-blocking write of that close frame first (a connection with queued
+    /// bytes cannot take a frame in the middle of another).
+    pub(super) fn abort_all(&mut self, reason: Option<CloseReason>) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let conn = &mut self.conns[k];
+            if let Some(r) = reason {
+                if conn.phase == Phase::Open && !conn.close_sent && conn.out.is_empty() {
+                    let _ = std::io::Write::write(&mut conn.stream, &r.frame());
+                    self.stats().close(r);
+                }
+            }
+            self.kill(k);
+        }
+        self.reap();
+    }
+}

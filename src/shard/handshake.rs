@@ -1,0 +1,197 @@
+//! Accepting sockets, reading the request head, answering HTTP, and the upgrade: 101, then the
+//! token and workspace checks, then the subscription and the `connected` frame.
+
+use super::conn::{Conn, Phase};
+use super::Shard;
+use crate::auth::{jwt, AuthError, Identity};
+use crate::bus::event::connected_frame;
+use crate::clock;
+use crate::http::request::{parse_head, route_public, PublicRoute};
+use crate::http::{response, Status};
+use crate::metrics::ShardStats;
+use crate::ws::close::CloseReason;
+use crate::ws::upgrade;
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Connections accepted per wake-up before other work gets a turn.
+const ACCEPT_BUDGET: usize = 256;
+/// Pause before accepting again after running out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Shard {
+    pub(super) fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPT_BUDGET {
+            let res = match &self.listener {
+                Some(l) => l.accept(),
+                None => {
+                    self.accept_pending = false;
+                    return;
+                }
+            };
+            match res {
+                Ok((stream, _peer)) => self.add_conn(stream, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_pending = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    log::warn!(
+                        "shard {}: accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}",
+                        self.index
+                    );
+                    self.accept_pending = false;
+                    self.accept_retry = Some(now + ACCEPT_BACKOFF);
+                    return;
+                }
+                Err(e) => log::debug!("shard {}: accept: {e}", self.index),
+            }
+        }
+        self.accept_pending = true;
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream, now: Instant) {
+        // TCP_NODELAY and SO_SNDBUF come from the listening socket (see server::bind).
+        let over_limit =
+            self.shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(key), Interest::READABLE)
+        {
+            log::warn!("shard {}: register: {e}", self.index);
+            self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let opened_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        entry.insert(Conn::new(stream, self.next_gen, over_limit, opened_ms));
+        ShardStats::add(&self.stats().accepted, 1);
+        let due = self.tick_of(now) + self.limits.handshake_ticks;
+        self.set_timer(key, due);
+    }
+
+    pub(super) fn on_head_bytes(&mut self, key: usize, data: &[u8], now: Instant) {
+        let max = self.limits.max_head;
+        let conn = &mut self.conns[key];
+        let buf = &mut conn.inbuf;
+        let room = (max + 1).saturating_sub(buf.len());
+        buf.extend_from_slice(&data[..data.len().min(room)]);
+        let (route, head_len) = match parse_head(buf, max) {
+            Ok(None) => return,
+            Err(e) => (PublicRoute::Reject(e.status()), buf.len()),
+            Ok(Some(head)) => (route_public(&head), head.len),
+        };
+        // The head is done with; whatever followed it is the start of the client's frames.
+        conn.inbuf.drain(..head_len);
+        let rest = std::mem::take(&mut conn.inbuf);
+        match route {
+            PublicRoute::Reject(status) => self.respond_http(key, response::plain(status, true)),
+            PublicRoute::Health => self.respond_http(
+                key,
+                response::build(Status::Ok, "text/plain", b"ok\n", true, ""),
+            ),
+            PublicRoute::Ready => {
+                let resp = if self.shared.is_ready() {
+                    response::build(Status::Ok, "text/plain", b"ready\n", true, "")
+                } else {
+                    response::build(Status::Unavailable, "text/plain", b"draining\n", true, "")
+                };
+                self.respond_http(key, resp)
+            }
+            PublicRoute::Stream { key: ws_key, query } => {
+                self.upgrade(
+                    key,
+                    &ws_key,
+                    query.token.as_deref(),
+                    query.workspace.as_deref(),
+                    now,
+                );
+                if !rest.is_empty() {
+                    self.on_frame_bytes(key, &rest);
+                }
+            }
+        }
+    }
+
+    fn respond_http(&mut self, key: usize, bytes: Vec<u8>) {
+        ShardStats::add(&self.stats().http_responses, 1);
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::Http;
+        conn.close_when_flushed = true;
+        self.enqueue(key, bytes.into());
+    }
+
+    fn upgrade(
+        &mut self,
+        key: usize,
+        ws_key: &[u8],
+        token: Option<&[u8]>,
+        workspace: Option<&str>,
+        now: Instant,
+    ) {
+        self.enqueue(key, upgrade::response(ws_key).into());
+        self.cancel_timer(key);
+        self.conns[key].phase = Phase::Closing; // until subscribed below
+        if self.drain_deadline.is_some() {
+            return self.close_ws(key, CloseReason::GoingAway);
+        }
+        if self.conns[key].over_limit {
+            return self.close_ws(key, CloseReason::TryAgainLater);
+        }
+        let now_ms = clock::now_ms();
+        let verified = match token {
+            None => Err(AuthError::Missing),
+            Some(t) => jwt::verify(t, &self.keys, &self.rules, now_ms / 1000),
+        };
+        let identity = match verified {
+            Ok(id) if workspace == Some(&*id.workspace_id) => Ok(id),
+            Ok(_) => Err(AuthError::WorkspaceMismatch),
+            Err(e) => Err(e),
+        };
+        match identity {
+            Ok(id) => self.subscribe(key, id, now_ms, now),
+            Err(e) => {
+                log::debug!(
+                    "shard {}: connection {key} refused: {}",
+                    self.index,
+                    e.label()
+                );
+                self.stats().auth_failure(e);
+                self.close_ws(key, e.close_reason());
+            }
+        }
+    }
+
+    fn subscribe(&mut self, key: usize, id: Identity, now_ms: u64, now: Instant) {
+        // The registry sets this shard's interest bit before `connected` is queued, so a client
+        // that has seen `connected` is reachable by every publish that starts after it.
+        self.registry.add(key, &id.workspace_id, &id.user_id);
+        let frame = connected_frame(&id.workspace_id, &id.user_id, now_ms);
+        let tick = self.tick_of(now);
+        let expires_ms = id
+            .exp
+            .saturating_add(self.rules.leeway_secs)
+            .saturating_mul(1000);
+        let until_expiry = Duration::from_millis(expires_ms.saturating_sub(now_ms));
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::Open;
+        conn.next_heartbeat = tick + self.limits.heartbeat_ticks;
+        conn.expires = tick + super::ticks(until_expiry, self.limits.tick);
+        ShardStats::add(&self.stats().subscribed, 1);
+        ShardStats::add(&self.stats().open, 1);
+        self.arm_open_timer(key);
+        self.enqueue(key, frame);
+    }
+}
