@@ -270,7 +270,7 @@ impl Fleet {
             r.heartbeat_hist.clear();
             r.latency_hist = encode_hist(&self.interval_latency);
         }
-        r.cpu_ns = crate::procfs::sample("self").map(|s| s.cpu_ns).unwrap_or(0);
+        r.cpu_ns = crate::procfs::cpu_ns("self").unwrap_or(0);
     }
 
     fn open_due(&mut self, now: Instant) {

@@ -321,7 +321,7 @@ fn run(
         ));
     }
     let started = Instant::now();
-    let self_cpu_start = procfs::sample("self").map(|s| s.cpu_ns).unwrap_or(0);
+    let self_cpu_start = procfs::cpu_ns("self").unwrap_or(0);
 
     // Spawn the workers with contiguous shares of the connections.
     let (tx, rx) = mpsc::channel::<(usize, WorkerReport)>();
@@ -381,9 +381,7 @@ fn run(
             final_report: None,
             cpu_prev: (
                 Instant::now(),
-                procfs::sample(&pid.to_string())
-                    .map(|s| s.cpu_ns)
-                    .unwrap_or(0),
+                procfs::cpu_ns(&pid.to_string()).unwrap_or(0),
             ),
             max_share: 0.0,
         });
@@ -445,13 +443,13 @@ fn run(
                 last_events = events;
                 interval_hist.reset();
                 for w in workers.iter_mut() {
-                    if let Some(s) = procfs::sample(&w.child.id().to_string()) {
+                    if let Some(cpu) = procfs::cpu_ns(&w.child.id().to_string()) {
                         let dt = w.cpu_prev.0.elapsed().as_secs_f64();
                         if dt > 0.5 {
                             w.max_share = w
                                 .max_share
-                                .max((s.cpu_ns.saturating_sub(w.cpu_prev.1)) as f64 / 1e9 / dt);
-                            w.cpu_prev = (Instant::now(), s.cpu_ns);
+                                .max((cpu.saturating_sub(w.cpu_prev.1)) as f64 / 1e9 / dt);
+                            w.cpu_prev = (Instant::now(), cpu);
                         }
                     }
                 }
@@ -575,8 +573,7 @@ fn run(
         let _ = w.child.wait();
     }
     let (total, connect_hist, latency_hist, heartbeat_hist) = engine::merge(&finals);
-    let self_cpu = procfs::sample("self")
-        .map(|s| s.cpu_ns)
+    let self_cpu = procfs::cpu_ns("self")
         .unwrap_or(0)
         .saturating_sub(self_cpu_start)
         + procfs::children_cpu_ns();
@@ -595,8 +592,8 @@ fn run(
                 .then(|| s1.cpu_ns.saturating_sub(s0.cpu_ns) as f64 / total.connected as f64),
             cpu_ns_per_frame: (delivered > 0 && fanout.is_some())
                 .then(|| s2.cpu_ns.saturating_sub(sw.cpu_ns) as f64 / delivered as f64),
-            rss_bytes_per_connection: (total.connected > 0)
-                .then(|| (s1.rss_bytes as f64 - s0.rss_bytes as f64) / total.connected as f64),
+            rss_bytes_per_connection: (open_end > 0)
+                .then(|| (s2.rss_bytes as f64 - s0.rss_bytes as f64) / open_end as f64),
             rss_bytes_start: s0.rss_bytes,
             rss_bytes_end: s2.rss_bytes,
             open_files_end: s2.open_files,

@@ -19,8 +19,9 @@ pub struct Sample {
     pub open_files: u64,
 }
 
-/// Samples process `pid` (`"self"` for this process).
-pub fn sample(pid: &str) -> Option<Sample> {
+/// User plus system CPU of process `pid` (`"self"` for this process), nanoseconds. Cheap: one
+/// small read, so it can be sampled every second.
+pub fn cpu_ns(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -28,6 +29,14 @@ pub fn sample(pid: &str) -> Option<Sample> {
     // After ')': state is field 3 overall, so utime (14) and stime (15) are at 11 and 12 here.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * NS_PER_TICK)
+}
+
+/// Samples process `pid` (`"self"` for this process): CPU, RSS and open files. Counting open
+/// files walks `/proc/PID/fd`, which costs milliseconds at tens of thousands of sockets: sample
+/// this at phase boundaries, not in a loop.
+pub fn sample(pid: &str) -> Option<Sample> {
+    let cpu_ns = cpu_ns(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb: u64 = status
         .lines()
@@ -39,7 +48,7 @@ pub fn sample(pid: &str) -> Option<Sample> {
         .map(|d| d.count() as u64)
         .unwrap_or(0);
     Some(Sample {
-        cpu_ns: (utime + stime) * NS_PER_TICK,
+        cpu_ns,
         rss_bytes: rss_kb * 1024,
         open_files,
     })
