@@ -144,7 +144,7 @@ impl Decoder {
                 }
             } else {
                 // Top the pending frame up with just the bytes it needs, then decode it.
-                let need = match parse_header(&pending) {
+                let need = match parse_header(pending) {
                     Parsed::NeedMore(n) => n,
                     // An oversized control frame is refused as soon as its header is complete.
                     Parsed::Header(h) if is_control(h.opcode) && h.len <= 125 => {
