@@ -47,8 +47,10 @@ fn auth(c: &mut Criterion) {
         b.iter(|| jwt::verify(black_box(hs.as_bytes()), &keys, &rules, NOW))
     });
 
-    let mut rsa_keys = KeySet::default();
-    rsa_keys.rs256 = parse_pem_keys(&fixture("rsa_public.pem")).unwrap();
+    let rsa_keys = KeySet {
+        rs256: parse_pem_keys(&fixture("rsa_public.pem")).unwrap(),
+        ..KeySet::default()
+    };
     let kp = ring::signature::RsaKeyPair::from_pkcs8(&fixture("rsa_private.pk8")).unwrap();
     let input = format!(
         "{}.{}",
@@ -118,13 +120,18 @@ fn client_frames(c: &mut Criterion) {
     g.bench_function("decode_100_pings", |b| {
         b.iter(|| {
             let mut d = Decoder::default();
+            let mut pending = Vec::new();
             let mut n = 0;
-            d.feed(black_box(&bytes), 4096, &mut |_| n += 1).unwrap();
+            d.feed(&mut pending, black_box(&bytes), 4096, &mut |_| n += 1)
+                .unwrap();
             n
         })
     });
     g.finish();
 }
+
+/// A wheel of (connection, due tick) entries.
+type HeartbeatWheel = Wheel<(u64, u64)>;
 
 fn heartbeat_wheel(c: &mut Criterion) {
     // 100,000 connections with 5 s heartbeats on a 10 ms wheel: advance one whole interval, so
@@ -143,7 +150,7 @@ fn heartbeat_wheel(c: &mut Criterion) {
                 }
                 (w, Vec::with_capacity(4096))
             },
-            |(mut w, mut fired): (Wheel<(u64, u64)>, Vec<(u64, u64)>)| {
+            |(mut w, mut fired): (HeartbeatWheel, Vec<(u64, u64)>)| {
                 for tick in 1..=INTERVAL {
                     w.advance(tick, &mut fired);
                     for (conn, due) in fired.drain(..) {
