@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Reproduces the tables of docs/performance.md.
+#
+# Builds the release binaries, then for every row starts a server (causeloop-stream, or the
+# load tester's bare-send floor server), runs causeloop-loadtest against it with --server-pid,
+# stops it, and prints one markdown table row. Floor and server rows of one table are measured
+# back to back in the same run, so their ratio is meaningful on a noisy machine.
+#
+# Usage: loadtest/scripts/perf.sh [SECTION...]   sections: frame bursts scale shards connect
+#        (default: all). DUR=3s for a quick smoke run.
+# Output: markdown on stdout; JSON and HTML reports in target/perf/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --workspace -q
+BIN=target/release
+OUT=target/perf
+mkdir -p "$OUT"
+export CAUSELOOP_JWT_HS256_SECRET=perf-secret-0123456789abcdef0123456789
+export CAUSELOOP_PUBLISH_KEY=perf-publish-key
+DUR=${DUR:-10s}
+SECTIONS=${*:-frame bursts scale shards connect}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# Client sockets end in TIME_WAIT on the load tester's side; spreading them over eight source
+# addresses keeps back-to-back runs from searching a crowded port range.
+SRC=127.0.0.2-127.0.0.9
+PUB=127.0.0.1:4700
+INT=127.0.0.1:4701
+
+start() { # kind shards
+  if [ "$1" = floor ]; then
+    "$BIN/causeloop-loadtest" floor-server --listen $PUB --internal-listen $INT >/dev/null 2>&1 &
+  else
+    "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" >/dev/null 2>&1 &
+  fi
+  SPID=$!
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/4700) 2>/dev/null && return; sleep 0.1; done
+  echo "server did not start" >&2; exit 1
+}
+stop() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; sleep 0.5; }
+
+field() { # json-file python-expression
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); v=$2; print('n/a' if v is None else (f'{v:.0f}' if isinstance(v,float) else v))" "$1"
+}
+
+fanout_row() { # label kind shards conns rate tick processes
+  local name="fanout-$2-s$3-c$4-r$5-t$6"
+  start "$2" "$3"
+  "$BIN/causeloop-loadtest" fanout --url ws://$PUB --internal http://$INT --connections "$4" --workspaces 20 \
+    --rate "$5" --tick "$6" --processes "$7" --source-ips $SRC --duration "$DUR" --server-pid "$SPID" \
+    --json "$OUT/$name.json" --report "$OUT/$name.html" >/dev/null 2>"$OUT/$name.log"
+  stop
+  local f="$OUT/$name.json"
+  echo "| $1 | $3 | $4 | $(field "$f" "r['fanout']['delivered_per_s']") | $(field "$f" "r['server']['cpu_ns_per_frame']") | $(field "$f" "r['fanout']['latency_us']['p50']") | $(field "$f" "r['fanout']['latency_us']['p99']") | $(field "$f" "r['fanout']['lost']") | $(field "$f" "r['loadtest']['worker_max_core_share']*100") |"
+}
+
+connect_row() { # label kind shards conns rate processes hold
+  local name="connect-$2-s$3-c$4"
+  start "$2" "$3"
+  "$BIN/causeloop-loadtest" connect --url ws://$PUB --connections "$4" --connect-rate "$5" --processes "$6" --source-ips $SRC \
+    --duration "$7" --server-pid "$SPID" --json "$OUT/$name.json" --report "$OUT/$name.html" >/dev/null 2>"$OUT/$name.log"
+  stop
+  local f="$OUT/$name.json"
+  echo "| $1 | $3 | $4 | $(field "$f" "r['connect']['connected']") | $(field "$f" "r['server']['cpu_ns_per_connection']") | $(field "$f" "r['server']['rss_bytes_per_connection']") | $(field "$f" "r['connect']['latency_us']['p99']") | $(field "$f" "r['heartbeat_lateness_us']['p99']") |"
+}
+
+if want frame; then
+echo "### Fan-out, one frame per send (2,000 connections, 20 workspaces, 20 events/s per workspace)"
+echo
+echo "| target | shards | connections | delivered/s | server CPU ns/frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for rep in 1 2; do
+  fanout_row "floor (bare send)" floor 1 2000 20 10ms 1
+  fanout_row "causeloop-stream" server 1 2000 20 10ms 1
+  fanout_row "causeloop-stream" server 2 2000 20 10ms 1
+done
+echo
+fi
+if want bursts; then
+echo "### Fan-out in bursts (2,000 connections, 100 events/s per workspace published once per tick)"
+echo
+echo "| target | shards | connections | delivered/s | server CPU ns/frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|"
+fanout_row "floor, tick 1s" floor 1 2000 100 1s 1
+fanout_row "causeloop-stream, tick 200ms" server 1 2000 100 200ms 1
+fanout_row "causeloop-stream, tick 1s" server 1 2000 100 1s 1
+fanout_row "causeloop-stream, tick 1s" server 2 2000 100 1s 1
+echo
+fi
+if want scale; then
+echo "### Fan-out by connection count (delivered rate held near 40,000 frames/s)"
+echo
+echo "| target | shards | connections | delivered/s | server CPU ns/frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|"
+fanout_row "floor (bare send)" floor 1 10000 4 10ms 2
+fanout_row "causeloop-stream" server 1 10000 4 10ms 2
+fanout_row "causeloop-stream" server 2 10000 4 10ms 2
+fanout_row "floor (bare send)" floor 1 19000 2 10ms 2
+fanout_row "causeloop-stream" server 1 19000 2 10ms 2
+fanout_row "causeloop-stream" server 2 19000 2 10ms 2
+echo
+fi
+if want shards; then
+echo "### Throughput by shards (2,000 connections, 2,000 events/s per workspace in 100 ms bursts: more than the machine can deliver)"
+echo
+echo "| target | shards | connections | delivered/s | server CPU ns/frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|"
+fanout_row "causeloop-stream" server 1 2000 2000 100ms 2
+fanout_row "causeloop-stream" server 2 2000 2000 100ms 2
+echo
+fi
+if want connect; then
+echo "### Connections (ramped at 5,000/s, then held)"
+echo
+echo "| target | shards | connections | connected | server CPU ns/connection | RSS bytes/connection | connect p99 µs | heartbeat lateness p99 µs |"
+echo "|---|---|---|---|---|---|---|---|"
+connect_row "floor (bare send)" floor 1 10000 5000 2 5s
+connect_row "causeloop-stream" server 1 10000 5000 2 5s
+connect_row "causeloop-stream" server 2 10000 5000 2 5s
+connect_row "causeloop-stream, idle 15k" server 2 15000 5000 2 12s
+connect_row "causeloop-stream, 19k held" server 2 19000 4000 2 20s
+fi
