@@ -41,6 +41,20 @@ impl Default for Validation {
     }
 }
 
+thread_local! {
+    /// The parser's working buffers, kept per thread (each shard verifies on its own thread) so
+    /// that verifying a token does not allocate them afresh twice.
+    static BUFFERS: std::cell::RefCell<simd_json::Buffers> = std::cell::RefCell::new(simd_json::Buffers::new(512));
+}
+
+/// Runs a parse with this thread's buffers (fresh ones if they are somehow in use).
+fn with_buffers<T>(f: impl FnOnce(&mut simd_json::Buffers) -> T) -> T {
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut simd_json::Buffers::new(512)),
+    })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Alg {
     Hs256,
@@ -86,7 +100,8 @@ fn parse_header(header: &mut [u8]) -> Result<(Alg, Option<String>), AuthError> {
     if crate::json::max_depth(header) > MAX_JSON_DEPTH {
         return Err(AuthError::Malformed);
     }
-    let v = simd_json::to_borrowed_value(header).map_err(|_| AuthError::Malformed)?;
+    let v = with_buffers(|b| simd_json::to_borrowed_value_with_buffers(header, b))
+        .map_err(|_| AuthError::Malformed)?;
     if !v.is_object() {
         return Err(AuthError::Malformed);
     }
@@ -175,7 +190,8 @@ fn check_claims(claims: &mut [u8], rules: &Validation, now: u64) -> Result<Ident
     if crate::json::max_depth(claims) > MAX_JSON_DEPTH {
         return Err(AuthError::Malformed);
     }
-    let v = simd_json::to_borrowed_value(claims).map_err(|_| AuthError::Malformed)?;
+    let v = with_buffers(|b| simd_json::to_borrowed_value_with_buffers(claims, b))
+        .map_err(|_| AuthError::Malformed)?;
     if !v.is_object() {
         return Err(AuthError::Malformed);
     }

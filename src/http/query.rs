@@ -42,6 +42,10 @@ pub fn parse_stream_query(query: &[u8]) -> StreamQuery {
 
 /// Decodes `%XX` escapes and `+`; a malformed escape is kept literally.
 pub fn percent_decode(input: &[u8]) -> Vec<u8> {
+    if !input.iter().any(|&b| b == b'%' || b == b'+') {
+        // A JWT (base64url and dots) never needs decoding: copy it in one go.
+        return input.to_vec();
+    }
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while i < input.len() {

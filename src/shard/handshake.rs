@@ -85,17 +85,30 @@ impl Shard {
     pub(super) fn on_head_bytes(&mut self, key: usize, data: &[u8], now: Instant) {
         let max = self.limits.max_head;
         let conn = &mut self.conns[key];
-        let buf = &mut conn.inbuf;
-        let room = (max + 1).saturating_sub(buf.len());
-        buf.extend_from_slice(&data[..data.len().min(room)]);
-        let (route, head_len) = match parse_head(buf, max) {
-            Ok(None) => return,
-            Err(e) => (PublicRoute::Reject(e.status()), buf.len()),
-            Ok(Some(head)) => (route_public(&head), head.len),
+        let (route, rest) = if conn.inbuf.is_empty() {
+            // The common case: the whole head arrived in one read. Parse it where it lies.
+            match parse_head(data, max) {
+                Ok(None) => {
+                    conn.inbuf
+                        .extend_from_slice(&data[..data.len().min(max + 1)]);
+                    return;
+                }
+                Err(e) => (PublicRoute::Reject(e.status()), Vec::new()),
+                Ok(Some(head)) => (route_public(&head), data[head.len..].to_vec()),
+            }
+        } else {
+            let buf = &mut conn.inbuf;
+            let room = (max + 1).saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..data.len().min(room)]);
+            let (route, head_len) = match parse_head(buf, max) {
+                Ok(None) => return,
+                Err(e) => (PublicRoute::Reject(e.status()), buf.len()),
+                Ok(Some(head)) => (route_public(&head), head.len),
+            };
+            // The head is done with; whatever followed it is the start of the client's frames.
+            buf.drain(..head_len);
+            (route, std::mem::take(buf))
         };
-        // The head is done with; whatever followed it is the start of the client's frames.
-        conn.inbuf.drain(..head_len);
-        let rest = std::mem::take(&mut conn.inbuf);
         match route {
             PublicRoute::Reject(status) => self.respond_http(key, response::plain(status, true)),
             PublicRoute::Health => self.respond_http(
