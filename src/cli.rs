@@ -158,6 +158,9 @@ pub struct RunArgs {
     /// How events travel between nodes: `local` (in process).
     #[arg(long, env = "CAUSELOOP_BUS", default_value = "local")]
     pub bus: String,
+    /// Log line format: text or json.
+    #[arg(long, env = "CAUSELOOP_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::logging::Format,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, env = "CAUSELOOP_LOG_LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,

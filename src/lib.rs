@@ -31,6 +31,7 @@ pub mod config;
 pub mod http;
 pub mod internal;
 pub mod json;
+pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod shard;

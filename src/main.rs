@@ -13,27 +13,6 @@ use std::io::Write;
 
 mod dev;
 
-struct StderrLogger(log::LevelFilter);
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= self.0
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            let ts = clock::format_ts(clock::now_ms());
-            let ts = std::str::from_utf8(&ts).unwrap_or("");
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "{ts} {:5} {}",
-                r.level(),
-                r.args()
-            );
-        }
-    }
-    fn flush(&self) {}
-}
-
 fn main() {
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
@@ -88,9 +67,7 @@ fn token(args: &TokenArgs) -> i32 {
 
 fn run(cli: Cli) -> i32 {
     let args = cli.run;
-    let logger = Box::leak(Box::new(StderrLogger(args.log_level)));
-    let _ = log::set_logger(logger);
-    log::set_max_level(args.log_level);
+    causeloop_stream::logging::init(args.log_level, args.log_format);
 
     let mut config = match args.to_config() {
         Ok(c) => c,

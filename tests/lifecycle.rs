@@ -191,7 +191,7 @@ fn sigterm_drains_with_1001_and_exits_zero() {
         "part of the token's signature reached the output"
     );
     assert!(
-        err.contains("closed after"),
+        err.contains("connection closed"),
         "debug log of the connection is missing: {err}"
     );
 }
@@ -336,4 +336,74 @@ fn token_subcommand_mints_a_token_the_server_accepts() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn json_logs_have_one_open_and_one_close_line_per_connection_and_no_token() {
+    let mut p = spawn(
+        &["--log-format", "json", "--log-level", "debug"],
+        &secret_env(),
+    );
+    let tok = token("ws_log", "usr_log", 600);
+    let mut ws = connect(&format!(
+        "ws://{}/v1/stream?token={tok}&workspace=ws_log",
+        p.public
+    ));
+    assert!(read_text(&mut ws).contains("connected"));
+    ws.close(None).unwrap();
+    let _ = expect_close(&mut ws, false);
+    finish_close(&mut ws);
+    drop(ws);
+    let bad = token("ws_log", "usr_bad", -600);
+    let mut refused = connect(&format!(
+        "ws://{}/v1/stream?token={bad}&workspace=ws_log",
+        p.public
+    ));
+    assert_eq!(expect_close(&mut refused, true).0, 4401);
+    finish_close(&mut refused);
+    drop(refused);
+    std::thread::sleep(Duration::from_millis(300));
+    sigterm(&p.child);
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(8)), Some(0));
+    let mut err = String::new();
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        !err.contains(&tok) && !err.contains(&bad),
+        "a token reached the log"
+    );
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let open: Vec<_> = lines
+        .iter()
+        .filter(|l| l["msg"] == "connection open")
+        .collect();
+    assert_eq!(open.len(), 1, "{err}");
+    assert_eq!(open[0]["workspace"], "ws_log");
+    assert_eq!(open[0]["user"], "usr_log");
+    assert!(open[0]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let closed: Vec<_> = lines
+        .iter()
+        .filter(|l| l["msg"] == "connection closed")
+        .collect();
+    assert_eq!(closed.len(), 2, "{err}");
+    assert!(
+        closed
+            .iter()
+            .any(|l| l["code"] == 1005 && l["user"] == "usr_log"),
+        "{err}"
+    );
+    assert!(closed.iter().any(|l| l["code"] == 4401), "{err}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["msg"] == "connection refused" && l["reason"] == "expired"),
+        "{err}"
+    );
 }

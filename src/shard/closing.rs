@@ -17,6 +17,7 @@ impl Shard {
         if conn.dead || conn.close_sent || !conn.upgraded() {
             return;
         }
+        conn.close_code = reason.code();
         self.unsubscribe(key);
         let conn = &mut self.conns[key];
         conn.phase = Phase::Closing;
@@ -63,10 +64,34 @@ impl Shard {
         }
     }
 
+    /// Ends a subscription; logs the connection's close line (at debug) while its names are
+    /// still known.
     pub(super) fn unsubscribe(&mut self, key: usize) {
+        if log::log_enabled!(log::Level::Debug) {
+            if let Some((ws, user)) = self.registry.names(key) {
+                let conn = &self.conns[key];
+                let peer = conn
+                    .stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                log::debug!(
+                    conn = key, shard = self.index, workspace = ws, user = user, peer = peer.as_str(),
+                    code = conn.close_code, duration_ms = self.age_ms(conn.opened_ms);
+                    "connection closed"
+                );
+            }
+        }
         if self.registry.remove(key) {
             self.stats().open.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    fn age_ms(&self, opened_ms: u64) -> u64 {
+        (Instant::now()
+            .saturating_duration_since(self.started)
+            .as_millis() as u64)
+            .saturating_sub(opened_ms)
     }
 
     /// Marks a connection for removal at the end of the iteration.
@@ -89,14 +114,13 @@ impl Shard {
                 ShardStats::add(&self.stats().dropped, 1);
             }
             self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
-            log::debug!(
-                "shard {}: connection {key} closed after {} ms",
-                self.index,
-                (Instant::now()
-                    .saturating_duration_since(self.started)
-                    .as_millis() as u64)
-                    .saturating_sub(conn.opened_ms)
-            );
+            if !conn.was_open {
+                // Never subscribed (refused, probe, bad request): its only log line is this one.
+                log::debug!(
+                    conn = key, shard = self.index, code = conn.close_code, duration_ms = self.age_ms(conn.opened_ms);
+                    "connection closed"
+                );
+            }
             // Dropping the stream closes the socket and removes it from the poll.
         }
     }

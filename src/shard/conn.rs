@@ -58,6 +58,10 @@ pub struct Conn {
     pub close_sent: bool,
     /// Accepted while `--max-connections` was reached: answered 1013 after the upgrade.
     pub over_limit: bool,
+    /// Was subscribed at some point (its close line was logged when it unsubscribed).
+    pub was_open: bool,
+    /// The close code sent or received (0 until there is one), for the close log line.
+    pub close_code: u16,
     /// The request head while in `Head`; afterwards the start of a client frame split across reads.
     pub inbuf: Vec<u8>,
     /// Client frame decoder state (used from the upgrade on).
@@ -88,6 +92,8 @@ impl Conn {
             close_when_flushed: false,
             close_sent: false,
             over_limit,
+            was_open: false,
+            close_code: 0,
             inbuf: Vec::new(),
             decoder: Decoder::default(),
             out: Outbox::default(),

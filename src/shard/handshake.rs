@@ -176,11 +176,7 @@ impl Shard {
         match identity {
             Ok(id) => self.subscribe(key, id, now_ms, now),
             Err(e) => {
-                log::debug!(
-                    "shard {}: connection {key} refused: {}",
-                    self.index,
-                    e.label()
-                );
+                log::debug!(conn = key, shard = self.index, reason = e.label(); "connection refused");
                 self.stats().auth_failure(e);
                 self.close_ws(key, e.close_reason());
             }
@@ -198,8 +194,20 @@ impl Shard {
             .saturating_add(self.rules.leeway_secs)
             .saturating_mul(1000);
         let until_expiry = Duration::from_millis(expires_ms.saturating_sub(now_ms));
+        if log::log_enabled!(log::Level::Debug) {
+            let peer = self.conns[key]
+                .stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            log::debug!(
+                conn = key, shard = self.index, workspace = &*id.workspace_id, user = &*id.user_id, peer = peer.as_str();
+                "connection open"
+            );
+        }
         let conn = &mut self.conns[key];
         conn.phase = Phase::Open;
+        conn.was_open = true;
         conn.next_heartbeat = tick + self.limits.heartbeat_ticks;
         conn.expires = tick + super::ticks(until_expiry, self.limits.tick);
         ShardStats::add(&self.stats().subscribed, 1);

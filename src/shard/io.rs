@@ -108,6 +108,7 @@ impl Shard {
 
     fn on_peer_close(&mut self, key: usize, code: Option<u16>) {
         if self.conns[key].phase == Phase::Open {
+            self.conns[key].close_code = code.unwrap_or(1005);
             self.unsubscribe(key);
             let echo = match code {
                 Some(c) => close_frame(c, ""),

@@ -15,9 +15,10 @@ use slab::Slab;
 const NIL: u32 = u32::MAX;
 
 /// A handle to a scheduled timer, for [`Wheel::cancel`]. Valid until the timer fires or is
-/// cancelled; the owner must forget it then.
+/// cancelled; the owner must forget it then. Non-zero (entry index + 1), so that an
+/// `Option<TimerId>` is four bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimerId(u32);
+pub struct TimerId(std::num::NonZeroU32);
 
 struct Entry<T> {
     deadline: u64,
@@ -81,16 +82,17 @@ impl<T> Wheel<T> {
         }
         self.heads[slot] = idx;
         self.occupied[slot / 64] |= 1 << (slot % 64);
-        TimerId(idx)
+        TimerId(std::num::NonZeroU32::MIN.saturating_add(idx))
     }
 
     /// Removes a timer that has not fired; returns its value.
     pub fn cancel(&mut self, id: TimerId) -> Option<T> {
-        if !self.entries.contains(id.0 as usize) {
+        let idx = id.0.get() - 1;
+        if !self.entries.contains(idx as usize) {
             return None;
         }
-        self.unlink(id.0);
-        Some(self.entries.remove(id.0 as usize).value)
+        self.unlink(idx);
+        Some(self.entries.remove(idx as usize).value)
     }
 
     fn unlink(&mut self, idx: u32) {
