@@ -75,9 +75,13 @@ impl ShardStats {
     }
 }
 
-/// Counters of the publish path.
+/// Counters kept outside the shards: the publish path and process-wide events.
 #[derive(Default)]
 pub struct BusStats {
+    /// Key reloads (SIGHUP or `reload_keys`) that took effect.
+    pub key_reloads_ok: AtomicU64,
+    /// Key reloads that failed (the old keys stayed in force).
+    pub key_reloads_failed: AtomicU64,
     /// Events accepted for fan-out.
     pub published: AtomicU64,
     /// Publish requests refused: bad body.
@@ -212,7 +216,54 @@ pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
         "counter",
         &rejected,
     );
+    let reloads = vec![
+        (
+            "{result=\"ok\"}".to_string(),
+            bus.key_reloads_ok.load(Ordering::Relaxed),
+        ),
+        (
+            "{result=\"error\"}".to_string(),
+            bus.key_reloads_failed.load(Ordering::Relaxed),
+        ),
+    ];
+    counter(
+        "causeloop_key_reloads_total",
+        "Key reloads, by result.",
+        "counter",
+        &reloads,
+    );
+    if let Some((cpu, rss, fds)) = process_figures() {
+        let _ = write!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time of the process.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu:.2}\n\
+             # HELP process_resident_memory_bytes Resident set size.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n\
+             # HELP process_open_fds Open file descriptors.\n\
+             # TYPE process_open_fds gauge\nprocess_open_fds {fds}\n"
+        );
+    }
     out
+}
+
+/// (CPU seconds, RSS bytes, open descriptors) of this process, from /proc (Linux).
+fn process_figures() -> Option<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    // utime and stime, in USER_HZ (100 on Linux) ticks.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    Some((ticks as f64 / 100.0, rss_kb * 1024, fds))
 }
 
 #[cfg(test)]

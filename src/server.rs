@@ -112,14 +112,25 @@ impl Control {
     /// Re-reads every key file and hands the new key set to the shards. On error the old keys
     /// stay in force.
     pub fn reload_keys(&self) -> Result<(), KeyError> {
-        let keys = KeySet::load(&self.shared.config.jwt)?;
-        if keys.is_empty() {
-            return Err(KeyError("no key left after reload".into()));
-        }
-        let keys = Arc::new(keys);
+        let loaded = KeySet::load(&self.shared.config.jwt).and_then(|k| {
+            if k.is_empty() {
+                Err(KeyError("no key left after reload".into()))
+            } else {
+                Ok(k)
+            }
+        });
+        let stats = &self.shared.bus_stats;
+        let keys = match loaded {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                crate::metrics::ShardStats::add(&stats.key_reloads_failed, 1);
+                return Err(e);
+            }
+        };
         for link in self.shared.links.iter() {
             let _ = link.send(ShardMsg::Keys(keys.clone()));
         }
+        crate::metrics::ShardStats::add(&stats.key_reloads_ok, 1);
         Ok(())
     }
 }

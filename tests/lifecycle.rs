@@ -407,3 +407,82 @@ fn json_logs_have_one_open_and_one_close_line_per_connection_and_no_token() {
         "{err}"
     );
 }
+
+fn sighup(child: &Child) {
+    let status = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn metric(internal: SocketAddr, line_start: &str) -> Option<u64> {
+    let text = raw_http(
+        internal,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn sighup_reloads_the_secret_file_and_a_broken_file_keeps_the_old_keys() {
+    let dir = std::env::temp_dir().join(format!("causeloop-sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("secrets");
+    std::fs::write(&path, "old-secret-0123456789abcdef\n").unwrap();
+    let mut p = spawn(
+        &["--jwt-hs256-secret-file", path.to_str().unwrap()],
+        &[("CAUSELOOP_PUBLISH_KEY", PUBLISH_KEY)],
+    );
+    let signed = |secret: &str| {
+        causeloop_stream::auth::jwt::sign_hs256(
+            secret.as_bytes(),
+            format!(
+                r#"{{"sub":"u","workspace_id":"ws_k","exp":{}}}"#,
+                now() + 600
+            )
+            .as_bytes(),
+        )
+    };
+    let url = |t: &str| format!("ws://{}/v1/stream?token={t}&workspace=ws_k", p.public);
+    let mut kept = connect(&url(&signed("old-secret-0123456789abcdef")));
+    assert!(read_text(&mut kept).contains("connected"));
+
+    std::fs::write(&path, "new-secret-0123456789abcdef\n").unwrap();
+    sighup(&p.child);
+    assert!(eventually(Duration::from_secs(5), || metric(
+        p.internal,
+        "causeloop_key_reloads_total{result=\"ok\"}"
+    ) == Some(1)));
+    let mut fresh = connect(&url(&signed("new-secret-0123456789abcdef")));
+    assert!(read_text(&mut fresh).contains("connected"));
+    let mut old = connect(&url(&signed("old-secret-0123456789abcdef")));
+    assert_eq!(expect_close(&mut old, true).0, 4401);
+
+    // A broken file: the reload fails, is counted, and the keys in force stay.
+    std::fs::write(&path, "").unwrap();
+    sighup(&p.child);
+    assert!(eventually(Duration::from_secs(5), || metric(
+        p.internal,
+        "causeloop_key_reloads_total{result=\"error\"}"
+    ) == Some(1)));
+    let mut still = connect(&url(&signed("new-secret-0123456789abcdef")));
+    assert!(read_text(&mut still).contains("connected"));
+    // The connection opened under the first key was never touched.
+    kept.send(tungstenite::Message::Ping(b"alive".to_vec()))
+        .unwrap();
+    loop {
+        if let tungstenite::Message::Pong(p) = kept.read().unwrap() {
+            assert_eq!(&p[..], b"alive");
+            break;
+        }
+    }
+    sigterm(&p.child);
+    drop((kept, fresh, old, still));
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(10)), Some(0));
+    std::fs::remove_dir_all(&dir).ok();
+}
