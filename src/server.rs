@@ -203,7 +203,9 @@ impl Server {
         for _ in 1..config.shards {
             listeners.push(bind(public_addr, true, config.socket_send_buffer)?);
         }
-        let internal_listener = bind(config.internal_listen, false, 0)?;
+        // SO_REUSEPORT on both listeners lets a new process bind the same ports while this one
+        // drains (zero-downtime restart); the kernel only allows it for the same user.
+        let internal_listener = bind(config.internal_listen, true, 0)?;
         let internal_addr = internal_listener.local_addr().map_err(StartError::Io)?;
 
         let mut polls = Vec::with_capacity(config.shards);

@@ -18,15 +18,24 @@ struct Proc {
     stdout: BufReader<std::process::ChildStdout>,
 }
 
+impl Drop for Proc {
+    /// A failing test must not leave its server running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    spawn_at("127.0.0.1:0", "127.0.0.1:0", args, env)
+}
+
+fn spawn_at(listen: &str, internal: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(BIN);
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--internal-listen",
-        "127.0.0.1:0",
-    ])
-    .args(args);
+    cmd.args(["--listen", listen, "--internal-listen", internal])
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -485,4 +494,86 @@ fn sighup_reloads_the_secret_file_and_a_broken_file_keeps_the_old_keys() {
     drop((kept, fresh, old, still));
     assert_eq!(wait_exit(&mut p.child, Duration::from_secs(10)), Some(0));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_new_process_takes_over_the_ports_while_the_old_one_drains_and_no_connection_is_refused() {
+    let mut old = spawn(&["--drain-timeout", "10s"], &secret_env());
+    let (public, internal) = (old.public.to_string(), old.internal.to_string());
+    let url = format!(
+        "ws://{public}/v1/stream?token={}&workspace=ws_zd",
+        token("ws_zd", "u", 600)
+    );
+    // A long-lived client of the old process (connected before the new one exists): it gets
+    // 1001 and would reconnect.
+    let mut resident = connect(&url);
+    assert!(read_text(&mut resident).contains("connected"));
+    let mut new = spawn_at(&public, &internal, &[], &secret_env());
+    assert_eq!(new.public, old.public);
+    assert_eq!(new.internal, old.internal);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (url, stop) = (url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                match try_connect(&url) {
+                    Ok(mut ws) => match ws.read() {
+                        Ok(tungstenite::Message::Text(t)) if t.contains("connected") => ok += 1,
+                        // Caught mid-drain by the old process: a clean 1001, then reconnect.
+                        Ok(tungstenite::Message::Close(Some(f))) if u16::from(f.code) == 1001 => {
+                            ok += 1
+                        }
+                        other => failures.push(format!("{other:?}")),
+                    },
+                    Err(e) => failures.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failures)
+        })
+    };
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let _guard = StopOnDrop(stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    sigterm(&old.child);
+    assert_eq!(expect_close(&mut resident, false).0, 1001);
+    finish_close(&mut resident);
+    drop(resident);
+    assert_eq!(
+        wait_exit(&mut old.child, Duration::from_secs(10)),
+        Some(0),
+        "the old process did not finish its drain"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (ok, failures) = client.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed during the restart: {failures:?}",
+        failures.len(),
+        ok as usize + failures.len()
+    );
+    assert!(ok > 50, "only {ok} connections made");
+    // The new process serves the port alone now, publishes included.
+    let mut after = connect(&url);
+    assert!(read_text(&mut after).contains("connected"));
+    let (st, _) = publish_with_key(
+        new.internal,
+        Some(PUBLISH_KEY),
+        r#"{"workspace_id":"ws_zd","type":"after.restart","payload":{}}"#,
+    );
+    assert_eq!(st, 202);
+    assert!(read_event(&mut after).contains("after.restart"));
+    sigterm(&new.child);
+    let _ = expect_close(&mut after, false);
+    finish_close(&mut after);
+    drop(after);
+    assert_eq!(wait_exit(&mut new.child, Duration::from_secs(10)), Some(0));
 }

@@ -322,13 +322,17 @@ impl Shard {
             let _ = self.poll.registry().deregister(&mut l);
         }
         self.accept_pending = false;
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        // Open connections get 1001 now. One still sending its request head is left to finish
+        // it: its upgrade is answered with 101 and 1001 (see `upgrade`), so a client caught by
+        // a restart sees a clean close and reconnects, never a reset.
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.phase == Phase::Open)
+            .map(|(k, _)| k)
+            .collect();
         for key in keys {
-            match self.conns[key].phase {
-                Phase::Head => self.kill(key),
-                Phase::Open => self.close_ws(key, CloseReason::GoingAway),
-                _ => {}
-            }
+            self.close_ws(key, CloseReason::GoingAway);
         }
     }
 }
