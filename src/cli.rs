@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// How long a drain waits for clients to answer 1001.
     #[arg(long, env = "CAUSELOOP_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Spread a drain's 1001 closes evenly over this window (0: all at once); must be shorter
+    /// than --drain-timeout.
+    #[arg(long, env = "CAUSELOOP_DRAIN_SPREAD", default_value = "0s", value_parser = parse_duration)]
+    pub drain_spread: Duration,
     /// How long a server-initiated close waits for the client's close frame.
     #[arg(long, env = "CAUSELOOP_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub close_timeout: Duration,
@@ -225,6 +229,7 @@ impl RunArgs {
             socket_send_buffer: self.socket_send_buffer,
             handshake_timeout: self.handshake_timeout,
             drain_timeout: self.drain_timeout,
+            drain_spread: self.drain_spread,
             close_timeout: self.close_timeout,
             heartbeat_interval: self.heartbeat_interval,
             max_publish_bytes: self.max_publish_bytes,

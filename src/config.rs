@@ -98,6 +98,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// `--drain-timeout`: how long a drain waits for clients' close frames.
     pub drain_timeout: Duration,
+    /// `--drain-spread`: the window over which a drain sends its 1001s, in even batches, so a
+    /// fleet restart does not send every client back at once. Zero closes everyone at once.
+    pub drain_spread: Duration,
     /// `--close-timeout`: how long a server-initiated close waits for the client's close frame.
     pub close_timeout: Duration,
     /// `--heartbeat-interval`.
@@ -139,6 +142,7 @@ impl Default for Config {
             socket_send_buffer: 256 << 10,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            drain_spread: Duration::ZERO,
             close_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(5),
             max_publish_bytes: 1 << 20,

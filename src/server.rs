@@ -143,6 +143,9 @@ fn validate(c: &Config) -> Result<(), StartError> {
     if c.heartbeat_interval.is_zero() || c.timer_tick.is_zero() {
         return bad("--heartbeat-interval and --timer-tick must be above zero");
     }
+    if !c.drain_spread.is_zero() && c.drain_spread >= c.drain_timeout {
+        return bad("--drain-spread must be shorter than --drain-timeout");
+    }
     if c.timer_tick > c.heartbeat_interval {
         return bad("--timer-tick must not exceed --heartbeat-interval");
     }

@@ -577,3 +577,70 @@ fn a_new_process_takes_over_the_ports_while_the_old_one_drains_and_no_connection
     drop(after);
     assert_eq!(wait_exit(&mut new.child, Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn drain_spread_sends_1001s_in_batches_over_the_window() {
+    let mut p = spawn(
+        &[
+            "--drain-spread",
+            "1s",
+            "--drain-timeout",
+            "10s",
+            "--shards",
+            "1",
+        ],
+        &secret_env(),
+    );
+    let url = format!(
+        "ws://{}/v1/stream?token={}&workspace=ws_sp",
+        p.public,
+        token("ws_sp", "u", 600)
+    );
+    let mut clients: Vec<Ws> = (0..20)
+        .map(|_| {
+            let mut ws = connect(&url);
+            assert!(read_text(&mut ws).contains("connected"));
+            ws
+        })
+        .collect();
+    let start = Instant::now();
+    sigterm(&p.child);
+    // Each client records when its 1001 arrived, from its own thread.
+    let handles: Vec<_> = clients
+        .drain(..)
+        .map(|mut ws| {
+            std::thread::spawn(move || {
+                let (code, _) = expect_close(&mut ws, false);
+                let at = start.elapsed();
+                finish_close(&mut ws);
+                (code, at)
+            })
+        })
+        .collect();
+    let mut times: Vec<Duration> = handles
+        .into_iter()
+        .map(|h| {
+            let (code, at) = h.join().unwrap();
+            assert_eq!(code, 1001);
+            at
+        })
+        .collect();
+    times.sort();
+    // Spread over about a second: the first closes come at once, the last ones near the end.
+    assert!(
+        times[0] < Duration::from_millis(400),
+        "first 1001 after {:?}",
+        times[0]
+    );
+    assert!(
+        times[19] >= Duration::from_millis(700),
+        "last 1001 after {:?}: not spread",
+        times[19]
+    );
+    assert!(
+        times[19] < Duration::from_secs(5),
+        "last 1001 after {:?}",
+        times[19]
+    );
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(10)), Some(0));
+}

@@ -71,7 +71,17 @@ struct Limits {
     close_ticks: u64,
     heartbeat_ticks: u64,
     drain_timeout: Duration,
+    drain_spread: Duration,
     tick: Duration,
+}
+
+/// A drain in progress: the open connections still to be sent 1001, and when.
+struct Drain {
+    started: Instant,
+    /// Connections (key, generation) open when the drain began, in the order they get 1001.
+    pending: Vec<(u32, u32)>,
+    /// How many of `pending` have been closed.
+    closed: usize,
 }
 
 /// A shard and everything it owns. Built on the starting thread, then moved to its own.
@@ -99,6 +109,7 @@ pub struct Shard {
     accept_retry: Option<Instant>,
     inbox_pending: bool,
     drain_deadline: Option<Instant>,
+    drain: Option<Drain>,
 }
 
 fn ticks(d: Duration, tick: Duration) -> u64 {
@@ -129,6 +140,7 @@ impl Shard {
             close_ticks: ticks(cfg.close_timeout, tick),
             heartbeat_ticks: ticks(cfg.heartbeat_interval, tick),
             drain_timeout: cfg.drain_timeout,
+            drain_spread: cfg.drain_spread,
             tick,
         };
         Ok(Shard {
@@ -154,6 +166,7 @@ impl Shard {
             accept_retry: None,
             inbox_pending: true,
             drain_deadline: None,
+            drain: None,
             shared,
         })
     }
@@ -221,6 +234,7 @@ impl Shard {
                 self.drain_inbox(now);
             }
             self.fire_timers(now);
+            self.spread_drain(now);
             self.flush();
             self.reap();
             if let Some(deadline) = self.drain_deadline {
@@ -244,6 +258,14 @@ impl Shard {
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         if self.inbox_pending || self.accept_pending || !self.read_again.is_empty() {
             return Some(Duration::ZERO);
+        }
+        if self
+            .drain
+            .as_ref()
+            .is_some_and(|d| d.closed < d.pending.len())
+        {
+            // Spreading 1001s: wake every tick to send the next batch.
+            return Some(self.limits.tick);
         }
         let mut wake: Option<Instant> = self.wheel.next_tick().map(|t| self.instant_of(t));
         for t in [self.accept_retry, self.drain_deadline]
@@ -322,17 +344,48 @@ impl Shard {
             let _ = self.poll.registry().deregister(&mut l);
         }
         self.accept_pending = false;
-        // Open connections get 1001 now. One still sending its request head is left to finish
-        // it: its upgrade is answered with 101 and 1001 (see `upgrade`), so a client caught by
-        // a restart sees a clean close and reconnects, never a reset.
-        let keys: Vec<usize> = self
+        // Open connections get 1001, all now or spread over --drain-spread. One still sending its
+        // request head is left to finish it: its upgrade is answered with 101 and 1001 (see
+        // `upgrade`), so a client caught by a restart sees a clean close and reconnects, never a
+        // reset.
+        let pending: Vec<(u32, u32)> = self
             .conns
             .iter()
             .filter(|(_, c)| c.phase == Phase::Open)
-            .map(|(k, _)| k)
+            .map(|(k, c)| (k as u32, c.gen))
             .collect();
-        for key in keys {
-            self.close_ws(key, CloseReason::GoingAway);
+        self.drain = Some(Drain {
+            started: now,
+            pending,
+            closed: 0,
+        });
+        self.spread_drain(now);
+    }
+
+    /// Sends the drain's 1001s that are due: `pending × elapsed ÷ spread` of them by now, all at
+    /// once without a spread. Connections that already closed, or whose slot was reused, are
+    /// skipped (the generation is checked).
+    fn spread_drain(&mut self, now: Instant) {
+        let Some(d) = self.drain.as_mut() else { return };
+        let total = d.pending.len();
+        let spread = self.limits.drain_spread;
+        let due = if spread.is_zero() || now >= d.started + spread {
+            total
+        } else {
+            ((total as f64) * now.duration_since(d.started).as_secs_f64() / spread.as_secs_f64())
+                .ceil() as usize
+        };
+        let batch: Vec<(u32, u32)> = d.pending[d.closed..due.max(d.closed)].to_vec();
+        d.closed = due.max(d.closed);
+        for (key, gen) in batch {
+            let key = key as usize;
+            if self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.gen == gen && c.phase == Phase::Open)
+            {
+                self.close_ws(key, CloseReason::GoingAway);
+            }
         }
     }
 }
