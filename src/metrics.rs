@@ -51,6 +51,61 @@ pub struct ShardStats {
     pub bytes_written: AtomicU64,
     /// Panics caught in a connection's handler (each closed that connection with 1011).
     pub handler_panics: AtomicU64,
+    /// Time of one event-loop iteration (poll excluded).
+    pub loop_iteration: Histogram,
+    /// How late heartbeats were sent, past their due tick.
+    pub heartbeat_lateness: Histogram,
+    /// From a publish being accepted to this shard's last write of its frames.
+    pub fanout: Histogram,
+}
+
+/// Upper bounds of the histogram buckets, in microseconds (the last bucket is +Inf).
+pub const BUCKETS_US: [u64; 16] = [
+    10, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// A fixed-bucket latency histogram written by one thread (its shard) and read at scrape time.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    #[inline]
+    pub fn record(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BUCKETS_US.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ([u64; BUCKETS_US.len() + 1], u64) {
+        let mut c = [0u64; BUCKETS_US.len() + 1];
+        for (dst, src) in c.iter_mut().zip(&self.counts) {
+            *dst = src.load(Ordering::Relaxed);
+        }
+        (c, self.sum_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Writes one Prometheus histogram series (cumulative buckets, seconds).
+fn write_histogram(out: &mut String, name: &str, labels: &str, counts: &[u64], sum_us: u64) {
+    let mut cumulative = 0;
+    for (i, c) in counts.iter().enumerate() {
+        cumulative += c;
+        let le = BUCKETS_US
+            .get(i)
+            .map_or("+Inf".to_string(), |b| format!("{}", *b as f64 / 1e6));
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 
 impl ShardStats {
@@ -232,6 +287,31 @@ pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
         "counter",
         &reloads,
     );
+    type Pick = fn(&ShardStats) -> &Histogram;
+    let histograms: [(&str, &str, Pick); 3] = [
+        (
+            "causeloop_loop_iteration_seconds",
+            "Time of one event-loop iteration, poll excluded, per shard.",
+            |s| &s.loop_iteration,
+        ),
+        (
+            "causeloop_heartbeat_lateness_seconds",
+            "How late heartbeats were sent past their due time, per shard.",
+            |s| &s.heartbeat_lateness,
+        ),
+        (
+            "causeloop_fanout_seconds",
+            "From a publish being accepted to a shard's last write of its frames, per shard.",
+            |s| &s.fanout,
+        ),
+    ];
+    for (name, help, pick) in histograms {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, shard) in shards.iter().enumerate() {
+            let (counts, sum) = pick(shard).snapshot();
+            write_histogram(&mut out, name, &format!("shard=\"{i}\""), &counts, sum);
+        }
+    }
     if let Some((cpu, rss, fds)) = process_figures() {
         let _ = write!(
             out,
@@ -284,5 +364,26 @@ mod tests {
         );
         assert!(text.contains("causeloop_auth_failures_total{reason=\"expired\"} 1\n"));
         assert!(text.contains("causeloop_connections_open{shard=\"2\"} 0\n"));
+        shards[1]
+            .fanout
+            .record(std::time::Duration::from_micros(70));
+        shards[1].fanout.record(std::time::Duration::from_secs(9));
+        let text = render(&shards, &BusStats::default());
+        assert!(
+            text.contains("causeloop_fanout_seconds_bucket{shard=\"1\",le=\"0.00005\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causeloop_fanout_seconds_bucket{shard=\"1\",le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causeloop_fanout_seconds_bucket{shard=\"1\",le=\"+Inf\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causeloop_fanout_seconds_count{shard=\"1\"} 2\n"),
+            "{text}"
+        );
     }
 }

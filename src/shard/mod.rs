@@ -110,6 +110,8 @@ pub struct Shard {
     inbox_pending: bool,
     drain_deadline: Option<Instant>,
     drain: Option<Drain>,
+    /// When the publishes delivered this turn were accepted (for the fan-out histogram).
+    fanout_started: Vec<Instant>,
 }
 
 fn ticks(d: Duration, tick: Duration) -> u64 {
@@ -167,6 +169,7 @@ impl Shard {
             inbox_pending: true,
             drain_deadline: None,
             drain: None,
+            fanout_started: Vec::new(),
             shared,
         })
     }
@@ -237,6 +240,11 @@ impl Shard {
             self.spread_drain(now);
             self.flush();
             self.reap();
+            let stats = &self.shared.shard_stats[self.index];
+            for accepted in self.fanout_started.drain(..) {
+                stats.fanout.record(accepted.elapsed());
+            }
+            stats.loop_iteration.record(now.elapsed());
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() {
                     return;
@@ -319,6 +327,9 @@ impl Shard {
     }
 
     fn deliver(&mut self, batch: &[Event]) {
+        if let Some(first) = batch.first() {
+            self.fanout_started.push(first.accepted_at);
+        }
         for event in batch {
             let recipients = self
                 .registry

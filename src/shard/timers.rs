@@ -66,6 +66,11 @@ impl Shard {
                 continue;
             }
             if tick >= conn.next_heartbeat {
+                let due = self.started
+                    + self.limits.tick * (conn.next_heartbeat.min(u32::MAX as u64) as u32);
+                self.shared.shard_stats[self.index]
+                    .heartbeat_lateness
+                    .record(now.saturating_duration_since(due));
                 conn.next_heartbeat =
                     (conn.next_heartbeat + self.limits.heartbeat_ticks).max(tick + 1);
                 let frame = heartbeat
