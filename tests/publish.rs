@@ -181,4 +181,13 @@ fn internal_probes_and_metrics() {
         !metrics.contains("ws_m"),
         "metrics must not carry workspace ids"
     );
+    // The fan-out of that publish was timed on the shard that holds the subscriber.
+    let fanouts: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("causeloop_fanout_seconds_count{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(fanouts, 1, "{metrics}");
+    assert!(metrics.contains("# TYPE causeloop_loop_iteration_seconds histogram"));
+    assert!(metrics.contains("process_open_fds "));
 }
