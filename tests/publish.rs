@@ -181,8 +181,10 @@ fn internal_probes_and_metrics() {
         !metrics.contains("ws_m"),
         "metrics must not carry workspace ids"
     );
-    // The fan-out of that publish is timed on the shard that holds the subscriber (once its
-    // loop turn ends, which may be just after the 202).
+    // A publish to the subscriber's workspace is timed on the shard that holds it (once its loop
+    // turn ends, which may be just after the 202); the one above reached no shard.
+    let to_ws_m = r#"{"workspace_id":"ws_m","type":"issue.created","payload":{}}"#;
+    assert_eq!(s.publish(to_ws_m).0, 202);
     let fanouts = || -> u64 {
         get("/metrics")
             .lines()
