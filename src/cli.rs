@@ -63,6 +63,13 @@ pub struct TokenArgs {
 /// Server flags. Each has an environment twin `CAUSELOOP_<FLAG>`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// Read flags from this TOML file (flag > environment > file > default); unknown keys are
+    /// refused with their line.
+    #[arg(long, env = "CAUSELOOP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Development mode: random HS256 secret and publish key, a ready URL, a curl command and a
     /// demo publisher. Never for production.
     #[arg(long, env = "CAUSELOOP_DEV")]

@@ -28,6 +28,7 @@ pub mod bus;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod config_file;
 pub mod http;
 pub mod internal;
 pub mod json;

@@ -14,7 +14,7 @@ use std::io::Write;
 mod dev;
 
 fn main() {
-    let matches = Cli::command().get_matches();
+    let (matches, from_file) = with_config_file(Cli::command().get_matches());
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -26,11 +26,107 @@ fn main() {
     {
         cli.run.listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    if cli.run.print_config {
+        print!("{}", effective_config(&matches, &from_file));
+        std::process::exit(0);
+    }
     let code = match cli.command {
         Some(Command::Token(args)) => token(&args),
         None => run(cli),
     };
     std::process::exit(code);
+}
+
+/// The server flags: (id, takes a value), excluding the meta flags.
+fn server_flags() -> Vec<(String, bool)> {
+    Cli::command()
+        .get_arguments()
+        .filter(|a| {
+            !matches!(
+                a.get_id().as_str(),
+                "config" | "print_config" | "help" | "version"
+            )
+        })
+        .filter(|a| a.get_long().is_some())
+        .map(|a| (a.get_id().to_string(), a.get_action().takes_values()))
+        .collect()
+}
+
+/// Applies `--config FILE`: re-parses the command line with the file's values added for the
+/// flags that neither the command line nor the environment set.
+fn with_config_file(matches: clap::ArgMatches) -> (clap::ArgMatches, Vec<String>) {
+    let Some(path) = matches.get_one::<std::path::PathBuf>("config").cloned() else {
+        return (matches, Vec::new());
+    };
+    let shown = path.display().to_string();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("causeloop-stream: {shown}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let extra =
+        match causeloop_stream::config_file::arguments(&shown, &text, &matches, &server_flags()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("causeloop-stream: {e}");
+                std::process::exit(2);
+            }
+        };
+    let from_file: Vec<String> = extra
+        .iter()
+        .filter_map(|a| a.strip_prefix("--"))
+        .map(|f| f.replace('-', "_"))
+        .collect();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    argv.extend(extra.into_iter().map(Into::into));
+    (Cli::command().get_matches_from(argv), from_file)
+}
+
+/// The effective configuration as TOML, each value with where it came from. Secrets given
+/// inline through the environment are never printed, only whether they are set.
+fn effective_config(matches: &clap::ArgMatches, from_file: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "# causeloop-stream effective configuration (flag > environment > file > default)\n",
+    );
+    for (id, takes_value) in server_flags() {
+        let source = match matches.value_source(&id) {
+            Some(clap::parser::ValueSource::CommandLine) if from_file.contains(&id) => "file",
+            Some(clap::parser::ValueSource::CommandLine) => "flag",
+            Some(clap::parser::ValueSource::EnvVariable) => "environment",
+            Some(clap::parser::ValueSource::DefaultValue) => "default",
+            _ => "unset",
+        };
+        let key = id.replace('_', "-");
+        let values: Vec<String> = matches
+            .get_raw(&id)
+            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        if !takes_value {
+            let on = matches.get_flag(&id);
+            let _ = writeln!(out, "{key} = {on}  # {source}");
+        } else if values.is_empty() {
+            let _ = writeln!(out, "# {key} is not set");
+        } else if values.len() == 1 && id != "jwt_rs256_public_key" {
+            let _ = writeln!(out, "{key} = {:?}  # {source}", values[0]);
+        } else {
+            let _ = writeln!(out, "{key} = {values:?}  # {source}");
+        }
+    }
+    for env in [
+        causeloop_stream::cli::ENV_HS256_SECRET,
+        causeloop_stream::cli::ENV_PUBLISH_KEY,
+    ] {
+        let set = std::env::var_os(env).is_some_and(|v| !v.is_empty());
+        let _ = writeln!(
+            out,
+            "# {env}: {}",
+            if set { "set (redacted)" } else { "not set" }
+        );
+    }
+    out
 }
 
 fn token(args: &TokenArgs) -> i32 {
