@@ -5,7 +5,7 @@
 //! key come from `CAUSELOOP_JWT_HS256_SECRET` and `CAUSELOOP_PUBLISH_KEY` (or from files named by
 //! flags), so they never show up in `ps`.
 
-use crate::config::{parse_bytes, parse_duration, Config, JwtConfig, Secret};
+use crate::config::{parse_bytes, parse_cpu_list, parse_duration, Config, JwtConfig, Secret};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -87,6 +87,9 @@ pub struct RunArgs {
     /// Worker threads, each with its own event loop [default: available cores].
     #[arg(long, env = "CAUSELOOP_SHARDS")]
     pub shards: Option<usize>,
+    /// Pin shard threads to these CPUs (`0-3` or `0,2,4`); shard i runs on the i-th, cycling.
+    #[arg(long, env = "CAUSELOOP_CPU_AFFINITY", value_parser = parse_cpus)]
+    pub cpu_affinity: Option<CpuList>,
     /// Open public sockets before new connections are refused with close code 1013.
     #[arg(long, env = "CAUSELOOP_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,
@@ -177,6 +180,14 @@ pub struct RunArgs {
     pub log_level: log::LevelFilter,
 }
 
+/// A list of CPU ids from `--cpu-affinity`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    parse_cpu_list(s).map(CpuList)
+}
+
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
         .map_err(|_| format!("invalid log level {s:?}: use error, warn, info, debug or trace"))
@@ -231,6 +242,7 @@ impl RunArgs {
             listen: self.listen,
             internal_listen: self.internal_listen,
             shards: self.shards.unwrap_or(defaults.shards),
+            cpu_affinity: self.cpu_affinity.clone().map(|c| c.0).unwrap_or_default(),
             max_connections: self.max_connections,
             max_outbound_bytes: self.max_outbound_bytes,
             socket_send_buffer: self.socket_send_buffer,

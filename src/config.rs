@@ -86,6 +86,9 @@ pub struct Config {
     pub internal_listen: SocketAddr,
     /// `--shards`: worker threads, each with its own poll loop.
     pub shards: usize,
+    /// `--cpu-affinity`: CPU ids to pin shard threads to (shard `i` on `cpus[i % len]`); empty
+    /// leaves placement to the scheduler.
+    pub cpu_affinity: Vec<usize>,
     /// `--max-connections`: open sockets on the public listener before new ones get 1013.
     pub max_connections: usize,
     /// `--max-outbound-bytes`: unsent bytes per connection before it is closed 1008.
@@ -137,6 +140,7 @@ impl Default for Config {
             shards: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            cpu_affinity: Vec::new(),
             max_connections: 1_000_000,
             max_outbound_bytes: 1 << 20,
             socket_send_buffer: 256 << 10,
@@ -195,6 +199,28 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Parses a CPU list: `0,2,4` or `0-3` or a mix (`0-1,4`).
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid CPU list {s:?}: expected e.g. 0-3 or 0,2,4");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if b < a || b - a > 4096 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
 /// Parses a byte size: `4096`, `64KiB`, `1MiB`, `1GiB`.
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let s = s.trim();
@@ -235,6 +261,15 @@ mod tests {
         for d in ["500ms", "5s", "2m", "1h", "0s", "90s"] {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
         }
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-3"), Ok(vec![0, 1, 2, 3]));
+        assert_eq!(parse_cpu_list("0,2, 4"), Ok(vec![0, 2, 4]));
+        assert_eq!(parse_cpu_list("0-1,4"), Ok(vec![0, 1, 4]));
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
     }
 
     #[test]

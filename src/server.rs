@@ -245,9 +245,18 @@ impl Server {
                 keys.clone(),
             )
             .map_err(StartError::Io)?;
+            let cpus = &shared.config.cpu_affinity;
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
-                .spawn(move || shard.run())
+                .spawn(move || {
+                    if let Some(id) = cpu {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                            log::warn!("shard {i}: could not pin to CPU {id}; running unpinned");
+                        }
+                    }
+                    shard.run()
+                })
                 .map_err(StartError::Io)?;
             shards.push(handle);
         }

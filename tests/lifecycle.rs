@@ -644,3 +644,51 @@ fn drain_spread_sends_1001s_in_batches_over_the_window() {
     );
     assert_eq!(wait_exit(&mut p.child, Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn cpu_affinity_pins_each_shard_thread() {
+    let mut p = spawn(&["--shards", "2", "--cpu-affinity", "1,0"], &secret_env());
+    // /proc/PID/task/TID/status names each thread and its allowed CPUs.
+    let mut pinned = std::collections::BTreeMap::new();
+    let start = Instant::now();
+    let want = |m: &std::collections::BTreeMap<String, String>| {
+        m.get("shard-0").map(String::as_str) == Some("1")
+            && m.get("shard-1").map(String::as_str) == Some("0")
+    };
+    // Each shard pins itself as its thread starts: poll until both have.
+    while !want(&pinned) && start.elapsed() < Duration::from_secs(5) {
+        for task in std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
+            .unwrap()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let name = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if name.starts_with("shard-") {
+                pinned.insert(name, cpus);
+            }
+        }
+    }
+    assert_eq!(
+        pinned.get("shard-0").map(String::as_str),
+        Some("1"),
+        "{pinned:?}"
+    );
+    assert_eq!(
+        pinned.get("shard-1").map(String::as_str),
+        Some("0"),
+        "{pinned:?}"
+    );
+    sigterm(&p.child);
+    assert_eq!(wait_exit(&mut p.child, Duration::from_secs(5)), Some(0));
+}
