@@ -57,6 +57,31 @@ pub struct ShardStats {
     pub heartbeat_lateness: Histogram,
     /// From a publish being accepted to this shard's last write of its frames.
     pub fanout: Histogram,
+    /// Connections removed, by the close code they ended with ([`CLOSED_CODES`] order; the last
+    /// slot is "none": no close frame either way).
+    pub closed: [AtomicU64; CLOSED_CODES.len() + 1],
+    /// Bytes queued on this shard's connections that could not be written yet (sampled each
+    /// second).
+    pub queued_bytes: AtomicU64,
+}
+
+/// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
+/// as `other`, and a connection that ended without a close frame as `none`.
+pub const CLOSED_CODES: [u16; 12] = [
+    1000, 1001, 1002, 1005, 1007, 1008, 1009, 1011, 1013, 4003, 4401, 0,
+];
+
+impl ShardStats {
+    /// Counts a connection removed after sending or receiving close `code` (0: none).
+    pub fn closed_with(&self, code: u16) {
+        let i = match CLOSED_CODES.iter().position(|&c| c == code) {
+            Some(i) if code != 0 => i,
+            // 0 is the "other" slot's sentinel; a real unknown code lands there too.
+            _ if code != 0 => CLOSED_CODES.len() - 1,
+            _ => CLOSED_CODES.len(),
+        };
+        Self::add(&self.closed[i], 1);
+    }
 }
 
 /// Upper bounds of the histogram buckets, in microseconds (the last bucket is +Inf).
@@ -287,6 +312,37 @@ pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
         "counter",
         &reloads,
     );
+    let closed: Vec<(String, u64)> = (0..=CLOSED_CODES.len())
+        .map(|i| {
+            let label = match CLOSED_CODES.get(i) {
+                Some(0) => "other".to_string(),
+                Some(c) => c.to_string(),
+                None => "none".to_string(),
+            };
+            (
+                format!("{{code=\"{label}\"}}"),
+                sum(shards, |s| &s.closed[i]),
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "# HELP causeloop_connections_closed_total Connections removed, by the close code they ended with (sent or received; none: no close frame).\n# TYPE causeloop_connections_closed_total counter"
+    );
+    for (labels, v) in &closed {
+        let _ = writeln!(out, "causeloop_connections_closed_total{labels} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP causeloop_queued_outbound_bytes Bytes waiting on connections whose socket is full, per shard.\n# TYPE causeloop_queued_outbound_bytes gauge"
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "causeloop_queued_outbound_bytes{{shard=\"{i}\"}} {}",
+            shard.queued_bytes.load(Ordering::Relaxed)
+        );
+    }
     type Pick = fn(&ShardStats) -> &Histogram;
     let histograms: [(&str, &str, Pick); 3] = [
         (

@@ -200,3 +200,47 @@ fn internal_probes_and_metrics() {
     assert!(metrics.contains("# TYPE causeloop_loop_iteration_seconds histogram"));
     assert!(metrics.contains("process_open_fds "));
 }
+
+#[test]
+fn closed_connections_are_counted_by_code() {
+    let s = TestServer::start();
+    let metric = |name: &str| -> u64 {
+        let text = raw_http(
+            s.internal,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut ws = s.subscribe("ws_c", "u");
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: 1000u16.into(),
+        reason: "".into(),
+    }))
+    .unwrap();
+    let _ = expect_close(&mut ws, false);
+    finish_close(&mut ws);
+    drop(ws);
+    let mut refused = connect(&s.url("not-a-token", "ws_c"));
+    assert_eq!(expect_close(&mut refused, true).0, 4401);
+    finish_close(&mut refused);
+    drop(refused);
+    assert!(eventually(Duration::from_secs(5), || metric(
+        "causeloop_connections_closed_total{code=\"1000\"}"
+    ) == 1
+        && metric("causeloop_connections_closed_total{code=\"4401\"}")
+            == 1));
+    assert_eq!(
+        metric("causeloop_connections_closed_total{code=\"none\"}"),
+        0
+    );
+    // A probe is not a WebSocket connection and is not counted.
+    assert_eq!(
+        status_of(&raw_http(s.public, b"GET /healthz HTTP/1.1\r\n\r\n")),
+        200
+    );
+    assert!(metric("causeloop_queued_outbound_bytes{shard=\"0\"}") == 0);
+}

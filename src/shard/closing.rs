@@ -113,6 +113,11 @@ impl Shard {
             if conn.phase != Phase::Lingering {
                 ShardStats::add(&self.stats().dropped, 1);
             }
+            // Every WebSocket connection (upgraded: subscribed, or refused with a close code)
+            // is counted once, by the code it ended with; plain HTTP exchanges are not.
+            if conn.was_open || conn.close_code != 0 {
+                self.stats().closed_with(conn.close_code);
+            }
             self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
             if !conn.was_open {
                 // Never subscribed (refused, probe, bad request): its only log line is this one.

@@ -112,6 +112,8 @@ pub struct Shard {
     drain: Option<Drain>,
     /// When the publishes delivered this turn were accepted (for the fan-out histogram).
     fanout_started: Vec<Instant>,
+    /// When to next sample the queued-bytes gauge.
+    next_sample: Instant,
 }
 
 fn ticks(d: Duration, tick: Duration) -> u64 {
@@ -170,6 +172,7 @@ impl Shard {
             drain_deadline: None,
             drain: None,
             fanout_started: Vec::new(),
+            next_sample: Instant::now(),
             shared,
         })
     }
@@ -245,6 +248,19 @@ impl Shard {
                 stats.fanout.record(accepted.elapsed());
             }
             stats.loop_iteration.record(now.elapsed());
+            if now >= self.next_sample {
+                // Once a second, not per write: a walk over the slab is cheap at that rate.
+                self.next_sample = now + Duration::from_secs(1);
+                let queued: usize = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.want_write)
+                    .map(|(_, c)| c.out.pending_bytes())
+                    .sum();
+                self.shared.shard_stats[self.index]
+                    .queued_bytes
+                    .store(queued as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() {
                     return;
