@@ -6,8 +6,12 @@
 
 use crate::auth::AuthError;
 use crate::ws::close::CloseReason;
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Auth failure labels, in [`auth_index`] order.
 pub const AUTH_LABELS: [&str; 7] = [
@@ -119,20 +123,6 @@ impl Histogram {
     }
 }
 
-/// Writes one Prometheus histogram series (cumulative buckets, seconds).
-fn write_histogram(out: &mut String, name: &str, labels: &str, counts: &[u64], sum_us: u64) {
-    let mut cumulative = 0;
-    for (i, c) in counts.iter().enumerate() {
-        cumulative += c;
-        let le = BUCKETS_US
-            .get(i)
-            .map_or("+Inf".to_string(), |b| format!("{}", *b as f64 / 1e6));
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-    }
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
-}
-
 impl ShardStats {
     /// Adds `n` to a counter.
     #[inline]
@@ -178,209 +168,292 @@ fn sum(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
     shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
 }
 
-/// Renders every counter in the Prometheus text exposition format.
-pub fn render(shards: &[ShardStats], bus: &BusStats) -> String {
-    let mut out = String::with_capacity(4096);
-    let mut counter = |name: &str, help: &str, kind: &str, values: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in values {
-            let _ = writeln!(out, "{name}{labels} {v}");
+/// Label pairs of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Reads every counter at scrape time and hands it to prometheus-client's OpenMetrics encoder.
+/// The counters stay our own per-shard atomics (nothing is shared on the per-frame path); the
+/// crate does the exposition format: names, `_total` suffixes, escaping, histogram layout, `# EOF`.
+struct StatsCollector {
+    shards: Arc<[ShardStats]>,
+    bus: Arc<BusStats>,
+}
+
+impl std::fmt::Debug for StatsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StatsCollector({} shards)", self.shards.len())
+    }
+}
+
+fn counters(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        if labels.is_empty() {
+            m.encode_counter::<(), _, u64>(v, None)?;
+        } else {
+            m.encode_family(labels)?
+                .encode_counter::<(), _, u64>(v, None)?;
         }
-    };
-    let plain = |v: u64| vec![(String::new(), v)];
-    let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(String, u64)> {
-        shards
+    }
+    Ok(())
+}
+
+fn gauges(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, i64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        if labels.is_empty() {
+            m.encode_gauge(v)?;
+        } else {
+            m.encode_family(labels)?.encode_gauge(v)?;
+        }
+    }
+    Ok(())
+}
+
+fn shard_label(i: usize) -> Labels {
+    vec![("shard", i.to_string())]
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let shards = &self.shards[..];
+        let bus = &*self.bus;
+        let one = |v: u64| vec![(Labels::new(), v)];
+        let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(Labels, i64)> {
+            shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (shard_label(i), f(s) as i64))
+                .collect()
+        };
+        gauges(
+            &mut enc,
+            "causeloop_connections_open",
+            "Subscribed WebSocket connections.",
+            &per_shard(&|s| s.open.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_connections_accepted",
+            "Sockets accepted on the public listener.",
+            &one(sum(shards, |s| &s.accepted)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_connections_subscribed",
+            "Connections authenticated and sent `connected`.",
+            &one(sum(shards, |s| &s.subscribed)),
+        )?;
+        let closes: Vec<(Labels, u64)> = CloseReason::ALL
             .iter()
             .enumerate()
-            .map(|(i, s)| (format!("{{shard=\"{i}\"}}"), f(s)))
-            .collect()
-    };
-    counter(
-        "causeloop_connections_open",
-        "Subscribed WebSocket connections.",
-        "gauge",
-        &per_shard(&|s| s.open.load(Ordering::Relaxed)),
-    );
-    counter(
-        "causeloop_connections_accepted_total",
-        "Sockets accepted on the public listener.",
-        "counter",
-        &plain(sum(shards, |s| &s.accepted)),
-    );
-    counter(
-        "causeloop_connections_subscribed_total",
-        "Connections authenticated and sent `connected`.",
-        "counter",
-        &plain(sum(shards, |s| &s.subscribed)),
-    );
-    let closes: Vec<(String, u64)> = CloseReason::ALL
+            .map(|(i, r)| {
+                (
+                    vec![("code", r.code().to_string()), ("reason", format!("{r:?}"))],
+                    sum(shards, |s| &s.closes[i]),
+                )
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "causeloop_closes_sent",
+            "WebSocket close frames sent, by code.",
+            &closes,
+        )?;
+        let closed: Vec<(Labels, u64)> = (0..=CLOSED_CODES.len())
+            .map(|i| {
+                let label = match CLOSED_CODES.get(i) {
+                    Some(0) => "other".to_string(),
+                    Some(c) => c.to_string(),
+                    None => "none".to_string(),
+                };
+                (vec![("code", label)], sum(shards, |s| &s.closed[i]))
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "causeloop_connections_closed",
+            "Connections removed, by the close code they ended with (sent or received; none: no close frame).",
+            &closed,
+        )?;
+        let auth: Vec<(Labels, u64)> = AUTH_LABELS
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    vec![("reason", l.to_string())],
+                    sum(shards, |s| &s.auth_failures[i]),
+                )
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "causeloop_auth_failures",
+            "Stream connections refused, by reason.",
+            &auth,
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_http_responses",
+            "Plain HTTP responses on the public listener.",
+            &one(sum(shards, |s| &s.http_responses)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_connections_dropped",
+            "Sockets ended without a close handshake.",
+            &one(sum(shards, |s| &s.dropped)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_frames_written",
+            "Frames completely written to sockets.",
+            &one(sum(shards, |s| &s.frames_written)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bytes_written",
+            "Bytes written to WebSocket sockets.",
+            &one(sum(shards, |s| &s.bytes_written)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_handler_panics",
+            "Connection handler panics (each closed with 1011).",
+            &one(sum(shards, |s| &s.handler_panics)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_queued_outbound_bytes",
+            "Bytes waiting on connections whose socket is full, per shard.",
+            &per_shard(&|s| s.queued_bytes.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_events_published",
+            "Events accepted for fan-out.",
+            &one(bus.published.load(Ordering::Relaxed)),
+        )?;
+        let rejected: Vec<(Labels, u64)> = [
+            ("invalid", &bus.rejected_invalid),
+            ("unauthorized", &bus.rejected_unauthorized),
+            ("too_large", &bus.rejected_too_large),
+            ("draining", &bus.rejected_draining),
+        ]
         .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            (
-                format!("{{code=\"{}\",reason=\"{:?}\"}}", r.code(), r),
-                sum(shards, |s| &s.closes[i]),
-            )
-        })
+        .map(|(l, c)| (vec![("reason", l.to_string())], c.load(Ordering::Relaxed)))
         .collect();
-    counter(
-        "causeloop_closes_sent_total",
-        "WebSocket close frames sent, by code.",
-        "counter",
-        &closes,
-    );
-    let auth: Vec<(String, u64)> = AUTH_LABELS
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
+        counters(
+            &mut enc,
+            "causeloop_publish_rejected",
+            "Publish requests refused, by reason.",
+            &rejected,
+        )?;
+        let reloads = vec![
             (
-                format!("{{reason=\"{l}\"}}"),
-                sum(shards, |s| &s.auth_failures[i]),
-            )
-        })
-        .collect();
-    counter(
-        "causeloop_auth_failures_total",
-        "Stream connections refused, by reason.",
-        "counter",
-        &auth,
-    );
-    counter(
-        "causeloop_http_responses_total",
-        "Plain HTTP responses on the public listener.",
-        "counter",
-        &plain(sum(shards, |s| &s.http_responses)),
-    );
-    counter(
-        "causeloop_connections_dropped_total",
-        "Sockets ended without a close handshake.",
-        "counter",
-        &plain(sum(shards, |s| &s.dropped)),
-    );
-    counter(
-        "causeloop_frames_written_total",
-        "Frames completely written to sockets.",
-        "counter",
-        &plain(sum(shards, |s| &s.frames_written)),
-    );
-    counter(
-        "causeloop_bytes_written_total",
-        "Bytes written to WebSocket sockets.",
-        "counter",
-        &plain(sum(shards, |s| &s.bytes_written)),
-    );
-    counter(
-        "causeloop_handler_panics_total",
-        "Connection handler panics (each closed with 1011).",
-        "counter",
-        &plain(sum(shards, |s| &s.handler_panics)),
-    );
-    counter(
-        "causeloop_events_published_total",
-        "Events accepted for fan-out.",
-        "counter",
-        &plain(bus.published.load(Ordering::Relaxed)),
-    );
-    let rejected = [
-        ("invalid", &bus.rejected_invalid),
-        ("unauthorized", &bus.rejected_unauthorized),
-        ("too_large", &bus.rejected_too_large),
-        ("draining", &bus.rejected_draining),
-    ]
-    .iter()
-    .map(|(l, c)| (format!("{{reason=\"{l}\"}}"), c.load(Ordering::Relaxed)))
-    .collect::<Vec<_>>();
-    counter(
-        "causeloop_publish_rejected_total",
-        "Publish requests refused, by reason.",
-        "counter",
-        &rejected,
-    );
-    let reloads = vec![
-        (
-            "{result=\"ok\"}".to_string(),
-            bus.key_reloads_ok.load(Ordering::Relaxed),
-        ),
-        (
-            "{result=\"error\"}".to_string(),
-            bus.key_reloads_failed.load(Ordering::Relaxed),
-        ),
-    ];
-    counter(
-        "causeloop_key_reloads_total",
-        "Key reloads, by result.",
-        "counter",
-        &reloads,
-    );
-    let closed: Vec<(String, u64)> = (0..=CLOSED_CODES.len())
-        .map(|i| {
-            let label = match CLOSED_CODES.get(i) {
-                Some(0) => "other".to_string(),
-                Some(c) => c.to_string(),
-                None => "none".to_string(),
-            };
+                vec![("result", "ok".to_string())],
+                bus.key_reloads_ok.load(Ordering::Relaxed),
+            ),
             (
-                format!("{{code=\"{label}\"}}"),
-                sum(shards, |s| &s.closed[i]),
-            )
-        })
-        .collect();
-    let _ = writeln!(
-        out,
-        "# HELP causeloop_connections_closed_total Connections removed, by the close code they ended with (sent or received; none: no close frame).\n# TYPE causeloop_connections_closed_total counter"
-    );
-    for (labels, v) in &closed {
-        let _ = writeln!(out, "causeloop_connections_closed_total{labels} {v}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP causeloop_queued_outbound_bytes Bytes waiting on connections whose socket is full, per shard.\n# TYPE causeloop_queued_outbound_bytes gauge"
-    );
-    for (i, shard) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "causeloop_queued_outbound_bytes{{shard=\"{i}\"}} {}",
-            shard.queued_bytes.load(Ordering::Relaxed)
-        );
-    }
-    type Pick = fn(&ShardStats) -> &Histogram;
-    let histograms: [(&str, &str, Pick); 3] = [
-        (
-            "causeloop_loop_iteration_seconds",
-            "Time of one event-loop iteration, poll excluded, per shard.",
-            |s| &s.loop_iteration,
-        ),
-        (
-            "causeloop_heartbeat_lateness_seconds",
-            "How late heartbeats were sent past their due time, per shard.",
-            |s| &s.heartbeat_lateness,
-        ),
-        (
-            "causeloop_fanout_seconds",
-            "From a publish being accepted to a shard's last write of its frames, per shard.",
-            |s| &s.fanout,
-        ),
-    ];
-    for (name, help, pick) in histograms {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, shard) in shards.iter().enumerate() {
-            let (counts, sum) = pick(shard).snapshot();
-            write_histogram(&mut out, name, &format!("shard=\"{i}\""), &counts, sum);
+                vec![("result", "error".to_string())],
+                bus.key_reloads_failed.load(Ordering::Relaxed),
+            ),
+        ];
+        counters(
+            &mut enc,
+            "causeloop_key_reloads",
+            "Key reloads, by result.",
+            &reloads,
+        )?;
+        type Pick = fn(&ShardStats) -> &Histogram;
+        let histograms: [(&str, &str, Pick); 3] = [
+            (
+                "causeloop_loop_iteration_seconds",
+                "Time of one event-loop iteration, poll excluded, per shard.",
+                |s| &s.loop_iteration,
+            ),
+            (
+                "causeloop_heartbeat_lateness_seconds",
+                "How late heartbeats were sent past their due time, per shard.",
+                |s| &s.heartbeat_lateness,
+            ),
+            (
+                "causeloop_fanout_seconds",
+                "From a publish being accepted to a shard's last write of its frames, per shard.",
+                |s| &s.fanout,
+            ),
+        ];
+        for (name, help, pick) in histograms {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (i, shard) in shards.iter().enumerate() {
+                let (counts, sum_us) = pick(shard).snapshot();
+                let buckets: Vec<(f64, u64)> = counts
+                    .iter()
+                    .enumerate()
+                    .map(|(b, c)| {
+                        (
+                            BUCKETS_US.get(b).map_or(f64::MAX, |us| *us as f64 / 1e6),
+                            *c,
+                        )
+                    })
+                    .collect();
+                let total: u64 = counts.iter().sum();
+                let labels = shard_label(i);
+                m.encode_family(&labels)?.encode_histogram::<()>(
+                    sum_us as f64 / 1e6,
+                    total,
+                    &buckets,
+                    None,
+                )?;
+            }
         }
+        if let Some((cpu, rss, fds)) = process_figures() {
+            let mut m = enc.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time of the process.",
+                None,
+                MetricType::Counter,
+            )?;
+            m.encode_counter::<(), _, u64>(&cpu, None)?;
+            gauges(
+                &mut enc,
+                "process_resident_memory_bytes",
+                "Resident set size.",
+                &[(Labels::new(), rss as i64)],
+            )?;
+            gauges(
+                &mut enc,
+                "process_open_fds",
+                "Open file descriptors.",
+                &[(Labels::new(), fds as i64)],
+            )?;
+        }
+        Ok(())
     }
-    if let Some((cpu, rss, fds)) = process_figures() {
-        let _ = write!(
-            out,
-            "# HELP process_cpu_seconds_total User and system CPU time of the process.\n\
-             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu:.2}\n\
-             # HELP process_resident_memory_bytes Resident set size.\n\
-             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n\
-             # HELP process_open_fds Open file descriptors.\n\
-             # TYPE process_open_fds gauge\nprocess_open_fds {fds}\n"
-        );
-    }
+}
+
+/// Renders every metric in the OpenMetrics text format (which Prometheus scrapes natively).
+pub fn render(shards: Arc<[ShardStats]>, bus: Arc<BusStats>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatsCollector { shards, bus }));
+    let mut out = String::with_capacity(8192);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// (CPU seconds, RSS bytes, open descriptors) of this process, from /proc (Linux).
 fn process_figures() -> Option<(f64, u64, u64)> {
@@ -408,33 +481,38 @@ mod tests {
 
     #[test]
     fn sums_shards_and_labels_are_bounded() {
-        let shards: Vec<ShardStats> = (0..3).map(|_| ShardStats::default()).collect();
+        let shards: Arc<[ShardStats]> = (0..3).map(|_| ShardStats::default()).collect();
+        let bus = Arc::new(BusStats::default());
         ShardStats::add(&shards[0].frames_written, 5);
         ShardStats::add(&shards[2].frames_written, 7);
         shards[1].close(CloseReason::SlowConsumer);
         shards[1].auth_failure(AuthError::Expired);
-        let text = render(&shards, &BusStats::default());
+        let text = render(shards.clone(), bus.clone());
         assert!(text.contains("causeloop_frames_written_total 12\n"));
         assert!(
             text.contains("causeloop_closes_sent_total{code=\"1008\",reason=\"SlowConsumer\"} 1\n")
         );
         assert!(text.contains("causeloop_auth_failures_total{reason=\"expired\"} 1\n"));
         assert!(text.contains("causeloop_connections_open{shard=\"2\"} 0\n"));
+        assert!(
+            text.ends_with("# EOF\n"),
+            "an OpenMetrics exposition ends with # EOF"
+        );
         shards[1]
             .fanout
             .record(std::time::Duration::from_micros(70));
         shards[1].fanout.record(std::time::Duration::from_secs(9));
-        let text = render(&shards, &BusStats::default());
+        let text = render(shards.clone(), bus.clone());
         assert!(
-            text.contains("causeloop_fanout_seconds_bucket{shard=\"1\",le=\"0.00005\"} 0\n"),
+            text.contains("causeloop_fanout_seconds_bucket{le=\"0.00005\",shard=\"1\"} 0\n"),
             "{text}"
         );
         assert!(
-            text.contains("causeloop_fanout_seconds_bucket{shard=\"1\",le=\"0.0001\"} 1\n"),
+            text.contains("causeloop_fanout_seconds_bucket{le=\"0.0001\",shard=\"1\"} 1\n"),
             "{text}"
         );
         assert!(
-            text.contains("causeloop_fanout_seconds_bucket{shard=\"1\",le=\"+Inf\"} 2\n"),
+            text.contains("causeloop_fanout_seconds_bucket{le=\"+Inf\",shard=\"1\"} 2\n"),
             "{text}"
         );
         assert!(

@@ -35,9 +35,9 @@ pub struct Shared {
     /// Which shards hold subscribers of which workspaces.
     pub interest: Arc<Interest>,
     /// Each shard's counters.
-    pub shard_stats: Box<[ShardStats]>,
+    pub shard_stats: Arc<[ShardStats]>,
     /// Publish counters.
-    pub bus_stats: BusStats,
+    pub bus_stats: Arc<BusStats>,
     /// Each shard's inbox.
     pub links: Box<[ShardLink]>,
 }
@@ -227,7 +227,7 @@ impl Server {
             open_sockets: AtomicUsize::new(0),
             interest: Arc::new(Interest::default()),
             shard_stats: (0..config.shards).map(|_| ShardStats::default()).collect(),
-            bus_stats: BusStats::default(),
+            bus_stats: Arc::new(BusStats::default()),
             links: links.into_boxed_slice(),
             config,
         });

@@ -85,12 +85,20 @@ fn seed_client_connects_receives_and_reconnects_after_drain() {
             }
         });
     }
-    let wait_for = |needle: &str| -> String {
+    // stdout (console.log) and stderr (console.warn/error) arrive on two pipes, so lines written
+    // in one order may be received in another: keep every line not yet matched and search them
+    // all, rather than assuming order across the two streams.
+    let mut unmatched: Vec<String> = Vec::new();
+    let mut wait_for = |needle: &str| -> String {
         loop {
+            if let Some(i) = unmatched.iter().position(|l| l.contains(needle)) {
+                return unmatched.remove(i);
+            }
             match rx.recv_timeout(Duration::from_secs(15)) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("the seed client never printed {needle:?}"),
+                Ok(line) => unmatched.push(line),
+                Err(_) => {
+                    panic!("the seed client never printed {needle:?}; it printed {unmatched:?}")
+                }
             }
         }
     };

@@ -319,11 +319,11 @@ fn route(
             head_only,
         ),
         b"/metrics" if get => {
-            let body = render(&shared.shard_stats, &shared.bus_stats);
+            let body = render(shared.shard_stats.clone(), shared.bus_stats.clone());
             respond(
                 response::build(
                     Status::Ok,
-                    "text/plain; version=0.0.4",
+                    crate::metrics::CONTENT_TYPE,
                     body.as_bytes(),
                     false,
                     "",
