@@ -408,17 +408,13 @@ fn json_logs_have_one_open_and_one_close_line_per_connection_and_no_token() {
             .any(|l| l["code"] == 1005 && l["user"] == "usr_log"),
         "{err}"
     );
+    assert!(closed.iter().any(|l| l["code"] == 4401), "{err}");
     assert!(
-        closed.iter().any(|l| l["code"] == 4401
+        lines.iter().any(|l| l["msg"] == "connection refused"
+            && l["reason"] == "expired"
             && l["peer"]
                 .as_str()
                 .is_some_and(|p| p.starts_with("127.0.0.1:"))),
-        "{err}"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["msg"] == "connection refused" && l["reason"] == "expired"),
         "{err}"
     );
 }

@@ -119,16 +119,12 @@ impl Shard {
                 self.stats().closed_with(conn.close_code);
             }
             self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
-            if !conn.was_open && log::log_enabled!(log::Level::Debug) {
-                // Never subscribed (refused, probe, bad request): its only log line is this one.
-                let peer = conn
-                    .stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+            if !conn.was_open {
+                // Never subscribed (refused, probe, bad request): its close line is this one. A
+                // refused connection's peer is on its `connection refused` line; by now the
+                // socket may be past telling it.
                 log::debug!(
-                    conn = key, shard = self.index, peer = peer.as_str(), code = conn.close_code,
-                    duration_ms = self.age_ms(conn.opened_ms);
+                    conn = key, shard = self.index, code = conn.close_code, duration_ms = self.age_ms(conn.opened_ms);
                     "connection closed"
                 );
             }

@@ -176,7 +176,14 @@ impl Shard {
         match identity {
             Ok(id) => self.subscribe(key, id, now_ms, now),
             Err(e) => {
-                log::debug!(conn = key, shard = self.index, reason = e.label(); "connection refused");
+                if log::log_enabled!(log::Level::Debug) {
+                    let peer = self.conns[key]
+                        .stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    log::debug!(conn = key, shard = self.index, peer = peer.as_str(), reason = e.label(); "connection refused");
+                }
                 self.stats().auth_failure(e);
                 self.close_ws(key, e.close_reason());
             }
