@@ -33,7 +33,12 @@ impl Shard {
                 }
             };
             match res {
-                Ok((stream, _peer)) => self.add_conn(stream, now),
+                Ok((stream, _peer)) => {
+                    if std::mem::take(&mut self.accept_starved) {
+                        log::warn!("shard {}: accepting again", self.index);
+                    }
+                    self.add_conn(stream, now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_pending = false;
                     return;
@@ -45,10 +50,15 @@ impl Shard {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     ) =>
                 {
-                    log::warn!(
-                        "shard {}: accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}",
-                        self.index
-                    );
+                    // Warn once per episode, not every back-off: the condition lasts as long as
+                    // descriptors stay short, and the log must not become the next problem.
+                    if !self.accept_starved {
+                        self.accept_starved = true;
+                        log::warn!(
+                            "shard {}: accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?} at a time until descriptors free up",
+                            self.index
+                        );
+                    }
                     self.accept_pending = false;
                     self.accept_retry = Some(now + ACCEPT_BACKOFF);
                     return;

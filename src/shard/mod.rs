@@ -107,6 +107,8 @@ pub struct Shard {
     fired: Vec<Timer>,
     accept_pending: bool,
     accept_retry: Option<Instant>,
+    /// Accepting is paused for lack of descriptors (for logging the episode once).
+    accept_starved: bool,
     inbox_pending: bool,
     drain_deadline: Option<Instant>,
     drain: Option<Drain>,
@@ -168,6 +170,7 @@ impl Shard {
             fired: Vec::new(),
             accept_pending: false,
             accept_retry: None,
+            accept_starved: false,
             inbox_pending: true,
             drain_deadline: None,
             drain: None,

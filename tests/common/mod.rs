@@ -114,6 +114,11 @@ pub fn connect(url: &str) -> Ws {
 }
 
 pub fn try_connect(url: &str) -> Result<Ws, Box<tungstenite::Error>> {
+    try_connect_within(url, Duration::from_secs(10))
+}
+
+/// Like [`try_connect`], with `timeout` for every read (the handshake's included).
+pub fn try_connect_within(url: &str, timeout: Duration) -> Result<Ws, Box<tungstenite::Error>> {
     let addr = url
         .trim_start_matches("ws://")
         .split('/')
@@ -121,9 +126,7 @@ pub fn try_connect(url: &str) -> Result<Ws, Box<tungstenite::Error>> {
         .unwrap()
         .to_string();
     let stream = TcpStream::connect(addr).expect("tcp connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
     stream.set_nodelay(true).unwrap();
     tungstenite::client(url, stream)
         .map(|(ws, _)| ws)
