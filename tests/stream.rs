@@ -266,3 +266,39 @@ fn a_fault_in_one_connection_closes_it_1011_and_nothing_else() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(panics, 1);
 }
+
+#[test]
+fn a_peer_that_resets_mid_write_or_half_closes_harms_no_one_else() {
+    let s = TestServer::with(|c| c.shards = 1);
+    let mut bystander = s.subscribe("ws_fault2", "ok");
+    // A peer that resets (SO_LINGER 0) while a large frame is on its way to it.
+    let resetter = raw_subscribe(&s, "ws_fault2");
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200_000));
+    let publisher = s.server().publisher();
+    let v: serde_json::Value = serde_json::from_str(&big).unwrap();
+    publisher.publish("ws_fault2", "job.updated", &v).unwrap();
+    socket2::SockRef::from(&resetter)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(resetter);
+    // A peer that half-closes: FIN without a close frame.
+    let half = raw_subscribe(&s, "ws_fault2");
+    half.shutdown(std::net::Shutdown::Write).unwrap();
+    for i in 0..20 {
+        publisher
+            .publish("ws_fault2", "job.updated", &serde_json::json!({ "i": i }))
+            .unwrap();
+    }
+    // The bystander on the same shard receives everything, in order.
+    assert!(read_event(&mut bystander).contains("\"pad\""));
+    for i in 0..20 {
+        assert!(read_event(&mut bystander).contains(&format!("{{\"i\":{i}}}")));
+    }
+    // Both faulty sockets are gone from the server (counted as dropped, not open).
+    let stats = &s.server().shared().shard_stats[0];
+    assert!(eventually(Duration::from_secs(5), || stats
+        .open
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 1));
+    drop(half);
+}
