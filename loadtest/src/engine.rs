@@ -55,6 +55,8 @@ struct Conn {
     was_slow: bool,
     backoff_ms: u64,
     retry_at: Option<Instant>,
+    /// Sent a close frame for churn; waiting for the server's.
+    churning: bool,
 }
 
 /// Wall-clock nanoseconds since the epoch (publisher and subscribers share the machine's clock).
@@ -131,6 +133,11 @@ pub struct Fleet {
     ready_sent: bool,
     drop_at: Option<Instant>,
     seed: u64,
+    /// Churn closes owed (fractional), and when they were last accrued.
+    churn_credit: f64,
+    churn_last: Option<Instant>,
+    /// Churn: when stalled readers next look at what they were sent.
+    next_slow_wake: Option<Instant>,
 }
 
 impl Fleet {
@@ -177,6 +184,9 @@ impl Fleet {
                 ready_sent: false,
                 drop_at: None,
                 seed,
+                churn_credit: 0.0,
+                churn_last: None,
+                next_slow_wake: None,
             },
             waker,
         ))
@@ -198,6 +208,8 @@ impl Fleet {
             let now = Instant::now();
             self.open_due(now);
             self.retry_due(now);
+            self.churn_due(now);
+            self.wake_slow(now, &mut scratch);
             let timeout =
                 Duration::from_millis(if self.next_index < self.spec.first + self.spec.count {
                     1
@@ -300,6 +312,7 @@ impl Fleet {
                 was_slow: slow,
                 backoff_ms: 1000,
                 retry_at: None,
+                churning: false,
             };
             self.report.slow += u64::from(slow);
             let key = self.conns.insert(conn);
@@ -308,7 +321,7 @@ impl Fleet {
     }
 
     fn retry_due(&mut self, now: Instant) {
-        if self.drop_at.is_none() {
+        if self.drop_at.is_none() && self.spec.churn_per_s <= 0.0 {
             return;
         }
         let due: Vec<usize> = self
@@ -323,6 +336,67 @@ impl Fleet {
         }
     }
 
+    /// Churn: once every connection has been opened, close `churn_per_s` of the open ones a
+    /// second with a close handshake; each reconnects when the server's close arrives.
+    fn churn_due(&mut self, now: Instant) {
+        if self.spec.churn_per_s <= 0.0 || !self.ready_sent {
+            return;
+        }
+        let last = self.churn_last.replace(now).unwrap_or(now);
+        self.churn_credit += self.spec.churn_per_s * now.duration_since(last).as_secs_f64();
+        let mut tries = 0;
+        while self.churn_credit >= 1.0 && tries < 64 && !self.conns.is_empty() {
+            tries += 1;
+            let k = (self.random() * self.conns.capacity() as f64) as usize;
+            let Some(c) = self.conns.get_mut(k) else {
+                continue;
+            };
+            if c.state != State::Open || c.churning || c.slow {
+                continue;
+            }
+            self.churn_credit -= 1.0;
+            self.report.churned += 1;
+            c.churning = true;
+            let close = wire::client_frame(0x8, &1000u16.to_be_bytes());
+            if let Some(s) = c.stream.as_mut() {
+                // A close frame is tiny; a full socket here would be the server's problem to show.
+                let _ = s.write(&close);
+            }
+        }
+        // Unpaid credit does not pile up while every connection is busy reconnecting.
+        self.churn_credit = self.churn_credit.min(self.spec.churn_per_s.max(1.0));
+    }
+
+    /// Churn with stalled readers: every 90 seconds each stalled connection reads what it was
+    /// sent (its 1008 close, if the server has found it), reconnects, and stalls again, so a long
+    /// run keeps a steady population of slow readers for the server to find.
+    fn wake_slow(&mut self, now: Instant, scratch: &mut [u8]) {
+        const STALL: Duration = Duration::from_secs(90);
+        if self.spec.churn_per_s <= 0.0 || self.report.slow == 0 || !self.ready_sent {
+            return;
+        }
+        let due = *self.next_slow_wake.get_or_insert(now + STALL);
+        if now < due {
+            return;
+        }
+        self.next_slow_wake = Some(now + STALL);
+        let stalled: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.slow && c.state == State::Open)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stalled {
+            self.conns[k].slow = false;
+            self.on_readable(k, scratch);
+            if let Some(c) = self.conns.get_mut(k) {
+                // Not closed yet (the server had not found it): stall again.
+                c.slow = c.was_slow;
+                c.last_heartbeat = None;
+            }
+        }
+    }
+
     /// Starts (or restarts) connection `k`: non-blocking connect from the next source address.
     fn start(&mut self, k: usize) {
         let index = self.conns[k].index;
@@ -333,6 +407,10 @@ impl Fleet {
         c.started = Instant::now();
         c.retry_at = None;
         c.buf.clear();
+        // A new subscription: its sequence starts with whatever it receives first.
+        c.expected = u64::MAX;
+        c.churning = false;
+        c.slow = c.was_slow;
         let result = (|| -> io::Result<TcpStream> {
             let domain = socket2::Domain::for_address(target);
             let sock =
@@ -395,12 +473,17 @@ impl Fleet {
             self.report.open -= 1;
         }
         let storm = self.drop_at.is_some();
+        let churn = self.spec.churn_per_s > 0.0 && was_open;
         let jitter = self.random();
         let c = &mut self.conns[k];
         if let Some(mut s) = c.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
-        if storm {
+        if churn && !storm {
+            // Churn (or a server-side close during a churn run): reconnect at once.
+            c.retry_at = Some(Instant::now());
+            c.state = State::Waiting;
+        } else if storm {
             // The seed client: delay = reconnectDelay + random * 500; reconnectDelay doubles to 30 s.
             let delay = c.backoff_ms as f64 + jitter * 500.0;
             c.backoff_ms = (c.backoff_ms * 2).min(30_000);
@@ -515,6 +598,12 @@ impl Fleet {
                 *map.entry(code).or_default() += 1;
                 self.after_close(k, true);
             }
+            (State::Open, None) if c.was_slow => {
+                // A stalled reader that looked only after the server's close timeout finds the
+                // connection gone without a close frame: what a browser reports as 1006.
+                *self.report.slow_closes.entry(1006).or_default() += 1;
+                self.after_close(k, true);
+            }
             (State::Open, None) => {
                 *self.report.failures.entry(reason.to_string()).or_default() += 1;
                 self.after_close(k, true);
@@ -575,7 +664,8 @@ impl Fleet {
                 }
                 Frame::Text(t) if t.starts_with(br#"{"type":"heartbeat""#) => {
                     self.report.heartbeats += 1;
-                    if let Some(prev) = c.last_heartbeat {
+                    // Lateness is a reader's figure too: a stalled reader measures its stall.
+                    if let Some(prev) = c.last_heartbeat.filter(|_| !c.was_slow) {
                         let gap = now.duration_since(prev).as_micros() as u64;
                         let late = gap.saturating_sub(self.spec.heartbeat_interval_ms * 1000);
                         let _ = self.heartbeat_hist.record(late.max(1));
@@ -715,6 +805,7 @@ pub fn merge(
         total.bytes += r.bytes;
         total.lost += r.lost;
         total.reordered += r.reordered;
+        total.churned += r.churned;
         total.cpu_ns += r.cpu_ns;
         // Recovered only when every worker recovered: the slowest one is the figure.
         total.storm_recovered_ms = match (total.storm_recovered_ms, r.storm_recovered_ms) {

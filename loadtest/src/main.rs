@@ -130,6 +130,11 @@ struct FanoutArgs {
     /// Largest publish body (the server's --max-publish-bytes).
     #[arg(long, default_value_t = 1 << 20)]
     max_publish_bytes: usize,
+    /// Churn: connections per second (in all) closed with a close handshake and reopened at
+    /// once, from when every connection is open; a reopened subscriber's sequence starts afresh.
+    /// Connections the server closes (a slow reader's 1008) reconnect too. For soak runs.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
 }
 
 #[derive(Args, Clone)]
@@ -345,6 +350,7 @@ fn run(
             source_ips: sources.clone(),
             slow_fraction,
             heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
+            churn_per_s: fanout.as_ref().map_or(0.0, |f| f.churn) / processes as f64,
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -454,6 +460,7 @@ fn run(
                     }
                 }
                 let t = started.elapsed().as_secs();
+                let srv = server_pid.as_deref().and_then(procfs::sample);
                 eprintln!(
                     "[{t:>4}s {phase:<9}] open {open:>8}  delivered {delivered:>9}/s  p99 {:>8}  failures {failures}",
                     report::us(p99)
@@ -463,6 +470,8 @@ fn run(
                     open,
                     delivered_per_s: delivered,
                     p99_us: p99,
+                    server_rss_bytes: srv.as_ref().map(|s| s.rss_bytes),
+                    server_open_files: srv.as_ref().map(|s| s.open_files),
                 });
             }
         }
@@ -597,6 +606,18 @@ fn run(
             rss_bytes_start: s0.rss_bytes,
             rss_bytes_end: s2.rss_bytes,
             open_files_end: s2.open_files,
+            rss_bytes_max: series
+                .iter()
+                .filter_map(|p| p.server_rss_bytes)
+                .chain([s0.rss_bytes, s2.rss_bytes])
+                .max()
+                .unwrap_or(0),
+            open_files_max: series
+                .iter()
+                .filter_map(|p| p.server_open_files)
+                .chain([s0.open_files, s2.open_files])
+                .max()
+                .unwrap_or(0),
         }),
         _ => None,
     };
@@ -629,6 +650,7 @@ fn run(
             reordered: total.reordered,
             latency_us: Percentiles::of(&latency_hist),
             publish_errors: published.errors.clone(),
+            churned: total.churned,
         }),
         heartbeat_lateness_us: Percentiles::of(&heartbeat_hist),
         closes: total.closes.clone(),

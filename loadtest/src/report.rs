@@ -52,6 +52,10 @@ pub struct Point {
     pub delivered_per_s: u64,
     /// p99 event latency in that second, microseconds.
     pub p99_us: u64,
+    /// The server's RSS at that second, bytes (with `--server-pid`).
+    pub server_rss_bytes: Option<u64>,
+    /// The server's open file descriptors at that second (with `--server-pid`).
+    pub server_open_files: Option<u64>,
 }
 
 /// Connection figures.
@@ -88,6 +92,8 @@ pub struct FanoutFigures {
     pub latency_us: Percentiles,
     /// Publish errors by status or error.
     pub publish_errors: BTreeMap<String, u64>,
+    /// Connections closed by `--churn` (each reconnected).
+    pub churned: u64,
 }
 
 /// Server resource figures (`--server-pid`).
@@ -107,6 +113,10 @@ pub struct ServerFigures {
     pub rss_bytes_end: u64,
     /// Open files at the end.
     pub open_files_end: u64,
+    /// Highest RSS sampled (once a second) over the run.
+    pub rss_bytes_max: u64,
+    /// Most open files sampled (once a second) over the run.
+    pub open_files_max: u64,
 }
 
 /// The load tester's own cost.

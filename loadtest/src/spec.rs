@@ -51,6 +51,10 @@ pub struct WorkerSpec {
     pub slow_fraction: f64,
     /// The server's heartbeat interval, for lateness.
     pub heartbeat_interval_ms: u64,
+    /// Connections this worker closes (with a close handshake) and reopens per second, once all
+    /// are open (0: none).
+    #[serde(default)]
+    pub churn_per_s: f64,
 }
 
 /// A worker's report: counters and histograms (serialized HdrHistogram V2, base64).
@@ -82,6 +86,8 @@ pub struct WorkerReport {
     pub lost: u64,
     /// Events received out of order (or twice).
     pub reordered: u64,
+    /// Connections closed by churn (each then reconnects).
+    pub churned: u64,
     /// Storm: milliseconds from the drop until every connection was back, when they all came back.
     pub storm_recovered_ms: Option<u64>,
     /// Connect latency histogram (µs, TCP connect start to `connected`).

@@ -145,3 +145,54 @@ fn detects_gaps_and_reordering() {
     assert_eq!(f["latency_us"]["count"], 50);
     std::fs::remove_file(&json).ok();
 }
+
+#[test]
+fn churn_reconnects_and_loses_nothing() {
+    let s = server();
+    let json = std::env::temp_dir().join(format!("lt-churn-{}.json", std::process::id()));
+    let args: Vec<String> = [
+        "fanout",
+        "--url",
+        &format!("ws://{}", s.public_addr()),
+        "--internal",
+        &format!("http://{}", s.internal_addr()),
+        "--connections",
+        "40",
+        "--workspaces",
+        "4",
+        "--rate",
+        "20",
+        "--churn",
+        "20",
+        "--duration",
+        "3s",
+        "--json",
+        json.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let status = loadtest(&args).wait().unwrap();
+    assert!(status.success());
+    let r = read_json(&json);
+    let f = &r["fanout"];
+    let churned = f["churned"].as_u64().unwrap();
+    // 20 a second for 3 seconds, give or take the edges of the window.
+    assert!(churned >= 20, "churned {churned}");
+    // Every churned connection saw the server's 1000 and came back with a new `connected`.
+    let closed_1000 = r["closes"]["1000"].as_u64().unwrap_or(0);
+    assert!(
+        closed_1000 + 1 >= churned && closed_1000 <= churned,
+        "{closed_1000} closes for {churned} churned"
+    );
+    let connected = r["connect"]["connected"].as_u64().unwrap();
+    assert!(
+        connected + 2 >= 40 + churned,
+        "{connected} connected for 40 + {churned} churned"
+    );
+    // Reconnecting subscribers start a new sequence: churn alone is no loss.
+    assert_eq!(f["lost"], 0);
+    assert_eq!(f["reordered"], 0);
+    assert!(f["delivered_frames"].as_u64().unwrap() > 0);
+    std::fs::remove_file(&json).ok();
+}
