@@ -479,12 +479,14 @@ mod tests {
                     open: 1,
                     delivered_per_s: 2,
                     p99_us: 3,
+                    ..Point::default()
                 },
                 Point {
                     t_s: 1,
                     open: 1,
                     delivered_per_s: 5,
                     p99_us: 3,
+                    ..Point::default()
                 },
             ],
             latency_curve: vec![(50.0, 100), (99.0, 900)],
