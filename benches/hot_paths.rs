@@ -79,7 +79,7 @@ fn handshake(c: &mut Criterion) {
     );
     c.bench_function("parse_and_route_browser_upgrade", |b| {
         b.iter(|| {
-            let head = parse_head(black_box(req.as_bytes()), 8192)
+            let head = parse_head(black_box(req.as_bytes()), 8192, 64)
                 .unwrap()
                 .unwrap();
             matches!(route_public(&head), PublicRoute::Stream { .. })
@@ -100,7 +100,7 @@ fn publish_body(c: &mut Criterion) {
     g.throughput(Throughput::Elements(20));
     g.bench_function("validate_batch_of_20", |b| {
         b.iter(|| {
-            body::parse(black_box(batch.as_bytes()), 10_000)
+            body::parse(black_box(batch.as_bytes()), body::BodyLimits::default())
                 .unwrap()
                 .len()
         })

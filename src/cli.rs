@@ -138,6 +138,30 @@ pub struct RunArgs {
     /// Largest HTTP request head; larger is answered 431.
     #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEAD_BYTES", default_value = "8KiB", value_parser = parse_bytes)]
     pub max_request_head_bytes: usize,
+    /// Most header fields in one HTTP request head (1 to 256); more is answered 431.
+    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEADERS", default_value_t = 64)]
+    pub max_request_headers: usize,
+    /// Largest single event as subscribers receive it (type, payload and ts encoded); larger is
+    /// refused (413 on HTTP). At most --max-outbound-bytes.
+    #[arg(long, env = "CAUSELOOP_MAX_EVENT_BYTES", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_event_bytes: usize,
+    /// Deepest JSON nesting of an event's payload (1 to 100); deeper is refused (400).
+    #[arg(long, env = "CAUSELOOP_MAX_JSON_DEPTH", default_value_t = 32)]
+    pub max_json_depth: usize,
+    /// Longest workspace or user id, in bytes (1 to 1024), in publishes and in token claims.
+    #[arg(long, env = "CAUSELOOP_MAX_ID_BYTES", default_value_t = 256)]
+    pub max_id_bytes: usize,
+    /// Frames a client may send per second (pings, pongs, messages), counted over each
+    /// heartbeat interval; more closes the connection 1008.
+    #[arg(
+        long,
+        env = "CAUSELOOP_MAX_CLIENT_FRAMES_PER_SEC",
+        default_value_t = 100
+    )]
+    pub max_client_frames_per_sec: u32,
+    /// Largest JWKS, PEM or secret file the server reads; larger refuses to start (or to reload).
+    #[arg(long, env = "CAUSELOOP_MAX_KEY_FILE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_key_file_bytes: usize,
     /// Publish batches queued per shard before publishers wait.
     #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = 4096)]
     pub shard_inbox: usize,
@@ -228,6 +252,7 @@ impl RunArgs {
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
             leeway: self.jwt_leeway,
+            max_key_file_bytes: self.max_key_file_bytes as u64,
         };
         if jwt.workspace_claim.is_empty() {
             return Err("--jwt-workspace-claim must not be empty".into());
@@ -256,6 +281,11 @@ impl RunArgs {
             max_internal_connections: self.max_internal_connections,
             max_client_message_bytes: self.max_client_message_bytes,
             max_request_head_bytes: self.max_request_head_bytes,
+            max_request_headers: self.max_request_headers,
+            max_event_bytes: self.max_event_bytes,
+            max_json_depth: self.max_json_depth,
+            max_id_bytes: self.max_id_bytes,
+            max_client_frames_per_sec: self.max_client_frames_per_sec,
             shard_inbox: self.shard_inbox,
             timer_tick: self.timer_tick,
             jwt,

@@ -48,6 +48,8 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     /// `--jwt-leeway`.
     pub leeway: Duration,
+    /// `--max-key-file-bytes`: largest JWKS, PEM or secret file read.
+    pub max_key_file_bytes: u64,
 }
 
 impl Default for JwtConfig {
@@ -61,18 +63,20 @@ impl Default for JwtConfig {
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),
+            max_key_file_bytes: 1 << 20,
         }
     }
 }
 
 impl JwtConfig {
-    /// The claim rules for [`crate::auth::jwt::verify`].
-    pub fn validation(&self) -> crate::auth::jwt::Validation {
+    /// The claim rules for [`crate::auth::jwt::verify`]; `max_id_bytes` is `--max-id-bytes`.
+    pub fn validation(&self, max_id_bytes: usize) -> crate::auth::jwt::Validation {
         crate::auth::jwt::Validation {
             workspace_claim: self.workspace_claim.clone(),
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             leeway_secs: self.leeway.as_secs(),
+            max_id_bytes,
         }
     }
 }
@@ -118,6 +122,18 @@ pub struct Config {
     pub max_client_message_bytes: usize,
     /// `--max-request-head-bytes`: largest HTTP request head on either listener.
     pub max_request_head_bytes: usize,
+    /// `--max-request-headers`: most header fields in one request head.
+    pub max_request_headers: usize,
+    /// `--max-event-bytes`: largest single event as a subscriber receives it (the encoded
+    /// `{type,payload,ts}` text); must not exceed `--max-outbound-bytes`.
+    pub max_event_bytes: usize,
+    /// `--max-json-depth`: deepest nesting of an event's payload.
+    pub max_json_depth: usize,
+    /// `--max-id-bytes`: longest workspace or user id (publishes and token claims).
+    pub max_id_bytes: usize,
+    /// `--max-client-frames-per-sec`: frames a client may send per second, counted over each
+    /// heartbeat interval; more closes the connection 1008.
+    pub max_client_frames_per_sec: u32,
     /// `--shard-inbox`: publish batches queued per shard before publishers wait.
     pub shard_inbox: usize,
     /// `--timer-tick`: resolution of the shards' timer wheels.
@@ -154,6 +170,11 @@ impl Default for Config {
             max_internal_connections: 1024,
             max_client_message_bytes: 4096,
             max_request_head_bytes: 8192,
+            max_request_headers: 64,
+            max_event_bytes: 64 << 10,
+            max_json_depth: 32,
+            max_id_bytes: 256,
+            max_client_frames_per_sec: 100,
             shard_inbox: 4096,
             timer_tick: Duration::from_millis(10),
             jwt: JwtConfig::default(),

@@ -6,9 +6,11 @@
 //! [`Server::shutdown`] begins the drain; [`Server::wait`] returns once it has finished.
 
 use crate::auth::keys::{KeyError, KeySet};
+use crate::bus::event::MAX_ID_BYTES;
 use crate::bus::interest::{Interest, MAX_SHARDS};
 use crate::bus::Publisher;
 use crate::config::Config;
+use crate::http::request::MAX_REQUEST_HEADERS;
 use crate::internal::Internal;
 use crate::metrics::{BusStats, ShardStats};
 use crate::shard::inbox::{ShardLink, ShardMsg};
@@ -135,6 +137,10 @@ impl Control {
     }
 }
 
+/// The highest `--max-json-depth`: serde_json refuses nesting past 128 on its own, and a
+/// publish body adds two levels (the batch array and the event object) around each payload.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 fn validate(c: &Config) -> Result<(), StartError> {
     let bad = |m: &str| Err(StartError::Config(m.to_string()));
     if c.shards == 0 || c.shards > MAX_SHARDS {
@@ -158,6 +164,25 @@ fn validate(c: &Config) -> Result<(), StartError> {
     if c.max_outbound_bytes < 1024 || c.max_outbound_bytes > 1 << 30 {
         return bad("--max-outbound-bytes must be 1 KiB to 1 GiB");
     }
+    if c.max_request_headers == 0 || c.max_request_headers > MAX_REQUEST_HEADERS {
+        return bad(&format!(
+            "--max-request-headers must be 1 to {MAX_REQUEST_HEADERS}"
+        ));
+    }
+    if c.max_event_bytes < 64 || c.max_event_bytes > c.max_outbound_bytes {
+        // A larger event could never be queued without tripping the slow-consumer close.
+        return bad("--max-event-bytes must be at least 64 and at most --max-outbound-bytes");
+    }
+    if c.max_json_depth == 0 || c.max_json_depth > MAX_JSON_DEPTH {
+        return bad(&format!("--max-json-depth must be 1 to {MAX_JSON_DEPTH}"));
+    }
+    if c.max_id_bytes == 0 || c.max_id_bytes > MAX_ID_BYTES {
+        return bad(&format!("--max-id-bytes must be 1 to {MAX_ID_BYTES}"));
+    }
+    if c.max_client_frames_per_sec == 0 {
+        return bad("--max-client-frames-per-sec must be above zero");
+    }
+
     Ok(())
 }
 

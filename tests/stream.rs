@@ -31,7 +31,7 @@ fn ids_are_json_escaped_in_connected() {
     let ws_id = r#"ws "quoted" \ x"#;
     let tok = causeloop_stream::auth::jwt::sign_hs256(
         SECRET,
-        serde_json::json!({"sub": "usr\u{1}", "workspace_id": ws_id, "exp": now() + 60})
+        serde_json::json!({"sub": "usr\"é\\", "workspace_id": ws_id, "exp": now() + 60})
             .to_string()
             .as_bytes(),
     );
@@ -42,7 +42,7 @@ fn ids_are_json_escaped_in_connected() {
     let mut ws = connect(&url);
     let v = json(&read_text(&mut ws));
     assert_eq!(v["payload"]["workspace_id"], ws_id);
-    assert_eq!(v["payload"]["user_id"], "usr\u{1}");
+    assert_eq!(v["payload"]["user_id"], "usr\"é\\");
 }
 
 #[test]
@@ -211,7 +211,12 @@ fn fragmented_messages_count_against_the_bound() {
 
 #[test]
 fn a_ping_flood_without_reading_is_bounded_as_a_slow_consumer() {
-    let s = TestServer::with(|c| c.max_outbound_bytes = 8 * 1024);
+    let s = TestServer::with(|c| {
+        c.max_outbound_bytes = 8 * 1024;
+        c.max_event_bytes = 8 * 1024;
+        // This test is about the outbound bound, not the frame-rate one.
+        c.max_client_frames_per_sec = 1_000_000;
+    });
     let mut sock = raw_subscribe(&s, "ws_flood");
     // Never read, and ping far more than the bound.
     let mask = [1u8, 2, 3, 4];
@@ -269,7 +274,10 @@ fn a_fault_in_one_connection_closes_it_1011_and_nothing_else() {
 
 #[test]
 fn a_peer_that_resets_mid_write_or_half_closes_harms_no_one_else() {
-    let s = TestServer::with(|c| c.shards = 1);
+    let s = TestServer::with(|c| {
+        c.shards = 1;
+        c.max_event_bytes = 256 << 10;
+    });
     let mut bystander = s.subscribe("ws_fault2", "ok");
     // A peer that resets (SO_LINGER 0) while a large frame is on its way to it.
     let resetter = raw_subscribe(&s, "ws_fault2");

@@ -28,6 +28,8 @@ pub struct Validation {
     pub audience: Option<String>,
     /// Clock skew allowed for `exp`, `nbf` and `iat`, in seconds.
     pub leeway_secs: u64,
+    /// Longest `sub` and workspace claim accepted (`--max-id-bytes`); the same rule as publishes.
+    pub max_id_bytes: usize,
 }
 
 impl Default for Validation {
@@ -37,6 +39,7 @@ impl Default for Validation {
             issuer: None,
             audience: None,
             leeway_secs: 30,
+            max_id_bytes: 256,
         }
     }
 }
@@ -210,15 +213,18 @@ fn check_claims(claims: &mut [u8], rules: &Validation, now: u64) -> Result<Ident
             return Err(AuthError::NotYetValid);
         }
     }
+    // The ids become registry keys and appear in every `connected` frame and log line: the
+    // same length and character rule as a publish's ids.
+    let id = |s: &str| crate::bus::event::id_ok(s, rules.max_id_bytes);
     let sub = v
         .get("sub")
         .and_then(|s| s.as_str())
-        .filter(|s| !s.is_empty())
+        .filter(|s| id(s))
         .ok_or(AuthError::Claims)?;
     let ws = v
         .get(rules.workspace_claim.as_str())
         .and_then(|s| s.as_str())
-        .filter(|s| !s.is_empty())
+        .filter(|s| id(s))
         .ok_or(AuthError::Claims)?;
     if let Some(iss) = &rules.issuer {
         if v.get("iss").and_then(|s| s.as_str()) != Some(iss.as_str()) {

@@ -12,8 +12,6 @@ use simd_json::prelude::*;
 use std::fmt;
 use std::path::Path;
 
-/// Largest key file read (PEM, JWKS or secret file).
-pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
 /// RSA moduli ring accepts for RS256 verification.
 const RSA_MIN_BITS: usize = 2048;
 const RSA_MAX_BITS: usize = 8192;
@@ -76,7 +74,7 @@ impl KeySet {
             set.add_hs256(None, secret.expose());
         }
         if let Some(path) = &cfg.hs256_secret_file {
-            let text = read_bounded(path)?;
+            let text = read_bounded(path, cfg.max_key_file_bytes)?;
             let mut any = false;
             for line in text.split(|&b| b == b'\n') {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -93,13 +91,13 @@ impl KeySet {
             }
         }
         for path in &cfg.rs256_public_keys {
-            let text = read_bounded(path)?;
+            let text = read_bounded(path, cfg.max_key_file_bytes)?;
             let keys =
                 parse_pem_keys(&text).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
             set.rs256.extend(keys);
         }
         if let Some(path) = &cfg.jwks_file {
-            let mut text = read_bounded(path)?;
+            let mut text = read_bounded(path, cfg.max_key_file_bytes)?;
             set.add_jwks(&mut text)
                 .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
         }
@@ -221,17 +219,17 @@ pub fn parse_pem_keys(text: &[u8]) -> Result<Vec<RsaKey>, String> {
     Ok(keys)
 }
 
-fn read_bounded(path: &Path) -> Result<Vec<u8>, KeyError> {
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, KeyError> {
     use std::io::Read;
     let file =
         std::fs::File::open(path).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
     let mut buf = Vec::new();
-    file.take(MAX_KEY_FILE_BYTES + 1)
+    file.take(max + 1)
         .read_to_end(&mut buf)
         .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
-    if buf.len() as u64 > MAX_KEY_FILE_BYTES {
+    if buf.len() as u64 > max {
         return Err(KeyError(format!(
-            "{}: larger than {MAX_KEY_FILE_BYTES} bytes",
+            "{}: larger than {max} bytes (--max-key-file-bytes)",
             path.display()
         )));
     }

@@ -12,8 +12,33 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 
-/// Deepest JSON nesting accepted in a publish body.
-pub const MAX_DEPTH: usize = 64;
+/// The bounds a body is checked against (from the configuration).
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// `--max-publish-events`.
+    pub max_items: usize,
+    /// `--max-json-depth`, for each payload.
+    pub max_depth: usize,
+    /// `--max-id-bytes`.
+    pub max_id_bytes: usize,
+}
+
+impl BodyLimits {
+    /// The limits of a configuration.
+    pub fn of(c: &crate::config::Config) -> BodyLimits {
+        BodyLimits {
+            max_items: c.max_publish_events,
+            max_depth: c.max_json_depth,
+            max_id_bytes: c.max_id_bytes,
+        }
+    }
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits::of(&crate::config::Config::default())
+    }
+}
 
 /// One validated event of a publish body, borrowing from the body.
 #[derive(Debug)]
@@ -52,12 +77,13 @@ impl std::fmt::Display for BodyError {
 }
 
 /// Parses and validates a whole publish body.
-pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyError> {
-    if crate::json::max_depth(body) > MAX_DEPTH {
-        return Err(BodyError(format!(
-            "JSON nested deeper than {MAX_DEPTH} levels"
-        )));
+pub fn parse(body: &[u8], limits: BodyLimits) -> Result<Vec<EventSpec<'_>>, BodyError> {
+    // One linear pass before the parser sees the body: a batch array and an event object wrap
+    // each payload, so anything deeper than that plus the payload limit is refused unparsed.
+    if crate::json::max_depth(body) > limits.max_depth + 2 {
+        return Err(BodyError(EventError::TooDeep(limits.max_depth).to_string()));
     }
+    let max_items = limits.max_items;
     let text = std::str::from_utf8(body).map_err(|_| BodyError("body is not UTF-8".into()))?;
     match text.trim_start().as_bytes().first() {
         Some(b'[') => {
@@ -72,11 +98,13 @@ pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyEr
             items
                 .iter()
                 .enumerate()
-                .map(|(i, raw)| item(raw.get()).map_err(|e| BodyError(format!("item {i}: {e}"))))
+                .map(|(i, raw)| {
+                    item(raw.get(), limits).map_err(|e| BodyError(format!("item {i}: {e}")))
+                })
                 .collect()
         }
         Some(b'{') => Ok(vec![
-            item(text).map_err(|e| BodyError(format!("invalid event: {e}")))?
+            item(text, limits).map_err(|e| BodyError(format!("invalid event: {e}")))?
         ]),
         _ => Err(BodyError(
             "body must be an event object or an array of them".into(),
@@ -84,16 +112,23 @@ pub fn parse(body: &[u8], max_items: usize) -> Result<Vec<EventSpec<'_>>, BodyEr
     }
 }
 
-fn item(text: &str) -> Result<EventSpec<'_>, String> {
+fn item(text: &str, limits: BodyLimits) -> Result<EventSpec<'_>, String> {
     let it: Item<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let check = |r: Result<(), EventError>| r.map_err(|e| e.to_string());
-    check(check_id(&it.workspace_id, "workspace_id"))?;
+    check(check_id(
+        &it.workspace_id,
+        "workspace_id",
+        limits.max_id_bytes,
+    ))?;
     if let Some(u) = &it.user_id {
-        check(check_id(u, "user_id"))?;
+        check(check_id(u, "user_id", limits.max_id_bytes))?;
     }
     check(check_type(&it.kind))?;
     if !it.payload.get().starts_with('{') {
         return Err(EventError::PayloadNotObject.to_string());
+    }
+    if crate::json::max_depth(it.payload.get().as_bytes()) > limits.max_depth {
+        return Err(EventError::TooDeep(limits.max_depth).to_string());
     }
     Ok(EventSpec {
         workspace_id: it.workspace_id,
@@ -111,7 +146,7 @@ mod tests {
     fn single_and_batch() {
         let one = parse(
             br#"{"workspace_id":"ws_1","type":"issue.created","payload":{"b":1, "a":[2]}}"#,
-            100,
+            BodyLimits::default(),
         )
         .unwrap();
         assert_eq!(one.len(), 1);
@@ -119,17 +154,17 @@ mod tests {
         let many = parse(
             br#" [ {"workspace_id":"ws_1","type":"a.b","payload":{}},
                  {"workspace_id":"ws_2","type":"c","user_id":"usr_1","payload":{"x":"\u00e9"}} ] "#,
-            100,
+            BodyLimits::default(),
         )
         .unwrap();
         assert_eq!(many.len(), 2);
         assert_eq!(many[1].user_id.as_deref(), Some("usr_1"));
-        assert!(parse(b"[]", 100).unwrap().is_empty());
+        assert!(parse(b"[]", BodyLimits::default()).unwrap().is_empty());
     }
 
     #[test]
     fn names_the_first_bad_item() {
-        let err = |b: &[u8]| parse(b, 100).unwrap_err().0;
+        let err = |b: &[u8]| parse(b, BodyLimits::default()).unwrap_err().0;
         let e = err(br#"[{"workspace_id":"w","type":"ok","payload":{}},{"workspace_id":"w","type":"Bad","payload":{}}]"#);
         assert!(e.starts_with("item 1: type \"Bad\""), "{e}");
         assert!(err(br#"{"workspace_id":"w","type":"a","payload":[1]}"#)
@@ -151,9 +186,36 @@ mod tests {
             "[{}]",
             [r#"{"workspace_id":"w","type":"a","payload":{}}"#; 3].join(",")
         );
-        assert!(parse(big.as_bytes(), 2)
+        let two = BodyLimits {
+            max_items: 2,
+            ..BodyLimits::default()
+        };
+        assert!(parse(big.as_bytes(), two)
             .unwrap_err()
             .0
             .contains("over the limit of 2"));
+    }
+
+    #[test]
+    fn payload_depth_and_id_length_follow_the_limits() {
+        let lim = BodyLimits {
+            max_items: 10,
+            max_depth: 3,
+            max_id_bytes: 4,
+        };
+        let ok = br#"[{"workspace_id":"abcd","type":"a","payload":{"x":[{"y":1}]}}]"#;
+        assert_eq!(parse(ok, lim).unwrap().len(), 1);
+        let deep = br#"[{"workspace_id":"abcd","type":"a","payload":{"x":[{"y":[1]}]}}]"#;
+        let e = parse(deep, lim).unwrap_err().0;
+        assert!(e.contains("payload nested deeper than 3 levels"), "{e}");
+        // A single event's payload is checked on its own too.
+        let deep_one = br#"{"workspace_id":"abcd","type":"a","payload":{"x":[{"y":[1]}]}}"#;
+        let e = parse(deep_one, lim).unwrap_err().0;
+        assert!(e.contains("payload nested deeper than 3 levels"), "{e}");
+        let long = br#"{"workspace_id":"abcde","type":"a","payload":{}}"#;
+        let e = parse(long, lim).unwrap_err().0;
+        assert!(e.contains("workspace_id must be 1 to 4 bytes"), "{e}");
+        let long_user = br#"{"workspace_id":"a","user_id":"u\u0007","type":"a","payload":{}}"#;
+        assert!(parse(long_user, lim).unwrap_err().0.contains("user_id"));
     }
 }

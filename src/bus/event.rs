@@ -9,8 +9,8 @@ use crate::ws::frame::encode_text_with;
 use crate::ws::SharedFrame;
 use std::time::Instant;
 
-/// Longest workspace or user id accepted.
-pub const MAX_ID_BYTES: usize = 256;
+/// The highest `--max-id-bytes`.
+pub const MAX_ID_BYTES: usize = 1024;
 /// Longest event type accepted.
 pub const MAX_TYPE_BYTES: usize = 128;
 
@@ -32,8 +32,13 @@ pub struct Event {
 pub enum EventError {
     /// `type` does not match `^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$`, is too long, or is reserved.
     Type(String),
-    /// An id is empty, too long, or contains control characters; the field is named.
-    Id(&'static str),
+    /// An id is empty, longer than the limit (given), or contains control characters; the
+    /// field is named.
+    Id(&'static str, usize),
+    /// The encoded event is larger than `--max-event-bytes`: (its size, the limit).
+    TooLarge(usize, usize),
+    /// The payload nests deeper than `--max-json-depth` (the limit).
+    TooDeep(usize),
     /// The payload is not a JSON object.
     PayloadNotObject,
     /// The payload could not be serialized (library callers only).
@@ -44,7 +49,9 @@ impl std::fmt::Display for EventError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EventError::Type(t) => write!(f, "type {t:?} is not a valid event type (lowercase dotted name, not connected or heartbeat)"),
-            EventError::Id(field) => write!(f, "{field} must be 1 to {MAX_ID_BYTES} bytes without control characters"),
+            EventError::Id(field, max) => write!(f, "{field} must be 1 to {max} bytes without control characters"),
+            EventError::TooLarge(size, max) => write!(f, "event is {size} bytes encoded, over the limit of {max} bytes (--max-event-bytes)"),
+            EventError::TooDeep(max) => write!(f, "payload nested deeper than {max} levels (--max-json-depth)"),
             EventError::PayloadNotObject => f.write_str("payload must be a JSON object"),
             EventError::Serialize(e) => write!(f, "payload could not be serialized: {e}"),
         }
@@ -72,12 +79,18 @@ pub fn check_type(t: &str) -> Result<(), EventError> {
     Ok(())
 }
 
-/// Checks a workspace or user id.
-pub fn check_id(id: &str, field: &'static str) -> Result<(), EventError> {
-    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
-        return Err(EventError::Id(field));
+/// Checks a workspace or user id: 1 to `max` bytes, no control characters.
+pub fn check_id(id: &str, field: &'static str, max: usize) -> Result<(), EventError> {
+    if !id_ok(id, max) {
+        return Err(EventError::Id(field, max));
     }
     Ok(())
+}
+
+/// Whether `id` is 1 to `max` bytes without control characters (the rule for every id, from a
+/// publish or from a token).
+pub fn id_ok(id: &str, max: usize) -> bool {
+    !id.is_empty() && id.len() <= max && !id.chars().any(char::is_control)
 }
 
 /// Encodes an event frame whose payload is written by `write_payload` (which must write exactly
@@ -182,9 +195,13 @@ mod tests {
 
     #[test]
     fn ids() {
-        assert!(check_id("ws_1", "workspace_id").is_ok());
-        assert!(check_id("", "workspace_id").is_err());
-        assert!(check_id("a\nb", "user_id").is_err());
-        assert!(check_id(&"x".repeat(MAX_ID_BYTES + 1), "user_id").is_err());
+        assert!(check_id("ws_1", "workspace_id", 256).is_ok());
+        assert!(check_id("", "workspace_id", 256).is_err());
+        assert!(check_id("a\nb", "user_id", 256).is_err());
+        assert!(check_id(&"x".repeat(256), "user_id", 256).is_ok());
+        assert_eq!(
+            check_id(&"x".repeat(257), "user_id", 256),
+            Err(EventError::Id("user_id", 256))
+        );
     }
 }

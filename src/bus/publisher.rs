@@ -22,6 +22,8 @@ use std::time::Instant;
 pub enum PublishError {
     /// The event itself is invalid.
     Invalid(EventError),
+    /// One event of a batch is invalid: its index and why. Nothing of the batch was published.
+    InvalidItem(usize, EventError),
     /// The server is draining or stopped.
     Draining,
 }
@@ -30,12 +32,24 @@ impl std::fmt::Display for PublishError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PublishError::Invalid(e) => e.fmt(f),
+            PublishError::InvalidItem(i, e) => write!(f, "item {i}: {e}"),
             PublishError::Draining => f.write_str("server is draining; publish to another node"),
         }
     }
 }
 
 impl std::error::Error for PublishError {}
+
+impl PublishError {
+    /// Whether the refusal is an event over `--max-event-bytes` (HTTP answers 413).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Invalid(EventError::TooLarge(..))
+                | PublishError::InvalidItem(_, EventError::TooLarge(..))
+        )
+    }
+}
 
 impl From<EventError> for PublishError {
     fn from(e: EventError) -> Self {
@@ -73,7 +87,7 @@ impl Publisher {
         event_type: &str,
         payload: &P,
     ) -> Result<(), PublishError> {
-        check_id(user_id, "user_id")?;
+        check_id(user_id, "user_id", self.shared.config.max_id_bytes)?;
         let event = self.build(workspace_id, Some(user_id), event_type, payload)?;
         self.dispatch(vec![event])
     }
@@ -85,7 +99,8 @@ impl Publisher {
         kind: &str,
         payload: &P,
     ) -> Result<Event, PublishError> {
-        check_id(ws, "workspace_id")?;
+        let cfg = &self.shared.config;
+        check_id(ws, "workspace_id", cfg.max_id_bytes)?;
         check_type(kind)?;
         let mut err = None;
         let frame = encode_with(kind, 64, clock::now_ms(), |buf| {
@@ -94,10 +109,15 @@ impl Publisher {
                 err = Some(EventError::Serialize(e.to_string()));
             } else if buf.get(start) != Some(&b'{') {
                 err = Some(EventError::PayloadNotObject);
+            } else if crate::json::max_depth(&buf[start..]) > cfg.max_json_depth {
+                err = Some(EventError::TooDeep(cfg.max_json_depth));
             }
         });
         if let Some(e) = err {
             return Err(e.into());
+        }
+        if frame.len() > cfg.max_event_bytes {
+            return Err(EventError::TooLarge(frame.len(), cfg.max_event_bytes).into());
         }
         Ok(Event {
             workspace_id: ws.into(),
@@ -122,6 +142,15 @@ impl Publisher {
                 accepted_at: now,
             })
             .collect();
+        let max = self.shared.config.max_event_bytes;
+        if let Some((i, e)) = events.iter().enumerate().find(|(_, e)| e.frame.len() > max) {
+            let err = EventError::TooLarge(e.frame.len(), max);
+            return Err(if events.len() == 1 {
+                PublishError::Invalid(err)
+            } else {
+                PublishError::InvalidItem(i, err)
+            });
+        }
         let n = events.len();
         self.dispatch(events)?;
         Ok(n)

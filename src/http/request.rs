@@ -7,8 +7,9 @@ use super::query::{parse_stream_query, StreamQuery};
 use super::Status;
 use base64::Engine;
 
-/// Most headers accepted in one request head; more is answered 431.
-pub const MAX_HEADERS: usize = 64;
+/// The highest `--max-request-headers`. The header slots live on the stack uninitialised, so the
+/// cap costs nothing per request.
+pub const MAX_REQUEST_HEADERS: usize = 256;
 
 /// Why a request head cannot be served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,11 +61,18 @@ pub struct Head<'a> {
     pub len: usize,
 }
 
-/// Parses a request head from the start of `buf`.
-pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+/// Parses a request head from the start of `buf`: at most `max_head` bytes and `max_headers`
+/// header fields (capped at [`MAX_REQUEST_HEADERS`]).
+pub fn parse_head(
+    buf: &[u8],
+    max_head: usize,
+    max_headers: usize,
+) -> Result<Option<Head<'_>>, HeadError> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let slots = &mut slots[..max_headers.min(MAX_REQUEST_HEADERS)];
+    let len = match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() >= max_head {
@@ -212,17 +220,17 @@ mod tests {
     fn partial_until_blank_line() {
         for cut in 0..UPGRADE.len() {
             assert!(
-                parse_head(&UPGRADE[..cut], 8192).unwrap().is_none(),
+                parse_head(&UPGRADE[..cut], 8192, 64).unwrap().is_none(),
                 "cut {cut}"
             );
         }
-        let head = parse_head(UPGRADE, 8192).unwrap().unwrap();
+        let head = parse_head(UPGRADE, 8192, 64).unwrap().unwrap();
         assert_eq!(head.len, UPGRADE.len());
     }
 
     #[test]
     fn routes_a_browser_upgrade() {
-        let head = parse_head(UPGRADE, 8192).unwrap().unwrap();
+        let head = parse_head(UPGRADE, 8192, 64).unwrap().unwrap();
         match route_public(&head) {
             PublicRoute::Stream { key, query } => {
                 assert_eq!(key, b"dGhlIHNhbXBsZSBub25jZQ==");
@@ -234,7 +242,7 @@ mod tests {
     }
 
     fn status_of(req: &[u8]) -> Status {
-        match parse_head(req, 8192) {
+        match parse_head(req, 8192, 64) {
             Err(e) => e.status(),
             Ok(Some(h)) => match route_public(&h) {
                 PublicRoute::Reject(s) => s,
@@ -276,13 +284,19 @@ mod tests {
     fn oversized_heads_are_refused_before_completion() {
         let mut big = b"GET /healthz HTTP/1.1\r\nX-Pad: ".to_vec();
         big.resize(9000, b'a');
-        assert_eq!(parse_head(&big, 8192).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(parse_head(&big, 8192, 64).unwrap_err(), HeadError::TooLarge);
         let mut many = b"GET /healthz HTTP/1.1\r\n".to_vec();
-        for i in 0..(MAX_HEADERS + 1) {
+        for i in 0..65 {
             many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert_eq!(parse_head(&many, 8192).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(
+            parse_head(&many, 8192, 64).unwrap_err(),
+            HeadError::TooLarge
+        );
+        // The count is the configured one, not a compile-time constant.
+        assert!(parse_head(&many, 8192, 65).unwrap().is_some());
+        assert_eq!(parse_head(&many, 8192, 8).unwrap_err(), HeadError::TooLarge);
     }
 
     #[test]
@@ -290,6 +304,7 @@ mod tests {
         let h = parse_head(
             b"POST /v1/publish HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             8192,
+            64,
         )
         .unwrap()
         .unwrap();

@@ -218,7 +218,8 @@ impl Internal {
                 return Outcome::Keep;
             }
             let max_head = self.shared.config.max_request_head_bytes;
-            let (resp, consumed, close) = match parse_head(&conn.buf, max_head) {
+            let max_headers = self.shared.config.max_request_headers;
+            let (resp, consumed, close) = match parse_head(&conn.buf, max_head, max_headers) {
                 Ok(None) => return Outcome::Keep,
                 Err(e) => (response::plain(e.status(), true), conn.buf.len(), true),
                 Ok(Some(head)) => {
@@ -422,7 +423,8 @@ fn publish(
             total,
         );
     }
-    let bytes = match body::parse(&buf[head.len..total], shared.config.max_publish_events) {
+    let limits = body::BodyLimits::of(&shared.config);
+    let bytes = match body::parse(&buf[head.len..total], limits) {
         Err(e) => {
             ShardStats::add(&stats.rejected_invalid, 1);
             response::json_error(Status::BadRequest, &e.0, false)
@@ -440,7 +442,11 @@ fn publish(
                 "server is draining; publish to another node",
                 false,
             ),
-            Err(e @ PublishError::Invalid(_)) => {
+            Err(e) if e.is_too_large() => {
+                ShardStats::add(&stats.rejected_too_large, 1);
+                response::json_error(Status::PayloadTooLarge, &e.to_string(), false)
+            }
+            Err(e @ (PublishError::Invalid(_) | PublishError::InvalidItem(..))) => {
                 ShardStats::add(&stats.rejected_invalid, 1);
                 response::json_error(Status::BadRequest, &e.to_string(), false)
             }

@@ -62,6 +62,8 @@ pub struct Conn {
     pub was_open: bool,
     /// The close code sent or received (0 until there is one), for the close log line.
     pub close_code: u16,
+    /// Frames received from the client since its last heartbeat (`--max-client-frames-per-sec`).
+    pub frames: u16,
     /// The request head while in `Head`; afterwards the start of a client frame split across reads.
     pub inbuf: Vec<u8>,
     /// Client frame decoder state (used from the upgrade on).
@@ -94,6 +96,7 @@ impl Conn {
             over_limit,
             was_open: false,
             close_code: 0,
+            frames: 0,
             inbuf: Vec::new(),
             decoder: Decoder::default(),
             out: Outbox::default(),

@@ -94,10 +94,11 @@ impl Shard {
 
     pub(super) fn on_head_bytes(&mut self, key: usize, data: &[u8], now: Instant) {
         let max = self.limits.max_head;
+        let max_headers = self.limits.max_headers;
         let conn = &mut self.conns[key];
         let (route, rest) = if conn.inbuf.is_empty() {
             // The common case: the whole head arrived in one read. Parse it where it lies.
-            match parse_head(data, max) {
+            match parse_head(data, max, max_headers) {
                 Ok(None) => {
                     conn.inbuf
                         .extend_from_slice(&data[..data.len().min(max + 1)]);
@@ -110,7 +111,7 @@ impl Shard {
             let buf = &mut conn.inbuf;
             let room = (max + 1).saturating_sub(buf.len());
             buf.extend_from_slice(&data[..data.len().min(room)]);
-            let (route, head_len) = match parse_head(buf, max) {
+            let (route, head_len) = match parse_head(buf, max, max_headers) {
                 Ok(None) => return,
                 Err(e) => (PublicRoute::Reject(e.status()), buf.len()),
                 Ok(Some(head)) => (route_public(&head), head.len),

@@ -5,7 +5,7 @@ use super::conn::Phase;
 use super::outbox::Outbox;
 use super::Shard;
 use crate::metrics::ShardStats;
-use crate::ws::close::close_frame;
+use crate::ws::close::{close_frame, CloseReason};
 use crate::ws::decoder::Control;
 use crate::ws::frame::{encode, OpCode};
 use crate::ws::SharedFrame;
@@ -66,6 +66,7 @@ impl Shard {
 
     pub(super) fn on_frame_bytes(&mut self, key: usize, data: &[u8]) {
         let max = self.limits.max_client_message;
+        let allowance = self.limits.max_client_frames;
         let conn = &mut self.conns[key];
         let may_reply = conn.phase == Phase::Open;
         let mut peer_close: Option<Option<u16>> = None;
@@ -74,16 +75,24 @@ impl Shard {
             decoder,
             out,
             inbuf,
+            frames,
             ..
         } = conn;
-        let result = decoder.feed(inbuf, data, max, &mut |c| match c {
-            Control::Ping(p) if may_reply && peer_close.is_none() => {
-                out.push(encode(OpCode::Pong, p));
-                replied = true;
+        let result = decoder.feed(inbuf, data, max, &mut |c| {
+            // Every frame counts against the allowance; past it nothing more is answered, and
+            // the connection closes once this read is decoded.
+            *frames = frames.saturating_add(1);
+            let within = u32::from(*frames) <= allowance;
+            match c {
+                Control::Ping(p) if within && may_reply && peer_close.is_none() => {
+                    out.push(encode(OpCode::Pong, p));
+                    replied = true;
+                }
+                Control::Close(code) if peer_close.is_none() => peer_close = Some(code),
+                _ => {}
             }
-            Control::Close(code) if peer_close.is_none() => peer_close = Some(code),
-            _ => {}
         });
+        let flooded = u32::from(self.conns[key].frames) > allowance;
         if let (Some(magic), true) = (&self.shared.config.fault_injection_ping, replied) {
             if injected_fault(&self.conns[key].out, magic) {
                 panic!("fault injection: a ping asked this connection's handler to fail");
@@ -102,7 +111,14 @@ impl Shard {
             return self.fail(key, e.close_reason());
         }
         if let Some(code) = peer_close {
-            self.on_peer_close(key, code);
+            return self.on_peer_close(key, code);
+        }
+        if flooded && self.conns[key].phase == Phase::Open {
+            log::debug!(
+                "shard {}: connection {key}: over --max-client-frames-per-sec",
+                self.index
+            );
+            self.fail(key, CloseReason::TooManyFrames);
         }
     }
 

@@ -66,6 +66,9 @@ struct Limits {
     max_outbound: usize,
     max_client_message: u64,
     max_head: usize,
+    max_headers: usize,
+    /// Client frames allowed per heartbeat interval.
+    max_client_frames: u32,
     max_connections: usize,
     handshake_ticks: u64,
     close_ticks: u64,
@@ -122,6 +125,13 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
     (d.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64).max(1)
 }
 
+/// Client frames allowed per heartbeat interval for a per-second limit. The count is kept in a
+/// `u16` on each connection and reset by its heartbeat, so no clock is read per frame.
+fn frame_allowance(per_sec: u32, interval: Duration) -> u32 {
+    let n = (per_sec as f64 * interval.as_secs_f64()).ceil() as u64;
+    n.clamp(1, u16::MAX as u64 - 1) as u32
+}
+
 impl Shard {
     /// A shard over `listener`, receiving on `inbox`. `poll` must be the `Poll` whose waker was
     /// given to this shard's [`inbox::ShardLink`].
@@ -141,6 +151,11 @@ impl Shard {
             max_outbound: cfg.max_outbound_bytes,
             max_client_message: cfg.max_client_message_bytes as u64,
             max_head: cfg.max_request_head_bytes,
+            max_headers: cfg.max_request_headers,
+            max_client_frames: frame_allowance(
+                cfg.max_client_frames_per_sec,
+                cfg.heartbeat_interval,
+            ),
             max_connections: cfg.max_connections,
             handshake_ticks: ticks(cfg.handshake_timeout, tick),
             close_ticks: ticks(cfg.close_timeout, tick),
@@ -157,7 +172,7 @@ impl Shard {
             wheel: Wheel::new(WHEEL_SLOTS, 0),
             registry: Registry::new(index, shared.interest.clone()),
             inbox,
-            rules: cfg.jwt.validation(),
+            rules: cfg.jwt.validation(cfg.max_id_bytes),
             keys,
             limits,
             started: Instant::now(),

@@ -73,6 +73,7 @@ impl Shard {
                     .record(now.saturating_duration_since(due));
                 conn.next_heartbeat =
                     (conn.next_heartbeat + self.limits.heartbeat_ticks).max(tick + 1);
+                conn.frames = 0;
                 let frame = heartbeat
                     .get_or_insert_with(|| heartbeat_frame(clock::now_ms()))
                     .clone();

@@ -21,6 +21,8 @@ pub enum CloseReason {
     InvalidPayload,
     /// The client's unsent bytes passed `--max-outbound-bytes`.
     SlowConsumer,
+    /// The client sent more frames than `--max-client-frames-per-sec` allows.
+    TooManyFrames,
     /// A client data message larger than `--max-client-frame-bytes`.
     TooBig,
     /// An unexpected server-side error in this connection.
@@ -39,12 +41,13 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, for tables and tests.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Normal,
         CloseReason::GoingAway,
         CloseReason::Protocol,
         CloseReason::InvalidPayload,
         CloseReason::SlowConsumer,
+        CloseReason::TooManyFrames,
         CloseReason::TooBig,
         CloseReason::ServerError,
         CloseReason::TryAgainLater,
@@ -61,7 +64,7 @@ impl CloseReason {
             CloseReason::GoingAway => 1001,
             CloseReason::Protocol => 1002,
             CloseReason::InvalidPayload => 1007,
-            CloseReason::SlowConsumer => 1008,
+            CloseReason::SlowConsumer | CloseReason::TooManyFrames => 1008,
             CloseReason::TooBig => 1009,
             CloseReason::ServerError => 1011,
             CloseReason::TryAgainLater => 1013,
@@ -80,6 +83,7 @@ impl CloseReason {
             CloseReason::Protocol => "protocol error",
             CloseReason::InvalidPayload => "invalid payload",
             CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::TooManyFrames => "too many frames",
             CloseReason::TooBig => "message too big",
             CloseReason::ServerError => "unexpected server error",
             CloseReason::TryAgainLater => "try again later",

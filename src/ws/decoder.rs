@@ -23,6 +23,8 @@ pub enum Control<'a> {
     Pong,
     /// A close frame, with the peer's status code when it sent one.
     Close(Option<u16>),
+    /// A data frame's header (its payload is skipped unread): counted, never answered.
+    Data,
 }
 
 /// Why a client's byte stream cannot be accepted. Each maps to one close code.
@@ -244,6 +246,7 @@ impl Decoder {
                 self.in_message = !h.fin;
                 self.message_len = h.len as u32;
                 self.skip = h.len as u32;
+                on_control(Control::Data);
                 Ok(Some(h.header_len))
             }
             0x0 => {
@@ -257,6 +260,7 @@ impl Decoder {
                 self.message_len = total as u32;
                 self.in_message = !h.fin;
                 self.skip = h.len as u32;
+                on_control(Control::Data);
                 Ok(Some(h.header_len))
             }
             _ => Err(DecodeError::Protocol("unknown opcode")),
@@ -311,6 +315,7 @@ mod tests {
         Ping(Vec<u8>),
         Pong,
         Close(Option<u16>),
+        Data,
     }
 
     fn run(chunks: &[&[u8]]) -> (Vec<Got>, Result<(), DecodeError>) {
@@ -323,6 +328,7 @@ mod tests {
                     Control::Ping(p) => Got::Ping(p.to_vec()),
                     Control::Pong => Got::Pong,
                     Control::Close(c) => Got::Close(c),
+                    Control::Data => Got::Data,
                 })
             });
             if r.is_err() {
@@ -355,7 +361,14 @@ mod tests {
         bytes.extend(client_frame(true, 0x0, &[4]));
         bytes.extend(client_frame(true, 0xA, b""));
         bytes.extend(client_frame(true, 0x8, &[]));
-        let want = vec![Got::Ping(b"p1".to_vec()), Got::Pong, Got::Close(None)];
+        let want = vec![
+            Got::Data,
+            Got::Ping(b"p1".to_vec()),
+            Got::Data,
+            Got::Data,
+            Got::Pong,
+            Got::Close(None),
+        ];
         for a in 0..bytes.len() {
             for b in [a, (a + 7).min(bytes.len()), bytes.len()] {
                 let (got, r) = run(&[&bytes[..a], &bytes[a..b], &bytes[b..]]);
