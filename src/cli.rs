@@ -116,6 +116,17 @@ pub struct RunArgs {
     /// Interval between heartbeat frames on each connection.
     #[arg(long, env = "CAUSELOOP_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Send each open connection a WebSocket ping this often (0: never); rounded up to whole
+    /// heartbeat intervals.
+    #[arg(long, env = "CAUSELOOP_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// Drop a connection whose pong has not arrived this long after its ping (a dead peer).
+    #[arg(long, env = "CAUSELOOP_PING_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub ping_timeout: Duration,
+    /// TCP_USER_TIMEOUT of stream sockets: drop a connection whose sent data stays unacknowledged
+    /// this long (0: the kernel's default, about 15 minutes).
+    #[arg(long, env = "CAUSELOOP_TCP_USER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub tcp_user_timeout: Duration,
     /// Resolution of the shards' timer wheels.
     #[arg(long, env = "CAUSELOOP_TIMER_TICK", default_value = "10ms", value_parser = parse_duration)]
     pub timer_tick: Duration,
@@ -276,6 +287,9 @@ impl RunArgs {
             drain_spread: self.drain_spread,
             close_timeout: self.close_timeout,
             heartbeat_interval: self.heartbeat_interval,
+            ping_interval: self.ping_interval,
+            ping_timeout: self.ping_timeout,
+            tcp_user_timeout: self.tcp_user_timeout,
             max_publish_bytes: self.max_publish_bytes,
             max_publish_events: self.max_publish_events,
             max_internal_connections: self.max_internal_connections,

@@ -112,6 +112,17 @@ pub struct Config {
     pub close_timeout: Duration,
     /// `--heartbeat-interval`.
     pub heartbeat_interval: Duration,
+    /// `--ping-interval`: how often an open connection is sent a WebSocket ping (zero: never).
+    /// Rounded up to whole heartbeat intervals; the ping goes out with a heartbeat.
+    pub ping_interval: Duration,
+    /// `--ping-timeout`: a connection whose pong has not arrived this long after its ping is a
+    /// dead peer and is dropped (rounded up to whole heartbeat intervals).
+    pub ping_timeout: Duration,
+    /// `--tcp-user-timeout`: `TCP_USER_TIMEOUT` on stream sockets: the kernel drops a connection
+    /// whose sent data stays unacknowledged this long (zero: the kernel's retransmission limit,
+    /// about 15 minutes). Heartbeats keep data in flight, so this bounds how long a peer that
+    /// vanished without a FIN is kept.
+    pub tcp_user_timeout: Duration,
     /// `--max-publish-bytes`: largest `POST /v1/publish` body.
     pub max_publish_bytes: usize,
     /// `--max-publish-events`: most events in one publish batch.
@@ -165,6 +176,9 @@ impl Default for Config {
             drain_spread: Duration::ZERO,
             close_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(30),
+            tcp_user_timeout: Duration::from_secs(30),
             max_publish_bytes: 1 << 20,
             max_publish_events: 10_000,
             max_internal_connections: 1024,

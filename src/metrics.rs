@@ -71,8 +71,8 @@ pub struct ShardStats {
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
 /// as `other`, and a connection that ended without a close frame as `none`.
-pub const CLOSED_CODES: [u16; 12] = [
-    1000, 1001, 1002, 1005, 1007, 1008, 1009, 1011, 1013, 4003, 4401, 0,
+pub const CLOSED_CODES: [u16; 13] = [
+    1000, 1001, 1002, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4003, 4401, 0,
 ];
 
 impl ShardStats {

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -179,6 +180,19 @@ fn validate(c: &Config) -> Result<(), StartError> {
     if c.max_id_bytes == 0 || c.max_id_bytes > MAX_ID_BYTES {
         return bad(&format!("--max-id-bytes must be 1 to {MAX_ID_BYTES}"));
     }
+    let beats = |d: Duration| {
+        d.as_nanos()
+            .div_ceil(c.heartbeat_interval.as_nanos().max(1))
+    };
+    if beats(c.ping_interval) > 255 || beats(c.ping_timeout) > 255 {
+        return bad("--ping-interval and --ping-timeout must be at most 255 heartbeat intervals");
+    }
+    if !c.ping_interval.is_zero() && c.ping_timeout.is_zero() {
+        return bad("--ping-timeout must be above zero while pings are on");
+    }
+    if c.tcp_user_timeout.as_millis() > u32::MAX as u128 {
+        return bad("--tcp-user-timeout is too large");
+    }
     if c.max_client_frames_per_sec == 0 {
         return bad("--max-client-frames-per-sec must be above zero");
     }
@@ -188,11 +202,13 @@ fn validate(c: &Config) -> Result<(), StartError> {
 
 /// Binds a listener. Options set on a listening socket are inherited by every socket it accepts
 /// (Linux copies them when it clones the socket), which saves a `setsockopt` per connection:
-/// `TCP_NODELAY` always, and `SO_SNDBUF` when `send_buffer` is not zero.
+/// `TCP_NODELAY` always, `SO_SNDBUF` when `send_buffer` is not zero, and `TCP_USER_TIMEOUT` when
+/// `user_timeout` is not zero.
 fn bind(
     addr: SocketAddr,
     reuse_port: bool,
     send_buffer: usize,
+    user_timeout: Duration,
 ) -> Result<std::net::TcpListener, StartError> {
     let err = |e| StartError::Bind(addr, e);
     let socket =
@@ -204,6 +220,11 @@ fn bind(
     socket.set_nodelay(true).map_err(err)?;
     if send_buffer > 0 {
         socket.set_send_buffer_size(send_buffer).map_err(err)?;
+    }
+    if !user_timeout.is_zero() {
+        socket
+            .set_tcp_user_timeout(Some(user_timeout))
+            .map_err(err)?;
     }
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
@@ -225,15 +246,21 @@ impl Server {
         let keys = Arc::new(keys);
 
         // One listening socket per shard, all on the same port.
-        let first = bind(config.listen, true, config.socket_send_buffer)?;
+        let user_timeout = config.tcp_user_timeout;
+        let first = bind(config.listen, true, config.socket_send_buffer, user_timeout)?;
         let public_addr = first.local_addr().map_err(StartError::Io)?;
         let mut listeners = vec![first];
         for _ in 1..config.shards {
-            listeners.push(bind(public_addr, true, config.socket_send_buffer)?);
+            listeners.push(bind(
+                public_addr,
+                true,
+                config.socket_send_buffer,
+                user_timeout,
+            )?);
         }
         // SO_REUSEPORT on both listeners lets a new process bind the same ports while this one
         // drains (zero-downtime restart); the kernel only allows it for the same user.
-        let internal_listener = bind(config.internal_listen, true, 0)?;
+        let internal_listener = bind(config.internal_listen, true, 0, Duration::ZERO)?;
         let internal_addr = internal_listener.local_addr().map_err(StartError::Io)?;
 
         let mut polls = Vec::with_capacity(config.shards);

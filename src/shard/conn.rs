@@ -64,6 +64,10 @@ pub struct Conn {
     pub close_code: u16,
     /// Frames received from the client since its last heartbeat (`--max-client-frames-per-sec`).
     pub frames: u16,
+    /// Heartbeats since the last ping was sent (or since the upgrade).
+    pub beats_since_ping: u8,
+    /// A ping was sent and its pong has not come back.
+    pub ping_outstanding: bool,
     /// The request head while in `Head`; afterwards the start of a client frame split across reads.
     pub inbuf: Vec<u8>,
     /// Client frame decoder state (used from the upgrade on).
@@ -97,6 +101,8 @@ impl Conn {
             was_open: false,
             close_code: 0,
             frames: 0,
+            beats_since_ping: 0,
+            ping_outstanding: false,
             inbuf: Vec::new(),
             decoder: Decoder::default(),
             out: Outbox::default(),

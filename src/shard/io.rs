@@ -71,6 +71,7 @@ impl Shard {
         let may_reply = conn.phase == Phase::Open;
         let mut peer_close: Option<Option<u16>> = None;
         let mut replied = false;
+        let mut ponged = false;
         let super::conn::Conn {
             decoder,
             out,
@@ -89,9 +90,15 @@ impl Shard {
                     replied = true;
                 }
                 Control::Close(code) if peer_close.is_none() => peer_close = Some(code),
+                Control::Pong => ponged = true,
                 _ => {}
             }
         });
+        if ponged {
+            // Any pong proves the peer is there (RFC 6455 allows unsolicited ones; a late
+            // answer to an earlier ping is as good as the latest).
+            self.conns[key].ping_outstanding = false;
+        }
         let flooded = u32::from(self.conns[key].frames) > allowance;
         if let (Some(magic), true) = (&self.shared.config.fault_injection_ping, replied) {
             if injected_fault(&self.conns[key].out, magic) {

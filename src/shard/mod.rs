@@ -73,6 +73,10 @@ struct Limits {
     handshake_ticks: u64,
     close_ticks: u64,
     heartbeat_ticks: u64,
+    /// Heartbeats between pings (0: no pings).
+    ping_every: u8,
+    /// Heartbeats a ping may stay unanswered before the peer counts as dead.
+    ping_timeout_beats: u8,
     drain_timeout: Duration,
     drain_spread: Duration,
     tick: Duration,
@@ -125,6 +129,13 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
     (d.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64).max(1)
 }
 
+/// `d` in whole heartbeat intervals, rounded up (the configuration is validated to fit a `u8`).
+fn beats(d: Duration, heartbeat: Duration) -> u8 {
+    d.as_nanos()
+        .div_ceil(heartbeat.as_nanos().max(1))
+        .min(u8::MAX as u128) as u8
+}
+
 /// Client frames allowed per heartbeat interval for a per-second limit. The count is kept in a
 /// `u16` on each connection and reset by its heartbeat, so no clock is read per frame.
 fn frame_allowance(per_sec: u32, interval: Duration) -> u32 {
@@ -160,6 +171,8 @@ impl Shard {
             handshake_ticks: ticks(cfg.handshake_timeout, tick),
             close_ticks: ticks(cfg.close_timeout, tick),
             heartbeat_ticks: ticks(cfg.heartbeat_interval, tick),
+            ping_every: beats(cfg.ping_interval, cfg.heartbeat_interval),
+            ping_timeout_beats: beats(cfg.ping_timeout, cfg.heartbeat_interval).max(1),
             drain_timeout: cfg.drain_timeout,
             drain_spread: cfg.drain_spread,
             tick,

@@ -9,6 +9,8 @@ use super::{Shard, Timer};
 use crate::bus::event::heartbeat_frame;
 use crate::clock;
 use crate::ws::close::CloseReason;
+use crate::ws::close::DEAD_PEER;
+use crate::ws::frame::ping_frame;
 use crate::ws::SharedFrame;
 use std::time::Instant;
 
@@ -74,10 +76,36 @@ impl Shard {
                 conn.next_heartbeat =
                     (conn.next_heartbeat + self.limits.heartbeat_ticks).max(tick + 1);
                 conn.frames = 0;
+                let ping = self.limits.ping_every;
+                let mut send_ping = false;
+                if ping != 0 {
+                    conn.beats_since_ping = conn.beats_since_ping.saturating_add(1);
+                    if conn.ping_outstanding
+                        && conn.beats_since_ping >= self.limits.ping_timeout_beats
+                    {
+                        // No pong for --ping-timeout: the peer is gone without a FIN, or stuck.
+                        // Nothing it could read is worth sending; drop the connection.
+                        conn.close_code = DEAD_PEER;
+                        log::debug!(
+                            "shard {}: connection {key}: no pong within --ping-timeout; dropped",
+                            self.index
+                        );
+                        self.kill(key);
+                        continue;
+                    }
+                    if !conn.ping_outstanding && conn.beats_since_ping >= ping {
+                        conn.ping_outstanding = true;
+                        conn.beats_since_ping = 0;
+                        send_ping = true;
+                    }
+                }
                 let frame = heartbeat
                     .get_or_insert_with(|| heartbeat_frame(clock::now_ms()))
                     .clone();
                 self.enqueue(key, frame);
+                if send_ping {
+                    self.enqueue(key, ping_frame());
+                }
             }
             self.arm_open_timer(key);
         }

@@ -8,6 +8,11 @@ use super::frame::{encode, OpCode};
 use super::SharedFrame;
 use std::sync::OnceLock;
 
+/// The code a connection is counted and logged under when it was dropped as a dead peer (no pong
+/// within `--ping-timeout`). RFC 6455's 1006, "closed abnormally": it is never sent on the wire,
+/// since there is no one to read it.
+pub const DEAD_PEER: u16 = 1006;
+
 /// Why the server closes a WebSocket connection. Each reason has exactly one code and one phrase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CloseReason {

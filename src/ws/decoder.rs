@@ -100,14 +100,25 @@ fn parse_header(buf: &[u8]) -> Parsed {
     })
 }
 
-/// Per-connection decoder state.
-#[derive(Debug, Default)]
+/// Per-connection decoder state: eight bytes, because a million connections each carry one.
+#[derive(Debug)]
 pub struct Decoder {
     /// Payload bytes of an ignored data frame still to skip (bounded by the message limit).
     skip: u32,
-    /// Bytes of the data message in progress (bounded by the message limit).
+    /// Bytes of the fragmented data message in progress, or [`NO_MESSAGE`] between messages
+    /// (a message is bounded below `u32::MAX`, so the sentinel cannot collide).
     message_len: u32,
-    in_message: bool,
+}
+
+const NO_MESSAGE: u32 = u32::MAX;
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            skip: 0,
+            message_len: NO_MESSAGE,
+        }
+    }
 }
 
 impl Decoder {
@@ -237,28 +248,26 @@ impl Decoder {
                 Ok(Some(total))
             }
             0x1 | 0x2 => {
-                if self.in_message {
+                if self.message_len != NO_MESSAGE {
                     return Err(DecodeError::Protocol("new message inside a fragmented one"));
                 }
-                if h.len > max_message || h.len > u32::MAX as u64 {
+                if h.len > max_message || h.len >= NO_MESSAGE as u64 {
                     return Err(DecodeError::TooBig);
                 }
-                self.in_message = !h.fin;
-                self.message_len = h.len as u32;
+                self.message_len = if h.fin { NO_MESSAGE } else { h.len as u32 };
                 self.skip = h.len as u32;
                 on_control(Control::Data);
                 Ok(Some(h.header_len))
             }
             0x0 => {
-                if !self.in_message {
+                if self.message_len == NO_MESSAGE {
                     return Err(DecodeError::Protocol("continuation without a message"));
                 }
                 let total = (self.message_len as u64).saturating_add(h.len);
-                if total > max_message || total > u32::MAX as u64 {
+                if total > max_message || total >= NO_MESSAGE as u64 {
                     return Err(DecodeError::TooBig);
                 }
-                self.message_len = total as u32;
-                self.in_message = !h.fin;
+                self.message_len = if h.fin { NO_MESSAGE } else { total as u32 };
                 self.skip = h.len as u32;
                 on_control(Control::Data);
                 Ok(Some(h.header_len))

@@ -60,6 +60,12 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> SharedFrame {
     buf.into()
 }
 
+/// The server's ping: empty, built once per process and shared by every connection it is sent to.
+pub fn ping_frame() -> SharedFrame {
+    static PING: std::sync::OnceLock<SharedFrame> = std::sync::OnceLock::new();
+    PING.get_or_init(|| encode(OpCode::Ping, &[])).clone()
+}
+
 /// Builds a text frame whose payload is produced by `write` in place, with no intermediate copy
 /// beyond the final conversion into a shared buffer. `len_hint` is the exact payload length when
 /// known (it only sizes the allocation).

@@ -250,3 +250,35 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
+
+/// Subscribes over a plain `TcpStream` (no WebSocket library): checks the 101 and reads the
+/// `connected` frame, then hands back the socket for a test that must control every byte.
+pub fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
+    let mut sock = TcpStream::connect(s.public).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let req = format!(
+        "GET /v1/stream?token={}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(workspace, "u", 600)
+    );
+    sock.write_all(req.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        sock.read_exact(&mut b).unwrap();
+        got.push(b[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{head}"
+    );
+    let mut hdr = [0u8; 2];
+    sock.read_exact(&mut hdr).unwrap();
+    assert_eq!(hdr[0], 0x81);
+    let mut body = vec![0u8; (hdr[1] & 0x7f) as usize];
+    sock.read_exact(&mut body).unwrap();
+    assert!(String::from_utf8(body).unwrap().contains("connected"));
+    sock
+}
