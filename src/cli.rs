@@ -174,7 +174,7 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_MAX_KEY_FILE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_key_file_bytes: usize,
     /// Publish batches queued per shard before publishers wait.
-    #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = 4096)]
+    #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = 256)]
     pub shard_inbox: usize,
     /// File of HS256 secrets, one per line (several for rotation).
     #[arg(long, env = "CAUSELOOP_JWT_HS256_SECRET_FILE")]

@@ -189,7 +189,7 @@ impl Default for Config {
             max_json_depth: 32,
             max_id_bytes: 256,
             max_client_frames_per_sec: 100,
-            shard_inbox: 4096,
+            shard_inbox: 256,
             timer_tick: Duration::from_millis(10),
             jwt: JwtConfig::default(),
             publish_key: None,

@@ -67,6 +67,8 @@ pub struct ShardStats {
     /// Bytes queued on this shard's connections that could not be written yet (sampled each
     /// second).
     pub queued_bytes: AtomicU64,
+    /// Publish batches that found this shard's inbox full and waited for room (back-pressure).
+    pub inbox_waits: AtomicU64,
 }
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
@@ -337,6 +339,17 @@ impl Collector for StatsCollector {
             "causeloop_queued_outbound_bytes",
             "Bytes waiting on connections whose socket is full, per shard.",
             &per_shard(&|s| s.queued_bytes.load(Ordering::Relaxed)),
+        )?;
+        let waits: Vec<(Labels, u64)> = shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (shard_label(i), s.inbox_waits.load(Ordering::Relaxed)))
+            .collect();
+        counters(
+            &mut enc,
+            "causeloop_publish_inbox_waits",
+            "Publish batches that found a shard's inbox full and waited for room (back-pressure on the publisher; nothing is dropped).",
+            &waits,
         )?;
         counters(
             &mut enc,

@@ -171,9 +171,14 @@ impl Publisher {
         let count = events.len() as u64;
         let batch: Arc<[Event]> = events.into();
         for (i, link) in self.shared.links.iter().enumerate() {
-            if targets.contains(i) && link.send(ShardMsg::Events(batch.clone())).is_err() {
+            if !targets.contains(i) {
+                continue;
+            }
+            match link.send(ShardMsg::Events(batch.clone())) {
+                Ok(false) => {}
+                Ok(true) => ShardStats::add(&self.shared.shard_stats[i].inbox_waits, 1),
                 // The shard has exited: only happens once a drain has finished.
-                return Err(PublishError::Draining);
+                Err(_) => return Err(PublishError::Draining),
             }
         }
         ShardStats::add(&self.shared.bus_stats.published, count);

@@ -5,7 +5,7 @@
 
 use crate::auth::keys::KeySet;
 use crate::bus::event::Event;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -42,14 +42,23 @@ impl ShardLink {
     }
 
     /// Sends `msg`, waiting while the inbox is full (back-pressure), and wakes the shard if it
-    /// may be asleep.
-    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardGone> {
-        self.tx.send(msg).map_err(|_| ShardGone)?;
+    /// may be asleep. Returns whether it had to wait.
+    pub fn send(&self, msg: ShardMsg) -> Result<bool, ShardGone> {
+        // A full inbox means the shard already holds a wake-up it has not acted on (it clears
+        // `notified` only as it starts draining), so blocking here cannot sleep forever.
+        let waited = match self.tx.try_send(msg) {
+            Ok(()) => false,
+            Err(TrySendError::Full(msg)) => {
+                self.tx.send(msg).map_err(|_| ShardGone)?;
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(ShardGone),
+        };
         if !self.notified.swap(true, Ordering::AcqRel) {
             // A failed wake means the poll is gone, which the next send will report.
             let _ = self.waker.wake();
         }
-        Ok(())
+        Ok(waited)
     }
 
     /// Called by the shard before it drains its inbox.

@@ -2,6 +2,8 @@
 //! real WebSocket client (tungstenite over a blocking `TcpStream`), raw HTTP, and token minting.
 #![allow(dead_code)]
 
+pub mod process;
+
 use causeloop_stream::auth::jwt;
 use causeloop_stream::config::{Config, Secret};
 use causeloop_stream::server::Server;
