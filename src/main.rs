@@ -2,6 +2,7 @@
 //!
 //! Everything else is the library. SIGTERM and SIGINT begin the drain (a second one exits at
 //! once); SIGHUP reloads every key file.
+#![forbid(unsafe_code)]
 
 use causeloop_stream::auth::jwt;
 use causeloop_stream::cli::{read_secret_file, Cli, Command, TokenArgs, ENV_HS256_SECRET};

@@ -8,6 +8,7 @@
 //!
 //! Secrets come from the environment only: `CAUSELOOP_JWT_HS256_SECRET` to mint tokens,
 //! `CAUSELOOP_PUBLISH_KEY` to publish. Workers receive them on stdin, never in argv.
+#![forbid(unsafe_code)]
 
 mod engine;
 mod floor;
