@@ -275,6 +275,23 @@ fn json_logs_have_one_open_and_one_close_line_per_connection_and_no_token() {
     assert_eq!(expect_close(&mut refused, true).0, 4401);
     finish_close(&mut refused);
     drop(refused);
+    // Requests the server refuses over plain HTTP, each carrying the token: none is reflected.
+    for req in [
+        format!("GET /v1/streams?token={tok}&workspace=ws_log HTTP/1.1\r\nHost: x\r\n\r\n"),
+        format!("GET /v1/stream?token={tok}&workspace=ws_log HTTP/1.1\r\nHost: x\r\n\r\n"),
+        format!("GET /v1/stream?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+        format!("POST /v1/stream?token={tok} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+    ] {
+        let resp = raw_http(p.public, req.as_bytes());
+        assert!(status_of(&resp) >= 400, "{resp}");
+        assert!(!resp.contains(&tok), "a response reflected the token: {resp}");
+    }
+    let metrics = raw_http(
+        p.internal,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(metrics.contains("causeloop_auth_failures_total"));
+    assert!(!metrics.contains(&tok) && !metrics.contains(&bad));
     std::thread::sleep(Duration::from_millis(300));
     sigterm(&p.child);
     assert_eq!(wait_exit(&mut p.child, Duration::from_secs(8)), Some(0));
@@ -301,9 +318,10 @@ fn json_logs_have_one_open_and_one_close_line_per_connection_and_no_token() {
     assert_eq!(open[0]["workspace"], "ws_log");
     assert_eq!(open[0]["user"], "usr_log");
     assert!(open[0]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // WebSocket connections only: the plain HTTP exchanges above end with code 0.
     let closed: Vec<_> = lines
         .iter()
-        .filter(|l| l["msg"] == "connection closed")
+        .filter(|l| l["msg"] == "connection closed" && l["code"] != 0)
         .collect();
     assert_eq!(closed.len(), 2, "{err}");
     assert!(
