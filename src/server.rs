@@ -184,8 +184,8 @@ fn validate(c: &Config) -> Result<(), StartError> {
         d.as_nanos()
             .div_ceil(c.heartbeat_interval.as_nanos().max(1))
     };
-    if beats(c.ping_interval) > 255 || beats(c.ping_timeout) > 255 {
-        return bad("--ping-interval and --ping-timeout must be at most 255 heartbeat intervals");
+    if beats(c.ping_interval) > u16::MAX as u128 || beats(c.ping_timeout) > u16::MAX as u128 {
+        return bad("--ping-interval and --ping-timeout must be at most 65535 heartbeat intervals");
     }
     if !c.ping_interval.is_zero() && c.ping_timeout.is_zero() {
         return bad("--ping-timeout must be above zero while pings are on");

@@ -280,3 +280,99 @@ fn a_peer_that_resets_mid_write_or_half_closes_harms_no_one_else() {
         == 1));
     drop(half);
 }
+
+/// Reads server frames from a raw socket until the close frame; returns (events, close code).
+fn read_until_close(sock: &mut TcpStream) -> (usize, Option<u16>) {
+    let mut events = 0;
+    loop {
+        let mut hdr = [0u8; 2];
+        if sock.read_exact(&mut hdr).is_err() {
+            return (events, None);
+        }
+        let len = match hdr[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                sock.read_exact(&mut b).unwrap();
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                sock.read_exact(&mut b).unwrap();
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut body = vec![0u8; len];
+        if sock.read_exact(&mut body).is_err() {
+            return (events, None);
+        }
+        match hdr[0] & 0x0f {
+            0x8 => {
+                return (
+                    events,
+                    body.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])),
+                )
+            }
+            0x1 if body.starts_with(br#"{"type":"bulk""#) => events += 1,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
+    // The echo of a client's close sits behind frames the client has not read yet; heartbeats
+    // keep falling due meanwhile. The connection must wait out --close-timeout for the flush, not
+    // end at the next heartbeat tick.
+    let s = TestServer::with(|c| {
+        c.heartbeat_interval = Duration::from_millis(50);
+        c.socket_send_buffer = 16 * 1024;
+    });
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.public.into()).unwrap();
+    let mut sock: TcpStream = sock.into();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let req = format!(
+        "GET /v1/stream?token={}&workspace=ws_echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("ws_echo", "u", 600)
+    );
+    sock.write_all(req.as_bytes()).unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        s.server()
+            .shared()
+            .shard_stats
+            .iter()
+            .map(|st| st.open.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+            == 1
+    }));
+    // Far more than the kernel buffers hold, far less than --max-outbound-bytes.
+    let publisher = s.server().publisher();
+    let pad = "x".repeat(1000);
+    for n in 0..300 {
+        publisher
+            .publish("ws_echo", "bulk", &serde_json::json!({"n": n, "pad": pad}))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Masked close 1000 from the client, then several heartbeat intervals before reading.
+    sock.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // Skip the response head, then every frame up to the echo.
+    let mut b = [0u8; 1];
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        sock.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let (events, code) = read_until_close(&mut sock);
+    assert_eq!(
+        code,
+        Some(1000),
+        "the connection ended without its echo after {events} events"
+    );
+    assert_eq!(events, 300);
+}

@@ -392,7 +392,6 @@ impl Fleet {
             if let Some(c) = self.conns.get_mut(k) {
                 // Not closed yet (the server had not found it): stall again.
                 c.slow = c.was_slow;
-                c.last_heartbeat = None;
             }
         }
     }
@@ -411,6 +410,7 @@ impl Fleet {
         c.expected = u64::MAX;
         c.churning = false;
         c.slow = c.was_slow;
+        c.last_heartbeat = None;
         let result = (|| -> io::Result<TcpStream> {
             let domain = socket2::Domain::for_address(target);
             let sock =

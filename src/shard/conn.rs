@@ -65,7 +65,7 @@ pub struct Conn {
     /// Frames received from the client since its last heartbeat (`--max-client-frames-per-sec`).
     pub frames: u16,
     /// Heartbeats since the last ping was sent (or since the upgrade).
-    pub beats_since_ping: u8,
+    pub beats_since_ping: u16,
     /// A ping was sent and its pong has not come back.
     pub ping_outstanding: bool,
     /// The request head while in `Head`; afterwards the start of a client frame split across reads.

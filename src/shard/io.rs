@@ -141,6 +141,11 @@ impl Shard {
             conn.phase = Phase::Closing;
             conn.close_sent = true;
             self.enqueue(key, echo);
+            // The pending timer was the heartbeat's; from here it is the close deadline. (Left
+            // as it was, the next heartbeat tick would read as an expired deadline and drop the
+            // connection before a backed-up echo could flush.)
+            let due = self.tick_of(Instant::now()) + self.limits.close_ticks;
+            self.set_timer(key, due);
         }
         self.conns[key].close_when_flushed = true;
         self.mark_dirty(key);

@@ -74,9 +74,9 @@ struct Limits {
     close_ticks: u64,
     heartbeat_ticks: u64,
     /// Heartbeats between pings (0: no pings).
-    ping_every: u8,
+    ping_every: u16,
     /// Heartbeats a ping may stay unanswered before the peer counts as dead.
-    ping_timeout_beats: u8,
+    ping_timeout_beats: u16,
     drain_timeout: Duration,
     drain_spread: Duration,
     tick: Duration,
@@ -129,11 +129,11 @@ fn ticks(d: Duration, tick: Duration) -> u64 {
     (d.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64).max(1)
 }
 
-/// `d` in whole heartbeat intervals, rounded up (the configuration is validated to fit a `u8`).
-fn beats(d: Duration, heartbeat: Duration) -> u8 {
+/// `d` in whole heartbeat intervals, rounded up (the configuration is validated to fit a `u16`).
+fn beats(d: Duration, heartbeat: Duration) -> u16 {
     d.as_nanos()
         .div_ceil(heartbeat.as_nanos().max(1))
-        .min(u8::MAX as u128) as u8
+        .min(u16::MAX as u128) as u16
 }
 
 /// Client frames allowed per heartbeat interval for a per-second limit. The count is kept in a
