@@ -97,9 +97,71 @@ pub fn minify_into(out: &mut Vec<u8>, input: &[u8]) {
     }
 }
 
+/// Whether every number in `input` (valid JSON) is within the IEEE 754 double range. JSON's
+/// grammar allows `1e400`; JavaScript reads it as `Infinity` and many parsers (serde_json among
+/// them) refuse it, so one such number would make an event unreadable to some subscribers.
+/// Cheap: only a number with an exponent, or with over 300 characters, is converted.
+pub fn numbers_finite(input: &[u8]) -> bool {
+    let (mut in_str, mut escaped) = (false, false);
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < input.len()
+                    && matches!(input[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let token = &input[start..i];
+                if token.len() > 300 || token.iter().any(|&c| c == b'e' || c == b'E') {
+                    let finite = std::str::from_utf8(token)
+                        .ok()
+                        .and_then(|t| t.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite);
+                    if !finite {
+                        return false;
+                    }
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_outside_the_double_range_are_found() {
+        assert!(numbers_finite(
+            br#"{"a":[1,-2.5e10,1e308,0.1e-400,"1e999"]}"#
+        ));
+        assert!(!numbers_finite(br#"{"a":1e309}"#));
+        assert!(!numbers_finite(br#"{"a":[0,-2.5E311111]}"#));
+        let long = format!(r#"{{"a":{}}}"#, "9".repeat(400));
+        assert!(!numbers_finite(long.as_bytes()));
+        let fine = format!(r#"{{"a":{}}}"#, "9".repeat(300));
+        assert!(numbers_finite(fine.as_bytes()));
+        assert!(numbers_finite(br#"{"s":"a\"1e999"}"#));
+    }
 
     #[test]
     fn escapes_like_serde_json() {

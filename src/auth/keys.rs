@@ -171,7 +171,10 @@ fn b64_field(v: Option<&str>, i: usize, name: &str) -> Result<Vec<u8>, String> {
 fn checked_rsa(kid: Option<String>, n: Vec<u8>, e: Vec<u8>) -> Result<RsaKey, String> {
     let n = n[n.iter().position(|&b| b != 0).unwrap_or(n.len())..].to_vec();
     let e = e[e.iter().position(|&b| b != 0).unwrap_or(e.len())..].to_vec();
-    let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+    // An empty modulus is zero bits (and refused below), not an underflow.
+    let bits = n
+        .first()
+        .map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
         return Err(format!(
             "RSA modulus of {bits} bits (2048 to 8192 accepted)"

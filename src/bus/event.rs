@@ -39,6 +39,8 @@ pub enum EventError {
     TooLarge(usize, usize),
     /// The payload nests deeper than `--max-json-depth` (the limit).
     TooDeep(usize),
+    /// The payload holds a number outside the IEEE 754 double range (`1e400`).
+    NumberOutOfRange,
     /// The payload is not a JSON object.
     PayloadNotObject,
     /// The payload could not be serialized (library callers only).
@@ -52,6 +54,7 @@ impl std::fmt::Display for EventError {
             EventError::Id(field, max) => write!(f, "{field} must be 1 to {max} bytes without control characters"),
             EventError::TooLarge(size, max) => write!(f, "event is {size} bytes encoded, over the limit of {max} bytes (--max-event-bytes)"),
             EventError::TooDeep(max) => write!(f, "payload nested deeper than {max} levels (--max-json-depth)"),
+            EventError::NumberOutOfRange => f.write_str("payload has a number outside the IEEE 754 double range"),
             EventError::PayloadNotObject => f.write_str("payload must be a JSON object"),
             EventError::Serialize(e) => write!(f, "payload could not be serialized: {e}"),
         }
