@@ -29,6 +29,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod config_file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod internal;
 pub mod json;

@@ -1,0 +1,122 @@
+//! Entry points for the fuzz targets in `fuzz/`, one per parser that reads network or operator
+//! input. Each runs the code on arbitrary bytes and panics if an invariant breaks; a panic is a
+//! finding. `tests/fuzz_corpus.rs` replays every committed corpus and crash case through the
+//! same functions on every `cargo test`, so a fixed finding stays fixed.
+//!
+//! Not part of the server's API; public only so that the fuzz crate and the tests can reach it.
+
+use crate::auth::jwt::{self, Validation};
+use crate::auth::keys::{self, KeySet};
+use crate::bus::body::{self, BodyLimits};
+use crate::bus::event::{encode_with, id_ok};
+use crate::config::Secret;
+use crate::http::query::parse_stream_query;
+use crate::http::request::{parse_head, route_public};
+use crate::ws::decoder::Decoder;
+
+/// The HS256 secret the JWT target signs its generated tokens with.
+pub const FUZZ_SECRET: &[u8] = b"fuzz-secret-0123456789abcdef0123456789";
+
+/// The request-head parser and the public router: never panic; a parsed head lies within the
+/// input and the bound.
+pub fn http_head(data: &[u8]) {
+    const MAX: usize = 8192;
+    match parse_head(data, MAX, 64) {
+        Ok(Some(head)) => {
+            assert!(head.len <= data.len() && head.len <= MAX);
+            let _ = route_public(&head);
+            let _ = parse_stream_query(head.query);
+        }
+        Ok(None) => assert!(data.len() < MAX, "a partial head past the bound"),
+        Err(_) => {}
+    }
+}
+
+/// The client-frame decoder, fed in pieces cut where the first byte says: never panics, never
+/// buffers more than one frame header and one control payload.
+pub fn client_frames(data: &[u8]) {
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(cut).max(1);
+    let mut d = Decoder::default();
+    let mut pending = Vec::new();
+    for chunk in rest.chunks(step) {
+        let r = d.feed(&mut pending, chunk, 4096, &mut |_| {});
+        assert!(
+            pending.len() <= 14 + 125,
+            "decoder buffered {}",
+            pending.len()
+        );
+        if r.is_err() {
+            return;
+        }
+    }
+}
+
+/// JWT verification. With a first byte below 128 the rest is a token as a client would send it
+/// (it must not verify: nobody but the test knows the secret). Otherwise the rest is
+/// `header NUL claims`, signed here with [`FUZZ_SECRET`] so that the header and claim checks are
+/// reached; anything that verifies must carry ids that pass the id rule and an unexpired `exp`.
+pub fn jwt_verify(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let keys = keys::from_secrets(&[Secret::from(FUZZ_SECRET.to_vec())]);
+    let rules = Validation::default();
+    let now = 1_800_000_000;
+    if mode < 128 {
+        assert!(jwt::verify(rest, &keys, &rules, now).is_err());
+        return;
+    }
+    let Some(split) = rest.iter().position(|&b| b == 0) else {
+        return;
+    };
+    let token = jwt::sign_hs256_with_header(FUZZ_SECRET, &rest[..split], &rest[split + 1..]);
+    if let Ok(id) = jwt::verify(token.as_bytes(), &keys, &rules, now) {
+        assert!(id_ok(&id.user_id, rules.max_id_bytes));
+        assert!(id_ok(&id.workspace_id, rules.max_id_bytes));
+        assert!(id.exp + rules.leeway_secs > now);
+    }
+}
+
+/// JWKS parsing: never panics, whatever the document.
+pub fn jwks(data: &[u8]) {
+    let mut set = KeySet::default();
+    let _ = set.add_jwks(&mut data.to_vec());
+}
+
+/// Publish-body validation and event encoding: an accepted body's events pass every rule, and the
+/// frame built from each is valid JSON whose payload means what the publisher sent.
+pub fn publish_body(data: &[u8]) {
+    let limits = BodyLimits {
+        max_items: 64,
+        max_depth: 8,
+        max_id_bytes: 64,
+    };
+    let Ok(specs) = body::parse(data, limits) else {
+        return;
+    };
+    assert!(specs.len() <= limits.max_items);
+    for spec in specs {
+        assert!(id_ok(&spec.workspace_id, limits.max_id_bytes));
+        if let Some(u) = &spec.user_id {
+            assert!(id_ok(u, limits.max_id_bytes));
+        }
+        assert!(crate::json::max_depth(spec.payload.as_bytes()) <= limits.max_depth);
+        let frame = encode_with(&spec.kind, spec.payload.len(), 1_800_000_000_000, |buf| {
+            crate::json::minify_into(buf, spec.payload.as_bytes())
+        });
+        // A server frame's header: 2 bytes, or 4 or 10 when the second byte says so.
+        let header = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        let text = std::str::from_utf8(&frame[header..]).expect("frames are UTF-8");
+        let v: serde_json::Value = serde_json::from_str(text).expect("the frame is JSON");
+        let sent: serde_json::Value = serde_json::from_str(spec.payload).expect("payload is JSON");
+        assert_eq!(v["payload"], sent, "minifying changed the payload");
+        assert_eq!(v["type"].as_str(), Some(&*spec.kind));
+    }
+}
