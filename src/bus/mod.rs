@@ -5,10 +5,14 @@
 //! - [`body`]: validation of `POST /v1/publish` bodies.
 //! - [`interest`]: the lock-free map of which shards hold subscribers of which workspaces.
 //! - [`publisher`]: the cloneable [`Publisher`] handle (library `publish`/`publish_user`).
+//! - [`resp`]: the Redis protocol, for the cluster bus.
+//! - [`wire`]: the cluster wire format, version 1: channels and messages on Redis.
 
 pub mod body;
 pub mod event;
 pub mod interest;
 pub mod publisher;
+pub mod resp;
+pub mod wire;
 
 pub use publisher::{PublishError, Publisher};

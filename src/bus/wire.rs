@@ -1,0 +1,198 @@
+//! The cluster wire format, version 1: how one event travels between nodes on Redis.
+//!
+//! Channel: `causeloop:v1:ws:<workspace_id>`, one per workspace, so that a node subscribes to
+//! exactly the workspaces it serves. Message: one JSON object,
+//!
+//! ```json
+//! {"v":1,"type":"issue.created","ts":1764373560123,"user_id":"usr_1","payload":{"id":"iss_1"}}
+//! ```
+//!
+//! `ts` is Unix milliseconds stamped once by whoever publishes, so that every node formats the
+//! same `ts` into the frame and every subscriber everywhere receives identical bytes; `user_id`
+//! is present only for a user-scoped event. A backend in any language can `PUBLISH` this to
+//! Redis directly. A node checks a message exactly as it checks an HTTP publish (the same type,
+//! id, depth, number and size rules) before building the frame, since anyone who can publish to
+//! Redis can reach its subscribers.
+
+use super::event::{check_id, check_type, encode_with, EventError};
+use crate::ws::SharedFrame;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// Every channel name starts with this; what follows is the workspace id.
+pub const CHANNEL_PREFIX: &str = "causeloop:v1:ws:";
+
+/// The channel of `workspace_id`.
+pub fn channel(workspace_id: &str) -> Vec<u8> {
+    let mut c = Vec::with_capacity(CHANNEL_PREFIX.len() + workspace_id.len());
+    c.extend_from_slice(CHANNEL_PREFIX.as_bytes());
+    c.extend_from_slice(workspace_id.as_bytes());
+    c
+}
+
+/// The workspace a channel belongs to, if it is one of ours.
+pub fn workspace_of(channel: &[u8]) -> Option<&str> {
+    std::str::from_utf8(channel.strip_prefix(CHANNEL_PREFIX.as_bytes())?).ok()
+}
+
+/// Encodes a message. `payload` must be one JSON object (already validated and minified).
+pub fn encode(kind: &str, user_id: Option<&str>, ts_ms: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(kind.len() + payload.len() + 64);
+    out.extend_from_slice(b"{\"v\":1,\"type\":");
+    crate::json::write_string(&mut out, kind);
+    out.extend_from_slice(b",\"ts\":");
+    out.extend_from_slice(ts_ms.to_string().as_bytes());
+    if let Some(u) = user_id {
+        out.extend_from_slice(b",\"user_id\":");
+        crate::json::write_string(&mut out, u);
+    }
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(payload);
+    out.push(b'}');
+    out
+}
+
+/// The rules a received message is held to (the node's own publish limits).
+#[derive(Clone, Copy, Debug)]
+pub struct WireLimits {
+    /// `--max-event-bytes`, for the frame built from the message.
+    pub max_event_bytes: usize,
+    /// `--max-json-depth`, for the payload.
+    pub max_depth: usize,
+    /// `--max-id-bytes`.
+    pub max_id_bytes: usize,
+}
+
+/// A received message, ready for the shards.
+#[derive(Debug)]
+pub struct Received {
+    /// Set for a user-scoped event.
+    pub user_id: Option<Box<str>>,
+    /// The frame, built once on this node.
+    pub frame: SharedFrame,
+    /// The publisher's `ts`, Unix milliseconds.
+    pub ts_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Message<'a> {
+    v: u32,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    ts: u64,
+    #[serde(default, borrow)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// The latest `ts` accepted: 9999-12-31T23:59:59.999Z, the last instant the frame's `ts` format
+/// can express.
+const MAX_TS_MS: u64 = 253_402_300_799_999;
+
+/// Checks a message and builds its frame. The error says why, for the bus's log and metrics.
+pub fn decode(message: &[u8], limits: WireLimits) -> Result<Received, String> {
+    if crate::json::max_depth(message) > limits.max_depth + 1 {
+        return Err(EventError::TooDeep(limits.max_depth).to_string());
+    }
+    let m: Message<'_> = serde_json::from_slice(message).map_err(|e| e.to_string())?;
+    if m.v != 1 {
+        return Err(format!("wire format version {} (this node reads 1)", m.v));
+    }
+    check_type(&m.kind).map_err(|e| e.to_string())?;
+    if let Some(u) = &m.user_id {
+        check_id(u, "user_id", limits.max_id_bytes).map_err(|e| e.to_string())?;
+    }
+    if m.ts > MAX_TS_MS {
+        return Err(format!("ts {} is not Unix milliseconds", m.ts));
+    }
+    let payload = m.payload.get().as_bytes();
+    if !payload.starts_with(b"{") {
+        return Err(EventError::PayloadNotObject.to_string());
+    }
+    if crate::json::max_depth(payload) > limits.max_depth {
+        return Err(EventError::TooDeep(limits.max_depth).to_string());
+    }
+    if !crate::json::numbers_finite(payload) {
+        return Err(EventError::NumberOutOfRange.to_string());
+    }
+    let frame = encode_with(&m.kind, payload.len(), m.ts, |buf| {
+        crate::json::minify_into(buf, payload)
+    });
+    if frame.len() > limits.max_event_bytes {
+        return Err(EventError::TooLarge(frame.len(), limits.max_event_bytes).to_string());
+    }
+    Ok(Received {
+        user_id: m.user_id.map(|u| u.into()),
+        frame,
+        ts_ms: m.ts,
+    })
+}
+
+/// The workspace id rule for a channel's workspace (the same as for a publish).
+pub fn check_workspace(workspace_id: &str, max_id_bytes: usize) -> Result<(), String> {
+    check_id(workspace_id, "workspace_id", max_id_bytes).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: WireLimits = WireLimits {
+        max_event_bytes: 64 << 10,
+        max_depth: 32,
+        max_id_bytes: 256,
+    };
+
+    #[test]
+    fn a_message_builds_the_frame_a_local_publish_would() {
+        let payload = br#"{"id":"iss_1","n":[1,2]}"#;
+        let msg = encode("issue.created", Some("usr_1"), 1_764_373_560_123, payload);
+        assert_eq!(
+            msg,
+            br#"{"v":1,"type":"issue.created","ts":1764373560123,"user_id":"usr_1","payload":{"id":"iss_1","n":[1,2]}}"#
+        );
+        let got = decode(&msg, LIMITS).unwrap();
+        let local = encode_with("issue.created", payload.len(), 1_764_373_560_123, |b| {
+            b.extend_from_slice(payload)
+        });
+        assert_eq!(got.frame, local);
+        assert_eq!(got.user_id.as_deref(), Some("usr_1"));
+        // Whitespace from a hand-written publisher is minified the same way as HTTP bodies.
+        let spaced = br#"{ "v": 1, "type": "issue.created", "ts": 1764373560123, "payload": { "id": "iss_1", "n": [1, 2] } }"#;
+        assert_eq!(decode(spaced, LIMITS).unwrap().frame, local);
+    }
+
+    #[test]
+    fn channels_name_their_workspace() {
+        assert_eq!(channel("ws_1"), b"causeloop:v1:ws:ws_1");
+        assert_eq!(workspace_of(b"causeloop:v1:ws:ws_1"), Some("ws_1"));
+        assert_eq!(workspace_of(b"other:ws_1"), None);
+    }
+
+    #[test]
+    fn messages_are_held_to_the_publish_rules() {
+        let bad = |m: &str| decode(m.as_bytes(), LIMITS).unwrap_err();
+        assert!(bad(r#"{"v":2,"type":"a","ts":1,"payload":{}}"#).contains("version 2"));
+        assert!(bad(r#"{"v":1,"type":"heartbeat","ts":1,"payload":{}}"#).contains("type"));
+        assert!(bad(r#"{"v":1,"type":"a","ts":1,"payload":[1]}"#).contains("object"));
+        assert!(bad(r#"{"v":1,"type":"a","payload":{}}"#).contains("missing field `ts`"));
+        assert!(bad(r#"{"v":1,"type":"a","ts":1,"payload":{"x":1e999}}"#).contains("double"));
+        assert!(bad(r#"{"v":1,"type":"a","ts":1,"user_id":"","payload":{}}"#).contains("user_id"));
+        assert!(bad(r#"{"v":1,"type":"a","ts":1,"payload":{},"x":1}"#).contains("unknown field"));
+        assert!(bad(r#"{"v":1,"type":"a","ts":999999999999999999,"payload":{}}"#).contains("ts"));
+        let big = format!(
+            r#"{{"v":1,"type":"a","ts":1,"payload":{{"p":"{}"}}}}"#,
+            "x".repeat(70_000)
+        );
+        assert!(bad(&big).contains("--max-event-bytes"));
+        let deep = format!(
+            r#"{{"v":1,"type":"a","ts":1,"payload":{}1{}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        assert!(bad(&deep).contains("nested"));
+    }
+}
