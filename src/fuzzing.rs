@@ -9,6 +9,7 @@ use crate::auth::jwt::{self, Validation};
 use crate::auth::keys::{self, KeySet};
 use crate::bus::body::{self, BodyLimits};
 use crate::bus::event::{encode_with, id_ok};
+use crate::bus::{resp, wire};
 use crate::config::Secret;
 use crate::http::query::parse_stream_query;
 use crate::http::request::{parse_head, route_public};
@@ -119,4 +120,46 @@ pub fn publish_body(data: &[u8]) {
         assert_eq!(v["payload"], sent, "minifying changed the payload");
         assert_eq!(v["type"].as_str(), Some(&*spec.kind));
     }
+}
+
+/// The RESP2 reply parser (replies come from Redis, which the server does not control): never
+/// panics, never claims more bytes than it was given, and parses the same reply whole or with
+/// bytes still to come.
+pub fn resp_reply(data: &[u8]) {
+    let Ok(Some((reply, used))) = resp::parse(data, 4096) else {
+        return;
+    };
+    assert!(used <= data.len());
+    assert_eq!(
+        resp::parse(&data[..used], 4096),
+        Ok(Some((reply.clone(), used)))
+    );
+    if used > 0 {
+        assert_eq!(resp::parse(&data[..used - 1], 4096), Ok(None));
+    }
+    let _ = resp::pubsub_message(&reply);
+}
+
+/// A message received from Redis: accepted only if it meets the publish rules, and then its
+/// frame is JSON whose payload means what the message carried.
+pub fn wire_message(data: &[u8]) {
+    let limits = wire::WireLimits {
+        max_event_bytes: 64 << 10,
+        max_depth: 8,
+        max_id_bytes: 64,
+    };
+    let Ok(got) = wire::decode(data, limits) else {
+        return;
+    };
+    assert!(got.frame.len() <= limits.max_event_bytes);
+    let header = match got.frame[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let frame: serde_json::Value =
+        serde_json::from_slice(&got.frame[header..]).expect("the frame is JSON");
+    let sent: serde_json::Value = serde_json::from_slice(data).expect("the message is JSON");
+    assert_eq!(frame["payload"], sent["payload"]);
+    assert_eq!(frame["type"], sent["type"]);
 }

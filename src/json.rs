@@ -97,20 +97,52 @@ pub fn minify_into(out: &mut Vec<u8>, input: &[u8]) {
     }
 }
 
-/// Whether every number in `input` (valid JSON) is within the IEEE 754 double range. JSON's
-/// grammar allows `1e400`; JavaScript reads it as `Infinity` and many parsers (serde_json among
-/// them) refuse it, so one such number would make an event unreadable to some subscribers.
-/// Cheap: only a number with an exponent, or with over 300 characters, is converted.
-pub fn numbers_finite(input: &[u8]) -> bool {
+/// Why a valid JSON document would not read the same everywhere (RFC 8259 sections 6 and 8.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotPortable {
+    /// A number outside the IEEE 754 double range (`1e400`): JavaScript reads `Infinity`, many
+    /// parsers (serde_json among them) refuse the whole document.
+    NumberOutOfRange,
+    /// A `\\u` escape of half a surrogate pair without its other half: some parsers refuse it,
+    /// others produce a string that is not valid Unicode.
+    LoneSurrogate,
+}
+
+/// Checks that `input` (valid JSON) reads the same in every parser: every number within the
+/// double range and every surrogate escape paired. One pass; a number is converted only when
+/// it has an exponent or over 300 characters.
+pub fn portable(input: &[u8]) -> Result<(), NotPortable> {
     let (mut in_str, mut escaped) = (false, false);
+    // Inside a string: the last escape was a high surrogate, so a low one must follow at once.
+    let mut want_low = false;
     let mut i = 0;
     while i < input.len() {
         let b = input[i];
         if in_str {
             if escaped {
                 escaped = false;
+                if b == b'u' {
+                    let unit = input
+                        .get(i + 1..i + 5)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u16::from_str_radix(h, 16).ok())
+                        .unwrap_or(0);
+                    let high = (0xD800..0xDC00).contains(&unit);
+                    let low = (0xDC00..0xE000).contains(&unit);
+                    if low != want_low {
+                        return Err(NotPortable::LoneSurrogate);
+                    }
+                    want_low = high;
+                    i += 5;
+                    continue;
+                }
+                if want_low {
+                    return Err(NotPortable::LoneSurrogate);
+                }
             } else if b == b'\\' {
                 escaped = true;
+            } else if want_low {
+                return Err(NotPortable::LoneSurrogate);
             } else if b == b'"' {
                 in_str = false;
             }
@@ -133,7 +165,7 @@ pub fn numbers_finite(input: &[u8]) -> bool {
                         .and_then(|t| t.parse::<f64>().ok())
                         .is_some_and(f64::is_finite);
                     if !finite {
-                        return false;
+                        return Err(NotPortable::NumberOutOfRange);
                     }
                 }
                 continue;
@@ -142,7 +174,7 @@ pub fn numbers_finite(input: &[u8]) -> bool {
         }
         i += 1;
     }
-    true
+    Ok(())
 }
 
 #[cfg(test)]
@@ -151,16 +183,30 @@ mod tests {
 
     #[test]
     fn numbers_outside_the_double_range_are_found() {
-        assert!(numbers_finite(
-            br#"{"a":[1,-2.5e10,1e308,0.1e-400,"1e999"]}"#
-        ));
-        assert!(!numbers_finite(br#"{"a":1e309}"#));
-        assert!(!numbers_finite(br#"{"a":[0,-2.5E311111]}"#));
+        let out = Err(NotPortable::NumberOutOfRange);
+        assert_eq!(
+            portable(br#"{"a":[1,-2.5e10,1e308,0.1e-400,"1e999"]}"#),
+            Ok(())
+        );
+        assert_eq!(portable(br#"{"a":1e309}"#), out);
+        assert_eq!(portable(br#"{"a":[0,-2.5E311111]}"#), out);
         let long = format!(r#"{{"a":{}}}"#, "9".repeat(400));
-        assert!(!numbers_finite(long.as_bytes()));
+        assert_eq!(portable(long.as_bytes()), out);
         let fine = format!(r#"{{"a":{}}}"#, "9".repeat(300));
-        assert!(numbers_finite(fine.as_bytes()));
-        assert!(numbers_finite(br#"{"s":"a\"1e999"}"#));
+        assert_eq!(portable(fine.as_bytes()), Ok(()));
+        assert_eq!(portable(br#"{"s":"a\"1e999"}"#), Ok(()));
+    }
+
+    #[test]
+    fn surrogate_escapes_must_pair() {
+        let lone = Err(NotPortable::LoneSurrogate);
+        assert_eq!(portable(br#"{"s":"\ud83d\ude00 \u00e9 \\ud83d"}"#), Ok(()));
+        assert_eq!(portable(br#"{"s":"\ud83d"}"#), lone);
+        assert_eq!(portable(br#"{"s":"\ude00"}"#), lone);
+        assert_eq!(portable(br#"{"s":"\ud83dx"}"#), lone);
+        assert_eq!(portable(br#"{"s":"\ud83d\n"}"#), lone);
+        assert_eq!(portable(br#"{"s":"\ud83d\ud83d"}"#), lone);
+        assert_eq!(portable(br#"{"\uDDDD":1}"#), lone);
     }
 
     #[test]

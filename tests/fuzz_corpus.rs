@@ -9,12 +9,14 @@ use std::path::Path;
 /// A fuzz target's entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 7] = [
     ("http_head", fuzzing::http_head),
     ("client_frames", fuzzing::client_frames),
     ("jwt_verify", fuzzing::jwt_verify),
     ("jwks", fuzzing::jwks),
     ("publish_body", fuzzing::publish_body),
+    ("resp_reply", fuzzing::resp_reply),
+    ("wire_message", fuzzing::wire_message),
 ];
 
 fn replay(dir: &Path, run: Target) -> usize {

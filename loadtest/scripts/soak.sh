@@ -71,6 +71,8 @@ print(f"heartbeat lateness p99 {r['heartbeat_lateness_us']['p99']} µs")
 levels = {}
 warn = []
 for line in open(sys.argv[2]):
+    if line.startswith("listening "):
+        continue  # the address banner on stdout, not a log line
     try:
         e = json.loads(line)
     except ValueError:

@@ -130,9 +130,8 @@ fn item(text: &str, limits: BodyLimits) -> Result<EventSpec<'_>, String> {
     if crate::json::max_depth(it.payload.get().as_bytes()) > limits.max_depth {
         return Err(EventError::TooDeep(limits.max_depth).to_string());
     }
-    if !crate::json::numbers_finite(it.payload.get().as_bytes()) {
-        return Err(EventError::NumberOutOfRange.to_string());
-    }
+    crate::json::portable(it.payload.get().as_bytes())
+        .map_err(|e| EventError::NotPortable(e).to_string())?;
     Ok(EventSpec {
         workspace_id: it.workspace_id,
         user_id: it.user_id,

@@ -39,8 +39,9 @@ pub enum EventError {
     TooLarge(usize, usize),
     /// The payload nests deeper than `--max-json-depth` (the limit).
     TooDeep(usize),
-    /// The payload holds a number outside the IEEE 754 double range (`1e400`).
-    NumberOutOfRange,
+    /// The payload would not read the same in every JSON parser (a number beyond the double
+    /// range, an unpaired surrogate escape).
+    NotPortable(crate::json::NotPortable),
     /// The payload is not a JSON object.
     PayloadNotObject,
     /// The payload could not be serialized (library callers only).
@@ -54,7 +55,8 @@ impl std::fmt::Display for EventError {
             EventError::Id(field, max) => write!(f, "{field} must be 1 to {max} bytes without control characters"),
             EventError::TooLarge(size, max) => write!(f, "event is {size} bytes encoded, over the limit of {max} bytes (--max-event-bytes)"),
             EventError::TooDeep(max) => write!(f, "payload nested deeper than {max} levels (--max-json-depth)"),
-            EventError::NumberOutOfRange => f.write_str("payload has a number outside the IEEE 754 double range"),
+            EventError::NotPortable(crate::json::NotPortable::NumberOutOfRange) => f.write_str("payload has a number outside the IEEE 754 double range"),
+            EventError::NotPortable(crate::json::NotPortable::LoneSurrogate) => f.write_str("payload has a \\u escape of half a surrogate pair"),
             EventError::PayloadNotObject => f.write_str("payload must be a JSON object"),
             EventError::Serialize(e) => write!(f, "payload could not be serialized: {e}"),
         }

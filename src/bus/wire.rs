@@ -115,9 +115,7 @@ pub fn decode(message: &[u8], limits: WireLimits) -> Result<Received, String> {
     if crate::json::max_depth(payload) > limits.max_depth {
         return Err(EventError::TooDeep(limits.max_depth).to_string());
     }
-    if !crate::json::numbers_finite(payload) {
-        return Err(EventError::NumberOutOfRange.to_string());
-    }
+    crate::json::portable(payload).map_err(|e| EventError::NotPortable(e).to_string())?;
     let frame = encode_with(&m.kind, payload.len(), m.ts, |buf| {
         crate::json::minify_into(buf, payload)
     });
