@@ -15,6 +15,8 @@ use std::time::Duration;
 pub const ENV_HS256_SECRET: &str = "CAUSELOOP_JWT_HS256_SECRET";
 /// Environment variable holding the publish key inline.
 pub const ENV_PUBLISH_KEY: &str = "CAUSELOOP_PUBLISH_KEY";
+/// The Redis bus password, inline (the file form is `--bus-password-file`).
+pub const ENV_BUS_PASSWORD: &str = "CAUSELOOP_BUS_PASSWORD";
 
 /// causeloop-stream: real-time workspace events over WebSocket.
 #[derive(Parser, Debug)]
@@ -204,9 +206,14 @@ pub struct RunArgs {
     /// File holding the publish key (first line). CAUSELOOP_PUBLISH_KEY holds it inline instead.
     #[arg(long, env = "CAUSELOOP_PUBLISH_KEY_FILE")]
     pub publish_key_file: Option<PathBuf>,
-    /// How events travel between nodes: `local` (in process).
+    /// How events travel between nodes: `local` (in process) or `redis://HOST:PORT[/DB]` (every
+    /// node on one Redis server). The Redis password comes from CAUSELOOP_BUS_PASSWORD or
+    /// --bus-password-file.
     #[arg(long, env = "CAUSELOOP_BUS", default_value = "local")]
     pub bus: String,
+    /// File holding the Redis password (first line).
+    #[arg(long, env = "CAUSELOOP_BUS_PASSWORD_FILE")]
+    pub bus_password_file: Option<PathBuf>,
     /// Log line format: text or json.
     #[arg(long, env = "CAUSELOOP_LOG_FORMAT", default_value = "text")]
     pub log_format: crate::logging::Format,
@@ -248,11 +255,12 @@ fn env_secret(name: &str) -> Option<Secret> {
 impl RunArgs {
     /// Builds the server configuration. Errors name the flag at fault.
     pub fn to_config(&self) -> Result<Config, String> {
-        if self.bus != "local" {
-            return Err(format!(
-                "--bus {:?} is not supported: only `local` is available",
-                self.bus
-            ));
+        let mut bus = crate::config::BusConfig::parse(&self.bus)?;
+        if let crate::config::BusConfig::Redis(r) = &mut bus {
+            r.password = match &self.bus_password_file {
+                Some(p) => Some(read_secret_file(p)?),
+                None => env_secret(ENV_BUS_PASSWORD),
+            };
         }
         let mut jwt = JwtConfig {
             hs256_secrets: env_secret(ENV_HS256_SECRET).into_iter().collect(),
@@ -304,6 +312,7 @@ impl RunArgs {
             timer_tick: self.timer_tick,
             jwt,
             publish_key,
+            bus,
             fault_injection_ping: None,
         })
     }

@@ -81,6 +81,77 @@ impl JwtConfig {
     }
 }
 
+/// How events travel between nodes (`--bus`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BusConfig {
+    /// In process only: one node.
+    #[default]
+    Local,
+    /// Through one Redis server (`redis://HOST:PORT[/DB]`).
+    Redis(RedisConfig),
+}
+
+/// Where the Redis bus connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Logical database (`SELECT`); pub/sub ignores it, but `AUTH`-scoped setups may care.
+    pub db: u32,
+    /// `AUTH` password (`CAUSELOOP_BUS_PASSWORD` or `--bus-password-file`); never in argv.
+    pub password: Option<Secret>,
+}
+
+impl BusConfig {
+    /// Parses `--bus`: `local`, or `redis://HOST:PORT[/DB]`. A password in the URL is refused
+    /// (argv is visible to every local user); it comes from the environment or a file.
+    pub fn parse(s: &str) -> Result<BusConfig, String> {
+        if s == "local" {
+            return Ok(BusConfig::Local);
+        }
+        if s.starts_with("redis-cluster://") {
+            return Err(format!(
+                "--bus {s:?}: Redis Cluster is not supported yet; use redis://HOST:PORT for one Redis server"
+            ));
+        }
+        let Some(rest) = s.strip_prefix("redis://") else {
+            return Err(format!(
+                "--bus {s:?}: expected `local` or `redis://HOST:PORT[/DB]`"
+            ));
+        };
+        if rest.contains('@') {
+            return Err("--bus: put the Redis password in CAUSELOOP_BUS_PASSWORD or --bus-password-file, not in the URL".into());
+        }
+        let (hostport, db) = match rest.split_once('/') {
+            Some((hp, "")) => (hp, 0),
+            Some((hp, db)) => (
+                hp,
+                db.parse()
+                    .map_err(|_| format!("--bus: database {db:?} is not a number"))?,
+            ),
+            None => (rest, 0),
+        };
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--bus {s:?}: expected HOST:PORT"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("--bus {s:?}: port {port:?} is not a number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("--bus {s:?}: no host"));
+        }
+        Ok(BusConfig::Redis(RedisConfig {
+            host: host.to_string(),
+            port,
+            db,
+            password: None,
+        }))
+    }
+}
+
 /// Everything the server needs to run.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -153,6 +224,8 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// `--publish-key-file` / `CAUSELOOP_PUBLISH_KEY`. `None` refuses every HTTP publish (401).
     pub publish_key: Option<Secret>,
+    /// `--bus`.
+    pub bus: BusConfig,
     /// Fault injection for tests of failure isolation: a client ping carrying exactly these bytes
     /// makes that connection's handler panic. Not reachable from flags; `None` outside tests.
     #[doc(hidden)]
@@ -193,6 +266,7 @@ impl Default for Config {
             timer_tick: Duration::from_millis(10),
             jwt: JwtConfig::default(),
             publish_key: None,
+            bus: BusConfig::Local,
             fault_injection_ping: None,
         }
     }

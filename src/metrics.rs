@@ -164,6 +164,16 @@ pub struct BusStats {
     pub rejected_too_large: AtomicU64,
     /// Publish requests refused: draining.
     pub rejected_draining: AtomicU64,
+    /// Publish requests refused: the cluster bus (Redis) is unreachable.
+    pub rejected_bus_unavailable: AtomicU64,
+    /// 1 while the cluster bus's subscriber connection is up (always 1 with `--bus local`).
+    pub bus_up: AtomicU64,
+    /// Cluster bus connections established after the first.
+    pub bus_reconnects: AtomicU64,
+    /// Messages received from the cluster bus and delivered to the shards.
+    pub bus_received: AtomicU64,
+    /// Messages received from the cluster bus and dropped as invalid (each logged).
+    pub bus_invalid: AtomicU64,
 }
 
 fn sum(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
@@ -362,6 +372,7 @@ impl Collector for StatsCollector {
             ("unauthorized", &bus.rejected_unauthorized),
             ("too_large", &bus.rejected_too_large),
             ("draining", &bus.rejected_draining),
+            ("bus_unavailable", &bus.rejected_bus_unavailable),
         ]
         .iter()
         .map(|(l, c)| (vec![("reason", l.to_string())], c.load(Ordering::Relaxed)))
@@ -371,6 +382,31 @@ impl Collector for StatsCollector {
             "causeloop_publish_rejected",
             "Publish requests refused, by reason.",
             &rejected,
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_bus_up",
+            "1 while the cluster bus is connected (always 1 with --bus local).",
+            &[(Labels::new(), bus.bus_up.load(Ordering::Relaxed) as i64)],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_reconnects",
+            "Cluster bus connections made after the first.",
+            &one(bus.bus_reconnects.load(Ordering::Relaxed)),
+        )?;
+        let received = [
+            ("delivered", &bus.bus_received),
+            ("invalid", &bus.bus_invalid),
+        ]
+        .iter()
+        .map(|(l, c)| (vec![("result", l.to_string())], c.load(Ordering::Relaxed)))
+        .collect::<Vec<_>>();
+        counters(
+            &mut enc,
+            "causeloop_bus_messages",
+            "Messages received from the cluster bus, by result.",
+            &received,
         )?;
         let reloads = vec![
             (

@@ -6,10 +6,11 @@
 //! [`Server::shutdown`] begins the drain; [`Server::wait`] returns once it has finished.
 
 use crate::auth::keys::{KeyError, KeySet};
+use crate::bus::cluster::ClusterBus;
 use crate::bus::event::MAX_ID_BYTES;
 use crate::bus::interest::{Interest, MAX_SHARDS};
 use crate::bus::Publisher;
-use crate::config::Config;
+use crate::config::{BusConfig, Config};
 use crate::http::request::MAX_REQUEST_HEADERS;
 use crate::internal::Internal;
 use crate::metrics::{BusStats, ShardStats};
@@ -43,6 +44,8 @@ pub struct Shared {
     pub bus_stats: Arc<BusStats>,
     /// Each shard's inbox.
     pub links: Box<[ShardLink]>,
+    /// The cluster bus, with `--bus redis://`.
+    pub bus: Option<Arc<ClusterBus>>,
 }
 
 impl Shared {
@@ -90,6 +93,7 @@ pub struct Server {
     internal: Option<JoinHandle<()>>,
     internal_waker: Arc<Waker>,
     internal_stop: Arc<AtomicBool>,
+    bus_thread: Option<JoinHandle<()>>,
     public_addr: SocketAddr,
     internal_addr: SocketAddr,
 }
@@ -274,12 +278,24 @@ impl Server {
             inboxes.push(rx);
             polls.push(poll);
         }
+        let (bus, bus_thread) = match &config.bus {
+            BusConfig::Local => (None, None),
+            BusConfig::Redis(r) => {
+                let (bus, thread) = ClusterBus::new(r.clone()).map_err(StartError::Io)?;
+                (Some(bus), Some(thread))
+            }
+        };
+        let bus_stats = Arc::new(BusStats::default());
+        if bus.is_none() {
+            bus_stats.bus_up.store(1, Ordering::Relaxed);
+        }
         let shared = Arc::new(Shared {
+            bus,
             draining: AtomicBool::new(false),
             open_sockets: AtomicUsize::new(0),
             interest: Arc::new(Interest::default()),
             shard_stats: (0..config.shards).map(|_| ShardStats::default()).collect(),
-            bus_stats: Arc::new(BusStats::default()),
+            bus_stats,
             links: links.into_boxed_slice(),
             config,
         });
@@ -313,6 +329,21 @@ impl Server {
             shards.push(handle);
         }
 
+        let bus_thread = match bus_thread {
+            // Starts after the shards, whose inboxes it feeds; connects in the background (a
+            // Redis that is down at start is retried, and publishes answer 503 meanwhile).
+            Some(thread) => {
+                let shared = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("cluster-bus".into())
+                        .spawn(move || thread.run(shared))
+                        .map_err(StartError::Io)?,
+                )
+            }
+            None => None,
+        };
+
         let internal_stop = Arc::new(AtomicBool::new(false));
         let internal = Internal::new(
             TcpListener::from_std(internal_listener),
@@ -333,6 +364,7 @@ impl Server {
             internal: Some(internal),
             internal_waker,
             internal_stop,
+            bus_thread,
             public_addr,
             internal_addr,
         })
@@ -386,6 +418,12 @@ impl Server {
         self.internal_stop.store(true, Ordering::Release);
         let _ = self.internal_waker.wake();
         if let Some(h) = self.internal.take() {
+            let _ = h.join();
+        }
+        if let Some(bus) = &self.shared.bus {
+            bus.stop();
+        }
+        if let Some(h) = self.bus_thread.take() {
             let _ = h.join();
         }
     }

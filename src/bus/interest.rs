@@ -38,6 +38,16 @@ impl ShardSet {
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|w| *w == 0)
     }
+
+    /// Adds `shard`.
+    pub fn insert(&mut self, shard: usize) {
+        self.0[shard / 64] |= 1 << (shard % 64);
+    }
+
+    /// Removes `shard`.
+    pub fn remove(&mut self, shard: usize) {
+        self.0[shard / 64] &= !(1 << (shard % 64));
+    }
 }
 
 /// The shared interest table.

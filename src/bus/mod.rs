@@ -5,13 +5,17 @@
 //! - [`body`]: validation of `POST /v1/publish` bodies.
 //! - [`interest`]: the lock-free map of which shards hold subscribers of which workspaces.
 //! - [`publisher`]: the cloneable [`Publisher`] handle (library `publish`/`publish_user`).
+//! - [`cluster`]: the Redis bus that carries events between nodes (`--bus redis://`).
+//! - [`redis`]: a blocking Redis command connection.
 //! - [`resp`]: the Redis protocol, for the cluster bus.
 //! - [`wire`]: the cluster wire format, version 1: channels and messages on Redis.
 
 pub mod body;
+pub mod cluster;
 pub mod event;
 pub mod interest;
 pub mod publisher;
+pub mod redis;
 pub mod resp;
 pub mod wire;
 

@@ -26,6 +26,8 @@ pub enum PublishError {
     InvalidItem(usize, EventError),
     /// The server is draining or stopped.
     Draining,
+    /// The cluster bus cannot take the publish (Redis unreachable); nothing was published.
+    BusUnavailable(String),
 }
 
 impl std::fmt::Display for PublishError {
@@ -34,6 +36,7 @@ impl std::fmt::Display for PublishError {
             PublishError::Invalid(e) => e.fmt(f),
             PublishError::InvalidItem(i, e) => write!(f, "item {i}: {e}"),
             PublishError::Draining => f.write_str("server is draining; publish to another node"),
+            PublishError::BusUnavailable(why) => f.write_str(why),
         }
     }
 }
@@ -75,6 +78,9 @@ impl Publisher {
         event_type: &str,
         payload: &P,
     ) -> Result<(), PublishError> {
+        if self.shared.bus.is_some() {
+            return self.publish_via_bus(workspace_id, None, event_type, payload);
+        }
         let event = self.build(workspace_id, None, event_type, payload)?;
         self.dispatch(vec![event])
     }
@@ -88,8 +94,58 @@ impl Publisher {
         payload: &P,
     ) -> Result<(), PublishError> {
         check_id(user_id, "user_id", self.shared.config.max_id_bytes)?;
+        if self.shared.bus.is_some() {
+            return self.publish_via_bus(workspace_id, Some(user_id), event_type, payload);
+        }
         let event = self.build(workspace_id, Some(user_id), event_type, payload)?;
         self.dispatch(vec![event])
+    }
+
+    /// A library publish through the cluster bus: the same checks as a local one, then one
+    /// wire message; this node delivers it when Redis hands it back, like every other node.
+    fn publish_via_bus<P: Serialize + ?Sized>(
+        &self,
+        ws: &str,
+        user: Option<&str>,
+        kind: &str,
+        payload: &P,
+    ) -> Result<(), PublishError> {
+        let cfg = &self.shared.config;
+        check_id(ws, "workspace_id", cfg.max_id_bytes)?;
+        check_type(kind)?;
+        let body = serde_json::to_vec(payload).map_err(|e| EventError::Serialize(e.to_string()))?;
+        if body.first() != Some(&b'{') {
+            return Err(EventError::PayloadNotObject.into());
+        }
+        if crate::json::max_depth(&body) > cfg.max_json_depth {
+            return Err(EventError::TooDeep(cfg.max_json_depth).into());
+        }
+        let ts = clock::now_ms();
+        let size = encode_with(kind, body.len(), ts, |b| b.extend_from_slice(&body)).len();
+        if size > cfg.max_event_bytes {
+            return Err(EventError::TooLarge(size, cfg.max_event_bytes).into());
+        }
+        let message = super::wire::encode(kind, user, ts, &body);
+        self.send_to_bus(&[(super::wire::channel(ws), message)])
+    }
+
+    fn send_to_bus(&self, messages: &[(Vec<u8>, Vec<u8>)]) -> Result<(), PublishError> {
+        let stats = &self.shared.bus_stats;
+        if self.shared.is_draining() {
+            ShardStats::add(&stats.rejected_draining, 1);
+            return Err(PublishError::Draining);
+        }
+        let bus = self.shared.bus.as_ref().expect("called with a bus");
+        match bus.publish(messages) {
+            Ok(()) => {
+                ShardStats::add(&stats.published, messages.len() as u64);
+                Ok(())
+            }
+            Err(e) => {
+                ShardStats::add(&stats.rejected_bus_unavailable, 1);
+                Err(PublishError::BusUnavailable(e.0))
+            }
+        }
     }
 
     fn build<P: Serialize + ?Sized>(
@@ -129,6 +185,9 @@ impl Publisher {
 
     /// Publishes already-validated events from a publish body, in order, all or nothing.
     pub fn publish_specs(&self, specs: &[EventSpec<'_>]) -> Result<usize, PublishError> {
+        if self.shared.bus.is_some() {
+            return self.publish_specs_via_bus(specs);
+        }
         let ts = clock::now_ms();
         let now = Instant::now();
         let events: Vec<Event> = specs
@@ -154,6 +213,38 @@ impl Publisher {
         let n = events.len();
         self.dispatch(events)?;
         Ok(n)
+    }
+
+    /// An HTTP publish through the cluster bus: every event checked and sized first, then all of
+    /// them in one pipelined write.
+    fn publish_specs_via_bus(&self, specs: &[EventSpec<'_>]) -> Result<usize, PublishError> {
+        let ts = clock::now_ms();
+        let max = self.shared.config.max_event_bytes;
+        let mut messages = Vec::with_capacity(specs.len());
+        let mut payload = Vec::new();
+        for (i, s) in specs.iter().enumerate() {
+            payload.clear();
+            crate::json::minify_into(&mut payload, s.payload.as_bytes());
+            let size = encode_with(&s.kind, payload.len(), ts, |b| {
+                b.extend_from_slice(&payload)
+            })
+            .len();
+            if size > max {
+                let err = EventError::TooLarge(size, max);
+                return Err(if specs.len() == 1 {
+                    PublishError::Invalid(err)
+                } else {
+                    PublishError::InvalidItem(i, err)
+                });
+            }
+            let message = super::wire::encode(&s.kind, s.user_id.as_deref(), ts, &payload);
+            messages.push((super::wire::channel(&s.workspace_id), message));
+        }
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        self.send_to_bus(&messages)?;
+        Ok(messages.len())
     }
 
     fn dispatch(&self, events: Vec<Event>) -> Result<(), PublishError> {

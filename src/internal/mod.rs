@@ -442,6 +442,9 @@ fn publish(
                 "server is draining; publish to another node",
                 false,
             ),
+            Err(e @ PublishError::BusUnavailable(_)) => {
+                response::json_error(Status::Unavailable, &e.to_string(), false)
+            }
             Err(e) if e.is_too_large() => {
                 ShardStats::add(&stats.rejected_too_large, 1);
                 response::json_error(Status::PayloadTooLarge, &e.to_string(), false)

@@ -68,6 +68,9 @@ pub struct Conn {
     pub beats_since_ping: u16,
     /// A ping was sent and its pong has not come back.
     pub ping_outstanding: bool,
+    /// Upgraded, authenticated and registered, but its workspace is not live on the cluster bus
+    /// yet: `connected` has not been sent, and its timer is the deadline for that.
+    pub awaiting_live: bool,
     /// The request head while in `Head`; afterwards the start of a client frame split across reads.
     pub inbuf: Vec<u8>,
     /// Client frame decoder state (used from the upgrade on).
@@ -103,6 +106,7 @@ impl Conn {
             frames: 0,
             beats_since_ping: 0,
             ping_outstanding: false,
+            awaiting_live: false,
             inbuf: Vec::new(),
             decoder: Decoder::default(),
             out: Outbox::default(),

@@ -205,13 +205,26 @@ impl Shard {
         // The registry sets this shard's interest bit before `connected` is queued, so a client
         // that has seen `connected` is reachable by every publish that starts after it.
         self.registry.add(key, &id.workspace_id, &id.user_id);
-        let frame = connected_frame(&id.workspace_id, &id.user_id, now_ms);
         let tick = self.tick_of(now);
         let expires_ms = id
             .exp
             .saturating_add(self.rules.leeway_secs)
             .saturating_mul(1000);
         let until_expiry = Duration::from_millis(expires_ms.saturating_sub(now_ms));
+        if !self.registry.is_live(&id.workspace_id) {
+            // The cluster bus has not confirmed this workspace yet: `connected` waits for it (see
+            // `on_live`), or the connection is closed 1013 at the handshake deadline.
+            let conn = &mut self.conns[key];
+            conn.phase = Phase::Open;
+            conn.was_open = true;
+            conn.awaiting_live = true;
+            conn.expires = tick + super::ticks(until_expiry, self.limits.tick);
+            ShardStats::add(&self.stats().open, 1);
+            let due = tick + self.limits.handshake_ticks;
+            self.set_timer(key, due);
+            return;
+        }
+        let frame = connected_frame(&id.workspace_id, &id.user_id, now_ms);
         if log::log_enabled!(log::Level::Debug) {
             let peer = self.conns[key]
                 .stream
@@ -232,5 +245,27 @@ impl Shard {
         ShardStats::add(&self.stats().open, 1);
         self.arm_open_timer(key);
         self.enqueue(key, frame);
+    }
+
+    /// The cluster bus confirmed `workspace`: its waiting connections get `connected` now, and
+    /// their heartbeats start from here.
+    pub(super) fn on_live(&mut self, workspace: &str, now: Instant) {
+        let now_ms = clock::now_ms();
+        let tick = self.tick_of(now);
+        for key in self.registry.set_live(workspace) {
+            let key = key as usize;
+            let Some((ws, user)) = self.registry.names(key) else {
+                continue;
+            };
+            let frame = connected_frame(ws, user, now_ms);
+            let conn = &mut self.conns[key];
+            if !std::mem::take(&mut conn.awaiting_live) || conn.phase != Phase::Open {
+                continue;
+            }
+            conn.next_heartbeat = tick + self.limits.heartbeat_ticks;
+            ShardStats::add(&self.stats().subscribed, 1);
+            self.arm_open_timer(key);
+            self.enqueue(key, frame);
+        }
     }
 }

@@ -18,6 +18,9 @@ pub enum ShardMsg {
     Keys(Arc<KeySet>),
     /// Begin the graceful drain.
     Drain,
+    /// The cluster bus's subscription to this workspace is in force: its waiting connections
+    /// may be sent `connected`.
+    Live(Arc<str>),
 }
 
 /// The sending side of a shard's inbox.

@@ -183,7 +183,7 @@ impl Shard {
             listener: Some(listener),
             conns: Slab::new(),
             wheel: Wheel::new(WHEEL_SLOTS, 0),
-            registry: Registry::new(index, shared.interest.clone()),
+            registry: Registry::with_bus(index, shared.interest.clone(), shared.bus.clone()),
             inbox,
             rules: cfg.jwt.validation(cfg.max_id_bytes),
             keys,
@@ -364,6 +364,7 @@ impl Shard {
                 Ok(ShardMsg::Events(batch)) => self.deliver(&batch),
                 Ok(ShardMsg::Keys(keys)) => self.keys = keys,
                 Ok(ShardMsg::Drain) => self.start_drain(now),
+                Ok(ShardMsg::Live(ws)) => self.on_live(&ws, now),
                 Err(_) => {
                     self.inbox_pending = false;
                     return;

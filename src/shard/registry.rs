@@ -8,7 +8,13 @@
 //!
 //! The registry also keeps this shard's per-bucket counts and flips its bits in the shared
 //! [`Interest`] table when a bucket gains its first or loses its last subscribed workspace.
+//!
+//! With a cluster bus, a workspace's first connection on this shard asks the bus to subscribe
+//! ([`BusInterest::Add`]) and its last one leaving lets go ([`BusInterest::Remove`]). Until the
+//! bus reports the subscription live, the workspace has no recipients: its connections are
+//! waiting for their `connected` frame and must not be sent events before it.
 
+use crate::bus::cluster::{BusInterest, ClusterBus};
 use crate::bus::interest::{bucket, Interest, BUCKETS};
 use slab::Slab;
 use std::collections::HashMap;
@@ -33,6 +39,8 @@ struct Workspace {
     name: Box<str>,
     conns: Vec<u32>,
     users: HashMap<Arc<str>, Conns>,
+    /// Events may be delivered (always, without a cluster bus).
+    live: bool,
 }
 
 struct Member {
@@ -50,11 +58,18 @@ pub struct Registry {
     bucket_counts: Box<[u32]>,
     interest: Arc<Interest>,
     shard: usize,
+    bus: Option<Arc<ClusterBus>>,
 }
 
 impl Registry {
     /// An empty registry for shard `shard`, publishing its interest into `interest`.
     pub fn new(shard: usize, interest: Arc<Interest>) -> Self {
+        Self::with_bus(shard, interest, None)
+    }
+
+    /// Like [`Registry::new`], also telling `bus` (when there is one) which workspaces this
+    /// shard serves.
+    pub fn with_bus(shard: usize, interest: Arc<Interest>, bus: Option<Arc<ClusterBus>>) -> Self {
         Registry {
             by_name: HashMap::new(),
             workspaces: Slab::new(),
@@ -62,6 +77,7 @@ impl Registry {
             bucket_counts: vec![0; BUCKETS].into_boxed_slice(),
             interest,
             shard,
+            bus,
         }
     }
 
@@ -80,10 +96,14 @@ impl Registry {
                 if self.bucket_counts[b] == 1 {
                     self.interest.set(b, self.shard);
                 }
+                if let Some(bus) = &self.bus {
+                    bus.interest(BusInterest::Add(workspace.into(), self.shard));
+                }
                 let slot = self.workspaces.insert(Workspace {
                     name: workspace.into(),
                     conns: Vec::new(),
                     users: HashMap::new(),
+                    live: self.bus.is_none(),
                 }) as u32;
                 self.by_name.insert(workspace.into(), slot);
                 slot
@@ -164,6 +184,9 @@ impl Registry {
         }
         if ws.conns.is_empty() {
             let ws = self.workspaces.remove(m.workspace as usize);
+            if let Some(bus) = &self.bus {
+                bus.interest(BusInterest::Remove((*ws.name).into(), self.shard));
+            }
             self.by_name.remove(&*ws.name);
             let b = bucket(&ws.name);
             self.bucket_counts[b] -= 1;
@@ -174,16 +197,40 @@ impl Registry {
         true
     }
 
-    /// The connections of `workspace` (of `user` in it, when given).
+    /// The connections of `workspace` (of `user` in it, when given) that events may reach:
+    /// none while the cluster bus has not confirmed the workspace.
     pub fn recipients(&self, workspace: &str, user: Option<&str>) -> &[u32] {
         let Some(&slot) = self.by_name.get(workspace) else {
             return &[];
         };
         let ws = &self.workspaces[slot as usize];
+        if !ws.live {
+            return &[];
+        }
         match user {
             None => &ws.conns,
             Some(u) => ws.users.get(u).map_or(&[][..], Conns::as_slice),
         }
+    }
+
+    /// Whether events of `workspace` reach its connections here (see the module docs).
+    pub fn is_live(&self, workspace: &str) -> bool {
+        self.by_name
+            .get(workspace)
+            .is_some_and(|&slot| self.workspaces[slot as usize].live)
+    }
+
+    /// Marks `workspace` live; returns its connections (all of them were waiting), or nothing if
+    /// it has none here any more or was live already.
+    pub fn set_live(&mut self, workspace: &str) -> Vec<u32> {
+        let Some(&slot) = self.by_name.get(workspace) else {
+            return Vec::new();
+        };
+        let ws = &mut self.workspaces[slot as usize];
+        if std::mem::replace(&mut ws.live, true) {
+            return Vec::new();
+        }
+        ws.conns.clone()
     }
 
     /// The workspace and user of a subscribed connection (for logs).

@@ -63,6 +63,12 @@ impl Shard {
                 self.kill(key);
                 continue;
             }
+            if conn.awaiting_live {
+                // The cluster bus did not confirm the workspace within --handshake-timeout.
+                conn.awaiting_live = false;
+                self.guarded(key, |s| s.close_ws(key, CloseReason::TryAgainLater));
+                continue;
+            }
             if tick >= conn.expires {
                 self.guarded(key, |s| s.close_ws(key, CloseReason::TokenExpired));
                 continue;

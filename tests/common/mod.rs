@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod redis;
 
 use causeloop_stream::auth::jwt;
 use causeloop_stream::config::{Config, Secret};

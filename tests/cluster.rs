@@ -1,0 +1,212 @@
+//! Cluster mode on one Redis server, with real Redis and real nodes: three `causeloop-stream`
+//! servers in this process, each on its own ports, sharing nothing but Redis.
+
+mod common;
+
+use common::redis::Redis;
+use common::*;
+use std::time::Duration;
+
+fn node(redis: &Redis) -> TestServer {
+    let bus = redis.bus();
+    TestServer::with(move |c| c.bus = bus)
+}
+
+/// `PUBSUB NUMSUB` of a workspace's channel: how many nodes subscribe to it.
+fn subscribers(redis: &Redis, ws: &str) -> u64 {
+    let out = redis.cli(&["PUBSUB", "NUMSUB", &format!("causeloop:v1:ws:{ws}")]);
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_publish_to_one_node_reaches_every_node_with_identical_bytes() {
+    let Some(redis) = Redis::start("a_publish_to_one_node_reaches_every_node_with_identical_bytes")
+    else {
+        return;
+    };
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    // `connected` arrives only once the node's subscription is in force.
+    let mut subs: Vec<Ws> = nodes.iter().map(|n| n.subscribe("ws_c", "u1")).collect();
+    let (status, body) = nodes[0].publish(
+        r#"{"workspace_id":"ws_c","type":"issue.created","payload":{ "id": "iss_1", "n": [1, 2] }}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    let got: Vec<String> = subs.iter_mut().map(read_event).collect();
+    assert!(
+        got[0].starts_with(r#"{"type":"issue.created","payload":{"id":"iss_1","n":[1,2]},"ts":""#),
+        "{}",
+        got[0]
+    );
+    assert_eq!(got[0], got[1]);
+    assert_eq!(got[0], got[2]);
+    // The library handle on another node: same path, same result everywhere.
+    nodes[2]
+        .server()
+        .publisher()
+        .publish("ws_c", "issue.updated", &serde_json::json!({"id": "iss_1"}))
+        .unwrap();
+    let got: Vec<String> = subs.iter_mut().map(read_event).collect();
+    assert!(got[0].contains(r#""type":"issue.updated""#));
+    assert!(got.iter().all(|g| *g == got[0]));
+}
+
+#[test]
+fn publish_order_from_one_publisher_holds_on_every_node() {
+    let Some(redis) = Redis::start("publish_order_from_one_publisher_holds_on_every_node") else {
+        return;
+    };
+    let nodes = [node(&redis), node(&redis)];
+    let mut subs: Vec<Ws> = nodes.iter().map(|n| n.subscribe("ws_o", "u")).collect();
+    let p = nodes[0].server().publisher();
+    for n in 0..200 {
+        p.publish("ws_o", "seq.step", &serde_json::json!({ "n": n }))
+            .unwrap();
+    }
+    for ws in subs.iter_mut() {
+        for n in 0..200 {
+            let v = json(&read_event(ws));
+            assert_eq!(v["payload"]["n"], n);
+        }
+    }
+}
+
+#[test]
+fn user_scoped_events_reach_that_user_on_every_node_and_no_one_else() {
+    let Some(redis) =
+        Redis::start("user_scoped_events_reach_that_user_on_every_node_and_no_one_else")
+    else {
+        return;
+    };
+    let nodes = [node(&redis), node(&redis)];
+    let mut alice: Vec<Ws> = nodes.iter().map(|n| n.subscribe("ws_u", "alice")).collect();
+    let mut bob = nodes[1].subscribe("ws_u", "bob");
+    let (status, _) = nodes[0].publish(
+        r#"[{"workspace_id":"ws_u","user_id":"alice","type":"note.private","payload":{}},
+            {"workspace_id":"ws_u","type":"note.public","payload":{}}]"#,
+    );
+    assert_eq!(status, 202);
+    for a in alice.iter_mut() {
+        assert!(read_event(a).contains("note.private"));
+        assert!(read_event(a).contains("note.public"));
+    }
+    // Bob's first event is the public one: the private one never reached him.
+    assert!(read_event(&mut bob).contains("note.public"));
+}
+
+#[test]
+fn a_node_subscribes_only_to_the_workspaces_it_serves() {
+    let Some(redis) = Redis::start("a_node_subscribes_only_to_the_workspaces_it_serves") else {
+        return;
+    };
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut on_a = a.subscribe("ws_only_a", "u");
+    let on_b = b.subscribe("ws_both", "u");
+    let on_a2 = a.subscribe("ws_both", "u");
+    assert_eq!(subscribers(&redis, "ws_only_a"), 1);
+    assert_eq!(subscribers(&redis, "ws_both"), 2);
+    assert_eq!(subscribers(&redis, "ws_nobody"), 0);
+    // A publish to a workspace no node serves reaches Redis and no node.
+    let (status, _) = a.publish(r#"{"workspace_id":"ws_nobody","type":"a","payload":{}}"#);
+    assert_eq!(status, 202);
+    // When the last subscriber of a workspace leaves a node, the node lets go of the channel.
+    drop(on_b);
+    assert!(eventually(Duration::from_secs(5), || subscribers(
+        &redis, "ws_both"
+    ) == 1));
+    drop(on_a2);
+    assert!(eventually(Duration::from_secs(5), || subscribers(
+        &redis, "ws_both"
+    ) == 0));
+    assert_eq!(subscribers(&redis, "ws_only_a"), 1);
+    let (status, _) = b.publish(r#"{"workspace_id":"ws_only_a","type":"still.here","payload":{}}"#);
+    assert_eq!(status, 202);
+    assert!(read_event(&mut on_a).contains("still.here"));
+}
+
+#[test]
+fn redis_lost_and_back_mid_stream() {
+    let Some(mut redis) = Redis::start("redis_lost_and_back_mid_stream") else {
+        return;
+    };
+    let nodes = [
+        {
+            let bus = redis.bus();
+            TestServer::with(move |c| {
+                c.bus = bus;
+                c.heartbeat_interval = Duration::from_millis(200);
+            })
+        },
+        node(&redis),
+    ];
+    let mut subs: Vec<Ws> = nodes.iter().map(|n| n.subscribe("ws_r", "u")).collect();
+    redis.kill();
+    // Publishes are refused, with the reason, instead of vanishing.
+    assert!(eventually(Duration::from_secs(5), || nodes[0]
+        .publish(r#"{"workspace_id":"ws_r","type":"a","payload":{}}"#)
+        .0
+        == 503));
+    let (_, body) = nodes[0].publish(r#"{"workspace_id":"ws_r","type":"a","payload":{}}"#);
+    assert!(body.contains("cluster bus"), "{body}");
+    assert!(nodes[1]
+        .server()
+        .publisher()
+        .publish("ws_r", "a", &serde_json::json!({}))
+        .is_err());
+    // Local connections stay up and keep their heartbeats.
+    for _ in 0..3 {
+        assert!(read_text(&mut subs[0]).contains("heartbeat"));
+    }
+    redis.restart();
+    // Each node reconnects and subscribes again; then publishing works everywhere.
+    assert!(eventually(Duration::from_secs(15), || subscribers(
+        &redis, "ws_r"
+    ) == 2));
+    let (status, body) =
+        nodes[1].publish(r#"{"workspace_id":"ws_r","type":"back.again","payload":{}}"#);
+    assert_eq!(status, 202, "{body}");
+    for s in subs.iter_mut() {
+        assert!(read_event(s).contains("back.again"));
+    }
+}
+
+#[test]
+fn a_node_started_before_redis_waits_then_serves() {
+    let Some(mut redis) = Redis::start("a_node_started_before_redis_waits_then_serves") else {
+        return;
+    };
+    redis.kill();
+    let bus = redis.bus();
+    let n = TestServer::with(move |c| {
+        c.bus = bus;
+        c.handshake_timeout = Duration::from_secs(2);
+    });
+    // Upgraded and authenticated, but `connected` waits for the subscription: without Redis
+    // there is none, and at the handshake deadline the client is told to come back later.
+    let mut early = connect(&n.url(&token("ws_s", "u1", 60), "ws_s"));
+    assert_eq!(expect_close(&mut early, true).0, 1013);
+    let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"a","payload":{}}"#);
+    assert_eq!(status, 503, "{body}");
+    // Once Redis is there, the node connects by itself and serves as usual.
+    let mut waiting = connect(&n.url(&token("ws_s", "u2", 60), "ws_s"));
+    waiting
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        waiting.read().is_err(),
+        "a frame arrived before Redis was up"
+    );
+    redis.restart();
+    waiting
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(read_text(&mut waiting).starts_with(r#"{"type":"connected""#));
+    let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"hello.again","payload":{}}"#);
+    assert_eq!(status, 202, "{body}");
+    assert!(read_event(&mut waiting).contains("hello.again"));
+}
