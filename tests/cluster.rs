@@ -179,18 +179,12 @@ fn a_node_started_before_redis_waits_then_serves() {
         return;
     };
     redis.kill();
-    let bus = redis.bus();
-    let n = TestServer::with(move |c| {
-        c.bus = bus;
-        c.handshake_timeout = Duration::from_secs(2);
-    });
-    // Upgraded and authenticated, but `connected` waits for the subscription: without Redis
-    // there is none, and at the handshake deadline the client is told to come back later.
-    let mut early = connect(&n.url(&token("ws_s", "u1", 60), "ws_s"));
-    assert_eq!(expect_close(&mut early, true).0, 1013);
+    // The default --handshake-timeout (10 s) outlasts the longest reconnect backoff (5 s, +50%).
+    let n = node(&redis);
     let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"a","payload":{}}"#);
     assert_eq!(status, 503, "{body}");
-    // Once Redis is there, the node connects by itself and serves as usual.
+    // Upgraded and authenticated, but `connected` waits for the subscription, which needs
+    // Redis. Once Redis is there, the node connects by itself and serves as usual.
     let mut waiting = connect(&n.url(&token("ws_s", "u2", 60), "ws_s"));
     waiting
         .get_mut()
@@ -209,4 +203,122 @@ fn a_node_started_before_redis_waits_then_serves() {
     let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"hello.again","payload":{}}"#);
     assert_eq!(status, 202, "{body}");
     assert!(read_event(&mut waiting).contains("hello.again"));
+}
+
+#[test]
+fn a_killed_node_leaves_the_others_serving() {
+    let Some(redis) = Redis::start("a_killed_node_leaves_the_others_serving") else {
+        return;
+    };
+    let survivor = node(&redis);
+    let bus = format!("redis://127.0.0.1:{}", redis.port);
+    let mut doomed = common::process::spawn(&["--bus", &bus], &common::process::secret_env());
+    let mut on_doomed = connect(&format!(
+        "ws://{}/v1/stream?token={}&workspace=ws_k",
+        doomed.public,
+        token("ws_k", "u1", 60)
+    ));
+    assert!(read_text(&mut on_doomed).contains("connected"));
+    let mut on_survivor = survivor.subscribe("ws_k", "u2");
+    assert_eq!(subscribers(&redis, "ws_k"), 2);
+    // SIGKILL: no drain, no UNSUBSCRIBE; Redis notices the closed socket.
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    assert!(eventually(Duration::from_secs(5), || subscribers(
+        &redis, "ws_k"
+    ) == 1));
+    let (status, body) =
+        survivor.publish(r#"{"workspace_id":"ws_k","type":"still.serving","payload":{}}"#);
+    assert_eq!(status, 202, "{body}");
+    assert!(read_event(&mut on_survivor).contains("still.serving"));
+}
+
+#[test]
+fn the_redis_password_comes_from_the_environment_and_never_shows() {
+    const PASSWORD: &str = "bus-password-7f3a9c";
+    let Some(redis) = Redis::start_with_password(
+        "the_redis_password_comes_from_the_environment_and_never_shows",
+        Some(PASSWORD),
+    ) else {
+        return;
+    };
+    let bus = format!("redis://127.0.0.1:{}", redis.port);
+    let mut env = common::process::secret_env();
+    env.push(("CAUSELOOP_BUS_PASSWORD", PASSWORD));
+    let good = common::process::spawn(&["--bus", &bus], &env);
+    let mut ws = connect(&format!(
+        "ws://{}/v1/stream?token={}&workspace=ws_pw",
+        good.public,
+        token("ws_pw", "u1", 60)
+    ));
+    assert!(read_text(&mut ws).contains("connected"));
+    let (status, body) = publish_with_key(
+        good.internal,
+        Some(PUBLISH_KEY),
+        r#"{"workspace_id":"ws_pw","type":"a","payload":{}}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+
+    // The wrong password: the node runs, refuses publishes with the reason, and logs why, but
+    // never the password itself.
+    let mut env = common::process::secret_env();
+    env.push(("CAUSELOOP_BUS_PASSWORD", "not-the-password"));
+    let mut bad = common::process::spawn(&["--bus", &bus], &env);
+    let (status, body) = publish_with_key(
+        bad.internal,
+        Some(PUBLISH_KEY),
+        r#"{"workspace_id":"ws_pw","type":"a","payload":{}}"#,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains("not-the-password"), "{body}");
+    // A URL carrying a password is refused outright.
+    let out = std::process::Command::new(common::process::BIN)
+        .args([
+            "--bus",
+            &format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port),
+        ])
+        .envs(common::process::secret_env())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CAUSELOOP_BUS_PASSWORD") && !err.contains(PASSWORD),
+        "{err}"
+    );
+    // The bus thread's first attempt fails at once (WRONGPASS); give it time to log before the kill.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = bad.child.kill();
+    let _ = bad.child.wait();
+    let mut log = String::new();
+    use std::io::Read;
+    bad.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("AUTH") || log.contains("WRONGPASS"), "{log}");
+    assert!(!log.contains("not-the-password"), "{log}");
+}
+
+#[test]
+fn without_redis_a_new_connection_is_told_to_come_back_later() {
+    let Some(mut redis) = Redis::start("without_redis_a_new_connection_is_told_to_come_back_later")
+    else {
+        return;
+    };
+    redis.kill();
+    let bus = redis.bus();
+    let n = TestServer::with(move |c| {
+        c.bus = bus;
+        c.handshake_timeout = Duration::from_secs(1);
+    });
+    // No subscription can be confirmed: at the handshake deadline the client gets 1013 as its
+    // only frame (the seed client reconnects with backoff).
+    let mut early = connect(&n.url(&token("ws_s", "u1", 60), "ws_s"));
+    assert_eq!(
+        expect_close(&mut early, true),
+        (1013, "try again later".into())
+    );
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// `--requirepass`, when set.
+    pub password: Option<String>,
 }
 
 /// A port nobody listens on right now.
@@ -23,6 +25,11 @@ fn free_port() -> u16 {
 impl Redis {
     /// Starts one, or explains loudly why it cannot and returns `None`.
     pub fn start(test: &str) -> Option<Redis> {
+        Self::start_with_password(test, None)
+    }
+
+    /// Like [`Redis::start`], requiring `password` from clients.
+    pub fn start_with_password(test: &str, password: Option<&str>) -> Option<Redis> {
         if Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -38,6 +45,7 @@ impl Redis {
         let mut r = Redis {
             child: None,
             port: free_port(),
+            password: password.map(str::to_string),
         };
         r.restart();
         Some(r)
@@ -45,7 +53,11 @@ impl Redis {
 
     /// (Re)starts the server on the same port.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw]);
+        }
+        let child = cmd
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -83,7 +95,11 @@ impl Redis {
 
     /// Runs `redis-cli` against it; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(pw) = &self.password {
+            cmd.env("REDISCLI_AUTH", pw);
+        }
+        let out = cmd
             .args(["-p", &self.port.to_string()])
             .args(args)
             .output()
