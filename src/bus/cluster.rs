@@ -39,8 +39,11 @@ use std::time::{Duration, Instant};
 
 const SOCKET: Token = Token(0);
 const WAKE: Token = Token(1);
-/// Connect and handshake deadline for each attempt.
+/// Connect and handshake deadline for each attempt of the bus thread.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline for a publisher's connect and for each of its reads and writes. Short: the HTTP
+/// publisher is the internal listener's thread, which also answers the health probes.
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A silent subscriber connection is pinged after this long, and given up after as long again:
@@ -132,7 +135,7 @@ impl ClusterBus {
         // pipeline in order and a dead socket stops it.
         for attempt in 0..2 {
             if guard.is_none() {
-                match RedisConn::connect(&self.cfg, CONNECT_TIMEOUT) {
+                match RedisConn::connect(&self.cfg, PUBLISH_TIMEOUT) {
                     Ok(c) => *guard = Some(c),
                     Err(e) => {
                         return Err(BusUnavailable(format!(
