@@ -161,13 +161,25 @@ fn redis_lost_and_back_mid_stream() {
         assert!(read_text(&mut subs[0]).contains("heartbeat"));
     }
     redis.restart();
-    // Each node reconnects and subscribes again; then publishing works everywhere.
+    // Each node reconnects and subscribes again. Publishing resumes after a short settle
+    // period (so that no node is still re-subscribing when publishers resend their backlog);
+    // meanwhile the 503 says so.
     assert!(eventually(Duration::from_secs(15), || subscribers(
         &redis, "ws_r"
     ) == 2));
     let (status, body) =
-        nodes[1].publish(r#"{"workspace_id":"ws_r","type":"back.again","payload":{}}"#);
-    assert_eq!(status, 202, "{body}");
+        nodes[1].publish(r#"{"workspace_id":"ws_r","type":"too.early","payload":{}}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("publishes resume in"), "{body}");
+    let mut answer = (0, String::new());
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            answer =
+                nodes[1].publish(r#"{"workspace_id":"ws_r","type":"back.again","payload":{}}"#);
+            answer.0 == 202
+        }),
+        "{answer:?}"
+    );
     for s in subs.iter_mut() {
         assert!(read_event(s).contains("back.again"));
     }
@@ -179,7 +191,7 @@ fn a_node_started_before_redis_waits_then_serves() {
         return;
     };
     redis.kill();
-    // The default --handshake-timeout (10 s) outlasts the longest reconnect backoff (5 s, +50%).
+    // The default --handshake-timeout (10 s) outlasts the longest reconnect backoff (1 s, +50%).
     let n = node(&redis);
     let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"a","payload":{}}"#);
     assert_eq!(status, 503, "{body}");
@@ -200,6 +212,7 @@ fn a_node_started_before_redis_waits_then_serves() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     assert!(read_text(&mut waiting).starts_with(r#"{"type":"connected""#));
+    // The node's first connection to Redis: no settle period, publishing works at once.
     let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"hello.again","payload":{}}"#);
     assert_eq!(status, 202, "{body}");
     assert!(read_event(&mut waiting).contains("hello.again"));

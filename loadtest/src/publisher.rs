@@ -107,6 +107,9 @@ pub fn run(plan: &Plan, stop: Arc<AtomicBool>) -> Published {
         next_tick += plan.tick;
         let due = (start.elapsed().as_secs_f64() * plan.rate) as u64;
         let t = crate::engine::unix_ns();
+        // A refused request is retried next tick with the same sequence numbers, as a real
+        // publisher would, so that a 503 never shows up as loss at the subscribers.
+        let before = sent.clone();
         body.clear();
         body.push(b'[');
         let mut count = 0u64;
@@ -145,16 +148,22 @@ pub fn run(plan: &Plan, stop: Arc<AtomicBool>) -> Published {
                     *out.errors
                         .entry(format!("connect: {}", e.kind()))
                         .or_default() += 1;
+                    sent.copy_from_slice(&before);
                     continue;
                 }
             }
         }
         match http.as_mut().map(|h| h.post(&plan.key, &body)) {
             Some(Ok(202)) => out.events += count,
-            Some(Ok(status)) => *out.errors.entry(format!("http {status}")).or_default() += 1,
+            Some(Ok(status)) => {
+                *out.errors.entry(format!("http {status}")).or_default() += 1;
+                sent.copy_from_slice(&before);
+            }
             Some(Err(e)) => {
                 *out.errors.entry(format!("{}", e.kind())).or_default() += 1;
                 http = None;
+                // The request may or may not have been published: the next one starts after it,
+                // so a lost response cannot turn into duplicates.
             }
             None => {}
         }

@@ -45,7 +45,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// publisher is the internal listener's thread, which also answers the health probes.
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short on purpose: Redis pub/sub keeps no backlog, so the time between Redis coming back and a
+/// node re-subscribing is a window in which that node's subscribers miss events that other nodes
+/// already publish again. A connect attempt a second per node costs Redis nothing.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After a reconnect, a node holds its publishes back this long (answering 503) so that the
+/// other nodes, which lost Redis at the same moment, have re-subscribed before the backlog its
+/// publishers resend goes out: Redis would deliver it only to the nodes already back. Twice the
+/// longest jittered backoff, plus a margin for the connect itself.
+const PUBLISH_SETTLE: Duration = Duration::from_millis(2000);
 /// A silent subscriber connection is pinged after this long, and given up after as long again:
 /// a Redis that vanished without a FIN is noticed within ten seconds.
 const IDLE_PING: Duration = Duration::from_secs(5);
@@ -70,6 +78,8 @@ pub struct ClusterBus {
     waker: Waker,
     up: AtomicBool,
     stop: AtomicBool,
+    /// After a reconnect: publishes wait until this instant (see [`PUBLISH_SETTLE`]).
+    settle_until: Mutex<Option<Instant>>,
     publish_conn: Mutex<Option<RedisConn>>,
 }
 
@@ -92,6 +102,7 @@ impl ClusterBus {
             waker,
             up: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            settle_until: Mutex::new(None),
             publish_conn: Mutex::new(None),
         });
         Ok((bus.clone(), BusThread { bus, rx, poll }))
@@ -123,6 +134,13 @@ impl ClusterBus {
             return Err(BusUnavailable(
                 "the cluster bus (Redis) is unreachable; publish again once it is back".into(),
             ));
+        }
+        let settle = *self.settle_until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(left) = settle.and_then(|t| t.checked_duration_since(Instant::now())) {
+            return Err(BusUnavailable(format!(
+                "the cluster bus (Redis) is back; publishes resume in {} ms, once every node has re-subscribed",
+                left.as_millis().max(1)
+            )));
         }
         let mut encoded = Vec::new();
         for (channel, message) in messages {
@@ -223,6 +241,8 @@ impl BusThread {
                     Ok(l) => {
                         if connected_once {
                             ShardStats::add(&stats.bus_reconnects, 1);
+                            *bus.settle_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(Instant::now() + PUBLISH_SETTLE);
                         }
                         connected_once = true;
                         log::info!(

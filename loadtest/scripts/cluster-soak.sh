@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# A soak of the Redis bus, with Redis killed and restarted halfway through.
+#
+# Three causeloop-stream nodes (two shards each) on one Redis; the load tester spreads 3,000
+# subscribers over 100 workspaces across the nodes, publishes 5 events/s per workspace to the
+# first node, churns 30 connections a second, and keeps 1% of subscribers stalled. At the half-way
+# point Redis is killed (SIGKILL, as a crash) and started again 3 seconds later. Prints the load
+# tester's figures, each node's bus metrics and every WARN/ERROR line of the nodes' logs.
+#
+# Usage: loadtest/scripts/cluster-soak.sh     (DUR=10m by default; needs redis-server, redis-cli)
+# Output: markdown on stdout; JSON report and logs in target/cluster-soak/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --workspace -q
+export CAUSELOOP_JWT_HS256_SECRET=cluster-secret-0123456789abcdef0123456789
+export CAUSELOOP_PUBLISH_KEY=cluster-publish-key
+BIN=target/release
+OUT=target/cluster-soak
+mkdir -p "$OUT"
+DUR=${DUR:-10m}
+RPORT=6393
+secs() { case "$1" in *m) echo $((${1%m} * 60));; *s) echo "${1%s}";; *) echo "$1";; esac; }
+HALF=$(($(secs "$DUR") / 2))
+
+# Redis's pid is kept in a file: the restart happens in a background subshell, and the exit trap
+# must stop whichever Redis is running then.
+start_redis() {
+  redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no >>"$OUT/redis.log" 2>&1 &
+  echo $! >"$OUT/redis.pid"
+}
+if redis-cli -p $RPORT PING >/dev/null 2>&1; then
+  echo "port $RPORT is taken by another Redis; stop it first" >&2
+  exit 1
+fi
+start_redis
+for _ in $(seq 50); do [ "$(redis-cli -p $RPORT PING 2>/dev/null)" = PONG ] && break; sleep 0.1; done
+PIDS=()
+for i in 0 1 2; do
+  "$BIN/causeloop-stream" --listen 127.0.0.1:$((4950 + i * 2)) --internal-listen 127.0.0.1:$((4951 + i * 2)) --shards 2 \
+    --bus redis://127.0.0.1:$RPORT --max-outbound-bytes 65536 --socket-send-buffer 16384 >"$OUT/node$i.log" 2>&1 &
+  PIDS+=($!)
+done
+trap 'kill "${PIDS[@]}" "$(cat "$OUT/redis.pid")" 2>/dev/null || true' EXIT
+sleep 1
+
+(
+  sleep $((HALF + 30)) # the load tester's connect phase comes first
+  echo "$(date -u +%T) killing Redis" >>"$OUT/events.log"
+  kill -9 "$(cat "$OUT/redis.pid")"
+  sleep 3
+  start_redis
+  echo "$(date -u +%T) Redis restarted" >>"$OUT/events.log"
+) &
+
+"$BIN/causeloop-loadtest" slow --url ws://127.0.0.1:4950 --url ws://127.0.0.1:4952 --url ws://127.0.0.1:4954 \
+  --internal http://127.0.0.1:4951 --connections 3000 --workspaces 100 --rate 5 --slow-fraction 0.01 --churn 30 \
+  --processes 2 --source-ips 127.0.0.2-127.0.0.9 --duration "$DUR" --json "$OUT/soak.json" >"$OUT/loadtest.txt" 2>"$OUT/loadtest.log"
+
+for i in 0 1 2; do
+  echo "node $i: $(curl -s 127.0.0.1:$((4951 + i * 2))/metrics | grep -E '^causeloop_bus_(up|reconnects_total|messages_total)' | tr '\n' ' ')"
+done
+python3 - "$OUT/soak.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); f = r["fanout"]
+print(f"published {f['published_events']}, delivered {f['delivered_frames']}, lost {f['lost']}, reordered {f['reordered']}, churned {f['churned']}")
+print(f"publish errors {f['publish_errors']}; connect failures {r['connect']['failures']}; closes {r['closes']}; stalled readers {r['slow_closes']}")
+print(f"latency p50 {f['latency_us']['p50']} µs, p99 {f['latency_us']['p99']} µs; heartbeat lateness p99 {r['heartbeat_lateness_us']['p99']} µs")
+PY
+cat "$OUT/events.log" 2>/dev/null || true
+grep -h -E 'WARN|ERROR' "$OUT"/node*.log || echo "no WARN or ERROR lines"
