@@ -371,6 +371,9 @@ impl BusThread {
                 if let Some(mut l) = link.take() {
                     let _ = self.poll.registry().deregister(&mut l.stream);
                 }
+                // Nothing is subscribed any more; workspaces no shard wants (an UNSUBSCRIBE was in
+                // flight) are forgotten, the rest are subscribed again on reconnect.
+                wants.retain(|_, w| !w.shards.is_empty());
                 for w in wants.values_mut() {
                     w.requested = false;
                     w.in_flight = 0;
