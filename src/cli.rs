@@ -206,9 +206,10 @@ pub struct RunArgs {
     /// File holding the publish key (first line). CAUSELOOP_PUBLISH_KEY holds it inline instead.
     #[arg(long, env = "CAUSELOOP_PUBLISH_KEY_FILE")]
     pub publish_key_file: Option<PathBuf>,
-    /// How events travel between nodes: `local` (in process) or `redis://HOST:PORT[/DB]` (every
-    /// node on one Redis server). The Redis password comes from CAUSELOOP_BUS_PASSWORD or
-    /// --bus-password-file.
+    /// How events travel between nodes: `local` (in process), `redis://HOST:PORT[/DB]` (every
+    /// node on one Redis server) or `redis-cluster://HOST:PORT,HOST:PORT,...` (a Redis Cluster,
+    /// sharded pub/sub; the nodes listed are seeds). The Redis password comes from
+    /// CAUSELOOP_BUS_PASSWORD or --bus-password-file.
     #[arg(long, env = "CAUSELOOP_BUS", default_value = "local")]
     pub bus: String,
     /// File holding the Redis password (first line).

@@ -87,45 +87,116 @@ pub enum BusConfig {
     /// In process only: one node.
     #[default]
     Local,
-    /// Through one Redis server (`redis://HOST:PORT[/DB]`).
+    /// Through Redis: one server (`redis://HOST:PORT[/DB]`) or a Redis Cluster
+    /// (`redis-cluster://HOST:PORT,HOST:PORT,...`).
     Redis(RedisConfig),
+}
+
+/// One Redis server's address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RedisNode {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl fmt::Display for RedisNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// Where the Redis bus connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// Host name or address.
-    pub host: String,
-    /// Port.
-    pub port: u16,
+    /// The server (one Redis), or the seed nodes the cluster's layout is first asked of (Redis
+    /// Cluster; any one that answers is enough).
+    pub nodes: Vec<RedisNode>,
+    /// A Redis Cluster: sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`), each channel on the master
+    /// that owns its hash slot.
+    pub cluster: bool,
     /// Logical database (`SELECT`); pub/sub ignores it, but `AUTH`-scoped setups may care.
+    /// Always 0 on a Redis Cluster, which has only database 0.
     pub db: u32,
     /// `AUTH` password (`CAUSELOOP_BUS_PASSWORD` or `--bus-password-file`); never in argv.
     pub password: Option<Secret>,
 }
 
+impl RedisConfig {
+    /// One Redis server at `host:port`, database 0, no password.
+    pub fn single(host: &str, port: u16) -> RedisConfig {
+        RedisConfig {
+            nodes: vec![RedisNode {
+                host: host.to_string(),
+                port,
+            }],
+            cluster: false,
+            db: 0,
+            password: None,
+        }
+    }
+
+    /// The `--bus` URL this configuration stands for (for logs; it never holds the password).
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| n.to_string()).collect();
+        match (self.cluster, self.db) {
+            (true, _) => format!("redis-cluster://{}", nodes.join(",")),
+            (false, 0) => format!("redis://{}", nodes.join(",")),
+            (false, db) => format!("redis://{}/{db}", nodes.join(",")),
+        }
+    }
+}
+
+/// Parses one `HOST:PORT` (`[v6]:PORT` for IPv6) of a `--bus` URL.
+fn parse_redis_node(url: &str, hostport: &str) -> Result<RedisNode, String> {
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--bus {url:?}: expected HOST:PORT, got {hostport:?}"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("--bus {url:?}: port {port:?} is not a number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("--bus {url:?}: no host in {hostport:?}"));
+    }
+    Ok(RedisNode {
+        host: host.to_string(),
+        port,
+    })
+}
+
 impl BusConfig {
-    /// Parses `--bus`: `local`, or `redis://HOST:PORT[/DB]`. A password in the URL is refused
-    /// (argv is visible to every local user); it comes from the environment or a file.
+    /// Parses `--bus`: `local`, `redis://HOST:PORT[/DB]`, or
+    /// `redis-cluster://HOST:PORT[,HOST:PORT...]`. A password in the URL is refused (argv is
+    /// visible to every local user); it comes from the environment or a file.
     pub fn parse(s: &str) -> Result<BusConfig, String> {
         if s == "local" {
             return Ok(BusConfig::Local);
         }
-        if s.starts_with("redis-cluster://") {
+        let (rest, cluster) = if let Some(rest) = s.strip_prefix("redis://") {
+            (rest, false)
+        } else if let Some(rest) = s.strip_prefix("redis-cluster://") {
+            (rest, true)
+        } else {
             return Err(format!(
-                "--bus {s:?}: Redis Cluster is not supported yet; use redis://HOST:PORT for one Redis server"
-            ));
-        }
-        let Some(rest) = s.strip_prefix("redis://") else {
-            return Err(format!(
-                "--bus {s:?}: expected `local` or `redis://HOST:PORT[/DB]`"
+                "--bus {s:?}: expected `local`, `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT,HOST:PORT,...`"
             ));
         };
         if rest.contains('@') {
             return Err("--bus: put the Redis password in CAUSELOOP_BUS_PASSWORD or --bus-password-file, not in the URL".into());
         }
-        let (hostport, db) = match rest.split_once('/') {
+        let (hostports, db) = match rest.split_once('/') {
             Some((hp, "")) => (hp, 0),
+            Some(_) if cluster => {
+                return Err(format!(
+                    "--bus {s:?}: a Redis Cluster has only database 0; drop the /DB"
+                ))
+            }
             Some((hp, db)) => (
                 hp,
                 db.parse()
@@ -133,19 +204,18 @@ impl BusConfig {
             ),
             None => (rest, 0),
         };
-        let (host, port) = hostport
-            .rsplit_once(':')
-            .ok_or_else(|| format!("--bus {s:?}: expected HOST:PORT"))?;
-        let port = port
-            .parse()
-            .map_err(|_| format!("--bus {s:?}: port {port:?} is not a number"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("--bus {s:?}: no host"));
+        let nodes = hostports
+            .split(',')
+            .map(|hp| parse_redis_node(s, hp.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if nodes.len() > 1 && !cluster {
+            return Err(format!(
+                "--bus {s:?}: redis:// takes one server; for a Redis Cluster use redis-cluster://HOST:PORT,HOST:PORT,..."
+            ));
         }
         Ok(BusConfig::Redis(RedisConfig {
-            host: host.to_string(),
-            port,
+            nodes,
+            cluster,
             db,
             password: None,
         }))
@@ -387,6 +457,38 @@ mod tests {
         assert_eq!(parse_bytes("64KiB"), Ok(65536));
         assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
         assert!(parse_bytes("1TB").is_err());
+    }
+
+    #[test]
+    fn bus_urls() {
+        let one = BusConfig::parse("redis://10.0.0.5:6380/2").unwrap();
+        let BusConfig::Redis(r) = &one else {
+            panic!("{one:?}")
+        };
+        assert!(!r.cluster);
+        assert_eq!(r.db, 2);
+        assert_eq!(r.url(), "redis://10.0.0.5:6380/2");
+        let c = BusConfig::parse("redis-cluster://a:7000, b:7001,[::1]:7002").unwrap();
+        let BusConfig::Redis(r) = &c else {
+            panic!("{c:?}")
+        };
+        assert!(r.cluster);
+        assert_eq!(r.nodes.len(), 3);
+        assert_eq!(r.nodes[2].host, "::1");
+        assert_eq!(r.url(), "redis-cluster://a:7000,b:7001,[::1]:7002");
+        assert_eq!(BusConfig::parse("local"), Ok(BusConfig::Local));
+        for bad in [
+            "redis://a:1,b:2",
+            "redis-cluster://a:7000/1",
+            "redis-cluster://a:7000,",
+            "redis://:pw@a:1",
+            "redis-cluster://u:pw@a:1",
+            "redis://a",
+            "redis://a:x",
+            "rediss://a:1",
+        ] {
+            assert!(BusConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -174,6 +174,10 @@ pub struct BusStats {
     pub bus_received: AtomicU64,
     /// Messages received from the cluster bus and dropped as invalid (each logged).
     pub bus_invalid: AtomicU64,
+    /// `MOVED` redirects from a Redis Cluster (a slot changed hands), on subscribe or publish.
+    pub bus_redirects: AtomicU64,
+    /// Redis Cluster layouts read (`CLUSTER SLOTS`): at start, after a redirect or a lost master.
+    pub bus_layout_reads: AtomicU64,
 }
 
 fn sum(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
@@ -394,6 +398,18 @@ impl Collector for StatsCollector {
             "causeloop_bus_reconnects",
             "Cluster bus connections made after the first.",
             &one(bus.bus_reconnects.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_redirects",
+            "MOVED redirects from a Redis Cluster: a slot changed hands.",
+            &one(bus.bus_redirects.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_layout_reads",
+            "Redis Cluster layouts read with CLUSTER SLOTS.",
+            &one(bus.bus_layout_reads.load(Ordering::Relaxed)),
         )?;
         let received = [
             ("delivered", &bus.bus_received),

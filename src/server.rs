@@ -278,14 +278,15 @@ impl Server {
             inboxes.push(rx);
             polls.push(poll);
         }
+        let bus_stats = Arc::new(BusStats::default());
         let (bus, bus_thread) = match &config.bus {
             BusConfig::Local => (None, None),
             BusConfig::Redis(r) => {
-                let (bus, thread) = ClusterBus::new(r.clone()).map_err(StartError::Io)?;
+                let (bus, thread) =
+                    ClusterBus::new(r.clone(), bus_stats.clone()).map_err(StartError::Io)?;
                 (Some(bus), Some(thread))
             }
         };
-        let bus_stats = Arc::new(BusStats::default());
         if bus.is_none() {
             bus_stats.bus_up.store(1, Ordering::Relaxed);
         }

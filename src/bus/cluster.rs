@@ -1,44 +1,56 @@
-//! The Redis bus: every node of a cluster publishes through one Redis server and delivers what it
-//! receives from it, including its own publishes, so that the order Redis gives a workspace's
-//! channel is the order every subscriber everywhere sees.
+//! The Redis bus: every node of a cluster publishes through Redis and delivers what it receives
+//! from it, including its own publishes, so that the order Redis gives a workspace's channel is
+//! the order every subscriber everywhere sees.
 //!
-//! One thread per node owns the subscriber connection (a mio loop over the socket and a waker).
-//! Shards tell it when a workspace gets its first subscriber on that shard and when it loses its
-//! last ([`BusInterest`]); it keeps, per workspace, the set of shards that want it, `SUBSCRIBE`s
-//! on the first and `UNSUBSCRIBE`s after the last, so a node receives only the traffic of
-//! workspaces it serves. When Redis confirms a subscription, the shards that asked are told the
-//! workspace is live ([`ShardMsg::Live`]); until then their new connections wait for their
-//! `connected` frame, so that `connected` keeps meaning "every event published from now on
-//! reaches you", as it does on one node.
+//! Two dialects of the same design: on one Redis server (`redis://`) every channel lives on that
+//! server (`SUBSCRIBE`/`PUBLISH`); on a Redis Cluster (`redis-cluster://`) each channel lives on
+//! the master that owns its hash slot and uses sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`), so a
+//! message travels only within its shard instead of being broadcast to every Redis node.
+//! [`Topology`] says which server a channel goes to.
+//!
+//! One thread per node owns the subscriber connections, one per Redis server (a mio loop over
+//! the sockets and a waker). Shards tell it when a workspace gets its first subscriber on that
+//! shard and when it loses its last ([`BusInterest`]); it keeps, per workspace, the set of
+//! shards that want it, subscribes on the first and unsubscribes after the last, so a node
+//! receives only the traffic of workspaces it serves. When Redis confirms a subscription, the
+//! shards that asked are told the workspace is live ([`ShardMsg::Live`]); until then their new
+//! connections wait for their `connected` frame, so that `connected` keeps meaning "every event
+//! published from now on reaches you", as it does on one node.
 //!
 //! Messages are checked like HTTP publishes ([`wire::decode`]), each frame is built once, and
 //! the events of one read go to the shards as one batch, exactly like a local publish.
 //!
-//! When the connection drops, the thread reconnects with exponential backoff and jitter and
-//! re-subscribes every live interest; meanwhile open connections keep their heartbeats, and
-//! publishes are refused (503) instead of vanishing. Publishing itself ([`ClusterBus::publish`])
-//! runs on the publisher's thread over its own connection; no bus call ever blocks a shard.
+//! When a connection drops, the thread reconnects with exponential backoff and jitter (on a
+//! cluster, after reading the layout again: a master may have failed over) and re-subscribes
+//! every live interest; meanwhile open connections keep their heartbeats, and publishes are
+//! refused (503) instead of vanishing. When a cluster moves a slot, Redis ends the node's
+//! subscriptions in it (`sunsubscribe`) or answers `MOVED`; the thread reads the layout again
+//! and subscribes at the slot's new master. Publishing itself ([`ClusterBus::publish`]) runs on
+//! the publisher's thread over its own connections; no bus call ever blocks a shard.
 
 use super::event::Event;
 use super::redis::{RedisConn, MAX_REPLY_BULK};
 use super::resp::{self, Reply};
+use super::topology::{self, Topology};
 use super::wire::{self, WireLimits};
 use crate::bus::interest::ShardSet;
-use crate::config::RedisConfig;
-use crate::metrics::ShardStats;
+use crate::config::{RedisConfig, RedisNode};
+use crate::metrics::{BusStats, ShardStats};
 use crate::server::Shared;
 use crate::shard::inbox::ShardMsg;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 use mio::{Events, Interest as Ready, Poll, Token, Waker};
+use slab::Slab;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-const SOCKET: Token = Token(0);
-const WAKE: Token = Token(1);
+const WAKE: Token = Token(0);
+/// Subscriber connection `k` of the slab is token `LINK_BASE + k`.
+const LINK_BASE: usize = 1;
 /// Connect and handshake deadline for each attempt of the bus thread.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline for a publisher's connect and for each of its reads and writes. Short: the HTTP
@@ -57,6 +69,12 @@ const PUBLISH_SETTLE: Duration = Duration::from_millis(2000);
 /// A silent subscriber connection is pinged after this long, and given up after as long again:
 /// a Redis that vanished without a FIN is noticed within ten seconds.
 const IDLE_PING: Duration = Duration::from_secs(5);
+/// Publish attempts when a cluster answers `MOVED` (the slot moved between reading the layout
+/// and publishing); each retry goes to the master the redirect names.
+const PUBLISH_REDIRECTS: usize = 3;
+/// The layout is read at most this often, so that masters whose views of it disagree for a
+/// moment (while a change spreads through the cluster) cannot spin the bus thread.
+const LAYOUT_MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A shard's change of interest in a workspace.
 #[derive(Debug)]
@@ -67,20 +85,60 @@ pub enum BusInterest {
     Remove(Arc<str>, usize),
 }
 
-/// Why a publish through the bus failed. Nothing of the request was published.
+/// Why a publish through the bus failed. Unless Redis failed during the write itself, nothing
+/// of the request was published.
 #[derive(Debug)]
 pub struct BusUnavailable(pub String);
+
+/// The commands of one dialect.
+struct Dialect {
+    subscribe: &'static [u8],
+    unsubscribe: &'static [u8],
+    publish: &'static [u8],
+    /// The kind of a subscription confirmation.
+    subscribed: &'static [u8],
+    /// The kind of an unsubscription confirmation (or, on a cluster, of a subscription Redis
+    /// ended because the slot moved).
+    unsubscribed: &'static [u8],
+}
+
+const CLASSIC: Dialect = Dialect {
+    subscribe: b"SUBSCRIBE",
+    unsubscribe: b"UNSUBSCRIBE",
+    publish: b"PUBLISH",
+    subscribed: b"subscribe",
+    unsubscribed: b"unsubscribe",
+};
+
+const SHARDED: Dialect = Dialect {
+    subscribe: b"SSUBSCRIBE",
+    unsubscribe: b"SUNSUBSCRIBE",
+    publish: b"SPUBLISH",
+    subscribed: b"ssubscribe",
+    unsubscribed: b"sunsubscribe",
+};
 
 /// The handle shards and publishers hold.
 pub struct ClusterBus {
     cfg: RedisConfig,
+    dialect: &'static Dialect,
+    stats: Arc<BusStats>,
     tx: Sender<BusInterest>,
     waker: Waker,
     up: AtomicBool,
     stop: AtomicBool,
+    /// Set by a publisher that was redirected: the bus thread reads the layout again.
+    layout_stale: AtomicBool,
+    /// Where each channel goes. The bus thread replaces it after reading the layout; a
+    /// publisher patches it when redirected.
+    topology: Mutex<Arc<Topology>>,
+    /// The servers this node's bus thread has a subscriber connection to. A publish goes only
+    /// to those: what goes elsewhere would miss this node's own subscribers.
+    connected: Mutex<Vec<RedisNode>>,
     /// After a reconnect: publishes wait until this instant (see [`PUBLISH_SETTLE`]).
     settle_until: Mutex<Option<Instant>>,
-    publish_conn: Mutex<Option<RedisConn>>,
+    /// One command connection per Redis server, shared by this node's publishers.
+    publish_conns: Mutex<HashMap<RedisNode, RedisConn>>,
 }
 
 /// What the bus thread starts from (built before the shards, started after them).
@@ -90,20 +148,34 @@ pub struct BusThread {
     poll: Poll,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl ClusterBus {
     /// Creates the handle and the thread's state. Nothing connects until [`BusThread::run`].
-    pub fn new(cfg: RedisConfig) -> io::Result<(Arc<ClusterBus>, BusThread)> {
+    pub fn new(cfg: RedisConfig, stats: Arc<BusStats>) -> io::Result<(Arc<ClusterBus>, BusThread)> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKE)?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (dialect, topology) = if cfg.cluster {
+            (&SHARDED, Topology::unknown())
+        } else {
+            (&CLASSIC, Topology::single(cfg.nodes[0].clone()))
+        };
         let bus = Arc::new(ClusterBus {
             cfg,
+            dialect,
+            stats,
             tx,
             waker,
             up: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            layout_stale: AtomicBool::new(false),
+            topology: Mutex::new(Arc::new(topology)),
+            connected: Mutex::new(Vec::new()),
             settle_until: Mutex::new(None),
-            publish_conn: Mutex::new(None),
+            publish_conns: Mutex::new(HashMap::new()),
         });
         Ok((bus.clone(), BusThread { bus, rx, poll }))
     }
@@ -115,71 +187,143 @@ impl ClusterBus {
         }
     }
 
-    /// Ends the bus thread (after the shards are gone); its connection closes, and with it every
-    /// subscription of this node.
+    /// Ends the bus thread (after the shards are gone); its connections close, and with them
+    /// every subscription of this node.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.waker.wake();
     }
 
-    /// Whether the subscriber connection is up.
+    /// Whether the bus is up: every Redis server that owns channels has a live subscriber
+    /// connection from this node.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
 
-    /// Publishes `messages` (channel, wire message) in order, in one pipelined write, and waits
-    /// for Redis to take them. While the bus is down this fails at once.
+    /// Publishes `messages` (channel, wire message) and waits for Redis to take them. Messages
+    /// for one server go in one pipelined write, in order, so the order of one workspace's
+    /// messages holds. When a server they go to is down (on a cluster: the master of one of
+    /// their slots), this fails at once and nothing is sent to any server.
     pub fn publish(&self, messages: &[(Vec<u8>, Vec<u8>)]) -> Result<(), BusUnavailable> {
-        if !self.is_up() {
-            return Err(BusUnavailable(
-                "the cluster bus (Redis) is unreachable; publish again once it is back".into(),
-            ));
-        }
-        let settle = *self.settle_until.lock().unwrap_or_else(|p| p.into_inner());
+        let settle = *lock(&self.settle_until);
         if let Some(left) = settle.and_then(|t| t.checked_duration_since(Instant::now())) {
             return Err(BusUnavailable(format!(
                 "the cluster bus (Redis) is back; publishes resume in {} ms, once every node has re-subscribed",
                 left.as_millis().max(1)
             )));
         }
-        let mut encoded = Vec::new();
-        for (channel, message) in messages {
-            resp::command(&mut encoded, &[b"PUBLISH", channel, message]);
-        }
-        let mut guard = self.publish_conn.lock().unwrap_or_else(|p| p.into_inner());
-        // One retry on a fresh connection: a pooled connection may have died while idle. A
-        // retry can only repeat a publish whose reply was lost with the connection, and the
-        // first attempt then never reached Redis or was never delivered: Redis executes a
-        // pipeline in order and a dead socket stops it.
-        for attempt in 0..2 {
-            if guard.is_none() {
-                match RedisConn::connect(&self.cfg, PUBLISH_TIMEOUT) {
-                    Ok(c) => *guard = Some(c),
-                    Err(e) => {
-                        return Err(BusUnavailable(format!(
-                            "the cluster bus (Redis) is unreachable: {e}"
-                        )))
-                    }
+        let mut conns = lock(&self.publish_conns);
+        let mut todo: Vec<usize> = (0..messages.len()).collect();
+        for _ in 0..PUBLISH_REDIRECTS {
+            let topo = lock(&self.topology).clone();
+            // Per server, its messages in order.
+            let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+            for &i in &todo {
+                let channel = &messages[i].0;
+                let Some(node) = topo.node_for(channel) else {
+                    return Err(BusUnavailable(format!(
+                        "no Redis Cluster master serves hash slot {} right now; publish again shortly",
+                        topology::slot(channel)
+                    )));
+                };
+                match groups.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, g)) => g.push(i),
+                    None => groups.push((node, vec![i])),
                 }
             }
-            let conn = guard.as_mut().expect("connected above");
-            match conn.pipeline(&encoded, messages.len()) {
-                Ok(replies) => {
-                    if let Some(Reply::Error(e)) =
-                        replies.iter().find(|r| matches!(r, Reply::Error(_)))
-                    {
+            // Check every server first, so that one that is down fails the publish before
+            // anything is sent.
+            let connected = lock(&self.connected).clone();
+            for (node, group) in &groups {
+                let node = &topo.nodes[*node];
+                if !connected.contains(node) {
+                    return Err(BusUnavailable(if self.cfg.cluster {
+                        format!(
+                            "the cluster bus (Redis {node}, master of hash slot {}) is unreachable; publish again once it is back",
+                            topology::slot(&messages[group[0]].0)
+                        )
+                    } else {
+                        "the cluster bus (Redis) is unreachable; publish again once it is back"
+                            .into()
+                    }));
+                }
+                if !conns.contains_key(node) {
+                    let c = RedisConn::connect(node, &self.cfg, PUBLISH_TIMEOUT).map_err(|e| {
+                        BusUnavailable(format!(
+                            "the cluster bus (Redis {node}) is unreachable: {e}"
+                        ))
+                    })?;
+                    conns.insert(node.clone(), c);
+                }
+            }
+            let mut redirected = Vec::new();
+            for (node, group) in &groups {
+                let node = &topo.nodes[*node];
+                let mut encoded = Vec::new();
+                for &i in group {
+                    let (channel, message) = &messages[i];
+                    resp::command(&mut encoded, &[self.dialect.publish, channel, message]);
+                }
+                let replies = self.pipeline(&mut conns, node, &encoded, group.len())?;
+                for (&i, reply) in group.iter().zip(&replies) {
+                    let Reply::Error(e) = reply else {
+                        continue;
+                    };
+                    let Some((slot, owner)) = topology::redirect(e) else {
                         return Err(BusUnavailable(format!(
                             "the cluster bus refused the publish: {}",
                             String::from_utf8_lossy(e)
                         )));
-                    }
-                    return Ok(());
+                    };
+                    ShardStats::add(&self.stats.bus_redirects, 1);
+                    Arc::make_mut(&mut lock(&self.topology)).moved(slot, owner);
+                    redirected.push(i);
                 }
+            }
+            if redirected.is_empty() {
+                return Ok(());
+            }
+            // The bus thread's subscriptions in those slots moved too; it reads the layout.
+            self.layout_stale.store(true, Ordering::Release);
+            let _ = self.waker.wake();
+            redirected.sort_unstable();
+            todo = redirected;
+        }
+        Err(BusUnavailable(
+            "the Redis Cluster kept redirecting the publish (its slots are moving); publish again"
+                .into(),
+        ))
+    }
+
+    /// Sends `encoded` (`count` commands) to `node` and reads the replies, with one retry on a
+    /// fresh connection: a pooled connection may have died while idle. A retry can only repeat
+    /// commands whose replies were lost with the connection, and those never reached Redis or
+    /// were never run: Redis executes a pipeline in order and a dead socket stops it.
+    fn pipeline(
+        &self,
+        conns: &mut HashMap<RedisNode, RedisConn>,
+        node: &RedisNode,
+        encoded: &[u8],
+        count: usize,
+    ) -> Result<Vec<Reply>, BusUnavailable> {
+        for attempt in 0..2 {
+            let conn = match conns.entry(node.clone()) {
+                std::collections::hash_map::Entry::Occupied(c) => c.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    RedisConn::connect(node, &self.cfg, PUBLISH_TIMEOUT).map_err(|e| {
+                        BusUnavailable(format!(
+                            "the cluster bus (Redis {node}) is unreachable: {e}"
+                        ))
+                    })?,
+                ),
+            };
+            match conn.pipeline(encoded, count) {
+                Ok(replies) => return Ok(replies),
                 Err(e) => {
-                    *guard = None;
+                    conns.remove(node);
                     if attempt == 1 {
                         return Err(BusUnavailable(format!(
-                            "the cluster bus (Redis) connection failed: {e}"
+                            "the cluster bus (Redis {node}) connection failed: {e}"
                         )));
                     }
                 }
@@ -194,15 +338,29 @@ impl ClusterBus {
 struct Want {
     /// Shards with subscribers of the workspace.
     shards: ShardSet,
-    /// A `SUBSCRIBE` is in force or on its way (and no `UNSUBSCRIBE` after it).
+    /// A subscribe is in force or on its way (and no unsubscribe after it).
     requested: bool,
     /// Commands for this channel sent and not yet confirmed.
     in_flight: u32,
     /// Confirmed and in force: messages are delivered, new shards are told at once.
     live: bool,
+    /// The subscriber connection the commands went to.
+    link: Option<usize>,
 }
 
+impl Want {
+    /// Forgets the subscription (its connection is gone, or Redis ended or refused it).
+    fn reset(&mut self) {
+        self.requested = false;
+        self.in_flight = 0;
+        self.live = false;
+        self.link = None;
+    }
+}
+
+/// One subscriber connection to one Redis server.
 struct Link {
+    node: RedisNode,
     stream: TcpStream,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
@@ -213,128 +371,132 @@ struct Link {
     pinged: Option<Instant>,
 }
 
+/// The bus thread's state.
+struct Runner {
+    bus: Arc<ClusterBus>,
+    shared: Arc<Shared>,
+    limits: WireLimits,
+    poll: Poll,
+    wants: HashMap<Arc<str>, Want>,
+    links: Slab<Link>,
+    link_of: HashMap<RedisNode, usize>,
+    /// Workspaces some shard wants that are not subscribed yet (no layout or no connection).
+    pending: Vec<Arc<str>>,
+    topo: Arc<Topology>,
+    /// The layout must be read (again) before subscribing: at start, after a redirect, after a
+    /// lost connection (a master may have failed over).
+    stale: bool,
+    /// The server to ask for the layout first: the one that said a slot moved.
+    layout_hint: Option<RedisNode>,
+    last_layout: Option<Instant>,
+    /// A connection was lost since the last one was made: the next one is a reconnect.
+    lost: bool,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
 impl BusThread {
     /// Runs the bus until the process ends.
-    pub fn run(mut self, shared: Arc<Shared>) {
-        let bus = self.bus.clone();
+    pub fn run(self, shared: Arc<Shared>) {
         let limits = WireLimits {
             max_event_bytes: shared.config.max_event_bytes,
             max_depth: shared.config.max_json_depth,
             max_id_bytes: shared.config.max_id_bytes,
         };
-        let stats = &shared.bus_stats;
-        let mut wants: HashMap<Arc<str>, Want> = HashMap::new();
-        let mut link: Option<Link> = None;
-        let mut backoff = BACKOFF_MIN;
-        let mut retry_at = Instant::now();
-        let mut connected_once = false;
+        let topo = lock(&self.bus.topology).clone();
+        let mut r = Runner {
+            bus: self.bus,
+            shared,
+            limits,
+            poll: self.poll,
+            wants: HashMap::new(),
+            links: Slab::new(),
+            link_of: HashMap::new(),
+            pending: Vec::new(),
+            topo,
+            stale: true,
+            layout_hint: None,
+            last_layout: None,
+            lost: false,
+            backoff: BACKOFF_MIN,
+            retry_at: Instant::now(),
+        };
+        r.run(self.rx);
+    }
+}
+
+impl Runner {
+    fn run(&mut self, rx: Receiver<BusInterest>) {
         let mut events = Events::with_capacity(64);
         let mut scratch = vec![0u8; 64 * 1024];
+        let mut ready: Vec<usize> = Vec::new();
         loop {
-            if bus.stop.load(Ordering::Acquire) {
-                bus.up.store(false, Ordering::Release);
+            if self.bus.stop.load(Ordering::Acquire) {
+                self.bus.up.store(false, Ordering::Release);
+                lock(&self.bus.connected).clear();
                 return;
             }
-            // Connect when down and due.
-            if link.is_none() && Instant::now() >= retry_at {
-                match self.connect(&mut wants) {
-                    Ok(l) => {
-                        if connected_once {
-                            ShardStats::add(&stats.bus_reconnects, 1);
-                            *bus.settle_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(Instant::now() + PUBLISH_SETTLE);
-                        }
-                        connected_once = true;
-                        log::info!(
-                            "cluster bus: connected to redis://{}:{}",
-                            bus.cfg.host,
-                            bus.cfg.port
-                        );
-                        backoff = BACKOFF_MIN;
-                        stats.bus_up.store(1, Ordering::Relaxed);
-                        bus.up.store(true, Ordering::Release);
-                        link = Some(l);
-                    }
+            if self.bus.layout_stale.swap(false, Ordering::AcqRel) {
+                self.stale = true;
+            }
+            if Instant::now() >= self.retry_at && (self.stale || self.missing_links()) {
+                match self.establish(&mut ready) {
+                    Ok(()) => self.backoff = BACKOFF_MIN,
                     Err(e) => {
-                        retry_at = Instant::now() + jittered(backoff);
+                        self.retry_at = Instant::now() + jittered(self.backoff);
                         log::warn!(
-                            "cluster bus: redis://{}:{}: {e}; retrying in {:?}",
-                            bus.cfg.host,
-                            bus.cfg.port,
-                            retry_at - Instant::now()
+                            "cluster bus: {}: {e}; retrying in {:?}",
+                            self.bus.cfg.url(),
+                            self.retry_at - Instant::now()
                         );
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                     }
                 }
             }
-            let timeout = match &link {
-                Some(_) => Some(IDLE_PING),
-                None => Some(retry_at.saturating_duration_since(Instant::now())),
+            self.subscribe_pending();
+            self.update_up();
+            let timeout = if self.stale || self.missing_links() {
+                self.retry_at
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_PING)
+            } else {
+                IDLE_PING
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("cluster bus: poll failed: {e}");
                     return;
                 }
             }
             // Interest changes from the shards.
-            while let Ok(change) = self.rx.try_recv() {
-                self.on_interest(change, &mut wants, link.as_mut(), &shared);
+            while let Ok(change) = rx.try_recv() {
+                self.on_interest(change);
             }
-            let Some(l) = link.as_mut() else {
-                continue;
-            };
-            let mut failed: Option<String> = None;
             for ev in events.iter() {
-                if ev.token() == SOCKET && ev.is_writable() {
-                    l.writable = true;
-                }
-            }
-            // Read everything there is, then handle each complete reply.
-            loop {
-                match l.stream.read(&mut scratch) {
-                    Ok(0) => {
-                        failed = Some("connection closed by Redis".into());
-                        break;
+                let Some(key) = ev.token().0.checked_sub(LINK_BASE) else {
+                    continue;
+                };
+                if let Some(l) = self.links.get_mut(key) {
+                    if ev.is_writable() {
+                        l.writable = true;
                     }
-                    Ok(n) => {
-                        l.inbuf.extend_from_slice(&scratch[..n]);
-                        l.heard = Instant::now();
-                        l.pinged = None;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
+                    if !ready.contains(&key) {
+                        ready.push(key);
                     }
                 }
             }
+            let mut failed: Vec<(usize, String)> = Vec::new();
             let mut batch: Vec<Event> = Vec::new();
             let mut targets = ShardSet::default();
-            let mut used = 0;
-            while failed.is_none() {
-                match resp::parse(&l.inbuf[used..], MAX_REPLY_BULK) {
-                    Ok(Some((reply, n))) => {
-                        used += n;
-                        on_reply(
-                            &reply,
-                            &mut wants,
-                            &shared,
-                            limits,
-                            &mut batch,
-                            &mut targets,
-                        );
-                    }
-                    Ok(None) => break,
-                    Err(e) => failed = Some(e.to_string()),
+            for key in ready.drain(..) {
+                if let Err(why) = self.read(key, &mut scratch, &mut batch, &mut targets) {
+                    failed.push((key, why));
                 }
             }
-            l.inbuf.drain(..used);
             if !batch.is_empty() {
-                ShardStats::add(&stats.bus_received, batch.len() as u64);
+                ShardStats::add(&self.bus.stats.bus_received, batch.len() as u64);
                 let batch: Arc<[Event]> = batch.into();
-                for (i, shard) in shared.links.iter().enumerate() {
+                for (i, shard) in self.shared.links.iter().enumerate() {
                     if targets.contains(i) {
                         // Waits while the shard's inbox is full: the back-pressure reaches
                         // Redis, which buffers for its subscribers up to its own limit.
@@ -342,13 +504,17 @@ impl BusThread {
                     }
                 }
             }
-            // A quiet connection is asked for a sign of life; no answer in time means Redis is gone
-            // even if no FIN or RST ever arrives. (In subscribed mode PING answers ["pong", ""],
-            // which `on_reply` ignores; any bytes count.)
-            if failed.is_none() {
+            for (key, l) in self.links.iter_mut() {
+                if failed.iter().any(|(k, _)| *k == key) {
+                    continue;
+                }
+                // A quiet connection is asked for a sign of life; no answer in time means
+                // Redis is gone even if no FIN or RST ever arrives. (In subscribed mode PING
+                // answers ["pong", ""], which `on_reply` ignores; any bytes count.)
                 match l.pinged {
                     Some(t) if t.elapsed() >= IDLE_PING => {
-                        failed = Some(format!("no answer to PING within {IDLE_PING:?}"));
+                        failed.push((key, format!("no answer to PING within {IDLE_PING:?}")));
+                        continue;
                     }
                     None if l.heard.elapsed() >= IDLE_PING => {
                         resp::command(&mut l.outbuf, &[b"PING"]);
@@ -356,172 +522,442 @@ impl BusThread {
                     }
                     _ => {}
                 }
-            }
-            if failed.is_none() {
-                failed = flush(l).err().map(|e| e.to_string());
-            }
-            if let Some(why) = failed {
-                log::warn!(
-                    "cluster bus: lost redis://{}:{}: {why}; publishes answer 503 until it is back",
-                    bus.cfg.host,
-                    bus.cfg.port
-                );
-                bus.up.store(false, Ordering::Release);
-                stats.bus_up.store(0, Ordering::Relaxed);
-                if let Some(mut l) = link.take() {
-                    let _ = self.poll.registry().deregister(&mut l.stream);
+                if let Err(e) = flush(l) {
+                    failed.push((key, e.to_string()));
                 }
-                // Nothing is subscribed any more; workspaces no shard wants (an UNSUBSCRIBE was in
-                // flight) are forgotten, the rest are subscribed again on reconnect.
-                wants.retain(|_, w| !w.shards.is_empty());
-                for w in wants.values_mut() {
-                    w.requested = false;
-                    w.in_flight = 0;
-                    w.live = false;
+            }
+            for (key, why) in failed {
+                if let Some(node) = self.links.get(key).map(|l| l.node.clone()) {
+                    log::warn!(
+                        "cluster bus: lost redis {node} ({}): {why}; publishes answer 503 until it is back",
+                        self.bus.cfg.url()
+                    );
+                    self.drop_link(key, true);
                 }
-                retry_at = Instant::now() + jittered(backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
 
-    /// Connects, then subscribes to every workspace some shard wants.
-    fn connect(&mut self, wants: &mut HashMap<Arc<str>, Want>) -> io::Result<Link> {
-        let conn = RedisConn::connect(&self.bus.cfg, CONNECT_TIMEOUT)?;
+    /// Whether some server of the layout has no subscriber connection.
+    fn missing_links(&self) -> bool {
+        self.topo
+            .nodes
+            .iter()
+            .any(|n| !self.link_of.contains_key(n))
+    }
+
+    /// Up when the layout is complete and every server in it is connected. (A layout being
+    /// read again after a slot moved does not count as down: publishes follow redirects.)
+    fn update_up(&self) {
+        let up = !self.topo.nodes.is_empty() && self.topo.uncovered() == 0 && !self.missing_links();
+        if up != self.bus.up.load(Ordering::Relaxed) {
+            self.bus
+                .stats
+                .bus_up
+                .store(u64::from(up), Ordering::Relaxed);
+            self.bus.up.store(up, Ordering::Release);
+        }
+    }
+
+    /// Reads the layout when it is stale, then connects to every server in it that has no
+    /// subscriber connection. New connections are added to `ready` (their handshake may have
+    /// read past its last reply).
+    fn establish(&mut self, ready: &mut Vec<usize>) -> Result<(), String> {
+        if self.stale {
+            if self.bus.cfg.cluster {
+                if let Some(next) = self.last_layout.map(|t| t + LAYOUT_MIN_INTERVAL) {
+                    if Instant::now() < next {
+                        self.retry_at = next;
+                        return Ok(());
+                    }
+                }
+                self.last_layout = Some(Instant::now());
+                let topo = Arc::new(self.read_layout()?);
+                self.layout_hint = None;
+                ShardStats::add(&self.bus.stats.bus_layout_reads, 1);
+                // Connections to servers that no longer own slots (a failed master that came
+                // back as a replica) go; their subscriptions are made again where they belong.
+                let gone: Vec<usize> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| !topo.nodes.contains(&l.node))
+                    .map(|(k, _)| k)
+                    .collect();
+                for key in gone {
+                    self.drop_link(key, false);
+                }
+                *lock(&self.bus.topology) = topo.clone();
+                self.topo = topo;
+                // Every workspace whose subscription is not in force is tried again now.
+                for (ws, w) in &self.wants {
+                    if !w.requested && !w.shards.is_empty() {
+                        self.pending.push(ws.clone());
+                    }
+                }
+            }
+            self.stale = false;
+        }
+        let mut errors = Vec::new();
+        for node in self.topo.nodes.clone() {
+            if self.link_of.contains_key(&node) {
+                continue;
+            }
+            match self.connect(&node) {
+                Ok(key) => {
+                    ready.push(key);
+                    if self.lost {
+                        ShardStats::add(&self.bus.stats.bus_reconnects, 1);
+                        *lock(&self.bus.settle_until) = Some(Instant::now() + PUBLISH_SETTLE);
+                    }
+                    log::info!(
+                        "cluster bus: connected to redis {node} ({})",
+                        self.bus.cfg.url()
+                    );
+                }
+                Err(e) => errors.push(format!("redis {node}: {e}")),
+            }
+        }
+        if errors.is_empty() && !self.missing_links() {
+            self.lost = false;
+        } else if self.bus.cfg.cluster {
+            // A master that cannot be reached may have been replaced by a replica: read the
+            // layout again on the next attempt.
+            self.stale = true;
+        }
+        let uncovered = self.topo.uncovered();
+        if uncovered > 0 && errors.is_empty() {
+            // A cluster that is partly down: serve the slots that have a master, and read the
+            // layout again until every slot has one.
+            self.stale = true;
+            errors.push(format!("{uncovered} hash slots have no master"));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Asks the known masters, then the configured seeds, for the cluster's layout.
+    fn read_layout(&self) -> Result<Topology, String> {
+        let mut candidates: Vec<RedisNode> = self.layout_hint.iter().cloned().collect();
+        for known in self.topo.nodes.iter().chain(&self.bus.cfg.nodes) {
+            if !candidates.contains(known) {
+                candidates.push(known.clone());
+            }
+        }
+        let mut errors = Vec::new();
+        for node in &candidates {
+            let asked = RedisConn::connect(node, &self.bus.cfg, CONNECT_TIMEOUT)
+                .and_then(|mut c| c.call(&[b"CLUSTER", b"SLOTS"]));
+            match asked {
+                Ok(reply) => match Topology::from_cluster_slots(&reply, node) {
+                    Ok(t) if !t.nodes.is_empty() => return Ok(t),
+                    Ok(_) => errors.push(format!("{node} knows no slot owner yet")),
+                    Err(e) => errors.push(format!("{node}: {e}")),
+                },
+                Err(e) => errors.push(format!("{node}: {e}")),
+            }
+        }
+        Err(format!(
+            "no Redis Cluster node gave its layout ({})",
+            errors.join("; ")
+        ))
+    }
+
+    /// Opens a subscriber connection to `node`.
+    fn connect(&mut self, node: &RedisNode) -> io::Result<usize> {
+        let conn = RedisConn::connect(node, &self.bus.cfg, CONNECT_TIMEOUT)?;
         let (std_stream, leftover) = conn.into_parts();
         std_stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(std_stream);
-        self.poll
-            .registry()
-            .register(&mut stream, SOCKET, Ready::READABLE | Ready::WRITABLE)?;
-        let mut link = Link {
+        let entry = self.links.vacant_entry();
+        let key = entry.key();
+        self.poll.registry().register(
+            &mut stream,
+            Token(LINK_BASE + key),
+            Ready::READABLE | Ready::WRITABLE,
+        )?;
+        entry.insert(Link {
+            node: node.clone(),
             stream,
             inbuf: leftover,
             outbuf: Vec::new(),
             writable: true,
             heard: Instant::now(),
             pinged: None,
-        };
-        for (ws, w) in wants.iter_mut() {
-            if !w.shards.is_empty() {
-                resp::command(&mut link.outbuf, &[b"SUBSCRIBE", &wire::channel(ws)]);
-                w.requested = true;
-                w.in_flight += 1;
-            }
-        }
-        flush(&mut link)?;
-        Ok(link)
+        });
+        self.link_of.insert(node.clone(), key);
+        lock(&self.bus.connected).push(node.clone());
+        Ok(key)
     }
 
-    fn on_interest(
-        &mut self,
-        change: BusInterest,
-        wants: &mut HashMap<Arc<str>, Want>,
-        link: Option<&mut Link>,
-        shared: &Shared,
-    ) {
-        let mut command: Option<&[u8]> = None;
-        let ws = match change {
+    /// Closes connection `key`. Its subscriptions are forgotten; the workspaces still wanted
+    /// are subscribed again once a connection to their server is up. `lost`: it failed (as
+    /// opposed to being closed because its server left the layout).
+    fn drop_link(&mut self, key: usize, lost: bool) {
+        let mut l = self.links.remove(key);
+        let _ = self.poll.registry().deregister(&mut l.stream);
+        self.link_of.remove(&l.node);
+        lock(&self.bus.connected).retain(|n| *n != l.node);
+        self.forget_subscriptions(key, |_| true);
+        if lost {
+            self.lost = true;
+            if self.bus.cfg.cluster {
+                self.stale = true;
+            }
+            self.retry_at = Instant::now() + jittered(self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        }
+        self.update_up();
+    }
+
+    /// Forgets the subscriptions made on connection `key` to the workspaces `which` picks:
+    /// the workspaces still wanted become pending, the rest are dropped.
+    fn forget_subscriptions(&mut self, key: usize, which: impl Fn(&str) -> bool) {
+        let pending = &mut self.pending;
+        self.wants.retain(|ws, w| {
+            if w.link != Some(key) || !which(ws) {
+                return true;
+            }
+            w.reset();
+            if w.shards.is_empty() {
+                return false;
+            }
+            pending.push(ws.clone());
+            true
+        });
+    }
+
+    /// Subscribes every pending workspace whose server is connected; the rest stay pending.
+    fn subscribe_pending(&mut self) {
+        if self.pending.is_empty() || self.stale {
+            return;
+        }
+        let mut wait = Vec::new();
+        for ws in std::mem::take(&mut self.pending) {
+            let Some(w) = self.wants.get_mut(&ws) else {
+                continue;
+            };
+            if w.shards.is_empty() || w.requested {
+                continue;
+            }
+            let channel = wire::channel(&ws);
+            let key = self
+                .topo
+                .node_for(&channel)
+                .and_then(|n| self.link_of.get(&self.topo.nodes[n]).copied());
+            let Some(key) = key else {
+                wait.push(ws);
+                continue;
+            };
+            w.requested = true;
+            w.live = false;
+            w.in_flight += 1;
+            w.link = Some(key);
+            let l = &mut self.links[key];
+            resp::command(&mut l.outbuf, &[self.bus.dialect.subscribe, &channel]);
+            // A failed flush shows up as a read or write error on the next turn.
+            let _ = flush(l);
+        }
+        self.pending = wait;
+    }
+
+    fn on_interest(&mut self, change: BusInterest) {
+        match change {
             BusInterest::Add(ws, shard) => {
-                let w = wants.entry(ws.clone()).or_default();
+                let w = self.wants.entry(ws.clone()).or_default();
                 w.shards.insert(shard);
                 if w.live {
-                    let _ = shared.links[shard].send(ShardMsg::Live(ws.clone()));
+                    let _ = self.shared.links[shard].send(ShardMsg::Live(ws));
                 } else if !w.requested {
-                    command = Some(b"SUBSCRIBE");
+                    self.pending.push(ws);
                 }
-                ws
             }
             BusInterest::Remove(ws, shard) => {
-                let Some(w) = wants.get_mut(&ws) else {
+                let Some(w) = self.wants.get_mut(&ws) else {
                     return;
                 };
                 w.shards.remove(shard);
-                if w.shards.is_empty() && w.requested {
-                    command = Some(b"UNSUBSCRIBE");
-                } else if w.shards.is_empty() && w.in_flight == 0 {
-                    wants.remove(&ws);
+                if !w.shards.is_empty() {
+                    return;
                 }
-                ws
+                match w.link.filter(|_| w.requested) {
+                    Some(key) => {
+                        w.requested = false;
+                        w.live = false;
+                        w.in_flight += 1;
+                        let l = &mut self.links[key];
+                        resp::command(
+                            &mut l.outbuf,
+                            &[self.bus.dialect.unsubscribe, &wire::channel(&ws)],
+                        );
+                        let _ = flush(l);
+                    }
+                    None if w.in_flight == 0 => {
+                        self.wants.remove(&ws);
+                    }
+                    None => {}
+                }
             }
-        };
-        let (Some(cmd), Some(l)) = (command, link) else {
-            // Down: the reconnect subscribes whatever is wanted then.
-            return;
-        };
-        let w = wants.get_mut(&ws).expect("present above");
-        w.requested = cmd == b"SUBSCRIBE";
-        w.live = false;
-        w.in_flight += 1;
-        resp::command(&mut l.outbuf, &[cmd, &wire::channel(&ws)]);
-        // A failed flush shows up as a read or write error on the next turn.
-        let _ = flush(l);
+        }
     }
-}
 
-/// Handles one reply on the subscriber connection.
-fn on_reply(
-    reply: &Reply,
-    wants: &mut HashMap<Arc<str>, Want>,
-    shared: &Shared,
-    limits: WireLimits,
-    batch: &mut Vec<Event>,
-    targets: &mut ShardSet,
-) {
-    if let Some(m) = resp::pubsub_message(reply) {
-        let Some(ws) = wire::workspace_of(m.channel) else {
-            return;
+    /// Reads everything connection `key` has, then handles each complete reply.
+    fn read(
+        &mut self,
+        key: usize,
+        scratch: &mut [u8],
+        batch: &mut Vec<Event>,
+        targets: &mut ShardSet,
+    ) -> Result<(), String> {
+        let Some(l) = self.links.get_mut(key) else {
+            return Ok(());
         };
-        if !wants.get(ws).is_some_and(|w| w.live) {
-            return; // a message racing an UNSUBSCRIBE
-        }
-        match wire::decode(m.payload, limits) {
-            Ok(got) => {
-                targets.union(shared.interest.shards_for(ws));
-                batch.push(Event {
-                    workspace_id: ws.into(),
-                    user_id: got.user_id,
-                    frame: got.frame,
-                    accepted_at: Instant::now(),
-                });
+        let mut failed = None;
+        loop {
+            match l.stream.read(scratch) {
+                Ok(0) => {
+                    failed = Some("connection closed by Redis".to_string());
+                    break;
+                }
+                Ok(n) => {
+                    l.inbuf.extend_from_slice(&scratch[..n]);
+                    l.heard = Instant::now();
+                    l.pinged = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
             }
-            Err(why) => {
-                ShardStats::add(&shared.bus_stats.bus_invalid, 1);
-                log::warn!(workspace = ws, reason = why.as_str(); "cluster bus: dropped an invalid message");
-            }
         }
-        return;
+        // Replies already read are handled even when the connection then failed.
+        let inbuf = std::mem::take(&mut l.inbuf);
+        let mut used = 0;
+        while let Some((reply, n)) =
+            resp::parse(&inbuf[used..], MAX_REPLY_BULK).map_err(|e| e.to_string())?
+        {
+            used += n;
+            self.on_reply(key, &reply, batch, targets)?;
+        }
+        if let Some(l) = self.links.get_mut(key) {
+            l.inbuf = inbuf;
+            l.inbuf.drain(..used);
+        }
+        failed.map_or(Ok(()), Err)
     }
-    // A subscription confirmation: ["subscribe" | "unsubscribe", channel, count].
-    let Reply::Array(Some(items)) = reply else {
-        return;
-    };
-    let (Some(kind), Some(channel)) = (
-        items.first().and_then(Reply::as_bytes),
-        items.get(1).and_then(Reply::as_bytes),
-    ) else {
-        return;
-    };
-    let Some(ws) = wire::workspace_of(channel) else {
-        return;
-    };
-    let Some(key) = wants.get_key_value(ws).map(|(k, _)| k.clone()) else {
-        return;
-    };
-    let w = wants.get_mut(&key).expect("present above");
-    w.in_flight = w.in_flight.saturating_sub(1);
-    if w.in_flight > 0 {
-        return; // a later command for this channel will settle it
-    }
-    if kind == b"subscribe" && w.requested {
-        w.live = true;
-        for (i, link) in shared.links.iter().enumerate() {
-            if w.shards.contains(i) {
-                let _ = link.send(ShardMsg::Live(key.clone()));
+
+    /// Handles one reply on connection `key`.
+    fn on_reply(
+        &mut self,
+        key: usize,
+        reply: &Reply,
+        batch: &mut Vec<Event>,
+        targets: &mut ShardSet,
+    ) -> Result<(), String> {
+        if let Some(m) = resp::pubsub_message(reply) {
+            let Some(ws) = wire::workspace_of(m.channel) else {
+                return Ok(());
+            };
+            if !self.wants.get(ws).is_some_and(|w| w.live) {
+                return Ok(()); // a message racing an unsubscribe
             }
+            match wire::decode(m.payload, self.limits) {
+                Ok(got) => {
+                    targets.union(self.shared.interest.shards_for(ws));
+                    batch.push(Event {
+                        workspace_id: ws.into(),
+                        user_id: got.user_id,
+                        frame: got.frame,
+                        accepted_at: Instant::now(),
+                    });
+                }
+                Err(why) => {
+                    ShardStats::add(&self.bus.stats.bus_invalid, 1);
+                    log::warn!(workspace = ws, reason = why.as_str(); "cluster bus: dropped an invalid message");
+                }
+            }
+            return Ok(());
         }
-    } else if !w.requested && w.shards.is_empty() {
-        wants.remove(&key);
+        if let Reply::Error(e) = reply {
+            // The slot moved before the subscription arrived: every subscription to it on this
+            // connection is made again at the new master, once the layout is read.
+            let Some((slot, owner)) = topology::redirect(e) else {
+                return Err(format!(
+                    "Redis refused a subscription: {}{}",
+                    String::from_utf8_lossy(e),
+                    if self.bus.cfg.cluster {
+                        " (sharded pub/sub needs Redis 7.0 or later)"
+                    } else {
+                        ""
+                    }
+                ));
+            };
+            ShardStats::add(&self.bus.stats.bus_redirects, 1);
+            self.layout_hint = Some(owner.clone());
+            Arc::make_mut(&mut self.topo).moved(slot, owner);
+            self.stale = true;
+            self.forget_subscriptions(key, |ws| topology::slot(&wire::channel(ws)) == slot);
+            return Ok(());
+        }
+        // A subscription confirmation: [kind, channel, count].
+        let Reply::Array(Some(items)) = reply else {
+            return Ok(());
+        };
+        let (Some(kind), Some(channel)) = (
+            items.first().and_then(Reply::as_bytes),
+            items.get(1).and_then(Reply::as_bytes),
+        ) else {
+            return Ok(());
+        };
+        let Some(ws) = wire::workspace_of(channel) else {
+            return Ok(());
+        };
+        let Some((ws, w)) = self.wants.get_key_value(ws) else {
+            return Ok(());
+        };
+        let ws = ws.clone();
+        if w.link != Some(key) {
+            return Ok(()); // about a subscription this node has since made elsewhere
+        }
+        let w = self.wants.get_mut(&ws).expect("present above");
+        let dialect = self.bus.dialect;
+        if kind == dialect.unsubscribed && w.in_flight == 0 && w.requested {
+            // Nothing asked for this: a cluster moved the slot and ended the subscription.
+            // Subscribe again at the slot's new master.
+            log::info!(
+                workspace = &*ws;
+                "cluster bus: Redis moved the workspace's hash slot {}; subscribing at its new master",
+                topology::slot(channel)
+            );
+            w.reset();
+            self.pending.push(ws);
+            self.stale = true;
+            self.layout_hint = self.links.get(key).map(|l| l.node.clone());
+            return Ok(());
+        }
+        w.in_flight = w.in_flight.saturating_sub(1);
+        if w.in_flight > 0 {
+            return Ok(()); // a later command for this channel will settle it
+        }
+        if kind == dialect.subscribed && w.requested {
+            w.live = true;
+            for (i, link) in self.shared.links.iter().enumerate() {
+                if w.shards.contains(i) {
+                    let _ = link.send(ShardMsg::Live(ws.clone()));
+                }
+            }
+        } else if !w.requested && w.shards.is_empty() {
+            self.wants.remove(&ws);
+        } else if !w.requested {
+            // Wanted again while its unsubscribe was on the way.
+            w.link = None;
+            self.pending.push(ws);
+        }
+        Ok(())
     }
 }
 

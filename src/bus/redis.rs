@@ -3,7 +3,7 @@
 //! thread uses one for its handshake before switching the socket to non-blocking pub/sub.
 
 use super::resp::{self, Reply};
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisNode};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -23,10 +23,14 @@ fn protocol_error(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl RedisConn {
-    /// Connects within `timeout` (which also bounds every later read and write), authenticates
-    /// when a password is configured, and selects the database.
-    pub fn connect(cfg: &RedisConfig, timeout: Duration) -> io::Result<RedisConn> {
-        let addr = (cfg.host.as_str(), cfg.port)
+    /// Connects to `node` within `timeout` (which also bounds every later read and write),
+    /// authenticates when a password is configured, and selects the database.
+    pub fn connect(
+        node: &RedisNode,
+        cfg: &RedisConfig,
+        timeout: Duration,
+    ) -> io::Result<RedisConn> {
+        let addr = (node.host.as_str(), node.port)
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;

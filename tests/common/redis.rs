@@ -1,8 +1,8 @@
-//! A throw-away Redis server for the cluster tests: `redis-server` on a free loopback port, no
-//! persistence, killed on drop. Without `redis-server` on the PATH the tests that need one say so
+//! Throw-away Redis for the cluster tests: one `redis-server` on a free loopback port, or a Redis
+//! Cluster of several, no persistence, killed on drop. Without `redis-server` on the PATH the tests that need one say so
 //! loudly and do not run (`.ci/run` installs it, so CI always runs them).
 
-use causeloop_stream::config::{BusConfig, RedisConfig};
+use causeloop_stream::config::{BusConfig, RedisConfig, RedisNode};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,22 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether `redis-server` is on the PATH; if not, says loudly that `test` is skipped.
+fn redis_available(test: &str) -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED {test}: redis-server is not on the PATH !!!!!!!!\n\
+             !!!!!!!! install it (apt-get install redis-server) to run the cluster tests\n"
+        );
+    }
+    found
+}
+
 impl Redis {
     /// Starts one, or explains loudly why it cannot and returns `None`.
     pub fn start(test: &str) -> Option<Redis> {
@@ -30,16 +46,7 @@ impl Redis {
 
     /// Like [`Redis::start`], requiring `password` from clients.
     pub fn start_with_password(test: &str, password: Option<&str>) -> Option<Redis> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!(
-                "\n!!!!!!!! SKIPPED {test}: redis-server is not on the PATH !!!!!!!!\n\
-                 !!!!!!!! install it (apt-get install redis-server) to run the cluster tests\n"
-            );
+        if !redis_available(test) {
             return None;
         }
         let mut r = Redis {
@@ -53,6 +60,11 @@ impl Redis {
 
     /// (Re)starts the server on the same port.
     pub fn restart(&mut self) {
+        self.launch(&[]);
+    }
+
+    /// Starts `redis-server` on this port with `extra` arguments and waits for its PONG.
+    fn launch(&mut self, extra: &[&str]) {
         let mut cmd = Command::new("redis-server");
         if let Some(pw) = &self.password {
             cmd.args(["--requirepass", pw]);
@@ -70,6 +82,7 @@ impl Redis {
                 "--protected-mode",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -109,17 +122,237 @@ impl Redis {
 
     /// The `--bus` configuration pointing at it.
     pub fn bus(&self) -> BusConfig {
-        BusConfig::Redis(RedisConfig {
-            host: "127.0.0.1".into(),
-            port: self.port,
-            db: 0,
-            password: None,
-        })
+        BusConfig::Redis(RedisConfig::single("127.0.0.1", self.port))
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A throw-away Redis Cluster of `masters` masters (no replicas) on free loopback ports, with
+/// the slots split evenly. Killed, and its directory removed, on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+    dir: std::path::PathBuf,
+}
+
+/// A port that is free, and whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts one and waits until every master agrees the cluster is `ok`, or explains loudly
+    /// why it cannot and returns `None`.
+    pub fn start(test: &str, masters: usize) -> Option<RedisCluster> {
+        if !redis_available(test) {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "causeloop-redis-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..masters {
+            let mut r = Redis {
+                child: None,
+                port: free_cluster_port(),
+                password: None,
+            };
+            c.spawn(&mut r);
+            c.nodes.push(r);
+        }
+        // Slots split evenly, each master with its own config epoch, then everyone meets.
+        let per = 16384 / masters;
+        for (i, r) in c.nodes.iter().enumerate() {
+            let first = i * per;
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                first + per - 1
+            };
+            let out = r.cli(&[
+                "CLUSTER",
+                "ADDSLOTSRANGE",
+                &first.to_string(),
+                &last.to_string(),
+            ]);
+            assert_eq!(out.trim(), "OK", "ADDSLOTSRANGE: {out}");
+            r.cli(&["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()]);
+        }
+        for r in &c.nodes[1..] {
+            let out = c.nodes[0].cli(&["CLUSTER", "MEET", "127.0.0.1", &r.port.to_string()]);
+            assert_eq!(out.trim(), "OK", "CLUSTER MEET: {out}");
+        }
+        c.wait_ok();
+        Some(c)
+    }
+
+    fn spawn(&self, r: &mut Redis) {
+        let conf = self.dir.join(format!("nodes-{}.conf", r.port));
+        r.launch(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            conf.to_str().unwrap(),
+            "--cluster-node-timeout",
+            "2000",
+            // One master down (there are no replicas) must not stop the others.
+            "--cluster-require-full-coverage",
+            "no",
+        ]);
+    }
+
+    /// Waits until every running master says `cluster_state:ok` and knows every master.
+    pub fn wait_ok(&self) {
+        let start = Instant::now();
+        loop {
+            let ok = self.nodes.iter().filter(|r| r.child.is_some()).all(|r| {
+                r.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && r.cli(&["CLUSTER", "NODES"])
+                        .lines()
+                        .filter(|l| l.contains("master") && !l.contains("fail"))
+                        .count()
+                        == self.nodes.len()
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the Redis Cluster did not come up: {}",
+                self.nodes[0].cli(&["CLUSTER", "NODES"])
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `--bus` configuration: every master as a seed.
+    pub fn bus(&self) -> BusConfig {
+        let mut cfg = RedisConfig::single("127.0.0.1", self.nodes[0].port);
+        cfg.cluster = true;
+        cfg.nodes = self
+            .nodes
+            .iter()
+            .map(|r| RedisNode {
+                host: "127.0.0.1".into(),
+                port: r.port,
+            })
+            .collect();
+        BusConfig::Redis(cfg)
+    }
+
+    /// The hash slot of a key, as Redis computes it.
+    pub fn slot(&self, key: &str) -> u16 {
+        self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Which master (index) owns `slot`, according to master 0.
+    pub fn owner(&self, slot: u16) -> usize {
+        let out = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        for line in out.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let port: u16 = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            for range in &fields[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) else {
+                    continue;
+                };
+                if (a..=b).contains(&slot) {
+                    return self.nodes.iter().position(|r| r.port == port).unwrap();
+                }
+            }
+        }
+        panic!("no master owns slot {slot}: {out}")
+    }
+
+    /// `PUBSUB SHARDNUMSUB` of `channel` on each master: its sharded subscribers there.
+    pub fn shard_subscribers(&self, channel: &str) -> Vec<u64> {
+        self.per_master(&["PUBSUB", "SHARDNUMSUB", channel])
+    }
+
+    /// `PUBSUB NUMSUB` (classic, cluster-wide broadcast pub/sub) of `channel` on each master.
+    pub fn classic_subscribers(&self, channel: &str) -> Vec<u64> {
+        self.per_master(&["PUBSUB", "NUMSUB", channel])
+    }
+
+    /// The count a `PUBSUB ...NUMSUB` of one channel answers, on each master.
+    fn per_master(&self, command: &[&str]) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|r| {
+                r.cli(command)
+                    .lines()
+                    .nth(1)
+                    .and_then(|l| l.trim().parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Moves an empty `slot` to master `to`, as a resharding does: importing and migrating,
+    /// then the new owner announced to every master.
+    pub fn move_slot(&self, slot: u16, to: usize) {
+        let from = self.owner(slot);
+        let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string();
+        let (from_id, to_id) = (id(from), id(to));
+        let s = slot.to_string();
+        self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]);
+        self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]);
+        for i in [to, from] {
+            let out = self.nodes[i].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            assert_eq!(out.trim(), "OK", "SETSLOT NODE: {out}");
+        }
+        for (i, r) in self.nodes.iter().enumerate() {
+            if i != to && i != from {
+                r.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            }
+        }
+    }
+
+    /// Kills master `i` (as a crash would).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts master `i` again on its port with its cluster config: it rejoins as it was.
+    pub fn restart(&mut self, i: usize) {
+        let mut r = Redis {
+            child: None,
+            port: self.nodes[i].port,
+            password: None,
+        };
+        self.spawn(&mut r);
+        self.nodes[i] = r;
+        self.wait_ok();
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for r in &mut self.nodes {
+            r.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,323 @@
+//! Cluster mode on a Redis Cluster (`--bus redis-cluster://`), with a real three-master cluster
+//! and real nodes: sharded pub/sub, each workspace's channel on the master that owns its hash
+//! slot, slots moving under a live stream, a master lost and back.
+
+mod common;
+
+use common::redis::RedisCluster;
+use common::*;
+use std::time::Duration;
+
+fn node(cluster: &RedisCluster) -> TestServer {
+    let bus = cluster.bus();
+    TestServer::with(move |c| c.bus = bus)
+}
+
+fn channel(ws: &str) -> String {
+    format!("causeloop:v1:ws:{ws}")
+}
+
+/// One workspace name per master, each owned by that master.
+fn one_workspace_per_master(cluster: &RedisCluster) -> Vec<String> {
+    let mut found: Vec<Option<String>> = vec![None; cluster.nodes.len()];
+    for i in 0.. {
+        let ws = format!("ws_{i}");
+        let owner = cluster.owner(cluster.slot(&channel(&ws)));
+        if found[owner].is_none() {
+            found[owner] = Some(ws);
+        }
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    found.into_iter().map(Option::unwrap).collect()
+}
+
+fn scrape(s: &TestServer) -> String {
+    raw_http(
+        s.internal,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+}
+
+fn metric(s: &TestServer, name: &str) -> u64 {
+    let text = scrape(s);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+fn publish_until_accepted(n: &TestServer, body: &str) -> (u16, String) {
+    let mut answer = (0, String::new());
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            answer = n.publish(body);
+            answer.0 == 202
+        }),
+        "{answer:?}"
+    );
+    answer
+}
+
+#[test]
+fn sharded_pubsub_reaches_every_node_with_identical_bytes_from_the_owning_master_only() {
+    let Some(cluster) = RedisCluster::start(
+        "sharded_pubsub_reaches_every_node_with_identical_bytes_from_the_owning_master_only",
+        3,
+    ) else {
+        return;
+    };
+    let nodes = [node(&cluster), node(&cluster), node(&cluster)];
+    let spaces = one_workspace_per_master(&cluster);
+    // Every node subscribes to every workspace; `connected` arrives once each subscription is
+    // in force at the workspace's master.
+    let mut subs: Vec<Vec<Ws>> = spaces
+        .iter()
+        .map(|ws| nodes.iter().map(|n| n.subscribe(ws, "u1")).collect())
+        .collect();
+    for (owner, ws) in spaces.iter().enumerate() {
+        // Sharded subscriptions, each only on the master that owns the channel's slot; no
+        // classic (broadcast) subscription anywhere.
+        let mut want = vec![0; 3];
+        want[owner] = 3;
+        assert_eq!(cluster.shard_subscribers(&channel(ws)), want, "{ws}");
+        assert_eq!(cluster.classic_subscribers(&channel(ws)), [0, 0, 0]);
+    }
+    // One HTTP publish to node 0 with an event for each workspace: three masters, one request.
+    let body = format!(
+        "[{}]",
+        spaces
+            .iter()
+            .map(|ws| format!(
+                r#"{{"workspace_id":"{ws}","type":"issue.created","payload":{{ "ws": "{ws}" }}}}"#
+            ))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (status, answer) = nodes[0].publish(&body);
+    assert_eq!(status, 202, "{answer}");
+    for (ws, on_nodes) in spaces.iter().zip(subs.iter_mut()) {
+        let got: Vec<String> = on_nodes.iter_mut().map(read_event).collect();
+        assert!(
+            got[0].starts_with(&format!(
+                r#"{{"type":"issue.created","payload":{{"ws":"{ws}"}},"ts":"#
+            )),
+            "{}",
+            got[0]
+        );
+        assert!(got.iter().all(|g| *g == got[0]), "{got:?}");
+    }
+    // The library handle on another node, user-scoped: only that user, on every node.
+    let mut other_user = nodes[1].subscribe(&spaces[2], "u2");
+    nodes[2]
+        .server()
+        .publisher()
+        .publish_user(
+            &spaces[2],
+            "u2",
+            "note.private",
+            &serde_json::json!({"n": 1}),
+        )
+        .unwrap();
+    assert!(read_event(&mut other_user).contains("note.private"));
+    nodes[0]
+        .server()
+        .publisher()
+        .publish(&spaces[2], "note.public", &serde_json::json!({}))
+        .unwrap();
+    for s in subs[2].iter_mut() {
+        // u1 never saw the private event: the next event is the public one.
+        assert!(read_event(s).contains("note.public"));
+    }
+    assert!(read_event(&mut other_user).contains("note.public"));
+}
+
+#[test]
+fn publish_order_and_interest_hold_on_a_cluster() {
+    let Some(cluster) = RedisCluster::start("publish_order_and_interest_hold_on_a_cluster", 3)
+    else {
+        return;
+    };
+    let a = node(&cluster);
+    let b = node(&cluster);
+    let spaces = one_workspace_per_master(&cluster);
+    let owner_of_0 = cluster.owner(cluster.slot(&channel(&spaces[0])));
+    assert_eq!(
+        cluster.shard_subscribers(&channel(&spaces[0]))[owner_of_0],
+        0
+    );
+    let mut on_a = a.subscribe(&spaces[0], "u");
+    let on_b = b.subscribe(&spaces[0], "u");
+    assert_eq!(
+        cluster.shard_subscribers(&channel(&spaces[0]))[owner_of_0],
+        2
+    );
+    // Nobody serves the other workspaces: no subscription to them anywhere.
+    for ws in &spaces[1..] {
+        assert_eq!(cluster.shard_subscribers(&channel(ws)), [0, 0, 0]);
+    }
+    // Order per publisher per workspace, interleaved with publishes to other masters.
+    let p = b.server().publisher();
+    for n in 0..300 {
+        p.publish(&spaces[n % 3], "seq.step", &serde_json::json!({ "n": n }))
+            .unwrap();
+    }
+    for n in (0..300).step_by(3) {
+        assert_eq!(json(&read_event(&mut on_a))["payload"]["n"], n);
+    }
+    // The last subscriber of a node leaves: the node lets go of the channel at its master.
+    drop(on_b);
+    assert!(eventually(Duration::from_secs(5), || cluster
+        .shard_subscribers(&channel(&spaces[0]))[owner_of_0]
+        == 1));
+}
+
+#[test]
+fn a_slot_moved_under_a_live_stream_is_followed() {
+    let Some(cluster) = RedisCluster::start("a_slot_moved_under_a_live_stream_is_followed", 3)
+    else {
+        return;
+    };
+    let a = node(&cluster);
+    let b = node(&cluster);
+    // A node that only publishes: nothing tells it the slot moved until Redis redirects it.
+    let publisher = node(&cluster);
+    let ws = &one_workspace_per_master(&cluster)[0];
+    let slot = cluster.slot(&channel(ws));
+    let mut subs = [a.subscribe(ws, "u"), b.subscribe(ws, "u")];
+    for (i, n) in [&a, &b, &publisher].iter().enumerate() {
+        let (status, body) = n.publish(&format!(
+            r#"{{"workspace_id":"{ws}","type":"before.move","payload":{{"from":{i}}}}}"#
+        ));
+        assert_eq!(status, 202, "{body}");
+        for s in subs.iter_mut() {
+            assert!(read_event(s).contains("before.move"));
+        }
+    }
+    let from = cluster.owner(slot);
+    let to = (from + 1) % 3;
+    let layouts_before = metric(&a, "causeloop_bus_layout_reads_total");
+    cluster.move_slot(slot, to);
+    // Redis ends the subscriptions at the old master; each node reads the layout again and
+    // subscribes at the new one. The open connections never notice.
+    assert!(
+        eventually(Duration::from_secs(10), || cluster
+            .shard_subscribers(&channel(ws))
+            == {
+                let mut w = vec![0; 3];
+                w[to] = 2;
+                w
+            }),
+        "{:?}",
+        cluster.shard_subscribers(&channel(ws))
+    );
+    assert!(metric(&a, "causeloop_bus_layout_reads_total") > layouts_before);
+    // The publishing node still has the old layout: Redis redirects it and the publish
+    // follows, in the same request.
+    assert_eq!(metric(&publisher, "causeloop_bus_redirects_total"), 0);
+    let (status, body) = publisher.publish(&format!(
+        r#"{{"workspace_id":"{ws}","type":"after.move","payload":{{}}}}"#
+    ));
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(metric(&publisher, "causeloop_bus_redirects_total"), 1);
+    for s in subs.iter_mut() {
+        assert!(read_event(s).contains("after.move"));
+    }
+    // A node that connects a new subscriber after the move subscribes at the new master.
+    let c = node(&cluster);
+    let mut late = c.subscribe(ws, "u");
+    assert_eq!(cluster.shard_subscribers(&channel(ws))[to], 3);
+    let (status, body) = c.publish(&format!(
+        r#"{{"workspace_id":"{ws}","type":"late","payload":{{}}}}"#
+    ));
+    assert_eq!(status, 202, "{body}");
+    assert!(read_event(&mut late).contains("late"));
+    for s in subs.iter_mut() {
+        assert!(read_event(s).contains("late"));
+    }
+}
+
+#[test]
+fn a_master_lost_and_back_stops_only_its_slots() {
+    let Some(mut cluster) = RedisCluster::start("a_master_lost_and_back_stops_only_its_slots", 3)
+    else {
+        return;
+    };
+    let n = {
+        let bus = cluster.bus();
+        TestServer::with(move |c| {
+            c.bus = bus;
+            c.heartbeat_interval = Duration::from_millis(200);
+        })
+    };
+    let spaces = one_workspace_per_master(&cluster);
+    let mut subs: Vec<Ws> = spaces.iter().map(|ws| n.subscribe(ws, "u")).collect();
+    assert_eq!(metric(&n, "causeloop_bus_up"), 1);
+    cluster.kill(0);
+    // The lost master's slots answer 503 with the reason; the others keep working.
+    let dead = format!(
+        r#"{{"workspace_id":"{}","type":"a","payload":{{}}}}"#,
+        spaces[0]
+    );
+    assert!(eventually(Duration::from_secs(5), || n.publish(&dead).0 == 503));
+    let (_, body) = n.publish(&dead);
+    assert!(body.contains("master of hash slot"), "{body}");
+    assert_eq!(metric(&n, "causeloop_bus_up"), 0);
+    let (status, body) = n.publish(&format!(
+        r#"{{"workspace_id":"{}","type":"still.flowing","payload":{{}}}}"#,
+        spaces[1]
+    ));
+    assert_eq!(status, 202, "{body}");
+    assert!(read_event(&mut subs[1]).contains("still.flowing"));
+    // Every connection stays open with its heartbeats, including those on the lost master.
+    for _ in 0..3 {
+        assert!(read_text(&mut subs[0]).contains("heartbeat"));
+    }
+    cluster.restart(0);
+    // The node reconnects, subscribes again, and after the settle period publishes resume.
+    assert!(eventually(Duration::from_secs(15), || cluster
+        .shard_subscribers(&channel(&spaces[0]))[0]
+        == 1));
+    publish_until_accepted(
+        &n,
+        &format!(
+            r#"{{"workspace_id":"{}","type":"back.again","payload":{{}}}}"#,
+            spaces[0]
+        ),
+    );
+    // Heartbeats may come first; the event follows.
+    assert!(read_event(&mut subs[0]).contains("back.again"));
+    assert_eq!(metric(&n, "causeloop_bus_up"), 1);
+    assert!(metric(&n, "causeloop_bus_reconnects_total") >= 1);
+}
+
+#[test]
+fn a_plain_redis_given_as_a_cluster_is_refused_with_the_reason() {
+    let Some(redis) =
+        common::redis::Redis::start("a_plain_redis_given_as_a_cluster_is_refused_with_the_reason")
+    else {
+        return;
+    };
+    let bus = format!("redis-cluster://127.0.0.1:{}", redis.port);
+    let mut p = common::process::spawn(&["--bus", &bus], &common::process::secret_env());
+    let (status, body) = publish_with_key(
+        p.internal,
+        Some(PUBLISH_KEY),
+        r#"{"workspace_id":"w","type":"a","payload":{}}"#,
+    );
+    assert_eq!(status, 503, "{body}");
+    // The first attempt fails at once; give it time to log before the kill.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let mut log = String::new();
+    use std::io::Read;
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("cluster support disabled"), "{log}");
+    assert!(log.contains("retrying in"), "{log}");
+}
