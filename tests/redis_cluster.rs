@@ -292,6 +292,56 @@ fn a_master_lost_and_back_stops_only_its_slots() {
 }
 
 #[test]
+fn a_frozen_master_is_given_up_while_the_others_keep_delivering() {
+    let Some(cluster) = RedisCluster::start(
+        "a_frozen_master_is_given_up_while_the_others_keep_delivering",
+        3,
+    ) else {
+        return;
+    };
+    let n = node(&cluster);
+    let spaces = one_workspace_per_master(&cluster);
+    let mut frozen_ws = n.subscribe(&spaces[0], "u");
+    let mut live_ws = n.subscribe(&spaces[1], "u");
+    // A hung master: its sockets stay open, nothing answers, no FIN ever comes.
+    cluster.nodes[0].signal("STOP");
+    // The bus notices by its PING going unanswered (within 10 s), drops the connection and
+    // tries again; all the while, events on the other masters are delivered, each of them.
+    let mut sent = 0;
+    let mut after_reconnect = 0;
+    while after_reconnect < 5 {
+        assert!(sent < 100, "the frozen master was never given up");
+        let (status, body) = n.publish(&format!(
+            r#"{{"workspace_id":"{}","type":"tick","payload":{{"n":{sent}}}}}"#,
+            spaces[1]
+        ));
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(json(&read_event(&mut live_ws))["payload"]["n"], sent);
+        sent += 1;
+        if metric(&n, "causeloop_bus_reconnects_total") > 0 {
+            after_reconnect += 1;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Its slots answer 503 (the node's publish connection times out on it).
+    let (status, body) = n.publish(&format!(
+        r#"{{"workspace_id":"{}","type":"lost","payload":{{}}}}"#,
+        spaces[0]
+    ));
+    assert_eq!(status, 503, "{body}");
+    // Thawed, it serves again: the node subscribes there anew.
+    cluster.nodes[0].signal("CONT");
+    publish_until_accepted(
+        &n,
+        &format!(
+            r#"{{"workspace_id":"{}","type":"thawed","payload":{{}}}}"#,
+            spaces[0]
+        ),
+    );
+    assert!(read_event(&mut frozen_ws).contains("thawed"));
+}
+
+#[test]
 fn a_plain_redis_given_as_a_cluster_is_refused_with_the_reason() {
     let Some(redis) =
         common::redis::Redis::start("a_plain_redis_given_as_a_cluster_is_refused_with_the_reason")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Reproduces the table of docs/cluster.md: the same fan-out load (2,000 subscribers over 20
 # workspaces, 20 events/s per workspace published to the first node) on one node with the local
-# bus, one node on Redis, and three nodes on one Redis with the subscribers spread over them.
-# Redis's CPU is sampled from /proc and its own PUBLISH statistics (INFO commandstats).
+# bus, one node on Redis, three nodes on one Redis with the subscribers spread over them, and
+# three nodes on a three-master Redis Cluster (sharded pub/sub). Redis's CPU is sampled from
+# /proc (summed over the masters) and its own PUBLISH/SPUBLISH statistics (INFO commandstats).
 #
-# Usage: loadtest/scripts/cluster.sh      (DUR=20s by default; needs redis-server and redis-cli)
+# Usage: loadtest/scripts/cluster.sh      (DUR=20s, WORKSPACES=20 by default; needs redis-server and
+#        redis-cli). WORKSPACES=200 keeps the 40,000 frames/s but publishes ten times the events.
 # Output: a markdown table on stdout; JSON reports in target/cluster/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,14 +17,28 @@ BIN=target/release
 OUT=target/cluster
 mkdir -p "$OUT"
 DUR=${DUR:-20s}
+WORKSPACES=${WORKSPACES:-20}
 RPORT=6391
-redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
-RPID=$!
-trap 'kill $RPID 2>/dev/null || true' EXIT
-for _ in $(seq 50); do [ "$(redis-cli -p $RPORT PING 2>/dev/null)" = PONG ] && break; sleep 0.1; done
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+CPORTS=(6394 6395 6396)
+RDIR=$(mktemp -d)
+REDIS_PIDS=()
+trap 'kill "${REDIS_PIDS[@]}" 2>/dev/null || true; rm -rf "$RDIR"' EXIT
+start_redis() { # port [extra args...]
+  local port=$1
+  shift
+  (cd "$RDIR" && exec redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no "$@") >/dev/null 2>&1 &
+  REDIS_PIDS+=($!)
+  for _ in $(seq 50); do [ "$(redis-cli -p "$port" PING 2>/dev/null)" = PONG ] && break; sleep 0.1; done
+}
+start_redis $RPORT
+RPID=${REDIS_PIDS[0]}
+for p in "${CPORTS[@]}"; do start_redis "$p" --cluster-enabled yes --cluster-config-file "nodes-$p.conf"; done
+CPIDS=("${REDIS_PIDS[@]:1}")
+redis-cli --cluster create "${CPORTS[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+until redis-cli -p "${CPORTS[0]}" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.2; done
+cpu_ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 
-row() { # label bus nodes
+row() { # label bus nodes redis-port... (the Redis servers the row uses)
   local pids=() urls=()
   for i in $(seq 0 $(($3 - 1))); do
     "$BIN/causeloop-stream" --listen 127.0.0.1:$((4800 + i * 2)) --internal-listen 127.0.0.1:$((4801 + i * 2)) \
@@ -30,17 +46,22 @@ row() { # label bus nodes
     pids+=($!)
     urls+=(--url ws://127.0.0.1:$((4800 + i * 2)))
   done
+  local label=$1 ports=("${@:4}") rpids=()
+  [ "${ports[0]}" = $RPORT ] && rpids=($RPID) || rpids=("${CPIDS[@]}")
   sleep 0.7
-  redis-cli -p $RPORT CONFIG RESETSTAT >/dev/null
+  for p in "${ports[@]}"; do redis-cli -p "$p" CONFIG RESETSTAT >/dev/null; done
   local r0 r1 upc
-  r0=$(cpu_ticks $RPID)
-  "$BIN/causeloop-loadtest" fanout "${urls[@]}" --internal http://127.0.0.1:4801 --connections 2000 --workspaces 20 \
+  r0=$(cpu_ticks "${rpids[@]}")
+  "$BIN/causeloop-loadtest" fanout "${urls[@]}" --internal http://127.0.0.1:4801 --connections 2000 --workspaces "$WORKSPACES" \
     --rate 20 --duration "$DUR" --processes 2 --source-ips 127.0.0.2-127.0.0.9 --json "$OUT/$1.json" >/dev/null 2>"$OUT/$1.log"
-  r1=$(cpu_ticks $RPID)
-  upc=$(redis-cli -p $RPORT INFO commandstats | sed -n 's/^cmdstat_publish:.*usec_per_call=\([0-9.]*\).*/\1/p')
+  r1=$(cpu_ticks "${rpids[@]}")
+  # Mean µs per PUBLISH or SPUBLISH call over the servers used.
+  upc=$(for p in "${ports[@]}"; do redis-cli -p "$p" INFO commandstats; done |
+    sed -n 's/^cmdstat_s\{0,1\}publish:calls=\([0-9]*\),usec=\([0-9]*\),.*/\1 \2/p' |
+    awk '{c += $1; u += $2} END {if (c) printf "%.2f", u / c}')
   kill "${pids[@]}"
   wait "${pids[@]}" 2>/dev/null || true
-  python3 - "$OUT/$1.json" "$1" "$r0" "$r1" "${upc:-0}" <<'PY'
+  python3 - "$OUT/$label.json" "$label" "$r0" "$r1" "${upc:-0}" <<'PY'
 import json, sys
 path, label, r0, r1, upc = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 r = json.load(open(path)); f = r["fanout"]; ev = f["published_events"]
@@ -53,6 +74,8 @@ PY
 
 echo "| setup | delivered/s | p50 µs | p99 µs | lost | events published | Redis process CPU µs/event | Redis PUBLISH µs/call | load tester % core |"
 echo "|---|---|---|---|---|---|---|---|---|"
-row "one node, local bus" local 1
-row "one node on Redis" "redis://127.0.0.1:$RPORT" 1
-row "three nodes on one Redis" "redis://127.0.0.1:$RPORT" 3
+row "one node, local bus" local 1 $RPORT
+row "one node on Redis" "redis://127.0.0.1:$RPORT" 1 $RPORT
+row "three nodes on one Redis" "redis://127.0.0.1:$RPORT" 3 $RPORT
+row "one node, local bus; Redis Cluster idle" local 1 "${CPORTS[@]}"
+row "three nodes on a 3-master Redis Cluster" "redis-cluster://127.0.0.1:${CPORTS[0]},127.0.0.1:${CPORTS[1]}" 3 "${CPORTS[@]}"

@@ -132,11 +132,11 @@ pub struct ClusterBus {
     /// Where each channel goes. The bus thread replaces it after reading the layout; a
     /// publisher patches it when redirected.
     topology: Mutex<Arc<Topology>>,
-    /// The servers this node's bus thread has a subscriber connection to. A publish goes only
-    /// to those: what goes elsewhere would miss this node's own subscribers.
-    connected: Mutex<Vec<RedisNode>>,
-    /// After a reconnect: publishes wait until this instant (see [`PUBLISH_SETTLE`]).
-    settle_until: Mutex<Option<Instant>>,
+    /// The servers this node's bus thread has a subscriber connection to, each with the
+    /// instant publishes to it may start: at once after the first connection, after
+    /// [`PUBLISH_SETTLE`] after a reconnect. A publish goes only to these: what goes elsewhere
+    /// would miss this node's own subscribers.
+    connected: Mutex<HashMap<RedisNode, Instant>>,
     /// One command connection per Redis server, shared by this node's publishers.
     publish_conns: Mutex<HashMap<RedisNode, RedisConn>>,
 }
@@ -173,8 +173,7 @@ impl ClusterBus {
             stop: AtomicBool::new(false),
             layout_stale: AtomicBool::new(false),
             topology: Mutex::new(Arc::new(topology)),
-            connected: Mutex::new(Vec::new()),
-            settle_until: Mutex::new(None),
+            connected: Mutex::new(HashMap::new()),
             publish_conns: Mutex::new(HashMap::new()),
         });
         Ok((bus.clone(), BusThread { bus, rx, poll }))
@@ -205,13 +204,6 @@ impl ClusterBus {
     /// messages holds. When a server they go to is down (on a cluster: the master of one of
     /// their slots), this fails at once and nothing is sent to any server.
     pub fn publish(&self, messages: &[(Vec<u8>, Vec<u8>)]) -> Result<(), BusUnavailable> {
-        let settle = *lock(&self.settle_until);
-        if let Some(left) = settle.and_then(|t| t.checked_duration_since(Instant::now())) {
-            return Err(BusUnavailable(format!(
-                "the cluster bus (Redis) is back; publishes resume in {} ms, once every node has re-subscribed",
-                left.as_millis().max(1)
-            )));
-        }
         let mut conns = lock(&self.publish_conns);
         let mut todo: Vec<usize> = (0..messages.len()).collect();
         for _ in 0..PUBLISH_REDIRECTS {
@@ -236,7 +228,14 @@ impl ClusterBus {
             let connected = lock(&self.connected).clone();
             for (node, group) in &groups {
                 let node = &topo.nodes[*node];
-                if !connected.contains(node) {
+                let from = connected.get(node).copied();
+                if let Some(left) = from.and_then(|t| t.checked_duration_since(Instant::now())) {
+                    return Err(BusUnavailable(format!(
+                        "the cluster bus (Redis {node}) is back; publishes resume in {} ms, once every node has re-subscribed",
+                        left.as_millis().max(1)
+                    )));
+                }
+                if from.is_none() {
                     return Err(BusUnavailable(if self.cfg.cluster {
                         format!(
                             "the cluster bus (Redis {node}, master of hash slot {}) is unreachable; publish again once it is back",
@@ -333,6 +332,16 @@ impl ClusterBus {
     }
 }
 
+/// The outcome of work done off the bus thread.
+enum Attempt {
+    /// A read of the cluster's layout.
+    Layout(Result<Topology, String>),
+    /// A subscriber connection (connected, authenticated, database selected).
+    Connected(RedisNode, io::Result<RedisConn>),
+    /// The work could not start.
+    Failed(String),
+}
+
 /// Per-workspace subscription state.
 #[derive(Default)]
 struct Want {
@@ -386,6 +395,12 @@ struct Runner {
     /// The layout must be read (again) before subscribing: at start, after a redirect, after a
     /// lost connection (a master may have failed over).
     stale: bool,
+    attempts_tx: Sender<Attempt>,
+    attempts_rx: Receiver<Attempt>,
+    /// Servers a connect is under way to.
+    connecting: Vec<RedisNode>,
+    /// A read of the layout is under way.
+    reading_layout: bool,
     /// The server to ask for the layout first: the one that said a slot moved.
     layout_hint: Option<RedisNode>,
     last_layout: Option<Instant>,
@@ -404,7 +419,12 @@ impl BusThread {
             max_id_bytes: shared.config.max_id_bytes,
         };
         let topo = lock(&self.bus.topology).clone();
+        let (attempts_tx, attempts_rx) = crossbeam_channel::unbounded();
         let mut r = Runner {
+            attempts_tx,
+            attempts_rx,
+            connecting: Vec::new(),
+            reading_layout: false,
             bus: self.bus,
             shared,
             limits,
@@ -439,34 +459,20 @@ impl Runner {
             if self.bus.layout_stale.swap(false, Ordering::AcqRel) {
                 self.stale = true;
             }
-            if Instant::now() >= self.retry_at && (self.stale || self.missing_links()) {
-                match self.establish(&mut ready) {
-                    Ok(()) => self.backoff = BACKOFF_MIN,
-                    Err(e) => {
-                        self.retry_at = Instant::now() + jittered(self.backoff);
-                        log::warn!(
-                            "cluster bus: {}: {e}; retrying in {:?}",
-                            self.bus.cfg.url(),
-                            self.retry_at - Instant::now()
-                        );
-                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-                    }
-                }
-            }
+            self.start_attempts();
             self.subscribe_pending();
             self.update_up();
-            let timeout = if self.stale || self.missing_links() {
-                self.retry_at
-                    .saturating_duration_since(Instant::now())
-                    .min(IDLE_PING)
-            } else {
-                IDLE_PING
-            };
+            let timeout = self.next_attempt().map_or(IDLE_PING, |t| {
+                t.saturating_duration_since(Instant::now()).min(IDLE_PING)
+            });
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("cluster bus: poll failed: {e}");
                     return;
                 }
+            }
+            while let Ok(attempt) = self.attempts_rx.try_recv() {
+                self.on_attempt(attempt, &mut ready);
             }
             // Interest changes from the shards.
             while let Ok(change) = rx.try_recv() {
@@ -529,7 +535,7 @@ impl Runner {
             for (key, why) in failed {
                 if let Some(node) = self.links.get(key).map(|l| l.node.clone()) {
                     log::warn!(
-                        "cluster bus: lost redis {node} ({}): {why}; publishes answer 503 until it is back",
+                        "cluster bus: lost redis {node} ({}): {why}; publishes through it answer 503 until it is back",
                         self.bus.cfg.url()
                     );
                     self.drop_link(key, true);
@@ -559,22 +565,92 @@ impl Runner {
         }
     }
 
-    /// Reads the layout when it is stale, then connects to every server in it that has no
-    /// subscriber connection. New connections are added to `ready` (their handshake may have
-    /// read past its last reply).
-    fn establish(&mut self, ready: &mut Vec<usize>) -> Result<(), String> {
-        if self.stale {
-            if self.bus.cfg.cluster {
-                if let Some(next) = self.last_layout.map(|t| t + LAYOUT_MIN_INTERVAL) {
-                    if Instant::now() < next {
-                        self.retry_at = next;
-                        return Ok(());
-                    }
+    /// Starts, when due, what the bus lacks: a read of the layout when it is stale, and a
+    /// connection to each server of the layout that has none. Both run on threads of their own
+    /// and report through [`Attempt`]s, so that a server that does not answer never holds up the
+    /// messages of the others.
+    fn start_attempts(&mut self) {
+        let now = Instant::now();
+        if now < self.retry_at {
+            return;
+        }
+        if self.stale && !self.bus.cfg.cluster {
+            self.stale = false; // one server: its address is its layout
+        }
+        if self.stale
+            && !self.reading_layout
+            && self
+                .last_layout
+                .map_or(true, |t| now >= t + LAYOUT_MIN_INTERVAL)
+        {
+            self.reading_layout = true;
+            self.last_layout = Some(now);
+            // The server that said a slot moved first, then the known masters, then the seeds.
+            let mut candidates: Vec<RedisNode> = self.layout_hint.iter().cloned().collect();
+            for known in self.topo.nodes.iter().chain(&self.bus.cfg.nodes) {
+                if !candidates.contains(known) {
+                    candidates.push(known.clone());
                 }
-                self.last_layout = Some(Instant::now());
-                let topo = Arc::new(self.read_layout()?);
+            }
+            let cfg = self.bus.cfg.clone();
+            self.attempt(move || Attempt::Layout(read_layout(&cfg, &candidates)));
+        }
+        for node in self.topo.nodes.clone() {
+            if self.link_of.contains_key(&node) || self.connecting.contains(&node) {
+                continue;
+            }
+            self.connecting.push(node.clone());
+            let cfg = self.bus.cfg.clone();
+            self.attempt(move || {
+                let conn = RedisConn::connect(&node, &cfg, CONNECT_TIMEOUT);
+                Attempt::Connected(node, conn)
+            });
+        }
+    }
+
+    /// Runs `work` on a thread of its own and hands its outcome back to the loop.
+    fn attempt(&self, work: impl FnOnce() -> Attempt + Send + 'static) {
+        let tx = self.attempts_tx.clone();
+        let bus = self.bus.clone();
+        let spawned = std::thread::Builder::new()
+            .name("causeloop-bus-connect".into())
+            .spawn(move || {
+                let _ = tx.send(work());
+                let _ = bus.waker.wake();
+            });
+        if let Err(e) = spawned {
+            // Reported like a failed attempt: the loop retries after the backoff.
+            let _ = self.attempts_tx.send(Attempt::Failed(format!(
+                "cannot start a connect thread: {e}"
+            )));
+        }
+    }
+
+    /// When [`Runner::start_attempts`] next has something to do, if ever.
+    fn next_attempt(&self) -> Option<Instant> {
+        let layout = (self.stale && !self.reading_layout).then(|| {
+            self.last_layout.map_or(self.retry_at, |t| {
+                self.retry_at.max(t + LAYOUT_MIN_INTERVAL)
+            })
+        });
+        let connect = self
+            .topo
+            .nodes
+            .iter()
+            .any(|n| !self.link_of.contains_key(n) && !self.connecting.contains(n))
+            .then_some(self.retry_at);
+        layout.into_iter().chain(connect).min()
+    }
+
+    /// Takes the outcome of a layout read or a connect.
+    fn on_attempt(&mut self, attempt: Attempt, ready: &mut Vec<usize>) {
+        match attempt {
+            Attempt::Layout(Ok(topo)) => {
+                self.reading_layout = false;
                 self.layout_hint = None;
+                self.stale = false;
                 ShardStats::add(&self.bus.stats.bus_layout_reads, 1);
+                let topo = Arc::new(topo);
                 // Connections to servers that no longer own slots (a failed master that came
                 // back as a replica) go; their subscriptions are made again where they belong.
                 let gone: Vec<usize> = self
@@ -594,80 +670,77 @@ impl Runner {
                         self.pending.push(ws.clone());
                     }
                 }
-            }
-            self.stale = false;
-        }
-        let mut errors = Vec::new();
-        for node in self.topo.nodes.clone() {
-            if self.link_of.contains_key(&node) {
-                continue;
-            }
-            match self.connect(&node) {
-                Ok(key) => {
-                    ready.push(key);
-                    if self.lost {
-                        ShardStats::add(&self.bus.stats.bus_reconnects, 1);
-                        *lock(&self.bus.settle_until) = Some(Instant::now() + PUBLISH_SETTLE);
-                    }
-                    log::info!(
-                        "cluster bus: connected to redis {node} ({})",
-                        self.bus.cfg.url()
-                    );
+                let uncovered = self.topo.uncovered();
+                if uncovered > 0 {
+                    // A cluster that is partly down: serve the slots that have a master, and
+                    // read the layout again until every slot has one.
+                    self.stale = true;
+                    self.retry_later(format!("{uncovered} hash slots have no master"));
                 }
-                Err(e) => errors.push(format!("redis {node}: {e}")),
             }
-        }
-        if errors.is_empty() && !self.missing_links() {
-            self.lost = false;
-        } else if self.bus.cfg.cluster {
-            // A master that cannot be reached may have been replaced by a replica: read the
-            // layout again on the next attempt.
-            self.stale = true;
-        }
-        let uncovered = self.topo.uncovered();
-        if uncovered > 0 && errors.is_empty() {
-            // A cluster that is partly down: serve the slots that have a master, and read the
-            // layout again until every slot has one.
-            self.stale = true;
-            errors.push(format!("{uncovered} hash slots have no master"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
+            Attempt::Layout(Err(why)) => {
+                self.reading_layout = false;
+                self.retry_later(why);
+            }
+            Attempt::Connected(node, result) => {
+                self.connecting.retain(|n| *n != node);
+                let conn = match result {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        if self.bus.cfg.cluster {
+                            // An unreachable master may have been replaced by a replica.
+                            self.stale = true;
+                        }
+                        return self.retry_later(format!("redis {node}: {e}"));
+                    }
+                };
+                if !self.topo.nodes.contains(&node) || self.link_of.contains_key(&node) {
+                    return; // the layout changed meanwhile: not needed
+                }
+                let publish_from = if self.lost {
+                    Instant::now() + PUBLISH_SETTLE
+                } else {
+                    Instant::now()
+                };
+                match self.register(&node, conn, publish_from) {
+                    Ok(key) => ready.push(key),
+                    Err(e) => return self.retry_later(format!("redis {node}: {e}")),
+                }
+                if self.lost {
+                    ShardStats::add(&self.bus.stats.bus_reconnects, 1);
+                }
+                log::info!(
+                    "cluster bus: connected to redis {node} ({})",
+                    self.bus.cfg.url()
+                );
+                if !self.missing_links() {
+                    self.lost = false;
+                    self.backoff = BACKOFF_MIN;
+                }
+            }
+            Attempt::Failed(why) => self.retry_later(why),
         }
     }
 
-    /// Asks the known masters, then the configured seeds, for the cluster's layout.
-    fn read_layout(&self) -> Result<Topology, String> {
-        let mut candidates: Vec<RedisNode> = self.layout_hint.iter().cloned().collect();
-        for known in self.topo.nodes.iter().chain(&self.bus.cfg.nodes) {
-            if !candidates.contains(known) {
-                candidates.push(known.clone());
-            }
-        }
-        let mut errors = Vec::new();
-        for node in &candidates {
-            let asked = RedisConn::connect(node, &self.bus.cfg, CONNECT_TIMEOUT)
-                .and_then(|mut c| c.call(&[b"CLUSTER", b"SLOTS"]));
-            match asked {
-                Ok(reply) => match Topology::from_cluster_slots(&reply, node) {
-                    Ok(t) if !t.nodes.is_empty() => return Ok(t),
-                    Ok(_) => errors.push(format!("{node} knows no slot owner yet")),
-                    Err(e) => errors.push(format!("{node}: {e}")),
-                },
-                Err(e) => errors.push(format!("{node}: {e}")),
-            }
-        }
-        Err(format!(
-            "no Redis Cluster node gave its layout ({})",
-            errors.join("; ")
-        ))
+    /// Logs why the bus is not whole and schedules the next attempts after the backoff.
+    fn retry_later(&mut self, why: String) {
+        let wait = jittered(self.backoff);
+        self.retry_at = Instant::now() + wait;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        log::warn!(
+            "cluster bus: {}: {why}; retrying in {wait:?}",
+            self.bus.cfg.url()
+        );
     }
 
-    /// Opens a subscriber connection to `node`.
-    fn connect(&mut self, node: &RedisNode) -> io::Result<usize> {
-        let conn = RedisConn::connect(node, &self.bus.cfg, CONNECT_TIMEOUT)?;
+    /// Makes `conn` the subscriber connection to `node`; publishes to it start at
+    /// `publish_from`.
+    fn register(
+        &mut self,
+        node: &RedisNode,
+        conn: RedisConn,
+        publish_from: Instant,
+    ) -> io::Result<usize> {
         let (std_stream, leftover) = conn.into_parts();
         std_stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(std_stream);
@@ -688,7 +761,7 @@ impl Runner {
             pinged: None,
         });
         self.link_of.insert(node.clone(), key);
-        lock(&self.bus.connected).push(node.clone());
+        lock(&self.bus.connected).insert(node.clone(), publish_from);
         Ok(key)
     }
 
@@ -699,7 +772,7 @@ impl Runner {
         let mut l = self.links.remove(key);
         let _ = self.poll.registry().deregister(&mut l.stream);
         self.link_of.remove(&l.node);
-        lock(&self.bus.connected).retain(|n| *n != l.node);
+        lock(&self.bus.connected).remove(&l.node);
         self.forget_subscriptions(key, |_| true);
         if lost {
             self.lost = true;
@@ -959,6 +1032,27 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// Asks `candidates` in turn for the cluster's layout (`CLUSTER SLOTS`).
+fn read_layout(cfg: &RedisConfig, candidates: &[RedisNode]) -> Result<Topology, String> {
+    let mut errors = Vec::new();
+    for node in candidates {
+        let asked = RedisConn::connect(node, cfg, CONNECT_TIMEOUT)
+            .and_then(|mut c| c.call(&[b"CLUSTER", b"SLOTS"]));
+        match asked {
+            Ok(reply) => match Topology::from_cluster_slots(&reply, node) {
+                Ok(t) if !t.nodes.is_empty() => return Ok(t),
+                Ok(_) => errors.push(format!("{node} knows no slot owner yet")),
+                Err(e) => errors.push(format!("{node}: {e}")),
+            },
+            Err(e) => errors.push(format!("{node}: {e}")),
+        }
+    }
+    Err(format!(
+        "no Redis Cluster node gave its layout ({})",
+        errors.join("; ")
+    ))
 }
 
 /// Writes what is queued; leaves the rest for the next writable event.

@@ -98,6 +98,17 @@ impl Redis {
         }
     }
 
+    /// Sends `signal` (`STOP` freezes it as a hung host would: its sockets stay open and
+    /// silent; `CONT` thaws it).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Kills the server (as a crash would: no shutdown handshake with clients).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
