@@ -197,36 +197,44 @@ fn a_slot_moved_under_a_live_stream_is_followed() {
     let from = cluster.owner(slot);
     let to = (from + 1) % 3;
     let layouts_before = metric(&a, "causeloop_bus_layout_reads_total");
-    cluster.move_slot(slot, to);
-    // Redis ends the subscriptions at the old master; each node reads the layout again and
-    // subscribes at the new one. The open connections never notice.
-    assert!(
-        eventually(Duration::from_secs(10), || cluster
-            .shard_subscribers(&channel(ws))
-            == {
-                let mut w = vec![0; 3];
-                w[to] = 2;
-                w
-            }),
-        "{:?}",
-        cluster.shard_subscribers(&channel(ws))
-    );
-    assert!(metric(&a, "causeloop_bus_layout_reads_total") > layouts_before);
-    // The publishing node still has the old layout: Redis redirects it and the publish
-    // follows, in the same request.
+    // Published the instant the old master lets go, before the nodes can have subscribed at
+    // the new one: the publishing node still has the old layout, Redis redirects it, and it
+    // holds the event back until the nodes are there. Every subscriber gets it.
     assert_eq!(metric(&publisher, "causeloop_bus_redirects_total"), 0);
-    let (status, body) = publisher.publish(&format!(
-        r#"{{"workspace_id":"{ws}","type":"after.move","payload":{{}}}}"#
-    ));
+    let (status, body) = cluster.move_slot_and(slot, to, || {
+        publisher.publish(&format!(
+            r#"{{"workspace_id":"{ws}","type":"after.move","payload":{{}}}}"#
+        ))
+    });
     assert_eq!(status, 202, "{body}");
     assert_eq!(metric(&publisher, "causeloop_bus_redirects_total"), 1);
     for s in subs.iter_mut() {
         assert!(read_event(s).contains("after.move"));
     }
+    // Redis ended the subscriptions at the old master; each node read the layout again and
+    // subscribed at the new one. The open connections never noticed.
+    let mut want = vec![0; 3];
+    want[to] = 2;
+    assert_eq!(cluster.shard_subscribers(&channel(ws)), want);
+    assert!(metric(&a, "causeloop_bus_layout_reads_total") > layouts_before);
+    // And back, this time published at once by a subscribing node, whose own layout read
+    // may already have told its publisher where the slot went: the event waits the same way.
+    let (status, body) = cluster.move_slot_and(slot, from, || {
+        a.publish(&format!(
+            r#"{{"workspace_id":"{ws}","type":"moved.back","payload":{{}}}}"#
+        ))
+    });
+    assert_eq!(status, 202, "{body}");
+    for s in subs.iter_mut() {
+        assert!(read_event(s).contains("moved.back"));
+    }
+    let mut want = vec![0; 3];
+    want[from] = 2;
+    assert_eq!(cluster.shard_subscribers(&channel(ws)), want);
     // A node that connects a new subscriber after the move subscribes at the new master.
     let c = node(&cluster);
     let mut late = c.subscribe(ws, "u");
-    assert_eq!(cluster.shard_subscribers(&channel(ws))[to], 3);
+    assert_eq!(cluster.shard_subscribers(&channel(ws))[from], 3);
     let (status, body) = c.publish(&format!(
         r#"{{"workspace_id":"{ws}","type":"late","payload":{{}}}}"#
     ));

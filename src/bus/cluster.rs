@@ -72,6 +72,12 @@ const IDLE_PING: Duration = Duration::from_secs(5);
 /// Publish attempts when a cluster answers `MOVED` (the slot moved between reading the layout
 /// and publishing); each retry goes to the master the redirect names.
 const PUBLISH_REDIRECTS: usize = 3;
+/// How long a publish to a hash slot that has just changed masters is held back. When a slot
+/// moves, every node learns it at the same moment (Redis ends their subscriptions in it) and
+/// needs a few milliseconds to subscribe at the new master; an event published there before
+/// that would miss them. The hold covers a layout read that waits for [`LAYOUT_MIN_INTERVAL`],
+/// with room to spare. Only publishes to that slot wait, and only once.
+const MOVED_SLOT_HOLD: Duration = Duration::from_millis(250);
 /// The layout is read at most this often, so that masters whose views of it disagree for a
 /// moment (while a change spreads through the cluster) cannot spin the bus thread.
 const LAYOUT_MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -137,6 +143,9 @@ pub struct ClusterBus {
     /// [`PUBLISH_SETTLE`] after a reconnect. A publish goes only to these: what goes elsewhere
     /// would miss this node's own subscribers.
     connected: Mutex<HashMap<RedisNode, Instant>>,
+    /// Hash slots that changed masters recently, and when: publishes to them wait until
+    /// [`MOVED_SLOT_HOLD`] has passed.
+    recent_moves: Mutex<Vec<(u16, Instant)>>,
     /// One command connection per Redis server, shared by this node's publishers.
     publish_conns: Mutex<HashMap<RedisNode, RedisConn>>,
 }
@@ -174,6 +183,7 @@ impl ClusterBus {
             layout_stale: AtomicBool::new(false),
             topology: Mutex::new(Arc::new(topology)),
             connected: Mutex::new(HashMap::new()),
+            recent_moves: Mutex::new(Vec::new()),
             publish_conns: Mutex::new(HashMap::new()),
         });
         Ok((bus.clone(), BusThread { bus, rx, poll }))
@@ -207,6 +217,7 @@ impl ClusterBus {
         let mut conns = lock(&self.publish_conns);
         let mut todo: Vec<usize> = (0..messages.len()).collect();
         for _ in 0..PUBLISH_REDIRECTS {
+            self.hold_if_moved(todo.iter().map(|&i| &messages[i].0));
             let topo = lock(&self.topology).clone();
             // Per server, its messages in order.
             let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -276,6 +287,7 @@ impl ClusterBus {
                     };
                     ShardStats::add(&self.stats.bus_redirects, 1);
                     Arc::make_mut(&mut lock(&self.topology)).moved(slot, owner);
+                    self.slots_moved(&[slot]);
                     redirected.push(i);
                 }
             }
@@ -292,6 +304,40 @@ impl ClusterBus {
             "the Redis Cluster kept redirecting the publish (its slots are moving); publish again"
                 .into(),
         ))
+    }
+
+    /// Records that `slots` changed masters just now.
+    fn slots_moved(&self, slots: &[u16]) {
+        if slots.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut recent = lock(&self.recent_moves);
+        recent.retain(|(s, t)| now < *t + MOVED_SLOT_HOLD && !slots.contains(s));
+        recent.extend(slots.iter().map(|&s| (s, now)));
+    }
+
+    /// Waits, if one of `channels` is in a slot that changed masters less than
+    /// [`MOVED_SLOT_HOLD`] ago, until that long has passed: by then every node has
+    /// subscribed at the new master.
+    fn hold_if_moved<'a>(&self, channels: impl Iterator<Item = &'a Vec<u8>>) {
+        let until = {
+            let mut recent = lock(&self.recent_moves);
+            if recent.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            recent.retain(|(_, t)| now < *t + MOVED_SLOT_HOLD);
+            let slots: Vec<u16> = channels.map(|c| topology::slot(c)).collect();
+            recent
+                .iter()
+                .filter(|(s, _)| slots.contains(s))
+                .map(|(_, t)| *t + MOVED_SLOT_HOLD)
+                .max()
+        };
+        if let Some(wait) = until.and_then(|t| t.checked_duration_since(Instant::now())) {
+            std::thread::sleep(wait);
+        }
     }
 
     /// Sends `encoded` (`count` commands) to `node` and reads the replies, with one retry on a
@@ -651,6 +697,7 @@ impl Runner {
                 self.stale = false;
                 ShardStats::add(&self.bus.stats.bus_layout_reads, 1);
                 let topo = Arc::new(topo);
+                self.bus.slots_moved(&self.topo.changed_slots(&topo));
                 // Connections to servers that no longer own slots (a failed master that came
                 // back as a replica) go; their subscriptions are made again where they belong.
                 let gone: Vec<usize> = self

@@ -88,6 +88,24 @@ impl Topology {
         self.owner.iter().filter(|&&o| o == NOBODY).count()
     }
 
+    /// The slots whose master differs in `newer` (none when this layout was not known yet).
+    pub fn changed_slots(&self, newer: &Topology) -> Vec<u16> {
+        if !self.is_cluster() || !newer.is_cluster() || self.nodes.is_empty() {
+            return Vec::new();
+        }
+        (0..SLOTS)
+            .filter(|&s| self.master_of(s) != newer.master_of(s))
+            .map(|s| s as u16)
+            .collect()
+    }
+
+    fn master_of(&self, slot: usize) -> Option<&RedisNode> {
+        match self.owner[slot] {
+            NOBODY => None,
+            i => self.nodes.get(usize::from(i)),
+        }
+    }
+
     /// Applies a `MOVED` redirect: `slot` now belongs to `node`.
     pub fn moved(&mut self, slot: u16, node: RedisNode) {
         if !self.is_cluster() || usize::from(slot) >= SLOTS {
@@ -271,6 +289,23 @@ mod tests {
         let t = Topology::from_cluster_slots(&reply, &asked).unwrap();
         assert_eq!(t.uncovered(), SLOTS - 100);
         assert_eq!(t.node_for(b"foo"), None);
+    }
+
+    #[test]
+    fn changed_slots_compare_masters_not_indices() {
+        let mut a = Topology::unknown();
+        a.moved(1, node("h", 1));
+        a.moved(2, node("h", 2));
+        // The same owners, listed in another order: nothing changed.
+        let mut b = Topology::unknown();
+        b.moved(2, node("h", 2));
+        b.moved(1, node("h", 1));
+        assert_eq!(a.changed_slots(&b), Vec::<u16>::new());
+        b.moved(1, node("h", 2));
+        b.moved(3, node("h", 1));
+        assert_eq!(a.changed_slots(&b), [1, 3]);
+        // Learning the layout for the first time is not a move.
+        assert!(Topology::unknown().changed_slots(&b).is_empty());
     }
 
     #[test]

@@ -152,13 +152,19 @@ pub fn read_text(ws: &mut Ws) -> String {
     }
 }
 
-/// Reads the next text frame that is not a heartbeat.
+/// Reads the next text frame that is not a heartbeat. Heartbeats keep a socket's read timeout
+/// from ever firing, so a lost event fails here after 20 s instead of hanging the test.
 pub fn read_event(ws: &mut Ws) -> String {
+    let start = std::time::Instant::now();
     loop {
         let t = read_text(ws);
         if !t.starts_with(r#"{"type":"heartbeat""#) {
             return t;
         }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no event within 20 s, only heartbeats"
+        );
     }
 }
 

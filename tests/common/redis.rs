@@ -322,23 +322,35 @@ impl RedisCluster {
     }
 
     /// Moves an empty `slot` to master `to`, as a resharding does: importing and migrating,
-    /// then the new owner announced to every master.
+    /// then the new owner announced to every master, the old owner last.
     pub fn move_slot(&self, slot: u16, to: usize) {
+        self.move_slot_and(slot, to, || {});
+    }
+
+    /// Like [`RedisCluster::move_slot`], running `then` the instant the old owner has let go
+    /// of the slot (and ended the subscriptions in it): its last step is sent over a socket
+    /// held open for it, so that nothing stands between the two.
+    pub fn move_slot_and<T>(&self, slot: u16, to: usize, then: impl FnOnce() -> T) -> T {
+        use std::io::{Read, Write};
         let from = self.owner(slot);
         let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string();
         let (from_id, to_id) = (id(from), id(to));
         let s = slot.to_string();
         self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]);
         self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]);
-        for i in [to, from] {
-            let out = self.nodes[i].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
-            assert_eq!(out.trim(), "OK", "SETSLOT NODE: {out}");
-        }
         for (i, r) in self.nodes.iter().enumerate() {
-            if i != to && i != from {
-                r.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            if i != from {
+                let out = r.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+                assert_eq!(out.trim(), "OK", "SETSLOT NODE: {out}");
             }
         }
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", self.nodes[from].port)).unwrap();
+        sock.write_all(format!("CLUSTER SETSLOT {s} NODE {to_id}\r\n").as_bytes())
+            .unwrap();
+        let mut ok = [0u8; 5];
+        sock.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+        then()
     }
 
     /// Kills master `i` (as a crash would).
