@@ -7,7 +7,12 @@
 # point Redis is killed (SIGKILL, as a crash) and started again 3 seconds later. Prints the load
 # tester's figures, each node's bus metrics and every WARN/ERROR line of the nodes' logs.
 #
-# Usage: loadtest/scripts/cluster-soak.sh     (DUR=10m by default; needs redis-server, redis-cli)
+# With CLUSTER=1 the nodes run on a three-master Redis Cluster (no replicas,
+# cluster-require-full-coverage no) instead, and the master killed and restarted is the first
+# one: a third of the workspaces lose their master for the outage, the rest must not notice.
+#
+# Usage: loadtest/scripts/cluster-soak.sh     (DUR=10m, CLUSTER=0 by default; needs redis-server,
+#        redis-cli)
 # Output: markdown on stdout; JSON report and logs in target/cluster-soak/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,28 +24,58 @@ OUT=target/cluster-soak
 mkdir -p "$OUT"
 DUR=${DUR:-10m}
 RPORT=6393
+CLUSTER=${CLUSTER:-0}
+CPORTS=(6401 6402 6403)
 secs() { case "$1" in *m) echo $((${1%m} * 60));; *s) echo "${1%s}";; *) echo "$1";; esac; }
 HALF=$(($(secs "$DUR") / 2))
 
 # Redis's pid is kept in a file: the restart happens in a background subshell, and the exit trap
 # must stop whichever Redis is running then.
-start_redis() {
-  redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no >>"$OUT/redis.log" 2>&1 &
+# On a cluster, the first master is the one killed; the others' pids go to others.pid.
+start_redis() { # [port [extra args...]]
+  local port=${1:-$RPORT}
+  shift || true
+  (cd "$OUT" && exec redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no "$@") >>"$OUT/redis.log" 2>&1 &
   echo $! >"$OUT/redis.pid"
+  for _ in $(seq 50); do [ "$(redis-cli -p "$port" PING 2>/dev/null)" = PONG ] && break; sleep 0.1; done
 }
-if redis-cli -p $RPORT PING >/dev/null 2>&1; then
-  echo "port $RPORT is taken by another Redis; stop it first" >&2
-  exit 1
+cluster_args() { echo --cluster-enabled yes --cluster-config-file "nodes-$1.conf" --cluster-require-full-coverage no; }
+for p in $RPORT "${CPORTS[@]}"; do
+  if redis-cli -p "$p" PING >/dev/null 2>&1; then
+    echo "port $p is taken by another Redis; stop it first" >&2
+    exit 1
+  fi
+done
+: >"$OUT/others.pid"
+if [ "$CLUSTER" = 1 ]; then
+  rm -f "$OUT"/nodes-*.conf
+  for p in "${CPORTS[@]:1}"; do
+    # shellcheck disable=SC2046
+    start_redis "$p" $(cluster_args "$p")
+    cat "$OUT/redis.pid" >>"$OUT/others.pid"
+  done
+  # shellcheck disable=SC2046
+  start_redis "${CPORTS[0]}" $(cluster_args "${CPORTS[0]}")
+  redis-cli --cluster create "${CPORTS[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+  until redis-cli -p "${CPORTS[0]}" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.2; done
+  BUS="redis-cluster://127.0.0.1:${CPORTS[0]},127.0.0.1:${CPORTS[1]}"
+  restart_redis() {
+    # shellcheck disable=SC2046
+    start_redis "${CPORTS[0]}" $(cluster_args "${CPORTS[0]}")
+  }
+else
+  : >"$OUT/others.pid"
+  start_redis
+  BUS="redis://127.0.0.1:$RPORT"
+  restart_redis() { start_redis; }
 fi
-start_redis
-for _ in $(seq 50); do [ "$(redis-cli -p $RPORT PING 2>/dev/null)" = PONG ] && break; sleep 0.1; done
 PIDS=()
 for i in 0 1 2; do
   "$BIN/causeloop-stream" --listen 127.0.0.1:$((4950 + i * 2)) --internal-listen 127.0.0.1:$((4951 + i * 2)) --shards 2 \
-    --bus redis://127.0.0.1:$RPORT --max-outbound-bytes 65536 --socket-send-buffer 16384 >"$OUT/node$i.log" 2>&1 &
+    --bus "$BUS" --max-outbound-bytes 65536 --socket-send-buffer 16384 >"$OUT/node$i.log" 2>&1 &
   PIDS+=($!)
 done
-trap 'kill "${PIDS[@]}" "$(cat "$OUT/redis.pid")" 2>/dev/null || true' EXIT
+trap 'kill "${PIDS[@]}" "$(cat "$OUT/redis.pid")" $(cat "$OUT/others.pid") 2>/dev/null || true; rm -f "$OUT/others.pid"' EXIT
 sleep 1
 
 (
@@ -48,7 +83,7 @@ sleep 1
   echo "$(date -u +%T) killing Redis" >>"$OUT/events.log"
   kill -9 "$(cat "$OUT/redis.pid")"
   sleep 3
-  start_redis
+  restart_redis
   echo "$(date -u +%T) Redis restarted" >>"$OUT/events.log"
 ) &
 
@@ -57,7 +92,7 @@ sleep 1
   --processes 2 --source-ips 127.0.0.2-127.0.0.9 --duration "$DUR" --json "$OUT/soak.json" >"$OUT/loadtest.txt" 2>"$OUT/loadtest.log"
 
 for i in 0 1 2; do
-  echo "node $i: $(curl -s 127.0.0.1:$((4951 + i * 2))/metrics | grep -E '^causeloop_bus_(up|reconnects_total|messages_total)' | tr '\n' ' ')"
+  echo "node $i: $(curl -s 127.0.0.1:$((4951 + i * 2))/metrics | grep -E '^causeloop_bus_(up|reconnects_total|messages_total|redirects_total|layout_reads_total)' | tr '\n' ' ')"
 done
 python3 - "$OUT/soak.json" <<'PY'
 import json, sys
