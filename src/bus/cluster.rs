@@ -145,7 +145,7 @@ pub struct ClusterBus {
     connected: Mutex<HashMap<RedisNode, Instant>>,
     /// Hash slots that changed masters recently, and when: publishes to them wait until
     /// [`MOVED_SLOT_HOLD`] has passed.
-    recent_moves: Mutex<Vec<(u16, Instant)>>,
+    recent_moves: Mutex<HashMap<u16, Instant>>,
     /// One command connection per Redis server, shared by this node's publishers.
     publish_conns: Mutex<HashMap<RedisNode, RedisConn>>,
 }
@@ -183,7 +183,7 @@ impl ClusterBus {
             layout_stale: AtomicBool::new(false),
             topology: Mutex::new(Arc::new(topology)),
             connected: Mutex::new(HashMap::new()),
-            recent_moves: Mutex::new(Vec::new()),
+            recent_moves: Mutex::new(HashMap::new()),
             publish_conns: Mutex::new(HashMap::new()),
         });
         Ok((bus.clone(), BusThread { bus, rx, poll }))
@@ -313,7 +313,7 @@ impl ClusterBus {
         }
         let now = Instant::now();
         let mut recent = lock(&self.recent_moves);
-        recent.retain(|(s, t)| now < *t + MOVED_SLOT_HOLD && !slots.contains(s));
+        recent.retain(|_, t| now < *t + MOVED_SLOT_HOLD);
         recent.extend(slots.iter().map(|&s| (s, now)));
     }
 
@@ -327,12 +327,10 @@ impl ClusterBus {
                 return;
             }
             let now = Instant::now();
-            recent.retain(|(_, t)| now < *t + MOVED_SLOT_HOLD);
-            let slots: Vec<u16> = channels.map(|c| topology::slot(c)).collect();
-            recent
-                .iter()
-                .filter(|(s, _)| slots.contains(s))
-                .map(|(_, t)| *t + MOVED_SLOT_HOLD)
+            recent.retain(|_, t| now < *t + MOVED_SLOT_HOLD);
+            channels
+                .filter_map(|c| recent.get(&topology::slot(c)))
+                .map(|t| *t + MOVED_SLOT_HOLD)
                 .max()
         };
         if let Some(wait) = until.and_then(|t| t.checked_duration_since(Instant::now())) {
