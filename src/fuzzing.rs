@@ -9,7 +9,9 @@ use crate::auth::jwt::{self, Validation};
 use crate::auth::keys::{self, KeySet};
 use crate::bus::body::{self, BodyLimits};
 use crate::bus::event::{encode_with, id_ok};
+use crate::bus::topology::{self, Topology, SLOTS};
 use crate::bus::{resp, wire};
+use crate::config::RedisNode;
 use crate::config::Secret;
 use crate::http::query::parse_stream_query;
 use crate::http::request::{parse_head, route_public};
@@ -162,4 +164,37 @@ pub fn wire_message(data: &[u8]) {
     let sent: serde_json::Value = serde_json::from_slice(data).expect("the message is JSON");
     assert_eq!(frame["payload"], sent["payload"]);
     assert_eq!(frame["type"], sent["type"]);
+}
+
+/// A Redis Cluster layout (`CLUSTER SLOTS`) and a redirect (`MOVED`), both from Redis: never
+/// panic; a layout read routes every channel to one of its own masters or to none, and a
+/// redirect names a real slot and keeps the routing within the layout.
+pub fn cluster_layout(data: &[u8]) {
+    let asked = RedisNode {
+        host: "seed".into(),
+        port: 7000,
+    };
+    let channels: [&[u8]; 4] = [b"causeloop:v1:ws:a", b"causeloop:v1:ws:{x}y", b"", data];
+    if let Ok(Some((reply, _))) = resp::parse(data, 4096) {
+        if let Ok(mut t) = Topology::from_cluster_slots(&reply, &asked) {
+            assert!(t.uncovered() <= SLOTS);
+            assert_eq!(t.uncovered() == SLOTS, t.nodes.is_empty());
+            for c in channels {
+                assert!(t.node_for(c).map_or(true, |n| n < t.nodes.len()));
+            }
+            if let Some((slot, node)) = topology::redirect(data) {
+                t.moved(slot, node.clone());
+                let routed = t.node_for(b"causeloop:v1:ws:a");
+                assert!(routed.map_or(true, |n| n < t.nodes.len()));
+            }
+            let again = Topology::from_cluster_slots(&reply, &asked).expect("same reply");
+            assert!(again.changed_slots(&again).is_empty());
+        }
+    }
+    if let Some((slot, _)) = topology::redirect(data) {
+        assert!(usize::from(slot) < SLOTS);
+    }
+    for c in channels {
+        assert!(usize::from(topology::slot(c)) < SLOTS);
+    }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 /// A fuzz target's entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("http_head", fuzzing::http_head),
     ("client_frames", fuzzing::client_frames),
     ("jwt_verify", fuzzing::jwt_verify),
@@ -17,6 +17,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("publish_body", fuzzing::publish_body),
     ("resp_reply", fuzzing::resp_reply),
     ("wire_message", fuzzing::wire_message),
+    ("cluster_layout", fuzzing::cluster_layout),
 ];
 
 fn replay(dir: &Path, run: Target) -> usize {

@@ -436,8 +436,8 @@ struct Runner {
     /// Workspaces some shard wants that are not subscribed yet (no layout or no connection).
     pending: Vec<Arc<str>>,
     topo: Arc<Topology>,
-    /// The layout must be read (again) before subscribing: at start, after a redirect, after a
-    /// lost connection (a master may have failed over).
+    /// The layout must be read (again): at start, after a redirect, after a lost connection (a
+    /// master may have failed over).
     stale: bool,
     attempts_tx: Sender<Attempt>,
     attempts_rx: Receiver<Attempt>,
@@ -847,9 +847,11 @@ impl Runner {
         });
     }
 
-    /// Subscribes every pending workspace whose server is connected; the rest stay pending.
+    /// Subscribes every pending workspace whose server is connected; the rest stay pending. A
+    /// layout being read again does not hold this up: where the current one is wrong, Redis
+    /// answers `MOVED` with the right master, which is tried at once.
     fn subscribe_pending(&mut self) {
-        if self.pending.is_empty() || self.stale {
+        if self.pending.is_empty() {
             return;
         }
         let mut wait = Vec::new();
