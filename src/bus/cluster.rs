@@ -1017,6 +1017,8 @@ impl Runner {
                 ));
             };
             ShardStats::add(&self.bus.stats.bus_redirects, 1);
+            // This node's publishes to the slot wait, as for any slot that changed masters.
+            self.bus.slots_moved(&[slot]);
             self.layout_hint = Some(owner.clone());
             Arc::make_mut(&mut self.topo).moved(slot, owner);
             self.stale = true;
@@ -1057,6 +1059,7 @@ impl Runner {
             self.pending.push(ws);
             self.stale = true;
             self.layout_hint = self.links.get(key).map(|l| l.node.clone());
+            self.bus.slots_moved(&[topology::slot(channel)]);
             return Ok(());
         }
         w.in_flight = w.in_flight.saturating_sub(1);
