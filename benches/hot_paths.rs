@@ -1,6 +1,8 @@
 //! The per-connection and per-event hot paths, each on its own: token verification (HS256,
 //! RS256), upgrade-request parsing and routing, publish-body validation, client frame decoding,
-//! and a heartbeat interval over 100,000 connections on the timer wheel.
+//! a heartbeat interval over 100,000 connections on the timer wheel, and the cluster bus's
+//! per-event work (the wire message built by a publisher, checked and made a frame by each
+//! node, and the hash slot of its channel).
 //!
 //! Run: `cargo bench --bench hot_paths`
 
@@ -8,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use causeloop_stream::auth::jwt::{self, Validation};
 use causeloop_stream::auth::keys::{parse_pem_keys, KeySet};
-use causeloop_stream::bus::body;
+use causeloop_stream::bus::{body, topology, wire};
 use causeloop_stream::http::request::{parse_head, route_public, PublicRoute};
 use causeloop_stream::timer::wheel::Wheel;
 use causeloop_stream::ws::decoder::Decoder;
@@ -108,6 +110,35 @@ fn publish_body(c: &mut Criterion) {
     g.finish();
 }
 
+fn cluster_bus(c: &mut Criterion) {
+    let payload = r#"{"id":"iss_00000001","title":"Payment gateway timeout on checkout","status":"new","severity":"high","risk_score":74,"source":"pagerduty","created_at":"2024-01-15T10:00:00.000Z"}"#;
+    let message = wire::encode("issue.created", None, 1_705_312_800_000, payload.as_bytes());
+    let limits = wire::WireLimits {
+        max_event_bytes: 64 << 10,
+        max_depth: 32,
+        max_id_bytes: 256,
+    };
+    assert!(wire::decode(&message, limits).is_ok());
+    let mut g = c.benchmark_group("cluster_bus");
+    g.bench_function("encode_wire_message", |b| {
+        b.iter(|| {
+            wire::encode(
+                "issue.created",
+                None,
+                black_box(1_705_312_800_000),
+                payload.as_bytes(),
+            )
+        })
+    });
+    g.bench_function("wire_message_to_frame", |b| {
+        b.iter(|| wire::decode(black_box(&message), limits).unwrap())
+    });
+    g.bench_function("channel_slot", |b| {
+        b.iter(|| topology::slot(black_box(b"causeloop:v1:ws:ws_01abc123")))
+    });
+    g.finish();
+}
+
 fn client_frames(c: &mut Criterion) {
     // 100 masked pings of 16 bytes, as one read.
     let mut bytes = Vec::new();
@@ -168,6 +199,6 @@ fn heartbeat_wheel(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3)).warm_up_time(std::time::Duration::from_secs(1));
-    targets = auth, handshake, publish_body, client_frames, heartbeat_wheel
+    targets = auth, handshake, publish_body, client_frames, heartbeat_wheel, cluster_bus
 }
 criterion_main!(benches);
