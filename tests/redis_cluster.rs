@@ -350,6 +350,118 @@ fn a_frozen_master_is_given_up_while_the_others_keep_delivering() {
 }
 
 #[test]
+fn a_cluster_with_a_password_is_used_with_it_on_every_master() {
+    const PASSWORD: &str = "cluster-pw-0123456789";
+    let Some(cluster) = RedisCluster::start_with_password(
+        "a_cluster_with_a_password_is_used_with_it_on_every_master",
+        3,
+        Some(PASSWORD),
+    ) else {
+        return;
+    };
+    let n = node(&cluster);
+    let spaces = one_workspace_per_master(&cluster);
+    let mut subs: Vec<Ws> = spaces.iter().map(|ws| n.subscribe(ws, "u")).collect();
+    for (ws, sub) in spaces.iter().zip(subs.iter_mut()) {
+        let (status, body) = n.publish(&format!(
+            r#"{{"workspace_id":"{ws}","type":"authed","payload":{{}}}}"#
+        ));
+        assert_eq!(status, 202, "{body}");
+        assert!(read_event(sub).contains("authed"));
+    }
+    // Without the password, the node never gets in: publishes are refused, not lost.
+    let wrong = {
+        let mut bus = cluster.bus();
+        if let causeloop_stream::config::BusConfig::Redis(r) = &mut bus {
+            r.password = Some(causeloop_stream::config::Secret::from(b"wrong".to_vec()));
+        }
+        TestServer::with(move |c| c.bus = bus)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = wrong.publish(&format!(
+        r#"{{"workspace_id":"{}","type":"a","payload":{{}}}}"#,
+        spaces[0]
+    ));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(metric(&wrong, "causeloop_bus_up"), 0);
+}
+
+#[test]
+fn a_backend_spublishing_straight_to_the_cluster_reaches_subscribers() {
+    let Some(cluster) = RedisCluster::start(
+        "a_backend_spublishing_straight_to_the_cluster_reaches_subscribers",
+        3,
+    ) else {
+        return;
+    };
+    let n = node(&cluster);
+    let spaces = one_workspace_per_master(&cluster);
+    let mut sub = n.subscribe(&spaces[2], "u");
+    // As docs/cluster.md shows: SPUBLISH through any master, redis-cli following the MOVED.
+    let out = cluster.nodes[0].cli(&[
+        "-c",
+        "SPUBLISH",
+        &channel(&spaces[2]),
+        r#"{"v":1,"type":"issue.created","ts":1764373560123,"payload":{"id":"iss_1"}}"#,
+    ]);
+    assert_eq!(out.trim(), "1", "one node subscribes: {out}");
+    assert_eq!(
+        read_event(&mut sub),
+        r#"{"type":"issue.created","payload":{"id":"iss_1"},"ts":"2025-11-28T23:46:00.123Z"}"#
+    );
+    // A classic PUBLISH on a cluster reaches no node: the nodes listen with SSUBSCRIBE.
+    let out = cluster.nodes[0].cli(&[
+        "-c",
+        "PUBLISH",
+        &channel(&spaces[2]),
+        r#"{"v":1,"type":"classic","ts":1764373560123,"payload":{}}"#,
+    ]);
+    assert_eq!(out.trim(), "0", "{out}");
+}
+
+#[test]
+fn a_node_started_before_its_cluster_waits_then_serves() {
+    let Some(mut cluster) =
+        RedisCluster::start("a_node_started_before_its_cluster_waits_then_serves", 3)
+    else {
+        return;
+    };
+    let spaces = one_workspace_per_master(&cluster);
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let n = node(&cluster);
+    // Authenticated, but `connected` waits for the subscription, which needs the cluster.
+    let mut waiting = connect(&n.url(&token(&spaces[1], "u", 60), &spaces[1]));
+    waiting
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        waiting.read().is_err(),
+        "a frame arrived before Redis was up"
+    );
+    let (status, body) = n.publish(&format!(
+        r#"{{"workspace_id":"{}","type":"a","payload":{{}}}}"#,
+        spaces[1]
+    ));
+    assert_eq!(status, 503, "{body}");
+    cluster.restart_all();
+    waiting
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(read_text(&mut waiting).starts_with(r#"{"type":"connected""#));
+    // The node's first connection to the cluster: no settle period.
+    let (status, body) = n.publish(&format!(
+        r#"{{"workspace_id":"{}","type":"hello","payload":{{}}}}"#,
+        spaces[1]
+    ));
+    assert_eq!(status, 202, "{body}");
+    assert!(read_event(&mut waiting).contains("hello"));
+}
+
+#[test]
 fn a_plain_redis_given_as_a_cluster_is_refused_with_the_reason() {
     let Some(redis) =
         common::redis::Redis::start("a_plain_redis_given_as_a_cluster_is_refused_with_the_reason")

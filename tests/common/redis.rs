@@ -13,13 +13,26 @@ pub struct Redis {
     pub password: Option<String>,
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below the kernel's ephemeral range (32768 and up), with
+/// its Redis Cluster bus port (port + 10000) below it too. Tests kill Redis and start it again
+/// on the same port; a port from the ephemeral range could meanwhile become the local port of
+/// any outgoing connection on the machine, and the restart would fail.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 32_768 - 10_000 - FIRST;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// Whether `redis-server` is on the PATH; if not, says loudly that `test` is skipped.
@@ -148,22 +161,23 @@ impl Drop for Redis {
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,
     dir: std::path::PathBuf,
-}
-
-/// A port that is free, and whose cluster bus port (port + 10000) is free too.
-fn free_cluster_port() -> u16 {
-    loop {
-        let p = free_port();
-        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return p;
-        }
-    }
+    /// `--requirepass` on every master, when set.
+    password: Option<String>,
 }
 
 impl RedisCluster {
     /// Starts one and waits until every master agrees the cluster is `ok`, or explains loudly
     /// why it cannot and returns `None`.
     pub fn start(test: &str, masters: usize) -> Option<RedisCluster> {
+        Self::start_with_password(test, masters, None)
+    }
+
+    /// Like [`RedisCluster::start`], every master requiring `password` from clients.
+    pub fn start_with_password(
+        test: &str,
+        masters: usize,
+        password: Option<&str>,
+    ) -> Option<RedisCluster> {
         if !redis_available(test) {
             return None;
         }
@@ -176,12 +190,13 @@ impl RedisCluster {
         let mut c = RedisCluster {
             nodes: Vec::new(),
             dir,
+            password: password.map(str::to_string),
         };
         for _ in 0..masters {
             let mut r = Redis {
                 child: None,
-                port: free_cluster_port(),
-                password: None,
+                port: free_port(),
+                password: c.password.clone(),
             };
             c.spawn(&mut r);
             c.nodes.push(r);
@@ -255,6 +270,10 @@ impl RedisCluster {
     pub fn bus(&self) -> BusConfig {
         let mut cfg = RedisConfig::single("127.0.0.1", self.nodes[0].port);
         cfg.cluster = true;
+        cfg.password = self
+            .password
+            .as_ref()
+            .map(|p| causeloop_stream::config::Secret::from(p.as_bytes().to_vec()));
         cfg.nodes = self
             .nodes
             .iter()
@@ -358,12 +377,26 @@ impl RedisCluster {
         self.nodes[i].kill();
     }
 
+    /// Starts every master again (see [`RedisCluster::restart`]) and waits for the cluster.
+    pub fn restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            let mut r = Redis {
+                child: None,
+                port: self.nodes[i].port,
+                password: self.password.clone(),
+            };
+            self.spawn(&mut r);
+            self.nodes[i] = r;
+        }
+        self.wait_ok();
+    }
+
     /// Starts master `i` again on its port with its cluster config: it rejoins as it was.
     pub fn restart(&mut self, i: usize) {
         let mut r = Redis {
             child: None,
             port: self.nodes[i].port,
-            password: None,
+            password: self.password.clone(),
         };
         self.spawn(&mut r);
         self.nodes[i] = r;
