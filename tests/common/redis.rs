@@ -380,19 +380,18 @@ impl RedisCluster {
     /// Starts every master again (see [`RedisCluster::restart`]) and waits for the cluster.
     pub fn restart_all(&mut self) {
         for i in 0..self.nodes.len() {
-            let mut r = Redis {
-                child: None,
-                port: self.nodes[i].port,
-                password: self.password.clone(),
-            };
-            self.spawn(&mut r);
-            self.nodes[i] = r;
+            self.respawn(i);
         }
         self.wait_ok();
     }
 
     /// Starts master `i` again on its port with its cluster config: it rejoins as it was.
     pub fn restart(&mut self, i: usize) {
+        self.respawn(i);
+        self.wait_ok();
+    }
+
+    fn respawn(&mut self, i: usize) {
         let mut r = Redis {
             child: None,
             port: self.nodes[i].port,
@@ -400,7 +399,6 @@ impl RedisCluster {
         };
         self.spawn(&mut r);
         self.nodes[i] = r;
-        self.wait_ok();
     }
 }
 
