@@ -871,6 +871,11 @@ impl Runner {
                 wait.push(ws);
                 continue;
             };
+            if w.link != Some(key) {
+                // Confirmations still owed by another connection are ignored when they come
+                // (they are not about this subscription), so they no longer count.
+                w.in_flight = 0;
+            }
             w.requested = true;
             w.live = false;
             w.in_flight += 1;
