@@ -4,10 +4,15 @@
 //! it was subscribed, in publish order: nothing missing, nothing extra, nothing from another
 //! tenant.
 //!
+//! The same runs on two nodes sharing a three-master Redis Cluster, with connections and
+//! publishes spread over both nodes and a workspace's hash slot moving to another master between
+//! rounds: the cluster bus's subscription bookkeeping must keep every connection whole.
+//!
 //! The seed is printed; `CAUSELOOP_TEST_SEED=<n>` replays a run.
 
 mod common;
 
+use common::redis::RedisCluster;
 use common::*;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -66,27 +71,44 @@ fn read_until_fence(c: &mut Client, round: u64) -> Vec<u64> {
     }
 }
 
-#[test]
-fn every_connection_gets_exactly_its_events_through_churn() {
+fn seed(test: &str) -> u64 {
     let seed = std::env::var("CAUSELOOP_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| now() ^ u64::from(std::process::id()) << 20 | 1);
-    eprintln!("isolation: seed {seed} (CAUSELOOP_TEST_SEED={seed} replays this run)");
+    eprintln!("{test}: seed {seed} (CAUSELOOP_TEST_SEED={seed} replays this run)");
+    seed
+}
+
+/// What a run checked.
+struct Checked {
+    deliveries: usize,
+    events: u64,
+    /// (node, shard) pairs that held connections at some point.
+    shards_seen: HashSet<(usize, usize)>,
+}
+
+/// `rounds` rounds of churn and events over `nodes`: connections open on random nodes,
+/// events go out through random nodes over both publish paths, connections close.
+/// `between_rounds` runs before each round's events.
+fn churn(
+    seed: u64,
+    nodes: &[TestServer],
+    rounds: u64,
+    mut between_rounds: impl FnMut(&mut Rng),
+) -> Checked {
     let mut rng = Rng(seed);
-    let s = TestServer::with(|c| c.shards = 3);
-    let publisher = s.server().publisher();
     let mut clients: Vec<Client> = Vec::new();
     let mut next_id = 0u64;
     let mut shards_seen = HashSet::new();
     let mut checked = 0usize;
 
-    for round in 0..100u64 {
+    for round in 0..rounds {
         // Some connections arrive (the `connected` frame means subscribed).
         for _ in 0..rng.below(6) + usize::from(clients.is_empty()) {
             let workspace = WORKSPACES[rng.below(WORKSPACES.len() - 1)];
             let user = USERS[rng.below(USERS.len())];
-            let ws = s.subscribe(workspace, user);
+            let ws = nodes[rng.below(nodes.len())].subscribe(workspace, user);
             clients.push(Client {
                 ws,
                 workspace,
@@ -94,11 +116,14 @@ fn every_connection_gets_exactly_its_events_through_churn() {
                 expected: Vec::new(),
             });
         }
-        for (i, st) in s.server().shared().shard_stats.iter().enumerate() {
-            if st.open.load(Ordering::Relaxed) > 0 {
-                shards_seen.insert(i);
+        for (n, node) in nodes.iter().enumerate() {
+            for (i, st) in node.server().shared().shard_stats.iter().enumerate() {
+                if st.open.load(Ordering::Relaxed) > 0 {
+                    shards_seen.insert((n, i));
+                }
             }
         }
+        between_rounds(&mut rng);
 
         // A round of events: workspace-wide and user-scoped, over HTTP batches and the library
         // handle, some to a workspace nobody is subscribed to.
@@ -117,6 +142,7 @@ fn every_connection_gets_exactly_its_events_through_churn() {
         while i < sent.len() {
             let n = (rng.below(8) + 1).min(sent.len() - i);
             let chunk = &sent[i..i + n];
+            let via = &nodes[rng.below(nodes.len())];
             if rng.below(2) == 0 {
                 let items: Vec<String> = chunk
                     .iter()
@@ -132,9 +158,10 @@ fn every_connection_gets_exactly_its_events_through_churn() {
                         item.to_string()
                     })
                     .collect();
-                let (status, body) = s.publish(&format!("[{}]", items.join(",")));
+                let (status, body) = via.publish(&format!("[{}]", items.join(",")));
                 assert_eq!(status, 202, "{body}");
             } else {
+                let publisher = via.server().publisher();
                 for e in chunk {
                     let payload =
                         serde_json::json!({"id": e.id, "ws": e.workspace, "user": e.user});
@@ -150,7 +177,7 @@ fn every_connection_gets_exactly_its_events_through_churn() {
         for c in clients.iter_mut() {
             c.expected.extend(
                 sent.iter()
-                    .filter(|e| e.workspace == c.workspace && e.user.is_none_or(|u| u == c.user))
+                    .filter(|e| e.workspace == c.workspace && e.user.map_or(true, |u| u == c.user))
                     .map(|e| e.id),
             );
         }
@@ -164,7 +191,8 @@ fn every_connection_gets_exactly_its_events_through_churn() {
                 )
             })
             .collect();
-        assert_eq!(s.publish(&format!("[{}]", fences.join(","))).0, 202);
+        let (status, body) = nodes[0].publish(&format!("[{}]", fences.join(",")));
+        assert_eq!(status, 202, "{body}");
         for c in clients.iter_mut() {
             let got = read_until_fence(c, round);
             assert_eq!(
@@ -195,11 +223,76 @@ fn every_connection_gets_exactly_its_events_through_churn() {
             }
         }
     }
-    eprintln!("isolation: {checked} deliveries checked over {next_id} events");
-    assert!(checked > 500, "only {checked} deliveries checked");
+    Checked {
+        deliveries: checked,
+        events: next_id,
+        shards_seen,
+    }
+}
+
+#[test]
+fn every_connection_gets_exactly_its_events_through_churn() {
+    let seed = seed("isolation");
+    let nodes = [TestServer::with(|c| c.shards = 3)];
+    let run = churn(seed, &nodes, 100, |_| {});
+    eprintln!(
+        "isolation: {} deliveries checked over {} events",
+        run.deliveries, run.events
+    );
+    assert!(
+        run.deliveries > 500,
+        "only {} deliveries checked",
+        run.deliveries
+    );
     assert_eq!(
-        shards_seen.len(),
+        run.shards_seen.len(),
         3,
-        "connections landed on shards {shards_seen:?} only"
+        "connections landed on shards {:?} only",
+        run.shards_seen
+    );
+}
+
+#[test]
+fn every_connection_gets_exactly_its_events_across_a_redis_cluster_while_slots_move() {
+    let Some(cluster) = RedisCluster::start(
+        "every_connection_gets_exactly_its_events_across_a_redis_cluster_while_slots_move",
+        3,
+    ) else {
+        return;
+    };
+    let seed = seed("isolation on a Redis Cluster");
+    let nodes = [0, 1].map(|_| {
+        let bus = cluster.bus();
+        TestServer::with(move |c| {
+            c.shards = 2;
+            c.bus = bus;
+        })
+    });
+    let mut moves = 0;
+    let run = churn(seed, &nodes, 40, |rng| {
+        // Every other round, one workspace's slot moves to another master.
+        if rng.below(2) == 0 {
+            let ws = WORKSPACES[rng.below(WORKSPACES.len())];
+            let slot = cluster.slot(&format!("causeloop:v1:ws:{ws}"));
+            let to = (cluster.owner(slot) + 1 + rng.below(2)) % 3;
+            cluster.move_slot(slot, to);
+            moves += 1;
+        }
+    });
+    eprintln!(
+        "isolation on a Redis Cluster: {} deliveries checked over {} events, {moves} slot moves",
+        run.deliveries, run.events
+    );
+    assert!(
+        run.deliveries > 200,
+        "only {} deliveries checked",
+        run.deliveries
+    );
+    assert!(moves > 5, "only {moves} slot moves");
+    assert_eq!(
+        run.shards_seen.len(),
+        4,
+        "connections landed on (node, shard) {:?} only",
+        run.shards_seen
     );
 }
