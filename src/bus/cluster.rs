@@ -91,8 +91,9 @@ pub enum BusInterest {
     Remove(Arc<str>, usize),
 }
 
-/// Why a publish through the bus failed. Unless Redis failed during the write itself, nothing
-/// of the request was published.
+/// Why a publish through the bus failed. Unless Redis failed, or a cluster moved one of the
+/// request's slots to a master this node cannot reach, during the publish itself, nothing of
+/// the request was published.
 #[derive(Debug)]
 pub struct BusUnavailable(pub String);
 
