@@ -26,7 +26,9 @@ pub enum PublishError {
     InvalidItem(usize, EventError),
     /// The server is draining or stopped.
     Draining,
-    /// The cluster bus cannot take the publish (Redis unreachable); nothing was published.
+    /// The cluster bus cannot take the publish (Redis, or the master of one of its slots,
+    /// unreachable); nothing was published unless Redis failed mid-publish (see
+    /// [`crate::bus::cluster::BusUnavailable`]).
     BusUnavailable(String),
 }
 
