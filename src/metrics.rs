@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Auth failure labels, in [`auth_index`] order.
+/// Auth failure labels, in `auth_index` order.
 pub const AUTH_LABELS: [&str; 7] = [
     "missing",
     "malformed",

@@ -11,9 +11,9 @@
 //! Only channels and the `Waker` cross threads. Messages name no connection, so no stale id can
 //! reach a reused slab slot; timers carry a generation that is checked before use.
 //!
-//! The `impl Shard` is split by job: [`handshake`] (accepting, the request head, the upgrade and
-//! authentication), [`io`] (reading client frames, queueing and flushing), [`closing`] (close
-//! handshakes, removal), [`timers`] (deadlines, heartbeats, expiry). This file holds the loop.
+//! The `impl Shard` is split by job: `handshake` (accepting, the request head, the upgrade and
+//! authentication), `io` (reading client frames, queueing and flushing), `closing` (close
+//! handshakes, removal), `timers` (deadlines, heartbeats, expiry). This file holds the loop.
 
 mod closing;
 pub mod conn;
