@@ -51,6 +51,33 @@ fn redis_available(test: &str) -> bool {
     found
 }
 
+/// Whether `redis-server` is 7.0 or later (sharded pub/sub); if not, says loudly that `test`
+/// is skipped.
+fn redis_7_available(test: &str) -> bool {
+    if !redis_available(test) {
+        return false;
+    }
+    let out = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .expect("redis-server runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "Redis server v=7.0.15 sha=..."
+    let major: u32 = text
+        .split("v=")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 7 {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED {test}: redis-server is older than 7.0 ({}), which sharded pub/sub needs !!!!!!!!\n",
+            text.trim()
+        );
+    }
+    major >= 7
+}
+
 impl Redis {
     /// Starts one, or explains loudly why it cannot and returns `None`.
     pub fn start(test: &str) -> Option<Redis> {
@@ -178,7 +205,7 @@ impl RedisCluster {
         masters: usize,
         password: Option<&str>,
     ) -> Option<RedisCluster> {
-        if !redis_available(test) {
+        if !redis_7_available(test) {
             return None;
         }
         let dir = std::env::temp_dir().join(format!(
