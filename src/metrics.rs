@@ -178,6 +178,9 @@ pub struct BusStats {
     pub bus_redirects: AtomicU64,
     /// Redis Cluster layouts read (`CLUSTER SLOTS`): at start, after a redirect or a lost master.
     pub bus_layout_reads: AtomicU64,
+    /// Workspaces with local subscribers whose Redis subscription is not made yet (the bus is
+    /// down, or their master is).
+    pub bus_pending: AtomicU64,
 }
 
 fn sum(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
@@ -404,6 +407,15 @@ impl Collector for StatsCollector {
             "causeloop_bus_redirects",
             "MOVED redirects from a Redis Cluster: a slot changed hands.",
             &one(bus.bus_redirects.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_bus_pending_subscriptions",
+            "Workspaces with local subscribers whose Redis subscription is not made yet.",
+            &[(
+                Labels::new(),
+                bus.bus_pending.load(Ordering::Relaxed) as i64,
+            )],
         )?;
         counters(
             &mut enc,

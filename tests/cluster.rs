@@ -206,12 +206,18 @@ fn a_node_started_before_redis_waits_then_serves() {
         waiting.read().is_err(),
         "a frame arrived before Redis was up"
     );
+    let pending = || {
+        common::process::metric(n.internal, "causeloop_bus_pending_subscriptions ")
+            .expect("the gauge is exported")
+    };
+    assert_eq!(pending(), 1);
     redis.restart();
     waiting
         .get_mut()
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     assert!(read_text(&mut waiting).starts_with(r#"{"type":"connected""#));
+    assert_eq!(pending(), 0);
     // The node's first connection to Redis: no settle period, publishing works at once.
     let (status, body) = n.publish(r#"{"workspace_id":"ws_s","type":"hello.again","payload":{}}"#);
     assert_eq!(status, 202, "{body}");

@@ -42,7 +42,7 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 use mio::{Events, Interest as Ready, Poll, Token, Waker};
 use slab::Slab;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -435,7 +435,8 @@ struct Runner {
     links: Slab<Link>,
     link_of: HashMap<RedisNode, usize>,
     /// Workspaces some shard wants that are not subscribed yet (no layout or no connection).
-    pending: Vec<Arc<str>>,
+    /// A set: a workspace retried many times while Redis is away is in it once.
+    pending: HashSet<Arc<str>>,
     topo: Arc<Topology>,
     /// The layout must be read (again): at start, after a redirect, after a lost connection (a
     /// master may have failed over).
@@ -477,7 +478,7 @@ impl BusThread {
             wants: HashMap::new(),
             links: Slab::new(),
             link_of: HashMap::new(),
-            pending: Vec::new(),
+            pending: HashSet::new(),
             topo,
             stale: true,
             layout_hint: None,
@@ -507,6 +508,10 @@ impl Runner {
             self.start_attempts();
             self.subscribe_pending();
             self.update_up();
+            self.bus
+                .stats
+                .bus_pending
+                .store(self.pending.len() as u64, Ordering::Relaxed);
             let timeout = self.next_attempt().map_or(IDLE_PING, |t| {
                 t.saturating_duration_since(Instant::now()).min(IDLE_PING)
             });
@@ -713,7 +718,7 @@ impl Runner {
                 // Every workspace whose subscription is not in force is tried again now.
                 for (ws, w) in &self.wants {
                     if !w.requested && !w.shards.is_empty() {
-                        self.pending.push(ws.clone());
+                        self.pending.insert(ws.clone());
                     }
                 }
                 let uncovered = self.topo.uncovered();
@@ -843,7 +848,7 @@ impl Runner {
             if w.shards.is_empty() {
                 return false;
             }
-            pending.push(ws.clone());
+            pending.insert(ws.clone());
             true
         });
     }
@@ -855,7 +860,7 @@ impl Runner {
         if self.pending.is_empty() {
             return;
         }
-        let mut wait = Vec::new();
+        let mut wait = HashSet::new();
         for ws in std::mem::take(&mut self.pending) {
             let Some(w) = self.wants.get_mut(&ws) else {
                 continue;
@@ -869,7 +874,7 @@ impl Runner {
                 .node_for(&channel)
                 .and_then(|n| self.link_of.get(&self.topo.nodes[n]).copied());
             let Some(key) = key else {
-                wait.push(ws);
+                wait.insert(ws);
                 continue;
             };
             if w.link != Some(key) {
@@ -897,7 +902,7 @@ impl Runner {
                 if w.live {
                     let _ = self.shared.links[shard].send(ShardMsg::Live(ws));
                 } else if !w.requested {
-                    self.pending.push(ws);
+                    self.pending.insert(ws);
                 }
             }
             BusInterest::Remove(ws, shard) => {
@@ -1062,7 +1067,7 @@ impl Runner {
                 topology::slot(channel)
             );
             w.reset();
-            self.pending.push(ws);
+            self.pending.insert(ws);
             self.stale = true;
             self.layout_hint = self.links.get(key).map(|l| l.node.clone());
             self.bus.slots_moved(&[topology::slot(channel)]);
@@ -1084,7 +1089,7 @@ impl Runner {
         } else if !w.requested {
             // Wanted again while its unsubscribe was on the way.
             w.link = None;
-            self.pending.push(ws);
+            self.pending.insert(ws);
         }
         Ok(())
     }

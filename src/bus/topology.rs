@@ -48,6 +48,8 @@ pub struct Topology {
     pub nodes: Vec<RedisNode>,
     /// Per slot, the index of its master in `nodes`, or [`NOBODY`]; empty for one server.
     owner: Vec<u16>,
+    /// Slots that are [`NOBODY`]'s (kept, not counted: the bus asks on every turn).
+    uncovered: usize,
 }
 
 impl Topology {
@@ -56,6 +58,7 @@ impl Topology {
         Topology {
             nodes: vec![node],
             owner: Vec::new(),
+            uncovered: 0,
         }
     }
 
@@ -64,6 +67,7 @@ impl Topology {
         Topology {
             nodes: Vec::new(),
             owner: vec![NOBODY; SLOTS],
+            uncovered: SLOTS,
         }
     }
 
@@ -85,7 +89,15 @@ impl Topology {
 
     /// Slots no master serves (a cluster that is partly down, or a layout not yet known).
     pub fn uncovered(&self) -> usize {
-        self.owner.iter().filter(|&&o| o == NOBODY).count()
+        self.uncovered
+    }
+
+    /// Gives `slot` to `nodes[i]`.
+    fn assign(&mut self, slot: usize, i: usize) {
+        if self.owner[slot] == NOBODY {
+            self.uncovered -= 1;
+        }
+        self.owner[slot] = i as u16;
     }
 
     /// The slots whose master differs in `newer` (none when this layout was not known yet).
@@ -118,7 +130,7 @@ impl Topology {
                 self.nodes.len() - 1
             }
         };
-        self.owner[usize::from(slot)] = i as u16;
+        self.assign(usize::from(slot), i);
     }
 
     /// Reads a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, ...], replicas...], ...]`.
@@ -167,7 +179,7 @@ impl Topology {
                 }
             };
             for s in start..=end {
-                t.owner[s as usize] = i as u16;
+                t.assign(s as usize, i);
             }
         }
         Ok(t)
