@@ -237,10 +237,9 @@ impl ClusterBus {
             }
             // Check every server first, so that one that is down fails the publish before
             // anything is sent.
-            let connected = lock(&self.connected).clone();
             for (node, group) in &groups {
                 let node = &topo.nodes[*node];
-                let from = connected.get(node).copied();
+                let from = lock(&self.connected).get(node).copied();
                 if let Some(left) = from.and_then(|t| t.checked_duration_since(Instant::now())) {
                     return Err(BusUnavailable(format!(
                         "the cluster bus (Redis {node}) is back; publishes resume in {} ms, once every node has re-subscribed",
