@@ -246,23 +246,13 @@ impl ClusterBus {
                         left.as_millis().max(1)
                     )));
                 }
+                let slot = topology::slot(&messages[group[0]].0);
                 if from.is_none() {
-                    return Err(BusUnavailable(if self.cfg.cluster {
-                        format!(
-                            "the cluster bus (Redis {node}, master of hash slot {}) is unreachable; publish again once it is back",
-                            topology::slot(&messages[group[0]].0)
-                        )
-                    } else {
-                        "the cluster bus (Redis) is unreachable; publish again once it is back"
-                            .into()
-                    }));
+                    return Err(self.unreachable(node, slot, "this node is not connected to it"));
                 }
                 if !conns.contains_key(node) {
-                    let c = RedisConn::connect(node, &self.cfg, PUBLISH_TIMEOUT).map_err(|e| {
-                        BusUnavailable(format!(
-                            "the cluster bus (Redis {node}) is unreachable: {e}"
-                        ))
-                    })?;
+                    let c = RedisConn::connect(node, &self.cfg, PUBLISH_TIMEOUT)
+                        .map_err(|e| self.unreachable(node, slot, &e.to_string()))?;
                     conns.insert(node.clone(), c);
                 }
             }
@@ -274,7 +264,8 @@ impl ClusterBus {
                     let (channel, message) = &messages[i];
                     resp::command(&mut encoded, &[self.dialect.publish, channel, message]);
                 }
-                let replies = self.pipeline(&mut conns, node, &encoded, group.len())?;
+                let slot = topology::slot(&messages[group[0]].0);
+                let replies = self.pipeline(&mut conns, node, slot, &encoded, group.len())?;
                 for (&i, reply) in group.iter().zip(&replies) {
                     let Reply::Error(e) = reply else {
                         continue;
@@ -346,6 +337,7 @@ impl ClusterBus {
         &self,
         conns: &mut HashMap<RedisNode, RedisConn>,
         node: &RedisNode,
+        slot: u16,
         encoded: &[u8],
         count: usize,
     ) -> Result<Vec<Reply>, BusUnavailable> {
@@ -353,11 +345,8 @@ impl ClusterBus {
             let conn = match conns.entry(node.clone()) {
                 std::collections::hash_map::Entry::Occupied(c) => c.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => v.insert(
-                    RedisConn::connect(node, &self.cfg, PUBLISH_TIMEOUT).map_err(|e| {
-                        BusUnavailable(format!(
-                            "the cluster bus (Redis {node}) is unreachable: {e}"
-                        ))
-                    })?,
+                    RedisConn::connect(node, &self.cfg, PUBLISH_TIMEOUT)
+                        .map_err(|e| self.unreachable(node, slot, &e.to_string()))?,
                 ),
             };
             match conn.pipeline(encoded, count) {
@@ -365,14 +354,28 @@ impl ClusterBus {
                 Err(e) => {
                     conns.remove(node);
                     if attempt == 1 {
-                        return Err(BusUnavailable(format!(
-                            "the cluster bus (Redis {node}) connection failed: {e}"
-                        )));
+                        return Err(self.unreachable(
+                            node,
+                            slot,
+                            &format!("connection failed: {e}"),
+                        ));
                     }
                 }
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// The 503 for a server a publish cannot reach, in one wording whichever step found it: on
+    /// a cluster it names the master and a hash slot of the request that lives there.
+    fn unreachable(&self, node: &RedisNode, slot: u16, why: &str) -> BusUnavailable {
+        BusUnavailable(if self.cfg.cluster {
+            format!(
+                "the cluster bus (Redis {node}, master of hash slot {slot}) is unreachable ({why}); publish again once it is back"
+            )
+        } else {
+            format!("the cluster bus (Redis) is unreachable ({why}); publish again once it is back")
+        })
     }
 }
 
