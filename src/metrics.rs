@@ -116,6 +116,11 @@ impl Histogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Observations recorded so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     fn snapshot(&self) -> ([u64; BUCKETS_US.len() + 1], u64) {
         let mut c = [0u64; BUCKETS_US.len() + 1];
         for (dst, src) in c.iter_mut().zip(&self.counts) {
@@ -170,6 +175,8 @@ pub struct BusStats {
     pub bus_up: AtomicU64,
     /// Cluster bus connections established after the first.
     pub bus_reconnects: AtomicU64,
+    /// Attempts to connect to a Redis server (or read a cluster's layout) that failed.
+    pub bus_connect_failures: AtomicU64,
     /// Messages received from the cluster bus and delivered to the shards.
     pub bus_received: AtomicU64,
     /// Messages received from the cluster bus and dropped as invalid (each logged).
@@ -401,6 +408,12 @@ impl Collector for StatsCollector {
             "causeloop_bus_reconnects",
             "Cluster bus connections made after the first.",
             &one(bus.bus_reconnects.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_connect_failures",
+            "Attempts to connect to a Redis server, or to read a Redis Cluster's layout, that failed.",
+            &one(bus.bus_connect_failures.load(Ordering::Relaxed)),
         )?;
         counters(
             &mut enc,

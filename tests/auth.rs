@@ -298,14 +298,6 @@ fn sighup_style_reload_picks_up_a_new_secret_file() {
     // The connection opened under the old key was not touched.
     kept.send(tungstenite::Message::Ping(b"still here".to_vec()))
         .unwrap();
-    loop {
-        match kept.read().unwrap() {
-            tungstenite::Message::Pong(p) => {
-                assert_eq!(&p[..], b"still here");
-                break;
-            }
-            _ => continue,
-        }
-    }
+    expect_pong(&mut kept, b"still here");
     std::fs::remove_dir_all(&dir).ok();
 }

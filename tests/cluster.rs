@@ -283,6 +283,7 @@ fn the_redis_password_comes_from_the_environment_and_never_shows() {
     let mut env = common::process::secret_env();
     env.push(("CAUSELOOP_BUS_PASSWORD", "not-the-password"));
     let mut bad = common::process::spawn(&["--bus", &bus], &env);
+    let bad_log = bad.log();
     let (status, body) = publish_with_key(
         bad.internal,
         Some(PUBLISH_KEY),
@@ -305,19 +306,11 @@ fn the_redis_password_comes_from_the_environment_and_never_shows() {
         err.contains("CAUSELOOP_BUS_PASSWORD") && !err.contains(PASSWORD),
         "{err}"
     );
-    // The bus thread's first attempt fails at once (WRONGPASS); give it time to log before the kill.
-    std::thread::sleep(Duration::from_millis(500));
+    // The bus thread's first attempt fails at once (WRONGPASS) and says so.
+    let (found, log) = bad_log.wait_for("WRONGPASS");
     let _ = bad.child.kill();
     let _ = bad.child.wait();
-    let mut log = String::new();
-    use std::io::Read;
-    bad.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(log.contains("AUTH") || log.contains("WRONGPASS"), "{log}");
+    assert!(found, "{log}");
     assert!(!log.contains("not-the-password"), "{log}");
 }
 

@@ -149,9 +149,10 @@ fn a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout() {
     let ns = match Netns::create(net) {
         Ok(ns) => ns,
         Err(e) => {
-            eprintln!(
-                "\n!!!!!!!! SKIPPED a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout !!!!!!!!\n\
-                 !!!!!!!! it needs root and iproute2 to build a network namespace: {e}\n"
+            deps::missing(
+                "a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout",
+                &format!("no network namespace: {e}"),
+                "it needs root and iproute2 (apt-get install iproute2)",
             );
             return;
         }

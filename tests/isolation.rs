@@ -214,7 +214,9 @@ fn churn(
                 drop(c);
             } else {
                 c.ws.close(None).unwrap();
+                let start = std::time::Instant::now();
                 loop {
+                    assert!(start.elapsed() < WAIT, "no close echo within {WAIT:?}");
                     match c.ws.read() {
                         Ok(Message::Close(_)) | Err(_) => break,
                         Ok(_) => {}

@@ -176,7 +176,9 @@ fn client_frames_past_the_rate_are_closed_1008() {
     }
     ws.get_mut().write_all(&burst).unwrap();
     let mut pongs = 0;
+    let start = std::time::Instant::now();
     let close = loop {
+        assert!(start.elapsed() < WAIT, "no close frame within {WAIT:?}");
         match ws.read() {
             Ok(Message::Pong(_)) => pongs += 1,
             Ok(Message::Close(Some(f))) => break (u16::from(f.code), f.reason.to_string()),

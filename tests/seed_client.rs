@@ -1,7 +1,7 @@
 //! The seed document's own JavaScript client, run unchanged under Node against this server.
 //!
 //! The client code is cut out of the API document (a copy is kept in `tests/seed/`, checked
-//! against `../shared/seed/` when that is present); only the URL is swapped, and the usage
+//! against `../shared/seed/`, which must be present under `CI=true`); only the URL is swapped, and the usage
 //! example's placeholder token is filled in. The test sees it connect, receive a published
 //! `issue.created`, and reconnect by itself after a 1001 drain.
 
@@ -38,9 +38,10 @@ fn the_seed_copy_matches_the_shared_document() {
         .join("../shared/seed/realtime-event-stream.txt");
     match std::fs::read_to_string(&shared) {
         Ok(original) => assert_eq!(original, SEED, "tests/seed/ drifted from ../shared/seed/"),
-        Err(_) => eprintln!(
-            "NOTE: {} not present; checked the committed copy only",
-            shared.display()
+        Err(e) => deps::missing(
+            "the_seed_copy_matches_the_shared_document",
+            &format!("{} cannot be read ({e})", shared.display()),
+            "check out the repository next to ../shared to compare the committed copy with the document",
         ),
     }
 }

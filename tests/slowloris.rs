@@ -7,8 +7,7 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const DRIBBLERS: usize = 2000;
@@ -28,36 +27,38 @@ fn two_thousand_dribbling_sockets_are_closed_on_time_and_honest_clients_get_thro
     let opened = started.elapsed();
 
     // The dribble: one more byte on every open socket every 100 ms; a socket is done once the
-    // server has closed it (EOF or reset on read, or a failed write).
-    let done = Arc::new(AtomicBool::new(false));
-    let dribbler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut closed_at: Vec<Option<Duration>> = vec![None; socks.len()];
-            let mut i = 0usize;
-            while !done.load(Ordering::Relaxed) && closed_at.iter().any(Option::is_none) {
-                for (k, sock) in socks.iter_mut().enumerate() {
-                    if closed_at[k].is_some() {
-                        continue;
-                    }
-                    let mut b = [0u8; 64];
-                    let gone = match sock.read(&mut b) {
-                        Ok(0) => true,
-                        Ok(_) => false,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-                        Err(_) => true,
-                    };
-                    let gone = gone || sock.write(&[head[i % head.len()]]).is_err();
-                    if gone {
-                        closed_at[k] = Some(started.elapsed());
-                    }
+    // server has closed it (EOF or reset on read, or a failed write). The period is the
+    // attacker's cadence; it is paced by a stop channel, which also ends the dribbler at once.
+    let (stop, stopped) = mpsc::channel::<()>();
+    let (report, closed) = mpsc::channel::<Vec<Option<Duration>>>();
+    std::thread::spawn(move || {
+        let mut closed_at: Vec<Option<Duration>> = vec![None; socks.len()];
+        let mut i = 0usize;
+        while closed_at.iter().any(Option::is_none) {
+            for (k, sock) in socks.iter_mut().enumerate() {
+                if closed_at[k].is_some() {
+                    continue;
                 }
-                i += 1;
-                std::thread::sleep(Duration::from_millis(100));
+                let mut b = [0u8; 64];
+                let gone = match sock.read(&mut b) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                    Err(_) => true,
+                };
+                let gone = gone || sock.write(&[head[i % head.len()]]).is_err();
+                if gone {
+                    closed_at[k] = Some(started.elapsed());
+                }
             }
-            closed_at
-        })
-    };
+            i += 1;
+            match stopped.recv_timeout(Duration::from_millis(100)) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                _ => break,
+            }
+        }
+        let _ = report.send(closed_at);
+    });
 
     // Honest clients while the dribblers hold their sockets.
     let mut honest = Vec::new();
@@ -77,12 +78,17 @@ fn two_thousand_dribbling_sockets_are_closed_on_time_and_honest_clients_get_thro
     // Every dribbler is gone within the timeout plus the time it took to open them all, the
     // 100 ms dribble period and a second of slack for a loaded machine.
     let limit = Duration::from_secs(1) + opened + Duration::from_secs(3);
-    let waited = Instant::now();
-    while !dribbler.is_finished() && waited.elapsed() < limit + Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done.store(true, Ordering::Relaxed);
-    let closed_at = dribbler.join().unwrap();
+    // The dribbler reports once every socket is closed; past the deadline it is stopped and
+    // reports what it saw.
+    let closed_at = match closed.recv_timeout(limit + Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(_) => {
+            let _ = stop.send(());
+            closed
+                .recv_timeout(WAIT)
+                .expect("the dribbler reports when stopped")
+        }
+    };
     let open = closed_at.iter().filter(|c| c.is_none()).count();
     assert_eq!(open, 0, "{open} dribbling sockets were still open");
     let latest = closed_at.iter().flatten().max().copied().unwrap();

@@ -79,16 +79,7 @@ fn ping_gets_pong_with_the_same_payload() {
     let s = TestServer::start();
     let mut ws = s.subscribe("ws_p", "u");
     ws.send(Message::Ping(b"are you there".to_vec())).unwrap();
-    loop {
-        match ws.read().unwrap() {
-            Message::Pong(p) => {
-                assert_eq!(&p[..], b"are you there");
-                break;
-            }
-            Message::Text(t) => assert!(t.contains("heartbeat"), "{t}"),
-            other => panic!("{other:?}"),
-        }
-    }
+    expect_pong(&mut ws, b"are you there");
 }
 
 #[test]
@@ -230,12 +221,7 @@ fn a_fault_in_one_connection_closes_it_1011_and_nothing_else() {
     assert!(read_event(&mut bystander).contains(r#""after":"fault""#));
     let mut late = s.subscribe("ws_fault", "late");
     late.send(Message::Ping(b"ordinary".to_vec())).unwrap();
-    loop {
-        if let Message::Pong(p) = late.read().unwrap() {
-            assert_eq!(&p[..], b"ordinary");
-            break;
-        }
-    }
+    expect_pong(&mut late, b"ordinary");
     let panics = s.server().shared().shard_stats[0]
         .handler_panics
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -328,6 +314,7 @@ fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
         c.heartbeat_interval = Duration::from_millis(50);
         c.socket_send_buffer = 16 * 1024;
     });
+    let mut clock = s.subscribe("ws_clock", "u");
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&s.public.into()).unwrap();
@@ -346,7 +333,7 @@ fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
             .iter()
             .map(|st| st.open.load(std::sync::atomic::Ordering::Relaxed))
             .sum::<u64>()
-            == 1
+            == 2
     }));
     // Far more than the kernel buffers hold, far less than --max-outbound-bytes.
     let publisher = s.server().publisher();
@@ -356,11 +343,15 @@ fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
             .publish("ws_echo", "bulk", &serde_json::json!({"n": n, "pad": pad}))
             .unwrap();
     }
-    std::thread::sleep(Duration::from_millis(200));
-    // Masked close 1000 from the client, then several heartbeat intervals before reading.
+    // Every event is queued on the connection (the shard has handed each batch to its outbox).
+    assert!(eventually(WAIT, || fanouts(&s) == 300));
+    // Masked close 1000 from the client, then several heartbeat intervals before reading, as
+    // another connection's heartbeats count them.
     sock.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..10 {
+        assert!(read_text(&mut clock).contains("heartbeat"));
+    }
     // Skip the response head, then every frame up to the echo.
     let mut b = [0u8; 1];
     let mut head = Vec::new();
@@ -375,4 +366,14 @@ fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
         "the connection ended without its echo after {events} events"
     );
     assert_eq!(events, 300);
+}
+
+/// Event batches the shards have handed to their connections' queues.
+fn fanouts(s: &TestServer) -> u64 {
+    s.server()
+        .shared()
+        .shard_stats
+        .iter()
+        .map(|st| st.fanout.count())
+        .sum()
 }

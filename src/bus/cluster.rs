@@ -777,6 +777,7 @@ impl Runner {
 
     /// Logs why the bus is not whole and schedules the next attempts after the backoff.
     fn retry_later(&mut self, why: String) {
+        ShardStats::add(&self.bus.stats.bus_connect_failures, 1);
         let wait = jittered(self.backoff);
         self.retry_at = Instant::now() + wait;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);

@@ -2,6 +2,7 @@
 //! real WebSocket client (tungstenite over a blocking `TcpStream`), raw HTTP, and token minting.
 #![allow(dead_code)]
 
+pub mod deps;
 pub mod process;
 pub mod redis;
 
@@ -168,10 +169,17 @@ pub fn read_event(ws: &mut Ws) -> String {
     }
 }
 
+/// How long a test waits for anything the server should do at once: far longer than it takes on
+/// a loaded machine, short enough that a lost frame fails the test instead of hanging it.
+pub const WAIT: Duration = Duration::from_secs(20);
+
 /// Reads until the server's close frame; returns (code, reason). Any text frame before it fails
-/// the test when `no_frames` is set.
+/// the test when `no_frames` is set. Heartbeats keep a read timeout from firing, so the wait has
+/// a deadline of its own ([`WAIT`]).
 pub fn expect_close(ws: &mut Ws, no_frames: bool) -> (u16, String) {
+    let start = Instant::now();
     loop {
+        assert!(start.elapsed() < WAIT, "no close frame within {WAIT:?}");
         match ws.read() {
             Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
             Ok(Message::Close(None)) => return (1005, String::new()),
@@ -185,13 +193,44 @@ pub fn expect_close(ws: &mut Ws, no_frames: bool) -> (u16, String) {
     }
 }
 
-/// Completes the closing handshake after `expect_close` and checks the server ends the TCP
-/// connection.
-pub fn finish_close(ws: &mut Ws) {
+/// Reads until the pong answering a ping with `payload` (skipping heartbeats and events), within
+/// [`WAIT`].
+pub fn expect_pong(ws: &mut Ws, payload: &[u8]) {
+    let start = Instant::now();
     loop {
+        assert!(start.elapsed() < WAIT, "no pong within {WAIT:?}");
+        match ws.read().expect("read frame") {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], payload, "a pong with another payload");
+                return;
+            }
+            Message::Text(_) | Message::Ping(_) => {}
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}
+
+/// Completes the closing handshake after `expect_close` and checks the server ends the TCP
+/// connection: an end of stream or a reset passes; a read timeout fails (the server kept the
+/// connection open).
+pub fn finish_close(ws: &mut Ws) {
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < WAIT,
+            "the server kept the connection open"
+        );
         match ws.read() {
             Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
                 return
+            }
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("the server did not end the connection within the read timeout")
             }
             Err(tungstenite::Error::Io(_)) | Err(tungstenite::Error::Protocol(_)) => return,
             Ok(_) => {}

@@ -25,6 +25,42 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    /// Starts collecting the process's stderr (its log) in the background.
+    pub fn log(&mut self) -> Log {
+        let pipe = self.child.stderr.take().expect("stderr not taken yet");
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = text.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut t = sink.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
+            }
+        });
+        Log { text }
+    }
+}
+
+/// A process's log, as far as it has been written.
+pub struct Log {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Log {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Waits (up to [`WAIT`]) until the log holds `needle`; returns the log either way, and
+    /// whether it was found.
+    pub fn wait_for(&self, needle: &str) -> (bool, String) {
+        let found = eventually(WAIT, || self.text.lock().unwrap().contains(needle));
+        (found, self.text())
+    }
+}
+
 pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     spawn_at("127.0.0.1:0", "127.0.0.1:0", args, env)
 }

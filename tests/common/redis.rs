@@ -1,6 +1,6 @@
 //! Throw-away Redis for the cluster tests: one `redis-server` on a free loopback port, or a Redis
-//! Cluster of several, no persistence, killed on drop. Without `redis-server` on the PATH the tests that need one say so
-//! loudly and do not run (`.ci/run` installs it, so CI always runs them).
+//! Cluster of several, no persistence, killed on drop. Without `redis-server` on the PATH the tests that need one fail under
+//! `CI=true` and elsewhere say so loudly and do not run (`.ci/run` installs it).
 
 use causeloop_stream::config::{BusConfig, RedisConfig, RedisNode};
 use std::process::{Child, Command, Stdio};
@@ -35,7 +35,8 @@ fn free_port() -> u16 {
     panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
-/// Whether `redis-server` is on the PATH; if not, says loudly that `test` is skipped.
+/// Whether `redis-server` is on the PATH; if not, `test` fails under CI and says loudly that it
+/// is skipped elsewhere ([`super::deps::missing`]).
 fn redis_available(test: &str) -> bool {
     let found = Command::new("redis-server")
         .arg("--version")
@@ -43,16 +44,16 @@ fn redis_available(test: &str) -> bool {
         .status()
         .is_ok();
     if !found {
-        eprintln!(
-            "\n!!!!!!!! SKIPPED {test}: redis-server is not on the PATH !!!!!!!!\n\
-             !!!!!!!! install it (apt-get install redis-server) to run the cluster tests\n"
+        super::deps::missing(
+            test,
+            "redis-server is not on the PATH",
+            "install it (apt-get install redis-server) to run the cluster tests",
         );
     }
     found
 }
 
-/// Whether `redis-server` is 7.0 or later (sharded pub/sub); if not, says loudly that `test`
-/// is skipped.
+/// Whether `redis-server` is 7.0 or later (sharded pub/sub); if not, as [`redis_available`].
 fn redis_7_available(test: &str) -> bool {
     if !redis_available(test) {
         return false;
@@ -70,9 +71,13 @@ fn redis_7_available(test: &str) -> bool {
         .and_then(|m| m.parse().ok())
         .unwrap_or(0);
     if major < 7 {
-        eprintln!(
-            "\n!!!!!!!! SKIPPED {test}: redis-server is older than 7.0 ({}), which sharded pub/sub needs !!!!!!!!\n",
-            text.trim()
+        super::deps::missing(
+            test,
+            &format!(
+                "redis-server is older than 7.0 ({}), which sharded pub/sub needs",
+                text.trim()
+            ),
+            "install Redis 7.0 or later",
         );
     }
     major >= 7
