@@ -149,7 +149,7 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_MAX_CLIENT_MESSAGE_BYTES", default_value = "4KiB", value_parser = parse_bytes)]
     pub max_client_message_bytes: usize,
     /// Largest HTTP request head; larger is answered 431.
-    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEAD_BYTES", default_value = "8KiB", value_parser = parse_bytes)]
+    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEAD_BYTES", default_value = "16KiB", value_parser = parse_bytes)]
     pub max_request_head_bytes: usize,
     /// Most header fields in one HTTP request head (1 to 256); more is answered 431.
     #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEADERS", default_value_t = 64)]

@@ -326,7 +326,7 @@ impl Default for Config {
             max_publish_events: 10_000,
             max_internal_connections: 1024,
             max_client_message_bytes: 4096,
-            max_request_head_bytes: 8192,
+            max_request_head_bytes: 16 << 10,
             max_request_headers: 64,
             max_event_bytes: 64 << 10,
             max_json_depth: 32,

@@ -177,6 +177,155 @@ pub fn portable(input: &[u8]) -> Result<(), NotPortable> {
     Ok(())
 }
 
+/// A key that appears twice in one JSON object (named, cut to 64 characters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DuplicateKey(pub String);
+
+impl std::fmt::Display for DuplicateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "duplicate key {:?}", self.0)
+    }
+}
+
+/// Checks that no object in `input` (valid JSON) has the same key twice. Parsers disagree on
+/// which of two values wins (serde_json and most JavaScript engines keep the last, some keep the
+/// first), so a document with duplicates could mean one thing here and another to a subscriber
+/// or an issuer: it is refused instead. Keys are compared after unescaping (`"a"` and
+/// `"\u0061"` are the same key). One pass with serde_json, no tree built.
+pub fn unique_keys(input: &[u8]) -> Result<(), DuplicateKey> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(input);
+    // Recursion is bounded by the depth pre-checks every caller makes (and serde_json's own
+    // limit of 128).
+    UniqueKeys.deserialize(&mut de).map_err(|e| {
+        let text = e.to_string();
+        match text.strip_prefix(DUPLICATE_PREFIX) {
+            Some(key) => DuplicateKey(key.split(" at line ").next().unwrap_or(key).to_string()),
+            // Not valid JSON: callers validate first, so this is not a duplicate.
+            None => DuplicateKey(String::new()),
+        }
+    })
+}
+
+const DUPLICATE_PREFIX: &str = "duplicate key: ";
+
+/// A `serde` seed that walks any JSON value and fails on the first object with a repeated key.
+/// The JWT claims reader uses it for the values it does not interpret.
+pub struct UniqueKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(UniqueKeys)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut keys = KeySet::default();
+        while let Some(key) = map.next_key_seed(Key)? {
+            keys.insert(key)?;
+            map.next_value_seed(UniqueKeys)?;
+        }
+        Ok(())
+    }
+}
+
+/// The keys of one object seen so far: a short list (objects usually have a handful of keys),
+/// a hash set past it.
+#[derive(Default)]
+pub struct KeySet<'de> {
+    few: Vec<std::borrow::Cow<'de, str>>,
+    many: std::collections::HashSet<std::borrow::Cow<'de, str>>,
+}
+
+impl<'de> KeySet<'de> {
+    /// Adds `key`; an error naming it if it was there already.
+    pub fn insert<E: serde::de::Error>(
+        &mut self,
+        key: std::borrow::Cow<'de, str>,
+    ) -> Result<(), E> {
+        const FEW: usize = 16;
+        let seen = if self.many.is_empty() {
+            self.few.contains(&key)
+        } else {
+            self.many.contains(&key)
+        };
+        if seen {
+            let shown: String = key.chars().take(64).collect();
+            return Err(E::custom(format_args!("{DUPLICATE_PREFIX}{shown}")));
+        }
+        if self.few.len() < FEW {
+            self.few.push(key);
+        } else {
+            if self.many.is_empty() {
+                self.many.extend(self.few.drain(..));
+            }
+            self.many.insert(key);
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+pub struct Key;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +377,28 @@ mod tests {
                 "{s:?}"
             );
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_at_any_depth_after_unescaping() {
+        assert_eq!(
+            unique_keys(br#"{"a":1,"b":{"a":2},"c":[{"a":1},{"a":2}]}"#),
+            Ok(())
+        );
+        let dup = |s: &str| unique_keys(s.as_bytes()).unwrap_err().0;
+        assert_eq!(dup(r#"{"a":1,"a":2}"#), "a");
+        assert_eq!(dup(r#"{"x":{"k":1,"k":null}}"#), "k");
+        assert_eq!(dup(r#"[1,{"z":[{"q":1,"\u0071":2}]}]"#), "q");
+        assert_eq!(dup(r#"{"\n":1,"\u000a":2}"#), "\n");
+        // Many keys: the hash set takes over past the short list.
+        let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        assert_eq!(
+            unique_keys(format!("{{{}}}", many.join(",")).as_bytes()),
+            Ok(())
+        );
+        assert_eq!(dup(&format!(r#"{{{},"k3":0}}"#, many.join(","))), "k3");
+        assert_eq!(unique_keys(b"[]"), Ok(()));
+        assert_eq!(unique_keys(b"\"x\""), Ok(()));
     }
 
     #[test]

@@ -5,12 +5,12 @@
 //! keys (ring; HMAC comparison is constant-time), then claims. The token itself never appears in
 //! an error: errors are [`AuthError`] variants with fixed labels.
 
+use super::claims::{self, Value};
 use super::keys::KeySet;
 use super::{AuthError, Identity};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::{hmac, signature};
-use simd_json::prelude::*;
 
 /// Tokens longer than this are refused without being parsed.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -44,20 +44,6 @@ impl Default for Validation {
     }
 }
 
-thread_local! {
-    /// The parser's working buffers, kept per thread (each shard verifies on its own thread) so
-    /// that verifying a token does not allocate them afresh twice.
-    static BUFFERS: std::cell::RefCell<simd_json::Buffers> = std::cell::RefCell::new(simd_json::Buffers::new(512));
-}
-
-/// Runs a parse with this thread's buffers (fresh ones if they are somehow in use).
-fn with_buffers<T>(f: impl FnOnce(&mut simd_json::Buffers) -> T) -> T {
-    BUFFERS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut b) => f(&mut b),
-        Err(_) => f(&mut simd_json::Buffers::new(512)),
-    })
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Alg {
     Hs256,
@@ -85,39 +71,35 @@ pub fn verify(
         return Err(AuthError::Malformed);
     }
     let signed = &token[..h64.len() + 1 + c64.len()];
-    let mut header = URL_SAFE_NO_PAD
+    let header = URL_SAFE_NO_PAD
         .decode(h64)
         .map_err(|_| AuthError::Malformed)?;
     let sig = URL_SAFE_NO_PAD
         .decode(s64)
         .map_err(|_| AuthError::Malformed)?;
-    let (alg, kid) = parse_header(&mut header)?;
+    let (alg, kid) = parse_header(&header)?;
     verify_signature(alg, kid.as_deref(), signed, &sig, keys)?;
-    let mut claims = URL_SAFE_NO_PAD
+    let claims = URL_SAFE_NO_PAD
         .decode(c64)
         .map_err(|_| AuthError::Malformed)?;
-    check_claims(&mut claims, rules, now)
+    check_claims(&claims, rules, now)
 }
 
-fn parse_header(header: &mut [u8]) -> Result<(Alg, Option<String>), AuthError> {
+fn parse_header(header: &[u8]) -> Result<(Alg, Option<String>), AuthError> {
     if crate::json::max_depth(header) > MAX_JSON_DEPTH {
         return Err(AuthError::Malformed);
     }
-    let v = with_buffers(|b| simd_json::to_borrowed_value_with_buffers(header, b))
-        .map_err(|_| AuthError::Malformed)?;
-    if !v.is_object() {
-        return Err(AuthError::Malformed);
-    }
-    if v.get("crit").is_some() {
+    let h = claims::header(header).map_err(|_| AuthError::Malformed)?;
+    if h.crit {
         return Err(AuthError::Algorithm);
     }
-    let alg = match v.get("alg").and_then(|a| a.as_str()) {
-        Some("HS256") => Alg::Hs256,
-        Some("RS256") => Alg::Rs256,
+    let alg = match h.alg.as_ref().map(|a| a.as_str()) {
+        Some(Some("HS256")) => Alg::Hs256,
+        Some(Some("RS256")) => Alg::Rs256,
         Some(_) => return Err(AuthError::Algorithm),
         None => return Err(AuthError::Malformed),
     };
-    let kid = match v.get("kid") {
+    let kid = match &h.kid {
         None => None,
         Some(k) => Some(k.as_str().ok_or(AuthError::Malformed)?.to_owned()),
     };
@@ -176,68 +158,61 @@ fn verify_signature(
     Err(AuthError::Signature)
 }
 
-fn numeric(v: Option<&simd_json::BorrowedValue<'_>>) -> Result<Option<u64>, AuthError> {
+fn numeric(v: Option<&Value<'_>>) -> Result<Option<u64>, AuthError> {
     match v {
         None => Ok(None),
-        Some(v) => {
-            let f = v.cast_f64().ok_or(AuthError::Claims)?;
-            if !f.is_finite() || f < 0.0 {
-                return Err(AuthError::Claims);
-            }
+        Some(Value::Num(f)) if f.is_finite() && *f >= 0.0 => {
             Ok(Some(f.min(u64::MAX as f64) as u64))
         }
+        Some(_) => Err(AuthError::Claims),
     }
 }
 
-fn check_claims(claims: &mut [u8], rules: &Validation, now: u64) -> Result<Identity, AuthError> {
+fn check_claims(claims: &[u8], rules: &Validation, now: u64) -> Result<Identity, AuthError> {
     if crate::json::max_depth(claims) > MAX_JSON_DEPTH {
         return Err(AuthError::Malformed);
     }
-    let v = with_buffers(|b| simd_json::to_borrowed_value_with_buffers(claims, b))
-        .map_err(|_| AuthError::Malformed)?;
-    if !v.is_object() {
-        return Err(AuthError::Malformed);
-    }
-    let exp = numeric(v.get("exp"))?.ok_or(AuthError::Claims)?;
+    let c = claims::claims(claims, &rules.workspace_claim).map_err(|_| AuthError::Malformed)?;
+    let exp = numeric(c.exp.as_ref())?.ok_or(AuthError::Claims)?;
     let leeway = rules.leeway_secs;
     if now >= exp.saturating_add(leeway) {
         return Err(AuthError::Expired);
     }
-    if let Some(nbf) = numeric(v.get("nbf"))? {
+    if let Some(nbf) = numeric(c.nbf.as_ref())? {
         if nbf > now.saturating_add(leeway) {
             return Err(AuthError::NotYetValid);
         }
     }
-    if let Some(iat) = numeric(v.get("iat"))? {
+    if let Some(iat) = numeric(c.iat.as_ref())? {
         if iat > now.saturating_add(leeway) {
             return Err(AuthError::NotYetValid);
         }
     }
     // The ids become registry keys and appear in every `connected` frame and log line: the
     // same length and character rule as a publish's ids.
-    let id = |s: &str| crate::bus::event::id_ok(s, rules.max_id_bytes);
-    let sub = v
-        .get("sub")
-        .and_then(|s| s.as_str())
-        .filter(|s| id(s))
+    let id = |s: &&str| crate::bus::event::id_ok(s, rules.max_id_bytes);
+    let sub = c
+        .sub
+        .as_ref()
+        .and_then(Value::as_str)
+        .filter(id)
         .ok_or(AuthError::Claims)?;
-    let ws = v
-        .get(rules.workspace_claim.as_str())
-        .and_then(|s| s.as_str())
-        .filter(|s| id(s))
+    let ws = c
+        .workspace
+        .as_ref()
+        .and_then(Value::as_str)
+        .filter(id)
         .ok_or(AuthError::Claims)?;
     if let Some(iss) = &rules.issuer {
-        if v.get("iss").and_then(|s| s.as_str()) != Some(iss.as_str()) {
+        if c.iss.as_ref().and_then(Value::as_str) != Some(iss.as_str()) {
             return Err(AuthError::Claims);
         }
     }
     if let Some(aud) = &rules.audience {
-        let ok = match v.get("aud") {
-            Some(a) if a.as_str().is_some() => a.as_str() == Some(aud.as_str()),
-            Some(a) => a
-                .as_array()
-                .is_some_and(|arr| arr.iter().any(|x| x.as_str() == Some(aud.as_str()))),
-            None => false,
+        let ok = match &c.aud {
+            Some(Value::Str(a)) => a == aud,
+            Some(Value::Strs(all)) => all.iter().any(|a| a == aud),
+            _ => false,
         };
         if !ok {
             return Err(AuthError::Claims);
@@ -364,6 +339,24 @@ mod tests {
             Err(AuthError::Claims)
         );
         assert_eq!(check(&token(r#"[1]"#)), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn repeated_names_in_header_or_claims_are_refused() {
+        // The issuer's parser would keep the last member; refusing is the only safe reading.
+        for claims in [
+            r#"{"sub":"u","workspace_id":"w","exp":1700000100,"exp":1800000000}"#,
+            r#"{"sub":"admin","sub":"u","workspace_id":"w","exp":1800000000}"#,
+            r#"{"sub":"u","workspace_id":"w1","workspace_id":"w2","exp":1800000000}"#,
+        ] {
+            assert_eq!(check(&token(claims)), Err(AuthError::Malformed), "{claims}");
+        }
+        let twice = sign_hs256_with_header(
+            SECRET,
+            br#"{"alg":"RS256","alg":"HS256"}"#,
+            br#"{"sub":"u","workspace_id":"w","exp":1800000000}"#,
+        );
+        assert_eq!(check(&twice), Err(AuthError::Malformed));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! - [`jwt`]: verifying a compact JWS (HS256/RS256) and validating its claims, a pure function of
 //!   the token bytes, a [`keys::KeySet`], the [`jwt::Validation`] rules and `now`.
 //! - [`keys`]: loading HS256 secrets, PEM public keys and JWKS files into a [`keys::KeySet`].
+//! - [`claims`]: reading a token's header and claims (one pass; repeated names refused).
 //! - [`der`]: the little DER it takes to read an RSA public key.
 
+pub mod claims;
 pub mod der;
 pub mod jwt;
 pub mod keys;

@@ -60,10 +60,32 @@ struct Item<'a> {
     workspace_id: Cow<'a, str>,
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present_string")]
     user_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     payload: &'a RawValue,
+}
+
+/// An optional string field that, when present, must be a string: `null` is refused rather than
+/// read as absent (a user-scoped event whose `user_id` is `null` must not reach the whole
+/// workspace).
+pub(crate) fn present_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct UserId;
+    impl<'de> serde::de::Visitor<'de> for UserId {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("user_id to be a string (leave it out for a workspace-wide event)")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+    }
+    d.deserialize_str(UserId).map(Some)
 }
 
 /// Why a body was refused (answered `400 {"error": ...}`).
@@ -132,6 +154,8 @@ fn item(text: &str, limits: BodyLimits) -> Result<EventSpec<'_>, String> {
     }
     crate::json::portable(it.payload.get().as_bytes())
         .map_err(|e| EventError::NotPortable(e).to_string())?;
+    crate::json::unique_keys(it.payload.get().as_bytes())
+        .map_err(|e| EventError::DuplicateKey(e).to_string())?;
     Ok(EventSpec {
         workspace_id: it.workspace_id,
         user_id: it.user_id,
@@ -219,5 +243,50 @@ mod tests {
         assert!(e.contains("workspace_id must be 1 to 4 bytes"), "{e}");
         let long_user = br#"{"workspace_id":"a","user_id":"u\u0007","type":"a","payload":{}}"#;
         assert!(parse(long_user, lim).unwrap_err().0.contains("user_id"));
+    }
+
+    #[test]
+    fn a_user_id_that_is_not_a_string_is_refused_null_included() {
+        let err = |b: &str| parse(b.as_bytes(), BodyLimits::default()).unwrap_err().0;
+        for bad in ["null", "7", "true", "[\"u\"]", "{}"] {
+            let e = err(&format!(
+                r#"{{"workspace_id":"w","user_id":{bad},"type":"a","payload":{{}}}}"#
+            ));
+            assert!(
+                e.contains("invalid type") && e.contains("expected user_id to be a string"),
+                "{bad}: {e}"
+            );
+        }
+        let ok = parse(
+            br#"{"workspace_id":"w","user_id":"u\u0031","type":"a","payload":{}}"#,
+            BodyLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(ok[0].user_id.as_deref(), Some("u1"));
+        assert_eq!(
+            parse(
+                br#"{"workspace_id":"w","type":"a","payload":{}}"#,
+                BodyLimits::default()
+            )
+            .unwrap()[0]
+                .user_id,
+            None
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_in_items_and_payloads() {
+        let err = |b: &str| parse(b.as_bytes(), BodyLimits::default()).unwrap_err().0;
+        let e = err(r#"{"workspace_id":"w","type":"a","type":"b","payload":{}}"#);
+        assert!(e.contains("duplicate field `type`"), "{e}");
+        let e = err(r#"{"workspace_id":"w","type":"a","payload":{"n":1,"x":{"k":1,"k":2}}}"#);
+        assert!(e.contains("duplicate key \"k\""), "{e}");
+        let e = err(
+            r#"[{"workspace_id":"w","type":"a","payload":{}},{"workspace_id":"w","type":"a","payload":{"a":1,"\u0061":2}}]"#,
+        );
+        assert!(
+            e.starts_with("item 1: ") && e.contains("duplicate key"),
+            "{e}"
+        );
     }
 }

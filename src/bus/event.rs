@@ -30,7 +30,8 @@ pub struct Event {
 /// Why an event's fields are unacceptable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventError {
-    /// `type` does not match `^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$`, is too long, or is reserved.
+    /// `type` does not match `^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$`, is too long, or is reserved
+    /// (`connected`, `heartbeat`, and `stream.*`, which the server itself sends).
     Type(String),
     /// An id is empty, longer than the limit (given), or contains control characters; the
     /// field is named.
@@ -42,6 +43,8 @@ pub enum EventError {
     /// The payload would not read the same in every JSON parser (a number beyond the double
     /// range, an unpaired surrogate escape).
     NotPortable(crate::json::NotPortable),
+    /// An object in the payload has the same key twice.
+    DuplicateKey(crate::json::DuplicateKey),
     /// The payload is not a JSON object.
     PayloadNotObject,
     /// The payload could not be serialized (library callers only).
@@ -51,12 +54,13 @@ pub enum EventError {
 impl std::fmt::Display for EventError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EventError::Type(t) => write!(f, "type {t:?} is not a valid event type (lowercase dotted name, not connected or heartbeat)"),
+            EventError::Type(t) => write!(f, "type {t:?} is not a valid event type (lowercase dotted name; connected, heartbeat and stream.* are reserved for the server)"),
             EventError::Id(field, max) => write!(f, "{field} must be 1 to {max} bytes without control characters"),
             EventError::TooLarge(size, max) => write!(f, "event is {size} bytes encoded, over the limit of {max} bytes (--max-event-bytes)"),
             EventError::TooDeep(max) => write!(f, "payload nested deeper than {max} levels (--max-json-depth)"),
             EventError::NotPortable(crate::json::NotPortable::NumberOutOfRange) => f.write_str("payload has a number outside the IEEE 754 double range"),
             EventError::NotPortable(crate::json::NotPortable::LoneSurrogate) => f.write_str("payload has a \\u escape of half a surrogate pair"),
+            EventError::DuplicateKey(k) => write!(f, "payload has a {k} (each key may appear once per object)"),
             EventError::PayloadNotObject => f.write_str("payload must be a JSON object"),
             EventError::Serialize(e) => write!(f, "payload could not be serialized: {e}"),
         }
@@ -65,10 +69,16 @@ impl std::fmt::Display for EventError {
 
 impl std::error::Error for EventError {}
 
+/// Types the server itself sends and no publisher may: `connected`, `heartbeat`, and anything
+/// under `stream.` (`stream.gap`, and whatever the stream's own signals become).
+pub fn is_reserved_type(t: &str) -> bool {
+    t == "connected" || t == "heartbeat" || t.starts_with("stream.")
+}
+
 /// Checks an event type against the contract's pattern and reserved names.
 pub fn check_type(t: &str) -> Result<(), EventError> {
     let bad = || EventError::Type(t.chars().take(MAX_TYPE_BYTES).collect());
-    if t.len() > MAX_TYPE_BYTES || t == "connected" || t == "heartbeat" {
+    if t.len() > MAX_TYPE_BYTES || is_reserved_type(t) {
         return Err(bad());
     }
     for segment in t.split('.') {
@@ -177,6 +187,9 @@ mod tests {
             "issue.status.changed",
             "a",
             "job_2.updated_x",
+            "stream",
+            "streams.gap",
+            "upstream.gap",
         ] {
             assert!(check_type(ok).is_ok(), "{ok}");
         }
@@ -190,6 +203,8 @@ mod tests {
             "a-b",
             "connected",
             "heartbeat",
+            "stream.gap",
+            "stream.anything.else",
             "a.B",
             "é",
         ] {

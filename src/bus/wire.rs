@@ -82,7 +82,7 @@ struct Message<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
     ts: u64,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "super::body::present_string")]
     user_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     payload: &'a RawValue,
@@ -116,6 +116,7 @@ pub fn decode(message: &[u8], limits: WireLimits) -> Result<Received, String> {
         return Err(EventError::TooDeep(limits.max_depth).to_string());
     }
     crate::json::portable(payload).map_err(|e| EventError::NotPortable(e).to_string())?;
+    crate::json::unique_keys(payload).map_err(|e| EventError::DuplicateKey(e).to_string())?;
     let frame = encode_with(&m.kind, payload.len(), m.ts, |buf| {
         crate::json::minify_into(buf, payload)
     });
@@ -179,6 +180,12 @@ mod tests {
         assert!(bad(r#"{"v":1,"type":"a","payload":{}}"#).contains("missing field `ts`"));
         assert!(bad(r#"{"v":1,"type":"a","ts":1,"payload":{"x":1e999}}"#).contains("double"));
         assert!(bad(r#"{"v":1,"type":"a","ts":1,"user_id":"","payload":{}}"#).contains("user_id"));
+        assert!(
+            bad(r#"{"v":1,"type":"a","ts":1,"user_id":null,"payload":{}}"#).contains("user_id")
+        );
+        assert!(bad(r#"{"v":1,"type":"a","ts":1,"payload":{"k":1,"k":2}}"#).contains("duplicate"));
+        assert!(bad(r#"{"v":1,"type":"a","ts":1,"ts":2,"payload":{}}"#).contains("duplicate"));
+        assert!(bad(r#"{"v":1,"type":"stream.gap","ts":1,"payload":{}}"#).contains("reserved"));
         assert!(bad(r#"{"v":1,"type":"a","ts":1,"payload":{},"x":1}"#).contains("unknown field"));
         assert!(bad(r#"{"v":1,"type":"a","ts":999999999999999999,"payload":{}}"#).contains("ts"));
         let big = format!(

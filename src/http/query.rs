@@ -3,7 +3,8 @@
 //! Values are percent-decoded (`+` as space, as browsers' `URLSearchParams` encode it). The token
 //! is handled as opaque bytes and never formatted anywhere.
 
-/// The stream's query parameters. The first occurrence of each wins.
+/// The stream's query parameters. The first occurrence of each wins, whatever it holds: a later
+/// one never replaces it (a first `workspace` that is not UTF-8 stays "no workspace").
 #[derive(Default)]
 pub struct StreamQuery {
     /// The raw JWT, percent-decoded. Secret: never log or echo.
@@ -24,14 +25,17 @@ impl std::fmt::Debug for StreamQuery {
 /// Parses the query part (after `?`) of a stream request.
 pub fn parse_stream_query(query: &[u8]) -> StreamQuery {
     let mut q = StreamQuery::default();
+    let (mut token_seen, mut workspace_seen) = (false, false);
     for pair in query.split(|&b| b == b'&') {
         let (k, v) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &b""[..]),
         };
         match k {
-            b"token" if q.token.is_none() => q.token = Some(percent_decode(v)),
-            b"workspace" if q.workspace.is_none() => {
+            b"token" if !std::mem::replace(&mut token_seen, true) => {
+                q.token = Some(percent_decode(v))
+            }
+            b"workspace" if !std::mem::replace(&mut workspace_seen, true) => {
                 q.workspace = String::from_utf8(percent_decode(v)).ok()
             }
             _ => {}
@@ -85,6 +89,15 @@ mod tests {
         assert_eq!(q.token.as_deref(), Some(&b"a.b.c"[..]));
         assert_eq!(q.workspace.as_deref(), Some("ws_01 x"));
         assert!(!format!("{q:?}").contains("a.b.c"));
+    }
+
+    #[test]
+    fn the_first_occurrence_wins_even_when_it_is_unusable() {
+        let q = parse_stream_query(b"workspace=%FF&workspace=ws_2&token=&token=t2");
+        assert_eq!(q.workspace, None);
+        assert_eq!(q.token.as_deref(), Some(&b""[..]));
+        let q = parse_stream_query(b"workspace=ws_1&workspace=ws_2");
+        assert_eq!(q.workspace.as_deref(), Some("ws_1"));
     }
 
     #[test]

@@ -55,8 +55,15 @@ pub struct Head<'a> {
     pub content_length: Option<Option<u64>>,
     /// `Transfer-Encoding` present.
     pub transfer_encoding: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
     /// `Authorization`. Secret: never log.
     pub authorization: Option<&'a [u8]>,
+    /// A header that must appear at most once appeared twice (`Authorization`,
+    /// `Sec-WebSocket-Key`, `Sec-WebSocket-Version`, `Upgrade`: RFC 6455 §11.3, RFC 9110 §5.3):
+    /// its name. Such a request is refused with 400, since two readers of it could pick
+    /// different values.
+    pub repeated: Option<&'static str>,
     /// Length of the head in bytes, including the blank line.
     pub len: usize,
 }
@@ -106,21 +113,29 @@ pub fn parse_head(
         len,
         ..Head::default()
     };
+    let mut upgrade_seen = false;
     for h in req.headers.iter() {
         let name = h.name;
+        let mut once = |seen: bool, label: &'static str| {
+            if seen && head.repeated.is_none() {
+                head.repeated = Some(label);
+            }
+        };
         if name.eq_ignore_ascii_case("upgrade") {
+            once(upgrade_seen, "Upgrade");
+            upgrade_seen = true;
             head.upgrade_websocket |= has_token(h.value, b"websocket");
         } else if name.eq_ignore_ascii_case("connection") {
             head.connection_upgrade |= has_token(h.value, b"upgrade");
             head.connection_close |= has_token(h.value, b"close");
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            head.ws_key = Some(trim(h.value));
+            once(head.ws_key.is_some(), "Sec-WebSocket-Key");
+            head.ws_key = head.ws_key.or(Some(trim(h.value)));
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            head.ws_version = Some(trim(h.value));
+            once(head.ws_version.is_some(), "Sec-WebSocket-Version");
+            head.ws_version = head.ws_version.or(Some(trim(h.value)));
         } else if name.eq_ignore_ascii_case("content-length") {
-            let parsed = std::str::from_utf8(trim(h.value))
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok());
+            let parsed = content_length(trim(h.value));
             // Two different lengths are a smuggling attempt: treat as unparseable.
             head.content_length = match head.content_length {
                 None => Some(parsed),
@@ -129,11 +144,23 @@ pub fn parse_head(
             };
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             head.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            head.expect_continue |= trim(h.value).eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("authorization") {
-            head.authorization = Some(trim(h.value));
+            once(head.authorization.is_some(), "Authorization");
+            head.authorization = head.authorization.or(Some(trim(h.value)));
         }
     }
     Ok(Some(head))
+}
+
+/// A `Content-Length` value: ASCII digits only (RFC 9110 §8.6: no sign, no spaces inside), at
+/// most 19 of them so that it fits a `u64`.
+fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -165,16 +192,25 @@ pub enum PublicRoute {
         /// The decoded query (token and workspace).
         query: StreamQuery,
     },
-    /// `GET /healthz`.
-    Health,
-    /// `GET /readyz`.
-    Ready,
+    /// `GET /healthz` (`head`: a `HEAD`, answered without the body).
+    Health {
+        /// The method was `HEAD`.
+        head: bool,
+    },
+    /// `GET /readyz` (`head` as for `Health`).
+    Ready {
+        /// The method was `HEAD`.
+        head: bool,
+    },
     /// Answer with this status and close.
     Reject(Status),
 }
 
 /// Routes a request head received on the public listener.
 pub fn route_public(head: &Head<'_>) -> PublicRoute {
+    if head.repeated.is_some() {
+        return PublicRoute::Reject(Status::BadRequest);
+    }
     match head.path {
         b"/v1/stream" => {
             let is_get = head.method == "GET" && head.minor_version == 1;
@@ -195,8 +231,12 @@ pub fn route_public(head: &Head<'_>) -> PublicRoute {
         b"/healthz" | b"/readyz" if head.method != "GET" && head.method != "HEAD" => {
             PublicRoute::Reject(Status::MethodNotAllowed)
         }
-        b"/healthz" => PublicRoute::Health,
-        b"/readyz" => PublicRoute::Ready,
+        b"/healthz" => PublicRoute::Health {
+            head: head.method == "HEAD",
+        },
+        b"/readyz" => PublicRoute::Ready {
+            head: head.method == "HEAD",
+        },
         _ => PublicRoute::Reject(Status::NotFound),
     }
 }
@@ -246,7 +286,7 @@ mod tests {
             Err(e) => e.status(),
             Ok(Some(h)) => match route_public(&h) {
                 PublicRoute::Reject(s) => s,
-                PublicRoute::Health | PublicRoute::Ready => Status::Ok,
+                PublicRoute::Health { .. } | PublicRoute::Ready { .. } => Status::Ok,
                 PublicRoute::Stream { .. } => Status::Accepted,
             },
             Ok(None) => panic!("incomplete"),
@@ -297,6 +337,75 @@ mod tests {
         // The count is the configured one, not a compile-time constant.
         assert!(parse_head(&many, 8192, 65).unwrap().is_some());
         assert_eq!(parse_head(&many, 8192, 8).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        let len = |v: &str| {
+            let req = format!("POST /v1/publish HTTP/1.1\r\nContent-Length: {v}\r\n\r\n");
+            parse_head(req.as_bytes(), 8192, 64)
+                .unwrap()
+                .unwrap()
+                .content_length
+        };
+        assert_eq!(len("12"), Some(Some(12)));
+        assert_eq!(len(" 12 "), Some(Some(12)));
+        for bad in [
+            "+12",
+            "-1",
+            "1 2",
+            "0x10",
+            "1e3",
+            "99999999999999999999",
+            "",
+        ] {
+            assert_eq!(len(bad), Some(None), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn headers_that_must_be_single_are_refused_when_repeated() {
+        let twice = |h: &str| {
+            let req = format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{h}\r\n"
+            );
+            let head = parse_head(req.as_bytes(), 8192, 64).unwrap().unwrap();
+            (head.repeated, status_of(req.as_bytes()))
+        };
+        assert_eq!(twice(""), (None, Status::Accepted));
+        assert_eq!(
+            twice("Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"),
+            (Some("Sec-WebSocket-Key"), Status::BadRequest)
+        );
+        assert_eq!(
+            twice("sec-websocket-version: 13\r\n"),
+            (Some("Sec-WebSocket-Version"), Status::BadRequest)
+        );
+        assert_eq!(
+            twice("Upgrade: websocket\r\n"),
+            (Some("Upgrade"), Status::BadRequest)
+        );
+        let auth = parse_head(
+            b"POST /v1/publish HTTP/1.1\r\nAuthorization: Bearer a\r\nauthorization: Bearer b\r\n\r\n",
+            8192,
+            64,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(auth.repeated, Some("Authorization"));
+        assert_eq!(auth.authorization, Some(&b"Bearer a"[..]));
+    }
+
+    #[test]
+    fn expect_continue_and_transfer_encoding_are_seen() {
+        let h = parse_head(
+            b"POST /v1/publish HTTP/1.1\r\nExpect: 100-Continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+            8192,
+            64,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.expect_continue && h.transfer_encoding);
     }
 
     #[test]

@@ -27,6 +27,15 @@ pub fn build(
     out
 }
 
+/// The answer to a `HEAD`: `response` (built for the `GET`) without its body, its
+/// `Content-Length` kept (RFC 9110 §9.3.2).
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
+}
+
 /// A plain-text response whose body is the status line's reason, for edge statuses.
 pub fn plain(status: Status, close: bool) -> Vec<u8> {
     let line = status.line();
@@ -60,6 +69,14 @@ mod tests {
         assert!(r.contains("Connection: close\r\n"));
         assert!(r.contains("Sec-WebSocket-Version: 13\r\n"));
         assert!(r.ends_with("\r\n\r\nUpgrade Required\n"));
+    }
+
+    #[test]
+    fn a_head_answer_keeps_the_length_and_drops_the_body() {
+        let get = build(Status::Ok, "text/plain", b"ok\n", false, "");
+        let head = String::from_utf8(head_only(get)).unwrap();
+        assert!(head.contains("Content-Length: 3\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
     }
 
     #[test]

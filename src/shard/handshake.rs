@@ -122,17 +122,31 @@ impl Shard {
         };
         match route {
             PublicRoute::Reject(status) => self.respond_http(key, response::plain(status, true)),
-            PublicRoute::Health => self.respond_http(
-                key,
-                response::build(Status::Ok, "text/plain", b"ok\n", true, ""),
-            ),
-            PublicRoute::Ready => {
+            PublicRoute::Health { head } => {
+                let resp = response::build(Status::Ok, "text/plain", b"ok\n", true, "");
+                self.respond_http(
+                    key,
+                    if head {
+                        response::head_only(resp)
+                    } else {
+                        resp
+                    },
+                )
+            }
+            PublicRoute::Ready { head } => {
                 let resp = if self.shared.is_ready() {
                     response::build(Status::Ok, "text/plain", b"ready\n", true, "")
                 } else {
                     response::build(Status::Unavailable, "text/plain", b"draining\n", true, "")
                 };
-                self.respond_http(key, resp)
+                self.respond_http(
+                    key,
+                    if head {
+                        response::head_only(resp)
+                    } else {
+                        resp
+                    },
+                )
             }
             PublicRoute::Stream { key: ws_key, query } => {
                 self.upgrade(

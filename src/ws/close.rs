@@ -128,9 +128,11 @@ pub fn close_frame(code: u16, reason: &str) -> SharedFrame {
     encode(OpCode::Close, &payload)
 }
 
-/// Whether a client may send `code` in a close frame (RFC 6455 §7.4).
+/// Whether a client may send `code` in a close frame: RFC 6455 §7.4's codes plus those IANA
+/// registered since (1012 service restart, 1013 try again later, 1014 bad gateway), and the
+/// 3000-4999 ranges for libraries and applications.
 pub fn is_valid_received_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[cfg(test)]
@@ -163,6 +165,18 @@ mod tests {
             assert_eq!(f.len(), 2 + len);
             assert_eq!(u16::from_be_bytes([f[2], f[3]]), r.code());
             assert_eq!(&f[4..], r.phrase().as_bytes());
+        }
+    }
+
+    #[test]
+    fn registered_codes_are_accepted_and_the_rest_refused() {
+        for ok in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
+            assert!(is_valid_received_code(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert!(!is_valid_received_code(bad), "{bad}");
         }
     }
 
