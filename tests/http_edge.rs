@@ -35,7 +35,7 @@ fn oversized_head_is_431() {
     let s = TestServer::start();
     let req = format!(
         "GET /v1/stream?token={} HTTP/1.1\r\nHost: x\r\n\r\n",
-        "a".repeat(9000)
+        "a".repeat(17_000)
     );
     let resp = get(&s, &req);
     assert_eq!(status_of(&resp), 431, "{resp}");
