@@ -8,14 +8,12 @@
 //!
 //! Run: `cargo bench --bench fanout`
 
-use causeloop_stream::bus::event::encode_with;
-use causeloop_stream::bus::interest::Interest;
-use causeloop_stream::shard::fanout::fan_out;
+use causeloop_stream::event::encode_with;
+use causeloop_stream::shard::fanout::{fan_out, Queues};
 use causeloop_stream::shard::registry::Registry;
 use causeloop_stream::ws::SharedFrame;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use slab::Slab;
-use std::sync::Arc;
 
 #[path = "../tests/support/counting.rs"]
 mod counting;
@@ -35,7 +33,7 @@ struct Shard {
 
 impl Shard {
     fn new() -> Shard {
-        let mut registry = Registry::new(0, Arc::new(Interest::default()));
+        let mut registry = Registry::new();
         let mut conns = Slab::new();
         for i in 0..SUBSCRIBERS {
             let k = conns.insert(Sub::default());
@@ -52,13 +50,19 @@ impl Shard {
     /// One delivery as the shard does it: look up the recipients, queue the frame.
     fn deliver(&mut self, frame: &SharedFrame) {
         let recipients = self.registry.recipients("ws_bench", None);
+        let mut q = Queues {
+            dirty: &mut self.dirty,
+            slow: &mut self.slow,
+            max_outbound: 1 << 20,
+        };
+        let mut done = 0;
         fan_out(
             frame,
             recipients,
             &mut self.conns,
-            &mut self.dirty,
-            &mut self.slow,
-            1 << 20,
+            &mut q,
+            &mut done,
+            |_| {},
         );
     }
 
@@ -100,7 +104,7 @@ fn count_costs() {
         .iter_mut()
         .filter(|(_, c)| c.out.pending_bytes() == frame.len())
         .count();
-    let refs = Arc::strong_count(&frame) - 1;
+    let refs = SharedFrame::strong_count(&frame) - 1;
     println!(
         "fan-out of one {}-byte event to {SUBSCRIBERS} subscribers: {allocs} heap allocations, {} frame copies, {refs} shared references ({:.4} allocations and {:.4} copies per subscriber)",
         frame.len(),

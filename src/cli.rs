@@ -5,7 +5,9 @@
 //! key come from `CAUSELOOP_JWT_HS256_SECRET` and `CAUSELOOP_PUBLISH_KEY` (or from files named by
 //! flags), so they never show up in `ps`.
 
-use crate::config::{parse_bytes, parse_cpu_list, parse_duration, Config, JwtConfig, Secret};
+use crate::config::{
+    defaults, parse_cpu_list, parse_duration, ByteSize, Config, HumanDuration, JwtConfig, Secret,
+};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,7 +59,7 @@ pub struct TokenArgs {
     #[arg(
         long,
         env = "CAUSELOOP_JWT_WORKSPACE_CLAIM",
-        default_value = "workspace_id"
+        default_value_t = defaults().jwt.workspace_claim.clone()
     )]
     pub workspace_claim: String,
 }
@@ -77,13 +79,13 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_DEV")]
     pub dev: bool,
     /// Public listener: /v1/stream, /healthz, /readyz. Port 0 picks a free port.
-    #[arg(long, env = "CAUSELOOP_LISTEN", default_value = "0.0.0.0:4000")]
+    #[arg(long, env = "CAUSELOOP_LISTEN", default_value_t = defaults().listen)]
     pub listen: SocketAddr,
     /// Internal listener: /v1/publish, /metrics, /healthz, /readyz.
     #[arg(
         long,
         env = "CAUSELOOP_INTERNAL_LISTEN",
-        default_value = "127.0.0.1:4001"
+        default_value_t = defaults().internal_listen
     )]
     pub internal_listen: SocketAddr,
     /// Worker threads, each with its own event loop [default: available cores].
@@ -93,90 +95,90 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_CPU_AFFINITY", value_parser = parse_cpus)]
     pub cpu_affinity: Option<CpuList>,
     /// Open public sockets before new connections are refused with close code 1013.
-    #[arg(long, env = "CAUSELOOP_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    #[arg(long, env = "CAUSELOOP_MAX_CONNECTIONS", default_value_t = defaults().max_connections)]
     pub max_connections: usize,
     /// Unsent bytes per connection before it is closed 1008 (slow consumer).
-    #[arg(long, env = "CAUSELOOP_MAX_OUTBOUND_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
-    pub max_outbound_bytes: usize,
+    #[arg(long, env = "CAUSELOOP_MAX_OUTBOUND_BYTES", default_value_t = ByteSize(defaults().max_outbound_bytes))]
+    pub max_outbound_bytes: ByteSize,
     /// SO_SNDBUF of stream sockets (0: the kernel's autotuning). Bounds kernel memory per
     /// connection and how long a stalled reader hides behind kernel buffers.
-    #[arg(long, env = "CAUSELOOP_SOCKET_SEND_BUFFER", default_value = "256KiB", value_parser = parse_bytes)]
-    pub socket_send_buffer: usize,
+    #[arg(long, env = "CAUSELOOP_SOCKET_SEND_BUFFER", default_value_t = ByteSize(defaults().socket_send_buffer))]
+    pub socket_send_buffer: ByteSize,
     /// Time from accept to a completed WebSocket upgrade.
-    #[arg(long, env = "CAUSELOOP_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub handshake_timeout: Duration,
+    #[arg(long, env = "CAUSELOOP_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(defaults().handshake_timeout))]
+    pub handshake_timeout: HumanDuration,
     /// How long a drain waits for clients to answer 1001.
-    #[arg(long, env = "CAUSELOOP_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    #[arg(long, env = "CAUSELOOP_DRAIN_TIMEOUT", default_value_t = HumanDuration(defaults().drain_timeout))]
+    pub drain_timeout: HumanDuration,
     /// Spread a drain's 1001 closes evenly over this window (0: all at once); must be shorter
     /// than --drain-timeout.
-    #[arg(long, env = "CAUSELOOP_DRAIN_SPREAD", default_value = "0s", value_parser = parse_duration)]
-    pub drain_spread: Duration,
+    #[arg(long, env = "CAUSELOOP_DRAIN_SPREAD", default_value_t = HumanDuration(defaults().drain_spread))]
+    pub drain_spread: HumanDuration,
     /// How long a server-initiated close waits for the client's close frame.
-    #[arg(long, env = "CAUSELOOP_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub close_timeout: Duration,
+    #[arg(long, env = "CAUSELOOP_CLOSE_TIMEOUT", default_value_t = HumanDuration(defaults().close_timeout))]
+    pub close_timeout: HumanDuration,
     /// Interval between heartbeat frames on each connection.
-    #[arg(long, env = "CAUSELOOP_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
-    pub heartbeat_interval: Duration,
+    #[arg(long, env = "CAUSELOOP_HEARTBEAT_INTERVAL", default_value_t = HumanDuration(defaults().heartbeat_interval))]
+    pub heartbeat_interval: HumanDuration,
     /// Send each open connection a WebSocket ping this often (0: never); rounded up to whole
     /// heartbeat intervals.
-    #[arg(long, env = "CAUSELOOP_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    pub ping_interval: Duration,
+    #[arg(long, env = "CAUSELOOP_PING_INTERVAL", default_value_t = HumanDuration(defaults().ping_interval))]
+    pub ping_interval: HumanDuration,
     /// Drop a connection whose pong has not arrived this long after its ping (a dead peer).
-    #[arg(long, env = "CAUSELOOP_PING_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub ping_timeout: Duration,
+    #[arg(long, env = "CAUSELOOP_PING_TIMEOUT", default_value_t = HumanDuration(defaults().ping_timeout))]
+    pub ping_timeout: HumanDuration,
     /// TCP_USER_TIMEOUT of stream sockets: drop a connection whose sent data stays unacknowledged
     /// this long (0: the kernel's default, about 15 minutes).
-    #[arg(long, env = "CAUSELOOP_TCP_USER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub tcp_user_timeout: Duration,
+    #[arg(long, env = "CAUSELOOP_TCP_USER_TIMEOUT", default_value_t = HumanDuration(defaults().tcp_user_timeout))]
+    pub tcp_user_timeout: HumanDuration,
     /// Resolution of the shards' timer wheels.
-    #[arg(long, env = "CAUSELOOP_TIMER_TICK", default_value = "10ms", value_parser = parse_duration)]
-    pub timer_tick: Duration,
+    #[arg(long, env = "CAUSELOOP_TIMER_TICK", default_value_t = HumanDuration(defaults().timer_tick))]
+    pub timer_tick: HumanDuration,
     /// Largest POST /v1/publish body.
-    #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
-    pub max_publish_bytes: usize,
+    #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_BYTES", default_value_t = ByteSize(defaults().max_publish_bytes))]
+    pub max_publish_bytes: ByteSize,
     /// Most events in one publish batch.
-    #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_EVENTS", default_value_t = 10_000)]
+    #[arg(long, env = "CAUSELOOP_MAX_PUBLISH_EVENTS", default_value_t = defaults().max_publish_events)]
     pub max_publish_events: usize,
     /// Open connections on the internal listener.
     #[arg(
         long,
         env = "CAUSELOOP_MAX_INTERNAL_CONNECTIONS",
-        default_value_t = 1024
+        default_value_t = defaults().max_internal_connections
     )]
     pub max_internal_connections: usize,
     /// Largest data message a client may send (it is ignored); larger closes 1009.
-    #[arg(long, env = "CAUSELOOP_MAX_CLIENT_MESSAGE_BYTES", default_value = "4KiB", value_parser = parse_bytes)]
-    pub max_client_message_bytes: usize,
+    #[arg(long, env = "CAUSELOOP_MAX_CLIENT_MESSAGE_BYTES", default_value_t = ByteSize(defaults().max_client_message_bytes))]
+    pub max_client_message_bytes: ByteSize,
     /// Largest HTTP request head; larger is answered 431.
-    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEAD_BYTES", default_value = "16KiB", value_parser = parse_bytes)]
-    pub max_request_head_bytes: usize,
+    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEAD_BYTES", default_value_t = ByteSize(defaults().max_request_head_bytes))]
+    pub max_request_head_bytes: ByteSize,
     /// Most header fields in one HTTP request head (1 to 256); more is answered 431.
-    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEADERS", default_value_t = 64)]
+    #[arg(long, env = "CAUSELOOP_MAX_REQUEST_HEADERS", default_value_t = defaults().max_request_headers)]
     pub max_request_headers: usize,
     /// Largest single event as subscribers receive it (type, payload and ts encoded); larger is
     /// refused (413 on HTTP). At most --max-outbound-bytes.
-    #[arg(long, env = "CAUSELOOP_MAX_EVENT_BYTES", default_value = "64KiB", value_parser = parse_bytes)]
-    pub max_event_bytes: usize,
+    #[arg(long, env = "CAUSELOOP_MAX_EVENT_BYTES", default_value_t = ByteSize(defaults().max_event_bytes))]
+    pub max_event_bytes: ByteSize,
     /// Deepest JSON nesting of an event's payload (1 to 100); deeper is refused (400).
-    #[arg(long, env = "CAUSELOOP_MAX_JSON_DEPTH", default_value_t = 32)]
+    #[arg(long, env = "CAUSELOOP_MAX_JSON_DEPTH", default_value_t = defaults().max_json_depth)]
     pub max_json_depth: usize,
     /// Longest workspace or user id, in bytes (1 to 1024), in publishes and in token claims.
-    #[arg(long, env = "CAUSELOOP_MAX_ID_BYTES", default_value_t = 256)]
+    #[arg(long, env = "CAUSELOOP_MAX_ID_BYTES", default_value_t = defaults().max_id_bytes)]
     pub max_id_bytes: usize,
     /// Frames a client may send per second (pings, pongs, messages), counted over each
     /// heartbeat interval; more closes the connection 1008.
     #[arg(
         long,
         env = "CAUSELOOP_MAX_CLIENT_FRAMES_PER_SEC",
-        default_value_t = 100
+        default_value_t = defaults().max_client_frames_per_sec
     )]
     pub max_client_frames_per_sec: u32,
     /// Largest JWKS, PEM or secret file the server reads; larger refuses to start (or to reload).
-    #[arg(long, env = "CAUSELOOP_MAX_KEY_FILE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
-    pub max_key_file_bytes: usize,
+    #[arg(long, env = "CAUSELOOP_MAX_KEY_FILE_BYTES", default_value_t = ByteSize(defaults().jwt.max_key_file_bytes as usize))]
+    pub max_key_file_bytes: ByteSize,
     /// Publish batches queued per shard before publishers wait.
-    #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = 256)]
+    #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = defaults().shard_inbox)]
     pub shard_inbox: usize,
     /// File of HS256 secrets, one per line (several for rotation).
     #[arg(long, env = "CAUSELOOP_JWT_HS256_SECRET_FILE")]
@@ -191,7 +193,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "CAUSELOOP_JWT_WORKSPACE_CLAIM",
-        default_value = "workspace_id"
+        default_value_t = defaults().jwt.workspace_claim.clone()
     )]
     pub jwt_workspace_claim: String,
     /// Required `iss`.
@@ -201,8 +203,8 @@ pub struct RunArgs {
     #[arg(long, env = "CAUSELOOP_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Clock skew allowed for exp, nbf and iat.
-    #[arg(long, env = "CAUSELOOP_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
-    pub jwt_leeway: Duration,
+    #[arg(long, env = "CAUSELOOP_JWT_LEEWAY", default_value_t = HumanDuration(defaults().jwt.leeway))]
+    pub jwt_leeway: HumanDuration,
     /// File holding the publish key (first line). CAUSELOOP_PUBLISH_KEY holds it inline instead.
     #[arg(long, env = "CAUSELOOP_PUBLISH_KEY_FILE")]
     pub publish_key_file: Option<PathBuf>,
@@ -210,7 +212,7 @@ pub struct RunArgs {
     /// node on one Redis server) or `redis-cluster://HOST:PORT,HOST:PORT,...` (a Redis Cluster,
     /// sharded pub/sub; the nodes listed are seeds). The Redis password comes from
     /// CAUSELOOP_BUS_PASSWORD or --bus-password-file.
-    #[arg(long, env = "CAUSELOOP_BUS", default_value = "local")]
+    #[arg(long, env = "CAUSELOOP_BUS", default_value_t = defaults().bus.to_string())]
     pub bus: String,
     /// File holding the Redis password (first line).
     #[arg(long, env = "CAUSELOOP_BUS_PASSWORD_FILE")]
@@ -271,50 +273,64 @@ impl RunArgs {
             workspace_claim: self.jwt_workspace_claim.clone(),
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
-            leeway: self.jwt_leeway,
-            max_key_file_bytes: self.max_key_file_bytes as u64,
+            leeway: self.jwt_leeway.0,
+            max_key_file_bytes: self.max_key_file_bytes.0 as u64,
         };
-        if jwt.workspace_claim.is_empty() {
-            return Err("--jwt-workspace-claim must not be empty".into());
-        }
         let publish_key = match &self.publish_key_file {
             Some(p) => Some(read_secret_file(p)?),
             None => env_secret(ENV_PUBLISH_KEY),
         };
-        let defaults = Config::default();
         jwt.hs256_secrets.retain(|s| !s.expose().is_empty());
         Ok(Config {
             listen: self.listen,
             internal_listen: self.internal_listen,
-            shards: self.shards.unwrap_or(defaults.shards),
+            shards: self.shards.unwrap_or(defaults().shards),
             cpu_affinity: self.cpu_affinity.clone().map(|c| c.0).unwrap_or_default(),
             max_connections: self.max_connections,
-            max_outbound_bytes: self.max_outbound_bytes,
-            socket_send_buffer: self.socket_send_buffer,
-            handshake_timeout: self.handshake_timeout,
-            drain_timeout: self.drain_timeout,
-            drain_spread: self.drain_spread,
-            close_timeout: self.close_timeout,
-            heartbeat_interval: self.heartbeat_interval,
-            ping_interval: self.ping_interval,
-            ping_timeout: self.ping_timeout,
-            tcp_user_timeout: self.tcp_user_timeout,
-            max_publish_bytes: self.max_publish_bytes,
+            max_outbound_bytes: self.max_outbound_bytes.0,
+            socket_send_buffer: self.socket_send_buffer.0,
+            handshake_timeout: self.handshake_timeout.0,
+            drain_timeout: self.drain_timeout.0,
+            drain_spread: self.drain_spread.0,
+            close_timeout: self.close_timeout.0,
+            heartbeat_interval: self.heartbeat_interval.0,
+            ping_interval: self.ping_interval.0,
+            ping_timeout: self.ping_timeout.0,
+            tcp_user_timeout: self.tcp_user_timeout.0,
+            max_publish_bytes: self.max_publish_bytes.0,
             max_publish_events: self.max_publish_events,
             max_internal_connections: self.max_internal_connections,
-            max_client_message_bytes: self.max_client_message_bytes,
-            max_request_head_bytes: self.max_request_head_bytes,
+            max_client_message_bytes: self.max_client_message_bytes.0,
+            max_request_head_bytes: self.max_request_head_bytes.0,
             max_request_headers: self.max_request_headers,
-            max_event_bytes: self.max_event_bytes,
+            max_event_bytes: self.max_event_bytes.0,
             max_json_depth: self.max_json_depth,
             max_id_bytes: self.max_id_bytes,
             max_client_frames_per_sec: self.max_client_frames_per_sec,
             shard_inbox: self.shard_inbox,
-            timer_tick: self.timer_tick,
+            timer_tick: self.timer_tick.0,
             jwt,
             publish_key,
             bus,
-            fault_injection_ping: None,
+            ..Config::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_left_alone_give_the_library_defaults() {
+        // Every default is written once (Config::default); the flags show and use it. A flag
+        // whose default drifted would make these differ. (Run without CAUSELOOP_* variables.)
+        let cli = Cli::try_parse_from(["causeloop-stream"]).unwrap();
+        let from_flags = cli.run.to_config().unwrap();
+        assert_eq!(
+            format!("{from_flags:?}"),
+            format!("{:?}", Config::default())
+        );
     }
 }

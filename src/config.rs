@@ -1,33 +1,15 @@
 //! The server's configuration, as the library sees it. [`crate::cli`] fills it from flags and
-//! environment; embedders fill it in code. Defaults are the contract's.
+//! environment; embedders fill it in code.
+//!
+//! Every default is written once, in `Config::default` (the contract's values); the flags take
+//! theirs from it ([`defaults`]), and [`Config::validate`] is the one place a configuration is
+//! checked before a server starts.
 
+pub use crate::secret::Secret;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// A secret value (key, publish key). Its `Debug` never shows the bytes.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    /// The secret's bytes. Call only where the bytes are used as a key.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl From<Vec<u8>> for Secret {
-    fn from(v: Vec<u8>) -> Self {
-        Secret(v)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// Where tokens are verified against, and which claims they must carry.
 #[derive(Clone, Debug)]
@@ -64,19 +46,6 @@ impl Default for JwtConfig {
             audience: None,
             leeway: Duration::from_secs(30),
             max_key_file_bytes: 1 << 20,
-        }
-    }
-}
-
-impl JwtConfig {
-    /// The claim rules for [`crate::auth::jwt::verify`]; `max_id_bytes` is `--max-id-bytes`.
-    pub fn validation(&self, max_id_bytes: usize) -> crate::auth::jwt::Validation {
-        crate::auth::jwt::Validation {
-            workspace_claim: self.workspace_claim.clone(),
-            issuer: self.issuer.clone(),
-            audience: self.audience.clone(),
-            leeway_secs: self.leeway.as_secs(),
-            max_id_bytes,
         }
     }
 }
@@ -168,6 +137,15 @@ fn parse_redis_node(url: &str, hostport: &str) -> Result<RedisNode, String> {
         host: host.to_string(),
         port,
     })
+}
+
+impl fmt::Display for BusConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BusConfig::Local => f.write_str("local"),
+            BusConfig::Redis(r) => f.write_str(&r.url()),
+        }
+    }
 }
 
 impl BusConfig {
@@ -296,10 +274,11 @@ pub struct Config {
     pub publish_key: Option<Secret>,
     /// `--bus`.
     pub bus: BusConfig,
-    /// Fault injection for tests of failure isolation: a client ping carrying exactly these bytes
-    /// makes that connection's handler panic. Not reachable from flags; `None` outside tests.
+    /// Faults to inject, for the tests of failure isolation (builds with the `fault-injection`
+    /// feature only, which the tests turn on; never reachable from flags).
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
-    pub fault_injection_ping: Option<Vec<u8>>,
+    pub faults: Option<std::sync::Arc<crate::fault::Faults>>,
 }
 
 impl Default for Config {
@@ -337,8 +316,111 @@ impl Default for Config {
             jwt: JwtConfig::default(),
             publish_key: None,
             bus: BusConfig::Local,
-            fault_injection_ping: None,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
+    }
+}
+
+/// The most shards a server can run (the interest table keeps four 64-bit words per bucket).
+pub const MAX_SHARDS: usize = 256;
+/// The highest `--max-request-headers` (header slots are uninitialised stack, so the cap costs
+/// nothing per request).
+pub const MAX_REQUEST_HEADERS: usize = 256;
+/// The highest `--max-id-bytes`.
+pub const MAX_ID_BYTES: usize = 1024;
+/// The highest `--max-json-depth`: serde_json refuses nesting past 128 on its own, and a
+/// publish body adds two levels (the batch array and the event object) around each payload.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Why a configuration cannot run; the message names the flag at fault and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The defaults, built once: the flags show and use these (`Config::default` is where each is
+/// written).
+pub fn defaults() -> &'static Config {
+    static DEFAULTS: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+    DEFAULTS.get_or_init(Config::default)
+}
+
+impl Config {
+    /// Checks every setting's range and the relations between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = self;
+        let bad = |m: String| Err(ConfigError(m));
+        if c.shards == 0 || c.shards > MAX_SHARDS {
+            return bad(format!("--shards must be 1 to {MAX_SHARDS}"));
+        }
+        if c.heartbeat_interval.is_zero() || c.timer_tick.is_zero() {
+            return bad("--heartbeat-interval and --timer-tick must be above zero".into());
+        }
+        if !c.drain_spread.is_zero() && c.drain_spread >= c.drain_timeout {
+            return bad("--drain-spread must be shorter than --drain-timeout".into());
+        }
+        if c.timer_tick > c.heartbeat_interval {
+            return bad("--timer-tick must not exceed --heartbeat-interval".into());
+        }
+        if c.max_request_head_bytes < 256 {
+            return bad("--max-request-head-bytes must be at least 256".into());
+        }
+        if c.shard_inbox == 0 || c.max_publish_events == 0 {
+            return bad("--shard-inbox and --max-publish-events must be above zero".into());
+        }
+        if c.max_internal_connections == 0 {
+            return bad("--max-internal-connections must be above zero".into());
+        }
+        if c.max_outbound_bytes < 1024 || c.max_outbound_bytes > 1 << 30 {
+            return bad("--max-outbound-bytes must be 1 KiB to 1 GiB".into());
+        }
+        if c.max_request_headers == 0 || c.max_request_headers > MAX_REQUEST_HEADERS {
+            return bad(format!(
+                "--max-request-headers must be 1 to {MAX_REQUEST_HEADERS}"
+            ));
+        }
+        if c.max_event_bytes < 64 || c.max_event_bytes > c.max_outbound_bytes {
+            // A larger event could never be queued without tripping the slow-consumer close.
+            return bad(
+                "--max-event-bytes must be at least 64 and at most --max-outbound-bytes".into(),
+            );
+        }
+        if c.max_json_depth == 0 || c.max_json_depth > MAX_JSON_DEPTH {
+            return bad(format!("--max-json-depth must be 1 to {MAX_JSON_DEPTH}"));
+        }
+        if c.max_id_bytes == 0 || c.max_id_bytes > MAX_ID_BYTES {
+            return bad(format!("--max-id-bytes must be 1 to {MAX_ID_BYTES}"));
+        }
+        let beats = |d: Duration| {
+            d.as_nanos()
+                .div_ceil(c.heartbeat_interval.as_nanos().max(1))
+        };
+        if beats(c.ping_interval) > u16::MAX as u128 || beats(c.ping_timeout) > u16::MAX as u128 {
+            return bad(
+                "--ping-interval and --ping-timeout must be at most 65535 heartbeat intervals"
+                    .into(),
+            );
+        }
+        if !c.ping_interval.is_zero() && c.ping_timeout.is_zero() {
+            return bad("--ping-timeout must be above zero while pings are on".into());
+        }
+        if c.tcp_user_timeout.as_millis() > u32::MAX as u128 {
+            return bad("--tcp-user-timeout is too large".into());
+        }
+        if c.max_client_frames_per_sec == 0 {
+            return bad("--max-client-frames-per-sec must be above zero".into());
+        }
+        if c.jwt.workspace_claim.is_empty() {
+            return bad("--jwt-workspace-claim must not be empty".into());
+        }
+        Ok(())
     }
 }
 
@@ -375,6 +457,46 @@ pub fn format_duration(d: Duration) -> String {
         format!("{}m", ms / 60_000)
     } else {
         format!("{}s", ms / 1000)
+    }
+}
+
+/// A duration as flags write it (`500ms`, `5s`, `2m`, `1h`): what clap parses and shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(HumanDuration)
+    }
+}
+
+/// A byte size as flags write it (`4096`, `64KiB`, `1MiB`): what clap parses and shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n != 0 && n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_bytes(s).map(ByteSize)
     }
 }
 
@@ -449,6 +571,33 @@ mod tests {
         assert_eq!(parse_cpu_list("0-1,4"), Ok(vec![0, 1, 4]));
         assert!(parse_cpu_list("3-1").is_err());
         assert!(parse_cpu_list("x").is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations_print_as_they_parse() {
+        for s in ["0", "100", "4KiB", "1MiB", "256KiB", "3GiB", "1025"] {
+            assert_eq!(s.parse::<ByteSize>().unwrap().to_string(), s);
+        }
+        for s in ["0s", "10ms", "5s", "2m", "1h", "1500ms"] {
+            assert_eq!(s.parse::<HumanDuration>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_bad_values_name_their_flag() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let with = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().unwrap_err().0
+        };
+        assert!(with(|c| c.shards = 0).contains("--shards"));
+        assert!(
+            with(|c| c.max_event_bytes = c.max_outbound_bytes + 1).contains("--max-event-bytes")
+        );
+        assert!(with(|c| c.drain_spread = c.drain_timeout).contains("--drain-spread"));
+        assert!(with(|c| c.max_internal_connections = 0).contains("--max-internal-connections"));
+        assert!(with(|c| c.jwt.workspace_claim.clear()).contains("--jwt-workspace-claim"));
     }
 
     #[test]

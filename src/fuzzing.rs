@@ -8,11 +8,11 @@
 use crate::auth::jwt::{self, Validation};
 use crate::auth::keys::{self, KeySet};
 use crate::bus::body::{self, BodyLimits};
-use crate::bus::event::{encode_with, id_ok};
 use crate::bus::topology::{self, Topology, SLOTS};
 use crate::bus::{resp, wire};
 use crate::config::RedisNode;
 use crate::config::Secret;
+use crate::event::{encode_with, id_ok};
 use crate::http::query::parse_stream_query;
 use crate::http::request::{parse_head, route_public};
 use crate::ws::decoder::Decoder;
@@ -68,15 +68,16 @@ pub fn jwt_verify(data: &[u8]) {
     let keys = keys::from_secrets(&[Secret::from(FUZZ_SECRET.to_vec())]);
     let rules = Validation::default();
     let now = 1_800_000_000;
+    let mut buf = Vec::new();
     if mode < 128 {
-        assert!(jwt::verify(rest, &keys, &rules, now).is_err());
+        assert!(jwt::verify(rest, &keys, &rules, now, &mut buf).is_err());
         return;
     }
     let Some(split) = rest.iter().position(|&b| b == 0) else {
         return;
     };
     let token = jwt::sign_hs256_with_header(FUZZ_SECRET, &rest[..split], &rest[split + 1..]);
-    if let Ok(id) = jwt::verify(token.as_bytes(), &keys, &rules, now) {
+    if let Ok(id) = jwt::verify(token.as_bytes(), &keys, &rules, now, &mut buf) {
         assert!(id_ok(&id.user_id, rules.max_id_bytes));
         assert!(id_ok(&id.workspace_id, rules.max_id_bytes));
         assert!(id.exp + rules.leeway_secs > now);

@@ -42,6 +42,18 @@ pub fn write_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// The length [`write_string`] writes for `s`, quotes included.
+pub fn string_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// The deepest nesting of arrays and objects in `input`, counting only brackets outside strings.
 ///
 /// Cheap enough to run before a recursive parser so that hostile input cannot exhaust the stack.
@@ -95,6 +107,33 @@ pub fn minify_into(out: &mut Vec<u8>, input: &[u8]) {
             _ => out.push(b),
         }
     }
+}
+
+/// The length [`minify_into`] would write for `input`, without writing it.
+pub fn minified_len(input: &[u8]) -> usize {
+    let (mut in_str, mut escaped, mut n) = (false, false, 0);
+    for &b in input {
+        if in_str {
+            n += 1;
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b' ' | b'\n' | b'\r' | b'\t' => {}
+            b'"' => {
+                in_str = true;
+                n += 1;
+            }
+            _ => n += 1,
+        }
+    }
+    n
 }
 
 /// Why a valid JSON document would not read the same everywhere (RFC 8259 sections 6 and 8.2).
@@ -371,6 +410,7 @@ mod tests {
         ] {
             let mut out = Vec::new();
             write_string(&mut out, s);
+            assert_eq!(string_len(s), out.len(), "{s:?}");
             assert_eq!(
                 String::from_utf8(out).unwrap(),
                 serde_json::to_string(s).unwrap(),
@@ -416,5 +456,7 @@ mod tests {
             b"{ \"a b\" : [ 1 , \"x\\\" y\" ],\n\t\"c\":null }",
         );
         assert_eq!(out, b"{\"a b\":[1,\"x\\\" y\"],\"c\":null}");
+        let input = b"{ \"a b\" : [ 1 , \"x\\\" y\" ],\n\t\"c\":null }";
+        assert_eq!(minified_len(input), out.len());
     }
 }

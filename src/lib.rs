@@ -29,13 +29,18 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod config_file;
+pub mod dispatch;
+pub mod event;
+pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
 pub mod internal;
 pub mod json;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod secret;
 pub mod server;
 pub mod shard;
 pub mod timer;

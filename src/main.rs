@@ -212,7 +212,7 @@ fn run(cli: Cli) -> i32 {
         env!("CARGO_PKG_VERSION"),
         server.public_addr(),
         server.internal_addr(),
-        server.shared().config.shards
+        server.config().shards
     );
     if let Some(dev) = dev {
         dev.announce(&server);

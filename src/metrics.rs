@@ -69,6 +69,10 @@ pub struct ShardStats {
     pub queued_bytes: AtomicU64,
     /// Publish batches that found this shard's inbox full and waited for room (back-pressure).
     pub inbox_waits: AtomicU64,
+    /// Times accepting paused for 100 ms for lack of file descriptors.
+    pub accept_pauses: AtomicU64,
+    /// Changes of interest waiting for room in the cluster bus's channel (sampled each second).
+    pub bus_interest_backlog: AtomicU64,
 }
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
@@ -190,6 +194,47 @@ pub struct BusStats {
     pub bus_pending: AtomicU64,
 }
 
+/// Counters of the internal listener (its thread writes them).
+#[derive(Default)]
+pub struct InternalStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused at `--max-internal-connections` (answered 503).
+    pub refused: AtomicU64,
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Times a connection's unsent answers passed the bound and reading it paused.
+    pub paused_for_output: AtomicU64,
+    /// Local publishes that found a shard's inbox full and waited for room.
+    pub publishes_parked: AtomicU64,
+    /// Open connections (sampled each second).
+    pub connections: AtomicU64,
+    /// Connections whose publish is on its way (sampled each second).
+    pub publishes_waiting: AtomicU64,
+}
+
+/// Every counter of a server, as one handle.
+#[derive(Clone, Default)]
+pub struct Stats {
+    /// Each shard's.
+    pub shards: Arc<[ShardStats]>,
+    /// The publish path's and the cluster bus's.
+    pub bus: Arc<BusStats>,
+    /// The internal listener's.
+    pub internal: Arc<InternalStats>,
+}
+
+impl Stats {
+    /// Counters for `shards` shards.
+    pub fn new(shards: usize) -> Stats {
+        Stats {
+            shards: (0..shards).map(|_| ShardStats::default()).collect(),
+            bus: Arc::default(),
+            internal: Arc::default(),
+        }
+    }
+}
+
 fn sum(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
     shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
 }
@@ -203,6 +248,7 @@ type Labels = Vec<(&'static str, String)>;
 struct StatsCollector {
     shards: Arc<[ShardStats]>,
     bus: Arc<BusStats>,
+    internal: Arc<InternalStats>,
 }
 
 impl std::fmt::Debug for StatsCollector {
@@ -254,6 +300,7 @@ impl Collector for StatsCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
         let shards = &self.shards[..];
         let bus = &*self.bus;
+        let internal = &*self.internal;
         let one = |v: u64| vec![(Labels::new(), v)];
         let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(Labels, i64)> {
             shards
@@ -374,6 +421,66 @@ impl Collector for StatsCollector {
             "causeloop_publish_inbox_waits",
             "Publish batches that found a shard's inbox full and waited for room (back-pressure on the publisher; nothing is dropped).",
             &waits,
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_accept_pauses",
+            "Times accepting paused for 100 ms for lack of file descriptors.",
+            &one(sum(shards, |s| &s.accept_pauses)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_bus_interest_backlog",
+            "Changes of a shard's workspaces waiting for room in the cluster bus's channel, per shard.",
+            &per_shard(&|s| s.bus_interest_backlog.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_internal_connections_accepted",
+            "Connections accepted on the internal listener.",
+            &one(internal.accepted.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_internal_connections_refused",
+            "Internal connections refused at --max-internal-connections (answered 503).",
+            &one(internal.refused.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_internal_connections_open",
+            "Open connections on the internal listener.",
+            &[(
+                Labels::new(),
+                internal.connections.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_internal_requests",
+            "Requests served on the internal listener.",
+            &one(internal.requests.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_internal_output_pauses",
+            "Times an internal connection's unsent answers passed the bound and reading it paused until they drained.",
+            &one(internal.paused_for_output.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_internal_publishes_parked",
+            "HTTP publishes that found a shard's inbox full and waited (their connection paused) for room.",
+            &one(internal.publishes_parked.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_internal_publishes_waiting",
+            "HTTP publishes on their way (waiting for room in a shard's inbox, or for Redis).",
+            &[(
+                Labels::new(),
+                internal.publishes_waiting.load(Ordering::Relaxed) as i64,
+            )],
         )?;
         counters(
             &mut enc,
@@ -533,9 +640,13 @@ impl Collector for StatsCollector {
 }
 
 /// Renders every metric in the OpenMetrics text format (which Prometheus scrapes natively).
-pub fn render(shards: Arc<[ShardStats]>, bus: Arc<BusStats>) -> String {
+pub fn render(stats: &Stats) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(StatsCollector { shards, bus }));
+    registry.register_collector(Box::new(StatsCollector {
+        shards: stats.shards.clone(),
+        bus: stats.bus.clone(),
+        internal: stats.internal.clone(),
+    }));
     let mut out = String::with_capacity(8192);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -571,13 +682,13 @@ mod tests {
 
     #[test]
     fn sums_shards_and_labels_are_bounded() {
-        let shards: Arc<[ShardStats]> = (0..3).map(|_| ShardStats::default()).collect();
-        let bus = Arc::new(BusStats::default());
+        let stats = Stats::new(3);
+        let shards = stats.shards.clone();
         ShardStats::add(&shards[0].frames_written, 5);
         ShardStats::add(&shards[2].frames_written, 7);
         shards[1].close(CloseReason::SlowConsumer);
         shards[1].auth_failure(AuthError::Expired);
-        let text = render(shards.clone(), bus.clone());
+        let text = render(&stats);
         assert!(text.contains("causeloop_frames_written_total 12\n"));
         assert!(
             text.contains("causeloop_closes_sent_total{code=\"1008\",reason=\"SlowConsumer\"} 1\n")
@@ -592,7 +703,7 @@ mod tests {
             .fanout
             .record(std::time::Duration::from_micros(70));
         shards[1].fanout.record(std::time::Duration::from_secs(9));
-        let text = render(shards.clone(), bus.clone());
+        let text = render(&stats);
         assert!(
             text.contains("causeloop_fanout_seconds_bucket{le=\"0.00005\",shard=\"1\"} 0\n"),
             "{text}"

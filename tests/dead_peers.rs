@@ -17,8 +17,8 @@ use tungstenite::Message;
 
 fn open_count(s: &TestServer) -> u64 {
     s.server()
-        .shared()
-        .shard_stats
+        .stats()
+        .shards
         .iter()
         .map(|st| st.open.load(Ordering::Relaxed))
         .sum()

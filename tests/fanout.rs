@@ -18,8 +18,8 @@ fn every_subscriber_gets_identical_bytes_across_four_shards() {
     // Each connection landed somewhere; with 240 connections every shard should hold some.
     let open: Vec<u64> = s
         .server()
-        .shared()
-        .shard_stats
+        .stats()
+        .shards
         .iter()
         .map(|st| st.open.load(std::sync::atomic::Ordering::Relaxed))
         .collect();
@@ -188,7 +188,7 @@ fn a_client_that_stops_reading_gets_1008_while_a_reader_keeps_up() {
     // 1008. It now reads what the kernel held, then the close frame.
     let (code, reason) = expect_close(&mut stalled, false);
     assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
-    let closes = &s.server().shared().shard_stats[0].closes;
+    let closes = &s.server().stats().shards[0].closes;
     let i = causeloop_stream::ws::close::CloseReason::ALL
         .iter()
         .position(|r| *r == causeloop_stream::ws::close::CloseReason::SlowConsumer)

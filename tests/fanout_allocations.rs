@@ -1,25 +1,98 @@
-//! Fan-out allocates nothing and copies nothing per subscriber: counted with a counting global
-//! allocator around the shard's own `fan_out`, for 10,000 subscribers of one workspace and for
-//! user-scoped delivery.
+//! Delivery allocates nothing and copies nothing per subscriber, through the shard's real code:
+//! a server in this process, real sockets, a counting global allocator that counts what the
+//! shard threads allocate. Once every connection's queue has grown to its working size, a
+//! round of events to 500 subscribers (the inbox, the fan-out, the flush list, the vectored
+//! writes, the loop's own work lists) must allocate nothing on the shard.
+//!
+//! The fan-out step alone is also counted for 10,000 subscribers without sockets, and every
+//! queued frame must be a reference to the one buffer.
 
-use causeloop_stream::bus::interest::Interest;
-use causeloop_stream::shard::fanout::fan_out;
+mod common;
+
+use causeloop_stream::shard::fanout::{fan_out, Queues};
 use causeloop_stream::shard::registry::Registry;
 use causeloop_stream::ws::SharedFrame;
+use common::*;
 use slab::Slab;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 #[path = "support/counting.rs"]
 mod counting;
-use counting::{allocations, Counting, Sub};
+use counting::{shard_allocations, thread_allocations, Counting, Sub};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+fn frames_written(s: &TestServer) -> u64 {
+    s.server()
+        .stats()
+        .shards
+        .iter()
+        .map(|st| st.frames_written.load(Ordering::Relaxed))
+        .sum()
+}
+
 #[test]
-fn zero_allocations_and_copies_per_subscriber() {
+fn a_shard_allocates_nothing_per_event_once_warm() {
+    const SUBSCRIBERS: usize = 500;
+    let s = TestServer::with(|c| {
+        c.shards = 1;
+        // Nothing but the events below in the window: no heartbeats, no pings.
+        c.heartbeat_interval = Duration::from_secs(3600);
+        c.ping_interval = Duration::ZERO;
+    });
+    let socks: Vec<_> = (0..SUBSCRIBERS)
+        .map(|_| raw_subscribe(&s, "ws_alloc"))
+        .collect();
+    let publisher = s.server().publisher();
+    let payload =
+        serde_json::json!({"id": "iss_1", "title": "Payment gateway timeout on checkout"});
+    // One round: two workspace events and one for user "u" (every subscriber here is "u"),
+    // sent as three batches: bursts of several frames per connection per turn.
+    let round = |n: u64| {
+        for i in 0..2 {
+            publisher
+                .publish(
+                    "ws_alloc",
+                    "issue.created",
+                    &serde_json::json!({"n": n, "i": i, "p": payload}),
+                )
+                .unwrap();
+        }
+        publisher
+            .publish_user("ws_alloc", "u", "notification.created", &payload)
+            .unwrap();
+    };
+    let mut expected = frames_written(&s);
+    let mut run = |rounds: u64, from: u64| {
+        for n in from..from + rounds {
+            round(n);
+        }
+        expected += rounds * 3 * SUBSCRIBERS as u64;
+        let want = expected;
+        assert!(
+            eventually(WAIT, || frames_written(&s) == want),
+            "written {} of {want} frames",
+            frames_written(&s)
+        );
+    };
+    // Warm-up: the queues, the work lists and their spares grow to their working sizes.
+    run(10, 0);
+    let before = shard_allocations();
+    run(10, 10);
+    let allocs = shard_allocations() - before;
+    assert_eq!(
+        allocs, 0,
+        "the shard allocated {allocs} times delivering 30 events to {SUBSCRIBERS} subscribers"
+    );
+    drop(socks);
+}
+
+#[test]
+fn zero_allocations_and_copies_per_subscriber_in_fan_out() {
     const N: usize = 10_000;
-    let mut registry = Registry::new(0, Arc::new(Interest::default()));
+    let mut registry = Registry::new();
     let mut conns: Slab<Sub> = Slab::new();
     for i in 0..N {
         let k = conns.insert(Sub::default());
@@ -36,53 +109,45 @@ fn zero_allocations_and_copies_per_subscriber() {
                 .unwrap();
         }
     };
+    let deliver = |frame: &SharedFrame,
+                   user: Option<&str>,
+                   conns: &mut Slab<Sub>,
+                   dirty: &mut Vec<u32>,
+                   slow: &mut Vec<u32>| {
+        let mut q = Queues {
+            dirty,
+            slow,
+            max_outbound: 1 << 20,
+        };
+        let mut done = 0;
+        fan_out(
+            frame,
+            registry.recipients("ws", user),
+            conns,
+            &mut q,
+            &mut done,
+            |_| {},
+        );
+    };
     // Warm-up: the first frame of a turn is held inline; a connection's first burst of two or
     // more grows its overflow queue, once in its life. The rounds below queue two frames on the
     // user's connections, so the warm-up does too.
     let warm = SharedFrame::from(vec![1u8; 200]);
-    fan_out(
-        &warm,
-        registry.recipients("ws", None),
-        &mut conns,
-        &mut dirty,
-        &mut slow,
-        1 << 20,
-    );
-    fan_out(
-        &warm,
-        registry.recipients("ws", Some("usr_3")),
-        &mut conns,
-        &mut dirty,
-        &mut slow,
-        1 << 20,
-    );
+    deliver(&warm, None, &mut conns, &mut dirty, &mut slow);
+    deliver(&warm, Some("usr_3"), &mut conns, &mut dirty, &mut slow);
     flush(&mut conns, &mut dirty);
 
     for round in 0..3 {
         let frame = SharedFrame::from(vec![round as u8; 300]);
-        let before = allocations();
-        fan_out(
-            &frame,
-            registry.recipients("ws", None),
-            &mut conns,
-            &mut dirty,
-            &mut slow,
-            1 << 20,
-        );
-        fan_out(
-            &frame,
-            registry.recipients("ws", Some("usr_3")),
-            &mut conns,
-            &mut dirty,
-            &mut slow,
-            1 << 20,
-        );
-        let allocs = allocations() - before;
+        let before = thread_allocations();
+        deliver(&frame, None, &mut conns, &mut dirty, &mut slow);
+        deliver(&frame, Some("usr_3"), &mut conns, &mut dirty, &mut slow);
+        let allocs = thread_allocations() - before;
         assert_eq!(allocs, 0, "round {round}: fan-out allocated {allocs} times");
         // Zero copies: every queued frame is a reference to the one buffer.
-        assert_eq!(Arc::strong_count(&frame), 1 + N + N / 10);
+        assert_eq!(SharedFrame::strong_count(&frame), 1 + N + N / 10);
         assert_eq!(dirty.len(), N);
         flush(&mut conns, &mut dirty);
-        assert_eq!(Arc::strong_count(&frame), 1);
+        assert_eq!(SharedFrame::strong_count(&frame), 1);
     }
 }

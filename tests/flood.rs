@@ -67,8 +67,8 @@ fn a_full_shard_inbox_slows_publishers_and_loses_nothing() {
     }
     let waits: u64 = s
         .server()
-        .shared()
-        .shard_stats
+        .stats()
+        .shards
         .iter()
         .map(|st| st.inbox_waits.load(Ordering::Relaxed))
         .sum();

@@ -117,7 +117,7 @@ fn churn(
             });
         }
         for (n, node) in nodes.iter().enumerate() {
-            for (i, st) in node.server().shared().shard_stats.iter().enumerate() {
+            for (i, st) in node.server().stats().shards.iter().enumerate() {
                 if st.open.load(Ordering::Relaxed) > 0 {
                     shards_seen.insert((n, i));
                 }

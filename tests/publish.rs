@@ -122,7 +122,7 @@ fn oversized_body_is_413_before_it_is_read() {
 #[test]
 fn missing_length_is_411() {
     let s = TestServer::start();
-    let req = format!("POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    let req = format!("POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nConnection: close\r\n\r\n");
     assert_eq!(status_of(&raw_http(s.internal, req.as_bytes())), 411);
 }
 

@@ -198,37 +198,6 @@ fn a_ping_flood_without_reading_is_bounded_as_a_slow_consumer() {
 }
 
 #[test]
-fn a_fault_in_one_connection_closes_it_1011_and_nothing_else() {
-    let s = TestServer::with(|c| {
-        c.shards = 1;
-        c.fault_injection_ping = Some(b"fail-this-connection".to_vec());
-    });
-    let mut victim = s.subscribe("ws_fault", "victim");
-    let mut bystander = s.subscribe("ws_fault", "bystander");
-    victim
-        .send(Message::Ping(b"fail-this-connection".to_vec()))
-        .unwrap();
-    let (code, reason) = expect_close(&mut victim, false);
-    assert_eq!((code, reason.as_str()), (1011, "unexpected server error"));
-    // The shard and the other connection on it carry on.
-    assert_eq!(
-        s.publish(
-            r#"{"workspace_id":"ws_fault","type":"issue.created","payload":{"after":"fault"}}"#
-        )
-        .0,
-        202
-    );
-    assert!(read_event(&mut bystander).contains(r#""after":"fault""#));
-    let mut late = s.subscribe("ws_fault", "late");
-    late.send(Message::Ping(b"ordinary".to_vec())).unwrap();
-    expect_pong(&mut late, b"ordinary");
-    let panics = s.server().shared().shard_stats[0]
-        .handler_panics
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(panics, 1);
-}
-
-#[test]
 fn a_peer_that_resets_mid_write_or_half_closes_harms_no_one_else() {
     let s = TestServer::with(|c| {
         c.shards = 1;
@@ -259,7 +228,7 @@ fn a_peer_that_resets_mid_write_or_half_closes_harms_no_one_else() {
         assert!(read_event(&mut bystander).contains(&format!("{{\"i\":{i}}}")));
     }
     // Both faulty sockets are gone from the server (counted as dropped, not open).
-    let stats = &s.server().shared().shard_stats[0];
+    let stats = &s.server().stats().shards[0];
     assert!(eventually(Duration::from_secs(5), || stats
         .open
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -328,8 +297,8 @@ fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
     sock.write_all(req.as_bytes()).unwrap();
     assert!(eventually(Duration::from_secs(5), || {
         s.server()
-            .shared()
-            .shard_stats
+            .stats()
+            .shards
             .iter()
             .map(|st| st.open.load(std::sync::atomic::Ordering::Relaxed))
             .sum::<u64>()
@@ -371,8 +340,8 @@ fn a_client_close_waits_for_its_echo_to_flush_past_heartbeats() {
 /// Event batches the shards have handed to their connections' queues.
 fn fanouts(s: &TestServer) -> u64 {
     s.server()
-        .shared()
-        .shard_stats
+        .stats()
+        .shards
         .iter()
         .map(|st| st.fanout.count())
         .sum()

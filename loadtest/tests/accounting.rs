@@ -33,8 +33,8 @@ fn loadtest(args: &[String]) -> std::process::Child {
 }
 
 fn subscribed(s: &Server) -> u64 {
-    s.shared()
-        .shard_stats
+    s.stats()
+        .shards
         .iter()
         .map(|st| st.open.load(Ordering::Relaxed))
         .sum()

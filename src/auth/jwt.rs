@@ -32,6 +32,19 @@ pub struct Validation {
     pub max_id_bytes: usize,
 }
 
+impl Validation {
+    /// The rules of a configuration; `max_id_bytes` is `--max-id-bytes`.
+    pub fn of(cfg: &crate::config::JwtConfig, max_id_bytes: usize) -> Validation {
+        Validation {
+            workspace_claim: cfg.workspace_claim.clone(),
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway_secs: cfg.leeway.as_secs(),
+            max_id_bytes,
+        }
+    }
+}
+
 impl Default for Validation {
     fn default() -> Self {
         Validation {
@@ -51,12 +64,15 @@ enum Alg {
 }
 
 /// Verifies `token` and returns the identity it asserts. `now` is seconds since the epoch.
-pub fn verify(
+/// `buf` is working space (the decoded parts; the identity borrows from it): a caller that
+/// verifies many tokens passes the same one each time and allocates nothing once it has grown.
+pub fn verify<'b>(
     token: &[u8],
     keys: &KeySet,
     rules: &Validation,
     now: u64,
-) -> Result<Identity, AuthError> {
+    buf: &'b mut Vec<u8>,
+) -> Result<Identity<'b>, AuthError> {
     if token.is_empty() {
         return Err(AuthError::Missing);
     }
@@ -71,21 +87,25 @@ pub fn verify(
         return Err(AuthError::Malformed);
     }
     let signed = &token[..h64.len() + 1 + c64.len()];
-    let header = URL_SAFE_NO_PAD
-        .decode(h64)
-        .map_err(|_| AuthError::Malformed)?;
-    let sig = URL_SAFE_NO_PAD
-        .decode(s64)
-        .map_err(|_| AuthError::Malformed)?;
-    let (alg, kid) = parse_header(&header)?;
-    verify_signature(alg, kid.as_deref(), signed, &sig, keys)?;
-    let claims = URL_SAFE_NO_PAD
-        .decode(c64)
-        .map_err(|_| AuthError::Malformed)?;
-    check_claims(&claims, rules, now)
+    // The three parts decoded one after another into `buf`.
+    buf.clear();
+    let decode = |part: &[u8], buf: &mut Vec<u8>| {
+        let from = buf.len();
+        URL_SAFE_NO_PAD
+            .decode_vec(part, buf)
+            .map(|_| from..buf.len())
+            .map_err(|_| AuthError::Malformed)
+    };
+    let h = decode(h64, buf)?;
+    let c = decode(c64, buf)?;
+    let s = decode(s64, buf)?;
+    let buf: &'b [u8] = buf;
+    let (alg, kid) = parse_header(&buf[h])?;
+    verify_signature(alg, kid.as_deref(), signed, &buf[s], keys)?;
+    check_claims(&buf[c], rules, now)
 }
 
-fn parse_header(header: &[u8]) -> Result<(Alg, Option<String>), AuthError> {
+fn parse_header(header: &[u8]) -> Result<(Alg, Option<std::borrow::Cow<'_, str>>), AuthError> {
     if crate::json::max_depth(header) > MAX_JSON_DEPTH {
         return Err(AuthError::Malformed);
     }
@@ -99,9 +119,10 @@ fn parse_header(header: &[u8]) -> Result<(Alg, Option<String>), AuthError> {
         Some(_) => return Err(AuthError::Algorithm),
         None => return Err(AuthError::Malformed),
     };
-    let kid = match &h.kid {
+    let kid = match h.kid {
         None => None,
-        Some(k) => Some(k.as_str().ok_or(AuthError::Malformed)?.to_owned()),
+        Some(Value::Str(k)) => Some(k),
+        Some(_) => return Err(AuthError::Malformed),
     };
     Ok((alg, kid))
 }
@@ -168,11 +189,15 @@ fn numeric(v: Option<&Value<'_>>) -> Result<Option<u64>, AuthError> {
     }
 }
 
-fn check_claims(claims: &[u8], rules: &Validation, now: u64) -> Result<Identity, AuthError> {
+fn check_claims<'b>(
+    claims: &'b [u8],
+    rules: &Validation,
+    now: u64,
+) -> Result<Identity<'b>, AuthError> {
     if crate::json::max_depth(claims) > MAX_JSON_DEPTH {
         return Err(AuthError::Malformed);
     }
-    let c = claims::claims(claims, &rules.workspace_claim).map_err(|_| AuthError::Malformed)?;
+    let mut c = claims::claims(claims, &rules.workspace_claim).map_err(|_| AuthError::Malformed)?;
     let exp = numeric(c.exp.as_ref())?.ok_or(AuthError::Claims)?;
     let leeway = rules.leeway_secs;
     if now >= exp.saturating_add(leeway) {
@@ -190,19 +215,12 @@ fn check_claims(claims: &[u8], rules: &Validation, now: u64) -> Result<Identity,
     }
     // The ids become registry keys and appear in every `connected` frame and log line: the
     // same length and character rule as a publish's ids.
-    let id = |s: &&str| crate::bus::event::id_ok(s, rules.max_id_bytes);
-    let sub = c
-        .sub
-        .as_ref()
-        .and_then(Value::as_str)
-        .filter(id)
-        .ok_or(AuthError::Claims)?;
-    let ws = c
-        .workspace
-        .as_ref()
-        .and_then(Value::as_str)
-        .filter(id)
-        .ok_or(AuthError::Claims)?;
+    let id = |v: Option<Value<'b>>| match v {
+        Some(Value::Str(s)) if crate::event::id_ok(&s, rules.max_id_bytes) => Ok(s),
+        _ => Err(AuthError::Claims),
+    };
+    let sub = id(c.sub.take())?;
+    let ws = id(c.workspace.take())?;
     if let Some(iss) = &rules.issuer {
         if c.iss.as_ref().and_then(Value::as_str) != Some(iss.as_str()) {
             return Err(AuthError::Claims);
@@ -219,8 +237,8 @@ fn check_claims(claims: &[u8], rules: &Validation, now: u64) -> Result<Identity,
         }
     }
     Ok(Identity {
-        user_id: sub.into(),
-        workspace_id: ws.into(),
+        user_id: sub,
+        workspace_id: ws,
         exp,
     })
 }
@@ -276,8 +294,19 @@ mod tests {
         sign_hs256(SECRET, claims.as_bytes())
     }
 
-    fn check(t: &str) -> Result<Identity, AuthError> {
-        verify(t.as_bytes(), &keys(), &Validation::default(), NOW)
+    fn check(t: &str) -> Result<(String, String, u64), AuthError> {
+        with(t, &keys(), &Validation::default())
+    }
+
+    fn with(t: &str, ks: &KeySet, rules: &Validation) -> Result<(String, String, u64), AuthError> {
+        let mut buf = Vec::new();
+        verify(t.as_bytes(), ks, rules, NOW, &mut buf).map(|id| {
+            (
+                id.user_id.into_owned(),
+                id.workspace_id.into_owned(),
+                id.exp,
+            )
+        })
     }
 
     #[test]
@@ -286,9 +315,7 @@ mod tests {
             r#"{"sub":"usr_1","workspace_id":"ws_1","exp":1700000100,"iat":1699999990}"#,
         ))
         .unwrap();
-        assert_eq!(&*id.user_id, "usr_1");
-        assert_eq!(&*id.workspace_id, "ws_1");
-        assert_eq!(id.exp, 1_700_000_100);
+        assert_eq!(id, ("usr_1".into(), "ws_1".into(), 1_700_000_100));
     }
 
     #[test]
@@ -369,18 +396,12 @@ mod tests {
         let ok = token(
             r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a","aud":["x","aud-a"]}"#,
         );
-        assert!(verify(ok.as_bytes(), &keys(), &rules, NOW).is_ok());
+        assert!(with(&ok, &keys(), &rules).is_ok());
         let bad =
             token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-b","aud":"aud-a"}"#);
-        assert_eq!(
-            verify(bad.as_bytes(), &keys(), &rules, NOW),
-            Err(AuthError::Claims)
-        );
+        assert_eq!(with(&bad, &keys(), &rules), Err(AuthError::Claims));
         let no_aud = token(r#"{"sub":"u","workspace_id":"w","exp":1800000000,"iss":"iss-a"}"#);
-        assert_eq!(
-            verify(no_aud.as_bytes(), &keys(), &rules, NOW),
-            Err(AuthError::Claims)
-        );
+        assert_eq!(with(&no_aud, &keys(), &rules), Err(AuthError::Claims));
     }
 
     #[test]
@@ -433,17 +454,14 @@ mod tests {
         let claims = br#"{"sub":"u","workspace_id":"w","exp":1800000000}"#;
         let rules = Validation::default();
         let t = sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"new"}"#, claims);
-        assert!(verify(t.as_bytes(), &ks, &rules, NOW).is_ok());
+        assert!(with(&t, &ks, &rules).is_ok());
         let wrong_kid =
             sign_hs256_with_header(b"new-secret", br#"{"alg":"HS256","kid":"old"}"#, claims);
-        assert_eq!(
-            verify(wrong_kid.as_bytes(), &ks, &rules, NOW),
-            Err(AuthError::Signature)
-        );
+        assert_eq!(with(&wrong_kid, &ks, &rules), Err(AuthError::Signature));
         let plain = sign_hs256(b"plain-secret", claims);
-        assert!(verify(plain.as_bytes(), &ks, &rules, NOW).is_ok());
+        assert!(with(&plain, &ks, &rules).is_ok());
         let unknown_kid =
             sign_hs256_with_header(b"plain-secret", br#"{"alg":"HS256","kid":"zzz"}"#, claims);
-        assert!(verify(unknown_kid.as_bytes(), &ks, &rules, NOW).is_ok());
+        assert!(with(&unknown_kid, &ks, &rules).is_ok());
     }
 }

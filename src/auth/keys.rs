@@ -10,7 +10,7 @@ use base64::Engine;
 use ring::hmac;
 use simd_json::prelude::*;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// RSA moduli ring accepts for RS256 verification.
 const RSA_MIN_BITS: usize = 2048;
@@ -56,15 +56,105 @@ impl fmt::Debug for KeySet {
 
 /// Why keys could not be loaded. The message names the file and the problem, never key material.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyError(pub String);
+pub enum KeyError {
+    /// The file could not be opened or read (the system's reason).
+    Read(PathBuf, String),
+    /// The file is larger than `--max-key-file-bytes` (the limit).
+    TooLarge(PathBuf, u64),
+    /// A secret file with no secret line.
+    NoSecret(PathBuf),
+    /// A PEM or JWKS file whose content is unusable.
+    Format(PathBuf, FormatError),
+    /// A reload would leave no key at all; the old keys stay.
+    NoKeyLeft,
+}
 
 impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            KeyError::Read(p, e) => write!(f, "{}: {e}", p.display()),
+            KeyError::TooLarge(p, max) => write!(
+                f,
+                "{}: larger than {max} bytes (--max-key-file-bytes)",
+                p.display()
+            ),
+            KeyError::NoSecret(p) => write!(f, "{}: no secret in the file", p.display()),
+            KeyError::Format(p, e) => write!(f, "{}: {e}", p.display()),
+            KeyError::NoKeyLeft => f.write_str("no key left after reload"),
+        }
     }
 }
 
 impl std::error::Error for KeyError {}
+
+/// What is wrong with a PEM or JWKS file's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatError {
+    /// A PEM file that is not text.
+    NotText,
+    /// A `-----BEGIN` line without its closing dashes.
+    UnterminatedHeader,
+    /// A PEM block without its END line (its label).
+    NoEnd(String),
+    /// A PEM block that is not a public key (its label).
+    UnsupportedBlock(String),
+    /// A PEM body that is not base64.
+    NotBase64,
+    /// A PEM block whose DER is not an RSA public key.
+    NotRsa,
+    /// No `PUBLIC KEY` block in the file.
+    NoPublicKey,
+    /// An RSA modulus of this many bits (2048 to 8192 are accepted).
+    ModulusBits(usize),
+    /// An RSA exponent of no bytes or more than four.
+    Exponent,
+    /// A JWKS nested deeper than 8 levels.
+    TooDeep,
+    /// A JWKS that is not JSON.
+    NotJson,
+    /// A JWKS without a `keys` array.
+    NoKeys,
+    /// A JWKS key without a member it needs (key index, member).
+    Missing(usize, &'static str),
+    /// A JWKS key member that is not base64url (key index, member).
+    NotBase64Url(usize, &'static str),
+    /// A JWKS `oct` key with an empty `k` (key index).
+    EmptySecret(usize),
+    /// A JWKS key that is unusable for one of the reasons above (its index).
+    Key(usize, Box<FormatError>),
+    /// A JWKS with no RS256 or HS256 key.
+    NoUsableKey,
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FormatError::NotText => f.write_str("not a PEM text file"),
+            FormatError::UnterminatedHeader => f.write_str("unterminated PEM header"),
+            FormatError::NoEnd(label) => write!(f, "no END line for {label}"),
+            FormatError::UnsupportedBlock(label) => {
+                write!(f, "unsupported PEM block \"{label}\" (expected PUBLIC KEY)")
+            }
+            FormatError::NotBase64 => f.write_str("PEM body is not base64"),
+            FormatError::NotRsa => f.write_str("not an RSA public key"),
+            FormatError::NoPublicKey => f.write_str("no PUBLIC KEY block"),
+            FormatError::ModulusBits(bits) => {
+                write!(f, "RSA modulus of {bits} bits (2048 to 8192 accepted)")
+            }
+            FormatError::Exponent => f.write_str("unusable RSA exponent"),
+            FormatError::TooDeep => f.write_str("JWKS nested too deeply"),
+            FormatError::NotJson => f.write_str("not valid JSON"),
+            FormatError::NoKeys => f.write_str("no \"keys\" array"),
+            FormatError::Missing(i, m) => write!(f, "key {i}: missing \"{m}\""),
+            FormatError::NotBase64Url(i, m) => write!(f, "key {i}: \"{m}\" is not base64url"),
+            FormatError::EmptySecret(i) => write!(f, "key {i}: empty \"k\""),
+            FormatError::Key(i, e) => write!(f, "key {i}: {e}"),
+            FormatError::NoUsableKey => f.write_str("no RS256 or HS256 key in the set"),
+        }
+    }
+}
+
+impl std::error::Error for FormatError {}
 
 impl KeySet {
     /// Loads every key the configuration names. Fails as a whole if any file is unusable.
@@ -84,22 +174,18 @@ impl KeySet {
                 }
             }
             if !any {
-                return Err(KeyError(format!(
-                    "{}: no secret in the file",
-                    path.display()
-                )));
+                return Err(KeyError::NoSecret(path.clone()));
             }
         }
         for path in &cfg.rs256_public_keys {
             let text = read_bounded(path, cfg.max_key_file_bytes)?;
-            let keys =
-                parse_pem_keys(&text).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+            let keys = parse_pem_keys(&text).map_err(|e| KeyError::Format(path.clone(), e))?;
             set.rs256.extend(keys);
         }
         if let Some(path) = &cfg.jwks_file {
             let mut text = read_bounded(path, cfg.max_key_file_bytes)?;
             set.add_jwks(&mut text)
-                .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+                .map_err(|e| KeyError::Format(path.clone(), e))?;
         }
         Ok(set)
     }
@@ -114,15 +200,15 @@ impl KeySet {
 
     /// Adds every usable key of an RFC 7517 key set. Keys of other types or algorithms are skipped
     /// (as RFC 7517 asks); a set with no usable key at all is an error.
-    pub fn add_jwks(&mut self, json: &mut [u8]) -> Result<usize, String> {
+    pub fn add_jwks(&mut self, json: &mut [u8]) -> Result<usize, FormatError> {
         if crate::json::max_depth(json) > 8 {
-            return Err("JWKS nested too deeply".into());
+            return Err(FormatError::TooDeep);
         }
-        let doc = simd_json::to_borrowed_value(json).map_err(|_| "not valid JSON".to_string())?;
+        let doc = simd_json::to_borrowed_value(json).map_err(|_| FormatError::NotJson)?;
         let keys = doc
             .get("keys")
             .and_then(|k| k.as_array())
-            .ok_or("no \"keys\" array")?;
+            .ok_or(FormatError::NoKeys)?;
         let mut added = 0;
         for (i, jwk) in keys.iter().enumerate() {
             let kid = jwk.get("kid").and_then(|v| v.as_str()).map(str::to_owned);
@@ -134,14 +220,15 @@ impl KeySet {
                 Some("RSA") if alg.is_none() || alg == Some("RS256") => {
                     let n = b64_field(jwk.get("n").and_then(|v| v.as_str()), i, "n")?;
                     let e = b64_field(jwk.get("e").and_then(|v| v.as_str()), i, "e")?;
-                    self.rs256
-                        .push(checked_rsa(kid, n, e).map_err(|m| format!("key {i}: {m}"))?);
+                    self.rs256.push(
+                        checked_rsa(kid, n, e).map_err(|m| FormatError::Key(i, Box::new(m)))?,
+                    );
                     added += 1;
                 }
                 Some("oct") if alg.is_none() || alg == Some("HS256") => {
                     let k = b64_field(jwk.get("k").and_then(|v| v.as_str()), i, "k")?;
                     if k.is_empty() {
-                        return Err(format!("key {i}: empty \"k\""));
+                        return Err(FormatError::EmptySecret(i));
                     }
                     self.add_hs256(kid, &k);
                     added += 1;
@@ -150,7 +237,7 @@ impl KeySet {
             }
         }
         if added == 0 {
-            return Err("no RS256 or HS256 key in the set".into());
+            return Err(FormatError::NoUsableKey);
         }
         Ok(added)
     }
@@ -161,14 +248,14 @@ impl KeySet {
     }
 }
 
-fn b64_field(v: Option<&str>, i: usize, name: &str) -> Result<Vec<u8>, String> {
-    let v = v.ok_or_else(|| format!("key {i}: missing \"{name}\""))?;
+fn b64_field(v: Option<&str>, i: usize, name: &'static str) -> Result<Vec<u8>, FormatError> {
+    let v = v.ok_or(FormatError::Missing(i, name))?;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(v.trim_end_matches('='))
-        .map_err(|_| format!("key {i}: \"{name}\" is not base64url"))
+        .map_err(|_| FormatError::NotBase64Url(i, name))
 }
 
-fn checked_rsa(kid: Option<String>, n: Vec<u8>, e: Vec<u8>) -> Result<RsaKey, String> {
+fn checked_rsa(kid: Option<String>, n: Vec<u8>, e: Vec<u8>) -> Result<RsaKey, FormatError> {
     let n = n[n.iter().position(|&b| b != 0).unwrap_or(n.len())..].to_vec();
     let e = e[e.iter().position(|&b| b != 0).unwrap_or(e.len())..].to_vec();
     // An empty modulus is zero bits (and refused below), not an underflow.
@@ -176,65 +263,58 @@ fn checked_rsa(kid: Option<String>, n: Vec<u8>, e: Vec<u8>) -> Result<RsaKey, St
         .first()
         .map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-        return Err(format!(
-            "RSA modulus of {bits} bits (2048 to 8192 accepted)"
-        ));
+        return Err(FormatError::ModulusBits(bits));
     }
     if e.is_empty() || e.len() > 4 {
-        return Err("unusable RSA exponent".into());
+        return Err(FormatError::Exponent);
     }
     Ok(RsaKey { kid, n, e })
 }
 
 /// Parses every `PUBLIC KEY` / `RSA PUBLIC KEY` block of a PEM file.
-pub fn parse_pem_keys(text: &[u8]) -> Result<Vec<RsaKey>, String> {
-    let text = std::str::from_utf8(text).map_err(|_| "not a PEM text file".to_string())?;
+pub fn parse_pem_keys(text: &[u8]) -> Result<Vec<RsaKey>, FormatError> {
+    let text = std::str::from_utf8(text).map_err(|_| FormatError::NotText)?;
     let mut keys = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("-----BEGIN ") {
         let after = &rest[start + 11..];
-        let label_end = after.find("-----").ok_or("unterminated PEM header")?;
+        let label_end = after.find("-----").ok_or(FormatError::UnterminatedHeader)?;
         let label = &after[..label_end];
         let body_start = &after[label_end + 5..];
         let end_marker = format!("-----END {label}-----");
         let body_end = body_start
             .find(&end_marker)
-            .ok_or_else(|| format!("no END line for {label}"))?;
+            .ok_or_else(|| FormatError::NoEnd(label.to_string()))?;
         let b64: String = body_start[..body_end]
             .chars()
             .filter(|c| !c.is_ascii_whitespace())
             .collect();
         rest = &body_start[body_end + end_marker.len()..];
         if label != "PUBLIC KEY" && label != "RSA PUBLIC KEY" {
-            return Err(format!(
-                "unsupported PEM block \"{label}\" (expected PUBLIC KEY)"
-            ));
+            return Err(FormatError::UnsupportedBlock(label.to_string()));
         }
         let der = base64::engine::general_purpose::STANDARD
             .decode(b64)
-            .map_err(|_| "PEM body is not base64".to_string())?;
-        let (n, e) = rsa_public_key(&der).ok_or("not an RSA public key")?;
+            .map_err(|_| FormatError::NotBase64)?;
+        let (n, e) = rsa_public_key(&der).ok_or(FormatError::NotRsa)?;
         keys.push(checked_rsa(None, n, e)?);
     }
     if keys.is_empty() {
-        return Err("no PUBLIC KEY block".into());
+        return Err(FormatError::NoPublicKey);
     }
     Ok(keys)
 }
 
 fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, KeyError> {
     use std::io::Read;
-    let file =
-        std::fs::File::open(path).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+    let read_error = |e: std::io::Error| KeyError::Read(path.to_path_buf(), e.to_string());
+    let file = std::fs::File::open(path).map_err(read_error)?;
     let mut buf = Vec::new();
     file.take(max + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+        .map_err(read_error)?;
     if buf.len() as u64 > max {
-        return Err(KeyError(format!(
-            "{}: larger than {max} bytes (--max-key-file-bytes)",
-            path.display()
-        )));
+        return Err(KeyError::TooLarge(path.to_path_buf(), max));
     }
     Ok(buf)
 }

@@ -61,13 +61,14 @@ impl AuthError {
     }
 }
 
-/// Who a verified token says the connection is.
+/// Who a verified token says the connection is; borrows from the buffer the token was decoded
+/// into (an id with JSON escapes is owned).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
+pub struct Identity<'a> {
     /// The `sub` claim.
-    pub user_id: Box<str>,
+    pub user_id: std::borrow::Cow<'a, str>,
     /// The workspace claim.
-    pub workspace_id: Box<str>,
+    pub workspace_id: std::borrow::Cow<'a, str>,
     /// `exp`, seconds since the epoch.
     pub exp: u64,
 }

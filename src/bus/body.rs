@@ -7,7 +7,7 @@
 //! serde_json is used here rather than simd-json because it can hand back the payload as the raw
 //! text it was (`RawValue`), which is what lets the payload reach subscribers unreordered.
 
-use super::event::{check_id, check_type, EventError};
+use crate::event::{check_id, check_type, EventError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;

@@ -28,16 +28,16 @@
 //! and subscribes at the slot's new master. Publishing itself ([`ClusterBus::publish`]) runs on
 //! the publisher's thread over its own connections; no bus call ever blocks a shard.
 
-use super::event::Event;
 use super::redis::{RedisConn, MAX_REPLY_BULK};
 use super::resp::{self, Reply};
 use super::topology::{self, Topology};
 use super::wire::{self, WireLimits};
-use crate::bus::interest::ShardSet;
 use crate::config::{RedisConfig, RedisNode};
+use crate::dispatch::inbox::ShardMsg;
+use crate::dispatch::interest::ShardSet;
+use crate::dispatch::{BusInterest, Links, ToBus};
+use crate::event::Event;
 use crate::metrics::{BusStats, ShardStats};
-use crate::server::Shared;
-use crate::shard::inbox::ShardMsg;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 use mio::{Events, Interest as Ready, Poll, Token, Waker};
@@ -82,20 +82,74 @@ const MOVED_SLOT_HOLD: Duration = Duration::from_millis(250);
 /// moment (while a change spreads through the cluster) cannot spin the bus thread.
 const LAYOUT_MIN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A shard's change of interest in a workspace.
-#[derive(Debug)]
-pub enum BusInterest {
-    /// The shard's first subscriber of the workspace arrived.
-    Add(Arc<str>, usize),
-    /// The shard's last subscriber of the workspace left.
-    Remove(Arc<str>, usize),
-}
-
 /// Why a publish through the bus failed. Unless Redis failed, or a cluster moved one of the
 /// request's slots to a master this node cannot reach, during the publish itself, nothing of
 /// the request was published.
 #[derive(Debug)]
 pub struct BusUnavailable(pub String);
+
+impl BusUnavailable {
+    /// The bus did not answer within the publisher's deadline.
+    pub fn timed_out() -> BusUnavailable {
+        BusUnavailable("the cluster bus did not answer in time; publish again".into())
+    }
+}
+
+impl std::fmt::Display for BusUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BusUnavailable {}
+
+/// One publish for the bus: its events' Redis commands in one buffer, each with its hash slot.
+#[derive(Default, Debug)]
+pub struct BusJob {
+    commands: Vec<u8>,
+    /// Per message: its hash slot and its command's place in `commands`.
+    messages: Vec<(u16, std::ops::Range<usize>)>,
+}
+
+impl BusJob {
+    /// Appends one event, `command` being the dialect's publish command. The payload is written
+    /// once, by `write_payload`, straight into the command (`payload_len` is its length).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(
+        &mut self,
+        command: &[u8],
+        workspace_id: &str,
+        user_id: Option<&str>,
+        kind: &str,
+        ts_ms: u64,
+        payload_len: usize,
+        write_payload: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let start = self.commands.len();
+        wire::write_publish(
+            &mut self.commands,
+            command,
+            workspace_id,
+            kind,
+            user_id,
+            ts_ms,
+            payload_len,
+            write_payload,
+        );
+        let slot = topology::slot(&wire::channel(workspace_id));
+        self.messages.push((slot, start..self.commands.len()));
+    }
+
+    /// The number of events.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
 
 /// The commands of one dialect.
 struct Dialect {
@@ -130,8 +184,7 @@ pub struct ClusterBus {
     cfg: RedisConfig,
     dialect: &'static Dialect,
     stats: Arc<BusStats>,
-    tx: Sender<BusInterest>,
-    waker: Waker,
+    waker: Arc<Waker>,
     up: AtomicBool,
     stop: AtomicBool,
     /// Set by a publisher that was redirected: the bus thread reads the layout again.
@@ -158,16 +211,26 @@ pub struct BusThread {
     poll: Poll,
 }
 
+/// What [`ClusterBus::create`] makes.
+pub struct NewBus {
+    /// The handle for publishers.
+    pub bus: Arc<ClusterBus>,
+    /// The thread's state, to run once the shards are built.
+    pub thread: BusThread,
+    /// The shards' channel into the thread.
+    pub to_bus: ToBus,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ClusterBus {
     /// Creates the handle and the thread's state. Nothing connects until [`BusThread::run`].
-    pub fn new(cfg: RedisConfig, stats: Arc<BusStats>) -> io::Result<(Arc<ClusterBus>, BusThread)> {
+    pub fn create(cfg: RedisConfig, stats: Arc<BusStats>) -> io::Result<NewBus> {
         let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), WAKE)?;
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let (to_bus, rx) = ToBus::channel(waker.clone());
         let (dialect, topology) = if cfg.cluster {
             (&SHARDED, Topology::unknown())
         } else {
@@ -177,7 +240,6 @@ impl ClusterBus {
             cfg,
             dialect,
             stats,
-            tx,
             waker,
             up: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -187,14 +249,26 @@ impl ClusterBus {
             recent_moves: Mutex::new(HashMap::new()),
             publish_conns: Mutex::new(HashMap::new()),
         });
-        Ok((bus.clone(), BusThread { bus, rx, poll }))
+        Ok(NewBus {
+            bus: bus.clone(),
+            thread: BusThread { bus, rx, poll },
+            to_bus,
+        })
     }
 
-    /// Reports a shard's change of interest (never blocks).
-    pub fn interest(&self, change: BusInterest) {
-        if self.tx.send(change).is_ok() {
-            let _ = self.waker.wake();
-        }
+    /// The dialect's publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster).
+    pub fn publish_command(&self) -> &'static [u8] {
+        self.dialect.publish
+    }
+
+    /// Publishes `job` and calls `done` with Redis's answer.
+    pub fn submit(
+        &self,
+        job: BusJob,
+        done: Box<dyn FnOnce(Result<(), BusUnavailable>) + Send>,
+    ) -> Result<(), BusUnavailable> {
+        done(self.publish(&job));
+        Ok(())
     }
 
     /// Ends the bus thread (after the shards are gone); its connections close, and with them
@@ -214,20 +288,20 @@ impl ClusterBus {
     /// for one server go in one pipelined write, in order, so the order of one workspace's
     /// messages holds. When a server they go to is down (on a cluster: the master of one of
     /// their slots), this fails at once and nothing is sent to any server.
-    pub fn publish(&self, messages: &[(Vec<u8>, Vec<u8>)]) -> Result<(), BusUnavailable> {
+    fn publish(&self, job: &BusJob) -> Result<(), BusUnavailable> {
+        let messages = &job.messages;
         let mut conns = lock(&self.publish_conns);
         let mut todo: Vec<usize> = (0..messages.len()).collect();
         for _ in 0..PUBLISH_REDIRECTS {
-            self.hold_if_moved(todo.iter().map(|&i| &messages[i].0));
+            self.hold_if_moved(todo.iter().map(|&i| messages[i].0));
             let topo = lock(&self.topology).clone();
             // Per server, its messages in order.
             let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
             for &i in &todo {
-                let channel = &messages[i].0;
-                let Some(node) = topo.node_for(channel) else {
+                let slot = messages[i].0;
+                let Some(node) = topo.node_for_slot(slot) else {
                     return Err(BusUnavailable(format!(
-                        "no Redis Cluster master serves hash slot {} right now; publish again shortly",
-                        topology::slot(channel)
+                        "no Redis Cluster master serves hash slot {slot} right now; publish again shortly"
                     )));
                 };
                 match groups.iter_mut().find(|(n, _)| *n == node) {
@@ -246,7 +320,7 @@ impl ClusterBus {
                         left.as_millis().max(1)
                     )));
                 }
-                let slot = topology::slot(&messages[group[0]].0);
+                let slot = messages[group[0]].0;
                 if from.is_none() {
                     return Err(self.unreachable(node, slot, "this node is not connected to it"));
                 }
@@ -261,10 +335,9 @@ impl ClusterBus {
                 let node = &topo.nodes[*node];
                 let mut encoded = Vec::new();
                 for &i in group {
-                    let (channel, message) = &messages[i];
-                    resp::command(&mut encoded, &[self.dialect.publish, channel, message]);
+                    encoded.extend_from_slice(&job.commands[messages[i].1.clone()]);
                 }
-                let slot = topology::slot(&messages[group[0]].0);
+                let slot = messages[group[0]].0;
                 let replies = self.pipeline(&mut conns, node, slot, &encoded, group.len())?;
                 for (&i, reply) in group.iter().zip(&replies) {
                     let Reply::Error(e) = reply else {
@@ -311,7 +384,7 @@ impl ClusterBus {
     /// Waits, if one of `channels` is in a slot that changed masters less than
     /// [`MOVED_SLOT_HOLD`] ago, until that long has passed: by then every node has
     /// subscribed at the new master.
-    fn hold_if_moved<'a>(&self, channels: impl Iterator<Item = &'a Vec<u8>>) {
+    fn hold_if_moved(&self, slots: impl Iterator<Item = u16>) {
         let until = {
             let mut recent = lock(&self.recent_moves);
             if recent.is_empty() {
@@ -319,8 +392,8 @@ impl ClusterBus {
             }
             let now = Instant::now();
             recent.retain(|_, t| now < *t + MOVED_SLOT_HOLD);
-            channels
-                .filter_map(|c| recent.get(&topology::slot(c)))
+            slots
+                .filter_map(|s| recent.get(&s))
                 .map(|t| *t + MOVED_SLOT_HOLD)
                 .max()
         };
@@ -430,7 +503,7 @@ struct Link {
 /// The bus thread's state.
 struct Runner {
     bus: Arc<ClusterBus>,
-    shared: Arc<Shared>,
+    shards: Arc<Links>,
     limits: WireLimits,
     poll: Poll,
     wants: HashMap<Arc<str>, Want>,
@@ -460,12 +533,7 @@ struct Runner {
 
 impl BusThread {
     /// Runs the bus until the process ends.
-    pub fn run(self, shared: Arc<Shared>) {
-        let limits = WireLimits {
-            max_event_bytes: shared.config.max_event_bytes,
-            max_depth: shared.config.max_json_depth,
-            max_id_bytes: shared.config.max_id_bytes,
-        };
+    pub fn run(self, shards: Arc<Links>, limits: WireLimits) {
         let topo = lock(&self.bus.topology).clone();
         let (attempts_tx, attempts_rx) = crossbeam_channel::unbounded();
         let mut r = Runner {
@@ -474,7 +542,7 @@ impl BusThread {
             connecting: Vec::new(),
             reading_layout: false,
             bus: self.bus,
-            shared,
+            shards,
             limits,
             poll: self.poll,
             wants: HashMap::new(),
@@ -554,12 +622,10 @@ impl Runner {
             if !batch.is_empty() {
                 ShardStats::add(&self.bus.stats.bus_received, batch.len() as u64);
                 let batch: Arc<[Event]> = batch.into();
-                for (i, shard) in self.shared.links.iter().enumerate() {
-                    if targets.contains(i) {
-                        // Waits while the shard's inbox is full: the back-pressure reaches
-                        // Redis, which buffers for its subscribers up to its own limit.
-                        let _ = shard.send(ShardMsg::Events(batch.clone()));
-                    }
+                for i in targets.iter().take_while(|&i| i < self.shards.len()) {
+                    // Waits while the shard's inbox is full: the back-pressure reaches
+                    // Redis, which buffers for its subscribers up to its own limit.
+                    let _ = self.shards.shard(i).send(ShardMsg::Events(batch.clone()));
                 }
             }
             for (key, l) in self.links.iter_mut() {
@@ -903,7 +969,7 @@ impl Runner {
                 let w = self.wants.entry(ws.clone()).or_default();
                 w.shards.insert(shard);
                 if w.live {
-                    let _ = self.shared.links[shard].send(ShardMsg::Live(ws));
+                    let _ = self.shards.shard(shard).send(ShardMsg::Live(ws));
                 } else if !w.requested {
                     self.pending.insert(ws);
                 }
@@ -1001,7 +1067,7 @@ impl Runner {
             }
             match wire::decode(m.payload, self.limits) {
                 Ok(got) => {
-                    targets.union(self.shared.interest.shards_for(ws));
+                    targets.union(self.shards.interest().shards_for(ws));
                     batch.push(Event {
                         workspace_id: ws.into(),
                         user_id: got.user_id,
@@ -1082,10 +1148,8 @@ impl Runner {
         }
         if kind == dialect.subscribed && w.requested {
             w.live = true;
-            for (i, link) in self.shared.links.iter().enumerate() {
-                if w.shards.contains(i) {
-                    let _ = link.send(ShardMsg::Live(ws.clone()));
-                }
+            for i in w.shards.iter().take_while(|&i| i < self.shards.len()) {
+                let _ = self.shards.shard(i).send(ShardMsg::Live(ws.clone()));
             }
         } else if !w.requested && w.shards.is_empty() {
             self.wants.remove(&ws);

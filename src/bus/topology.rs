@@ -78,12 +78,18 @@ impl Topology {
 
     /// The index in `nodes` of the server `channel` goes to, if any serves it.
     pub fn node_for(&self, channel: &[u8]) -> Option<usize> {
+        self.node_for_slot(slot(channel))
+    }
+
+    /// The index in `nodes` of the server that serves hash `slot`, if any (for one server,
+    /// that server, whatever the slot).
+    pub fn node_for_slot(&self, slot: u16) -> Option<usize> {
         if !self.is_cluster() {
             return (!self.nodes.is_empty()).then_some(0);
         }
-        match self.owner[usize::from(slot(channel))] {
-            NOBODY => None,
-            i => Some(usize::from(i)),
+        match self.owner.get(usize::from(slot)).copied() {
+            None | Some(NOBODY) => None,
+            Some(i) => Some(usize::from(i)),
         }
     }
 

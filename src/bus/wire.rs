@@ -14,7 +14,7 @@
 //! id, depth, number and size rules) before building the frame, since anyone who can publish to
 //! Redis can reach its subscribers.
 
-use super::event::{check_id, check_type, encode_with, EventError};
+use crate::event::{check_id, check_type, encode_with, EventError};
 use crate::ws::SharedFrame;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -39,18 +39,81 @@ pub fn workspace_of(channel: &[u8]) -> Option<&str> {
 /// Encodes a message. `payload` must be one JSON object (already validated and minified).
 pub fn encode(kind: &str, user_id: Option<&str>, ts_ms: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(kind.len() + payload.len() + 64);
+    write_message(&mut out, kind, user_id, ts_ms, |o| {
+        o.extend_from_slice(payload)
+    });
+    out
+}
+
+/// The length of the message [`write_message`] writes, its payload `payload_len` bytes.
+pub fn message_len(kind: &str, user_id: Option<&str>, ts_ms: u64, payload_len: usize) -> usize {
+    use crate::json::string_len;
+    let digits = ts_ms.checked_ilog10().map_or(1, |d| d as usize + 1);
+    // {"v":1,"type":K,"ts":N[,"user_id":U],"payload":P}
+    14 + string_len(kind)
+        + 6
+        + digits
+        + user_id.map_or(0, |u| 11 + string_len(u))
+        + 11
+        + payload_len
+        + 1
+}
+
+/// Writes a message whose payload `write_payload` writes (one JSON object, minified).
+pub fn write_message(
+    out: &mut Vec<u8>,
+    kind: &str,
+    user_id: Option<&str>,
+    ts_ms: u64,
+    write_payload: impl FnOnce(&mut Vec<u8>),
+) {
+    use std::io::Write;
     out.extend_from_slice(b"{\"v\":1,\"type\":");
-    crate::json::write_string(&mut out, kind);
+    crate::json::write_string(out, kind);
     out.extend_from_slice(b",\"ts\":");
-    out.extend_from_slice(ts_ms.to_string().as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{ts_ms}");
     if let Some(u) = user_id {
         out.extend_from_slice(b",\"user_id\":");
-        crate::json::write_string(&mut out, u);
+        crate::json::write_string(out, u);
     }
     out.extend_from_slice(b",\"payload\":");
-    out.extend_from_slice(payload);
+    write_payload(out);
     out.push(b'}');
-    out
+}
+
+/// Appends the Redis command that publishes one message, `command` being `PUBLISH` or
+/// `SPUBLISH`: `*3`, the command, the workspace's channel, the message. The payload is written
+/// once, straight into the command (`payload_len` is its minified length, so the message's
+/// length is known before it is written).
+#[allow(clippy::too_many_arguments)]
+pub fn write_publish(
+    out: &mut Vec<u8>,
+    command: &[u8],
+    workspace_id: &str,
+    kind: &str,
+    user_id: Option<&str>,
+    ts_ms: u64,
+    payload_len: usize,
+    write_payload: impl FnOnce(&mut Vec<u8>),
+) {
+    use std::io::Write;
+    let len = message_len(kind, user_id, ts_ms, payload_len);
+    let _ = write!(out, "*3\r\n${}\r\n", command.len());
+    out.extend_from_slice(command);
+    let _ = write!(
+        out,
+        "\r\n${}\r\n{CHANNEL_PREFIX}{workspace_id}\r\n${len}\r\n",
+        CHANNEL_PREFIX.len() + workspace_id.len()
+    );
+    let start = out.len();
+    write_message(out, kind, user_id, ts_ms, write_payload);
+    debug_assert_eq!(
+        out.len() - start,
+        len,
+        "message_len disagrees with write_message"
+    );
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The rules a received message is held to (the node's own publish limits).
@@ -162,6 +225,33 @@ mod tests {
         // Whitespace from a hand-written publisher is minified the same way as HTTP bodies.
         let spaced = br#"{ "v": 1, "type": "issue.created", "ts": 1764373560123, "payload": { "id": "iss_1", "n": [1, 2] } }"#;
         assert_eq!(decode(spaced, LIMITS).unwrap().frame, local);
+    }
+
+    #[test]
+    fn a_publish_command_is_the_message_in_a_resp_array() {
+        let payload = br#"{"id":"iss_1","t":"tab\tq\"\u0001"}"#;
+        for (user, ts) in [
+            (None, 0u64),
+            (Some("usr_\"1\n"), 9),
+            (Some("u"), 1_764_373_560_123),
+        ] {
+            let mut cmd = Vec::new();
+            write_publish(
+                &mut cmd,
+                b"SPUBLISH",
+                "ws_1",
+                "a.b",
+                user,
+                ts,
+                payload.len(),
+                |o| o.extend_from_slice(payload),
+            );
+            let mut want = Vec::new();
+            let msg = encode("a.b", user, ts, payload);
+            crate::bus::resp::command(&mut want, &[b"SPUBLISH", b"causeloop:v1:ws:ws_1", &msg]);
+            assert_eq!(cmd, want);
+            assert_eq!(message_len("a.b", user, ts, payload.len()), msg.len());
+        }
     }
 
     #[test]

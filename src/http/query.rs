@@ -1,19 +1,22 @@
 //! Query-string decoding for `/v1/stream?token=...&workspace=...`.
 //!
-//! Values are percent-decoded (`+` as space, as browsers' `URLSearchParams` encode it). The token
-//! is handled as opaque bytes and never formatted anywhere.
+//! Values are percent-decoded (`+` as space, as browsers' `URLSearchParams` encode it), and
+//! borrowed from the request when there is nothing to decode (a JWT never needs it), so reading
+//! a query allocates nothing. The token is handled as opaque bytes and never formatted anywhere.
+
+use std::borrow::Cow;
 
 /// The stream's query parameters. The first occurrence of each wins, whatever it holds: a later
 /// one never replaces it (a first `workspace` that is not UTF-8 stays "no workspace").
 #[derive(Default)]
-pub struct StreamQuery {
+pub struct StreamQuery<'a> {
     /// The raw JWT, percent-decoded. Secret: never log or echo.
-    pub token: Option<Vec<u8>>,
+    pub token: Option<Cow<'a, [u8]>>,
     /// The requested workspace id, when present and UTF-8.
-    pub workspace: Option<String>,
+    pub workspace: Option<Cow<'a, str>>,
 }
 
-impl std::fmt::Debug for StreamQuery {
+impl std::fmt::Debug for StreamQuery<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamQuery")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
@@ -23,7 +26,7 @@ impl std::fmt::Debug for StreamQuery {
 }
 
 /// Parses the query part (after `?`) of a stream request.
-pub fn parse_stream_query(query: &[u8]) -> StreamQuery {
+pub fn parse_stream_query(query: &[u8]) -> StreamQuery<'_> {
     let mut q = StreamQuery::default();
     let (mut token_seen, mut workspace_seen) = (false, false);
     for pair in query.split(|&b| b == b'&') {
@@ -36,7 +39,10 @@ pub fn parse_stream_query(query: &[u8]) -> StreamQuery {
                 q.token = Some(percent_decode(v))
             }
             b"workspace" if !std::mem::replace(&mut workspace_seen, true) => {
-                q.workspace = String::from_utf8(percent_decode(v)).ok()
+                q.workspace = match percent_decode(v) {
+                    Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+                    Cow::Owned(b) => String::from_utf8(b).ok().map(Cow::Owned),
+                }
             }
             _ => {}
         }
@@ -44,11 +50,12 @@ pub fn parse_stream_query(query: &[u8]) -> StreamQuery {
     q
 }
 
-/// Decodes `%XX` escapes and `+`; a malformed escape is kept literally.
-pub fn percent_decode(input: &[u8]) -> Vec<u8> {
+/// Decodes `%XX` escapes and `+`; a malformed escape is kept literally. Borrows `input` when it
+/// has neither.
+pub fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
     if !input.iter().any(|&b| b == b'%' || b == b'+') {
-        // A JWT (base64url and dots) never needs decoding: copy it in one go.
-        return input.to_vec();
+        // A JWT (base64url and dots) never needs decoding.
+        return Cow::Borrowed(input);
     }
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
@@ -67,7 +74,7 @@ pub fn percent_decode(input: &[u8]) -> Vec<u8> {
         }
         i += 1;
     }
-    out
+    Cow::Owned(out)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -102,9 +109,10 @@ mod tests {
 
     #[test]
     fn malformed_escapes_stay_literal() {
-        assert_eq!(percent_decode(b"%"), b"%");
-        assert_eq!(percent_decode(b"%4"), b"%4");
-        assert_eq!(percent_decode(b"%zz"), b"%zz");
-        assert_eq!(percent_decode(b"a%41"), b"aA");
+        assert_eq!(&*percent_decode(b"%"), b"%");
+        assert_eq!(&*percent_decode(b"%4"), b"%4");
+        assert_eq!(&*percent_decode(b"%zz"), b"%zz");
+        assert_eq!(&*percent_decode(b"a%41"), b"aA");
+        assert!(matches!(percent_decode(b"a.b_c-d"), Cow::Borrowed(_)));
     }
 }

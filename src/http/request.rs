@@ -9,7 +9,7 @@ use base64::Engine;
 
 /// The highest `--max-request-headers`. The header slots live on the stack uninitialised, so the
 /// cap costs nothing per request.
-pub const MAX_REQUEST_HEADERS: usize = 256;
+pub use crate::config::MAX_REQUEST_HEADERS;
 
 /// Why a request head cannot be served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,15 +182,15 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| trim(t).eq_ignore_ascii_case(token))
 }
 
-/// What the public listener does with a request.
+/// What the public listener does with a request; borrows from the request head.
 #[derive(Debug)]
-pub enum PublicRoute {
+pub enum PublicRoute<'a> {
     /// A valid WebSocket upgrade on `/v1/stream`.
     Stream {
         /// `Sec-WebSocket-Key`, validated.
-        key: Vec<u8>,
+        key: &'a [u8],
         /// The decoded query (token and workspace).
-        query: StreamQuery,
+        query: StreamQuery<'a>,
     },
     /// `GET /healthz` (`head`: a `HEAD`, answered without the body).
     Health {
@@ -207,7 +207,7 @@ pub enum PublicRoute {
 }
 
 /// Routes a request head received on the public listener.
-pub fn route_public(head: &Head<'_>) -> PublicRoute {
+pub fn route_public<'a>(head: &Head<'a>) -> PublicRoute<'a> {
     if head.repeated.is_some() {
         return PublicRoute::Reject(Status::BadRequest);
     }
@@ -222,7 +222,7 @@ pub fn route_public(head: &Head<'_>) -> PublicRoute {
             }
             match head.ws_key {
                 Some(key) if valid_ws_key(key) => PublicRoute::Stream {
-                    key: key.to_vec(),
+                    key,
                     query: parse_stream_query(head.query),
                 },
                 _ => PublicRoute::Reject(Status::BadRequest),
@@ -243,11 +243,11 @@ pub fn route_public(head: &Head<'_>) -> PublicRoute {
 
 /// A `Sec-WebSocket-Key` must be base64 of exactly 16 bytes (RFC 6455 §4.1).
 fn valid_ws_key(key: &[u8]) -> bool {
+    let mut decoded = [0u8; 18];
     key.len() == 24
         && base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .map(|k| k.len() == 16)
-            .unwrap_or(false)
+            .decode_slice(key, &mut decoded)
+            .is_ok_and(|n| n == 16)
 }
 
 #[cfg(test)]
@@ -276,6 +276,7 @@ mod tests {
                 assert_eq!(key, b"dGhlIHNhbXBsZSBub25jZQ==");
                 assert_eq!(query.workspace.as_deref(), Some("ws_1"));
                 assert_eq!(query.token.as_deref(), Some(&b"t.o.k"[..]));
+                assert!(matches!(query.token, Some(std::borrow::Cow::Borrowed(_))));
             }
             other => panic!("{other:?}"),
         }

@@ -1,24 +1,46 @@
 //! The internal listener: `POST /v1/publish`, `GET /metrics`, `GET /healthz`, `GET /readyz`.
 //!
-//! One thread, one mio loop, HTTP/1.1 with keep-alive (publishers reuse their connection). Every
-//! input is bounded before it is buffered: the head by `--max-request-head-bytes`, the body by
-//! `--max-publish-bytes` (checked against `Content-Length` before a byte of it is read), the
-//! number of connections by `--max-internal-connections`, and idle or stalled connections by a
-//! deadline. This listener keeps serving during a drain, so probes see 503 and publishers get a
-//! clear answer until the shards are gone.
+//! One thread, one mio loop, HTTP/1.1 with keep-alive (publishers reuse their connection). The
+//! loop never blocks: it is also where the Kubernetes probes land, so nothing may hold it up.
+//! A publish that cannot be handed over at once (a shard's inbox is full, or the cluster bus
+//! is talking to Redis) parks its connection, which is not read until the publish is done;
+//! every other connection carries on. Parked local publishes are retried in the order they
+//! were made when a shard drains its inbox (the [`crate::dispatch::inbox::Room`] wakes this
+//! loop), so each shard takes this listener's batches in order.
+//!
+//! Every input is bounded before it is buffered, and every drain has a budget:
+//! - the head by `--max-request-head-bytes`, the body by `--max-publish-bytes` (checked
+//!   against `Content-Length` before a byte of it is read), the number of connections by
+//!   `--max-internal-connections`, idle or stalled connections by a deadline;
+//! - a connection whose unsent answers pass [`OUT_HIGH`] is not read (nor its buffered
+//!   requests served) until they drain, so a client that pipelines requests without reading
+//!   the answers holds at most that much here, and the kernel's buffers push back on it;
+//! - at most [`REQUESTS_PER_TURN`] requests per connection, [`READ_BUDGET`] bytes per connection
+//!   and [`ACCEPT_BUDGET`] accepts per loop turn, so one busy client cannot starve the others.
+//!
+//! It keeps serving during a drain, so probes see 503 and publishers get a clear answer until
+//! the shards are gone.
 
 mod publish_key;
+pub mod routes;
 
-use crate::bus::body;
-use crate::bus::{PublishError, Publisher};
-use crate::http::request::{parse_head, Head};
-use crate::http::{response, Status};
-use crate::metrics::{render, ShardStats};
-use crate::server::Shared;
+use crate::bus::body::BodyLimits;
+use crate::bus::cluster::BusUnavailable;
+use crate::bus::publisher::{Prepared, PublishError, Publisher};
+use crate::config::Config;
+use crate::dispatch::inbox::Waiter;
+use crate::dispatch::interest::ShardSet;
+use crate::dispatch::{PendingBatch, Progress};
+use crate::http::request::parse_head;
+use crate::http::response;
+use crate::metrics::{ShardStats, Stats};
+use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use publish_key::PublishKey;
+use routes::Route;
 use slab::Slab;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,15 +50,61 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 /// A connection with no request in progress is closed after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Unsent answer bytes above which a connection is not read until they drain.
+pub const OUT_HIGH: usize = 256 * 1024;
+/// Requests served per connection per loop turn.
+pub const REQUESTS_PER_TURN: usize = 8;
+/// Bytes read per connection per loop turn.
+pub const READ_BUDGET: usize = 64 * 1024;
+/// Connections accepted per loop turn.
+pub const ACCEPT_BUDGET: usize = 64;
+
+/// A publish on its way.
+enum Waiting {
+    /// Handed to some shards, waiting for room in the others' inboxes.
+    Shards(PendingBatch, usize),
+    /// With the cluster bus, waiting for Redis's answer.
+    Bus(usize),
+}
 
 struct HttpConn {
     stream: TcpStream,
-    buf: Vec<u8>,
+    /// Distinguishes this connection from earlier ones in its slab slot (bus answers name it).
+    gen: u64,
+    inbuf: Vec<u8>,
     out: Vec<u8>,
     written: usize,
-    close_after: bool,
+    /// A response that closes the connection is queued: nothing more is read or served.
+    closing: bool,
+    /// A publish of this connection is on its way; the request is still in `inbuf`.
+    waiting: Option<(Waiting, usize)>,
+    /// `100 Continue` was sent for the request at the front of `inbuf`.
+    continued: bool,
+    /// The request at the front of `inbuf` asked to close the connection after its answer
+    /// (HTTP/1.0, `Connection: close`).
+    close_requested: bool,
+    /// Reading stopped with bytes possibly left in the socket (budget, a full `out`, a
+    /// publish on its way): read again once that clears, since no new edge will say so.
+    unread: bool,
+    /// Reading is paused because the unsent answers passed [`OUT_HIGH`] (counted once per
+    /// pause).
+    paused: bool,
     deadline: Instant,
 }
+
+impl HttpConn {
+    fn unsent(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Whether requests may be served (and so bytes read) now.
+    fn may_serve(&self) -> bool {
+        !self.closing && self.waiting.is_none() && self.unsent() <= OUT_HIGH
+    }
+}
+
+/// A bus answer for connection (key, generation).
+type BusAnswer = (usize, u64, Result<(), BusUnavailable>);
 
 /// The internal listener's loop and state.
 pub struct Internal {
@@ -44,47 +112,72 @@ pub struct Internal {
     listener: TcpListener,
     waker: Arc<Waker>,
     conns: Slab<HttpConn>,
-    shared: Arc<Shared>,
     publisher: Publisher,
+    stats: Stats,
     key: Option<PublishKey>,
+    max_connections: usize,
+    max_head: usize,
+    max_headers: usize,
+    max_publish_bytes: usize,
+    handshake_timeout: Duration,
+    body_limits: BodyLimits,
     stop: Arc<AtomicBool>,
     scratch: Vec<u8>,
-}
-
-enum Outcome {
-    /// Keep the connection.
-    Keep,
-    /// Close it now.
-    Close,
+    next_gen: u64,
+    /// Connections with local publishes waiting for room, oldest first.
+    parked: VecDeque<(usize, u64)>,
+    /// Connections to serve again next turn (a budget ran out).
+    again: Vec<usize>,
+    accept_pending: bool,
+    answers_tx: Sender<BusAnswer>,
+    answers_rx: Receiver<BusAnswer>,
 }
 
 impl Internal {
     /// Builds the loop over `listener`. It runs until `stop` is set and the waker fires.
     pub fn new(
         mut listener: TcpListener,
-        shared: Arc<Shared>,
+        cfg: &Config,
         publisher: Publisher,
+        stats: Stats,
         stop: Arc<AtomicBool>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let key = shared
-            .config
+        publisher
+            .links()
+            .room()
+            .register(Waiter::Internal, waker.clone());
+        let key = cfg
             .publish_key
             .as_ref()
             .map(|k| PublishKey::new(k.expose()));
+        // One answer at most per connection is ever outstanding.
+        let (answers_tx, answers_rx) = crossbeam_channel::bounded(cfg.max_internal_connections);
         Ok(Internal {
             poll,
             listener,
             waker,
             conns: Slab::new(),
-            shared,
             publisher,
+            stats,
             key,
+            max_connections: cfg.max_internal_connections,
+            max_head: cfg.max_request_head_bytes,
+            max_headers: cfg.max_request_headers,
+            max_publish_bytes: cfg.max_publish_bytes,
+            handshake_timeout: cfg.handshake_timeout,
+            body_limits: BodyLimits::of(cfg),
             stop,
-            scratch: vec![0; 64 * 1024],
+            scratch: vec![0; READ_BUDGET],
+            next_gen: 0,
+            parked: VecDeque::new(),
+            again: Vec::new(),
+            accept_pending: false,
+            answers_tx,
+            answers_rx,
         })
     }
 
@@ -98,50 +191,63 @@ impl Internal {
         let mut events = Events::with_capacity(256);
         let mut next_sweep = Instant::now() + Duration::from_secs(1);
         while !self.stop.load(Ordering::Acquire) {
-            let timeout = next_sweep.saturating_duration_since(Instant::now());
+            let timeout = if self.accept_pending || !self.again.is_empty() {
+                Duration::ZERO
+            } else {
+                next_sweep.saturating_duration_since(Instant::now())
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("internal listener: poll failed: {e}");
                     return;
                 }
             }
+            let mut ready: Vec<usize> = std::mem::take(&mut self.again);
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept_pending = true,
+                    // Room in a shard's inbox, or a bus answer: both are looked at below.
                     WAKER => {}
                     Token(k) => {
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(k);
+                        if event.is_writable() {
+                            self.write(k);
                         }
-                        if event.is_writable() && self.conns.contains(k) {
-                            self.on_writable(k);
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            if let Some(c) = self.conns.get_mut(k) {
+                                c.unread = true;
+                            }
+                            ready.push(k);
                         }
                     }
                 }
             }
+            if self.accept_pending {
+                self.accept();
+            }
+            self.take_answers();
+            self.retry_parked();
+            ready.sort_unstable();
+            ready.dedup();
+            for k in ready {
+                self.serve(k);
+            }
             let now = Instant::now();
             if now >= next_sweep {
                 next_sweep = now + Duration::from_secs(1);
-                let expired: Vec<usize> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.deadline <= now)
-                    .map(|(k, _)| k)
-                    .collect();
-                for k in expired {
-                    self.conns.remove(k);
-                }
+                self.sweep(now);
+                self.sample();
             }
         }
     }
 
     fn accept(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BUDGET {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
-                    if self.conns.len() >= self.shared.config.max_internal_connections {
+                    if self.conns.len() >= self.max_connections {
+                        ShardStats::add(&self.stats.internal.refused, 1);
                         let _ = stream.write(&response::json_error(
-                            Status::Unavailable,
+                            crate::http::Status::Unavailable,
                             "too many connections",
                             true,
                         ));
@@ -158,47 +264,107 @@ impl Internal {
                         )
                         .is_ok()
                     {
+                        self.next_gen += 1;
+                        ShardStats::add(&self.stats.internal.accepted, 1);
                         entry.insert(HttpConn {
                             stream,
-                            buf: Vec::new(),
+                            gen: self.next_gen,
+                            inbuf: Vec::new(),
                             out: Vec::new(),
                             written: 0,
-                            close_after: false,
+                            closing: false,
+                            waiting: None,
+                            continued: false,
+                            close_requested: false,
+                            unread: true,
+                            paused: false,
                             deadline: Instant::now() + IDLE_TIMEOUT,
                         });
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_pending = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::warn!("internal listener: accept: {e}");
+                    self.accept_pending = false;
                     return;
                 }
             }
         }
+        // Budget spent: the rest next turn.
+        self.accept_pending = true;
     }
 
-    fn on_readable(&mut self, k: usize) {
+    /// Serves what connection `k` has buffered, reading more as the budgets allow.
+    fn serve(&mut self, k: usize) {
+        let mut served = 0;
+        let mut read = 0;
         loop {
             let Some(conn) = self.conns.get_mut(k) else {
                 return;
             };
-            match conn.stream.read(&mut self.scratch) {
+            if !conn.may_serve() {
+                if conn.unsent() > OUT_HIGH && !std::mem::replace(&mut conn.paused, true) {
+                    ShardStats::add(&self.stats.internal.paused_for_output, 1);
+                }
+                return;
+            }
+            // Requests already buffered first.
+            match self.serve_one(k) {
+                Served::One => {
+                    served += 1;
+                    if served >= REQUESTS_PER_TURN {
+                        self.again.push(k);
+                        return;
+                    }
+                    continue;
+                }
+                Served::Stop => return,
+                Served::NeedMore => {}
+            }
+            let Some(conn) = self.conns.get_mut(k) else {
+                return;
+            };
+            if !conn.unread {
+                return;
+            }
+            if read >= READ_BUDGET {
+                self.again.push(k);
+                return;
+            }
+            // Room for one more head and body at most: what a request can use.
+            let room = (self.max_head + self.max_publish_bytes + 1)
+                .saturating_sub(conn.inbuf.len())
+                .min(self.scratch.len());
+            if room == 0 {
+                // A request cannot be this long; parse_head or the body bound refuses it.
+                return;
+            }
+            match conn.stream.read(&mut self.scratch[..room]) {
                 Ok(0) => {
                     self.conns.remove(k);
                     return;
                 }
                 Ok(n) => {
-                    conn.buf.extend_from_slice(&self.scratch[..n]);
-                    if conn.buf.len() == n {
-                        // First bytes of a request: it must complete within the handshake timeout.
-                        conn.deadline = Instant::now() + self.shared.config.handshake_timeout;
+                    read += n;
+                    if conn.inbuf.is_empty() {
+                        // First bytes of a request: it must complete within the handshake
+                        // timeout.
+                        conn.deadline = Instant::now() + self.handshake_timeout;
                     }
-                    if let Outcome::Close = self.process(k) {
-                        return;
+                    conn.inbuf.extend_from_slice(&self.scratch[..n]);
+                    if n < room {
+                        // A short read emptied the socket; later data raises a new edge.
+                        conn.unread = false;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.unread = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.conns.remove(k);
@@ -208,252 +374,265 @@ impl Internal {
         }
     }
 
-    /// Serves every complete request in the connection's buffer.
-    fn process(&mut self, k: usize) -> Outcome {
-        loop {
-            let conn = &mut self.conns[k];
-            if conn.close_after {
-                // A response that closes the connection is queued: ignore anything after it.
-                conn.buf.clear();
-                return Outcome::Keep;
-            }
-            let max_head = self.shared.config.max_request_head_bytes;
-            let max_headers = self.shared.config.max_request_headers;
-            let (resp, consumed, close) = match parse_head(&conn.buf, max_head, max_headers) {
-                Ok(None) => return Outcome::Keep,
-                Err(e) => (response::plain(e.status(), true), conn.buf.len(), true),
-                Ok(Some(head)) => {
-                    let close = head.connection_close || head.minor_version == 0;
-                    match route(
-                        &head,
-                        &conn.buf,
-                        &self.shared,
-                        &self.publisher,
-                        self.key.as_ref(),
-                    ) {
-                        Route::NeedBody => {
-                            if conn.buf.capacity() < head.len + self.shared.config.max_publish_bytes
-                            {
-                                let want =
-                                    head.len + head.content_length.flatten().unwrap_or(0) as usize;
-                                conn.buf.reserve(want.saturating_sub(conn.buf.len()));
-                            }
-                            return Outcome::Keep;
-                        }
-                        Route::Respond {
-                            bytes,
-                            consumed,
-                            close: force_close,
-                        } => (bytes, consumed, close || force_close),
+    /// Serves the request at the front of connection `k`'s buffer, if it is complete.
+    fn serve_one(&mut self, k: usize) -> Served {
+        let conn = &mut self.conns[k];
+        if conn.inbuf.is_empty() {
+            return Served::NeedMore;
+        }
+        let cx = routes::Context {
+            publisher: &self.publisher,
+            key: self.key.as_ref(),
+            stats: &self.stats,
+            max_publish_bytes: self.max_publish_bytes,
+            body_limits: self.body_limits,
+            ready: !self.publisher.is_draining(),
+        };
+        let route = match parse_head(&conn.inbuf, self.max_head, self.max_headers) {
+            Ok(None) => return Served::NeedMore,
+            Err(e) => Route::Respond {
+                bytes: response::plain(e.status(), true),
+                consumed: conn.inbuf.len(),
+                close: true,
+            },
+            Ok(Some(head)) => {
+                let close = head.connection_close || head.minor_version == 0;
+                match routes::route(&head, &conn.inbuf, &cx) {
+                    Route::Respond {
+                        bytes,
+                        consumed,
+                        close: forced,
+                    } => Route::Respond {
+                        bytes,
+                        consumed,
+                        close: close || forced,
+                    },
+                    other => {
+                        conn.close_requested = close;
+                        other
                     }
                 }
-            };
-            conn.buf.drain(..consumed.min(conn.buf.len()));
-            conn.out.extend_from_slice(&resp);
-            conn.close_after |= close;
-            conn.deadline = Instant::now() + IDLE_TIMEOUT;
-            if let Outcome::Close = self.on_writable(k) {
-                return Outcome::Close;
             }
-            if self.conns[k].buf.is_empty() {
-                return Outcome::Keep;
+        };
+        ShardStats::add(&self.stats.internal.requests, 1);
+        match route {
+            Route::NeedBody { send_continue } => {
+                if send_continue && !std::mem::replace(&mut conn.continued, true) {
+                    conn.out.extend_from_slice(routes::CONTINUE);
+                    self.write(k);
+                }
+                Served::NeedMore
+            }
+            Route::Respond {
+                bytes,
+                consumed,
+                close,
+            } => {
+                self.answer(k, &bytes, consumed, close);
+                Served::One
+            }
+            Route::Publish {
+                prepared,
+                events,
+                consumed,
+            } => self.start_publish(k, prepared, events, consumed),
+        }
+    }
+
+    /// Queues an answer to the request at the front of the buffer, which took `consumed` bytes.
+    fn answer(&mut self, k: usize, bytes: &[u8], consumed: usize, close: bool) {
+        let Some(conn) = self.conns.get_mut(k) else {
+            return;
+        };
+        conn.inbuf.drain(..consumed.min(conn.inbuf.len()));
+        conn.continued = false;
+        conn.out.extend_from_slice(bytes);
+        conn.closing |= close || std::mem::take(&mut conn.close_requested);
+        if conn.closing {
+            // Nothing after this answer is served; what was buffered is dropped.
+            conn.inbuf = Vec::new();
+        }
+        conn.deadline = Instant::now() + IDLE_TIMEOUT;
+        self.write(k);
+    }
+
+    fn start_publish(
+        &mut self,
+        k: usize,
+        prepared: Prepared,
+        events: usize,
+        consumed: usize,
+    ) -> Served {
+        match prepared {
+            Prepared::Empty => {
+                self.answer(k, &routes::accepted(0), consumed, false);
+                Served::One
+            }
+            Prepared::Local(batch, n) => {
+                let gen = self.conns[k].gen;
+                self.conns[k].waiting = Some((Waiting::Shards(batch, n), consumed));
+                self.parked.push_back((k, gen));
+                ShardStats::add(&self.stats.internal.publishes_parked, 1);
+                self.retry_parked();
+                Served::Stop
+            }
+            Prepared::Bus(job) => {
+                let (tx, waker) = (self.answers_tx.clone(), self.waker.clone());
+                let gen = self.conns[k].gen;
+                let sent = self.publisher.submit(
+                    job,
+                    Box::new(move |r| {
+                        // Bounded by the connections, each with one answer at most: never full.
+                        let _ = tx.try_send((k, gen, r));
+                        let _ = waker.wake();
+                    }),
+                );
+                match sent {
+                    Ok(()) => {
+                        self.conns[k].waiting = Some((Waiting::Bus(events), consumed));
+                        Served::Stop
+                    }
+                    Err(e) => {
+                        self.answer(k, &routes::send_failed(&e), consumed, false);
+                        Served::One
+                    }
+                }
             }
         }
     }
 
-    fn on_writable(&mut self, k: usize) -> Outcome {
-        let conn = &mut self.conns[k];
+    /// Hands parked local publishes to the shards that have room, oldest first; a shard that
+    /// an older batch still waits for takes nothing newer.
+    fn retry_parked(&mut self) {
+        let mut blocked = ShardSet::default();
+        let links = self.publisher.links().clone();
+        let mut i = 0;
+        while i < self.parked.len() {
+            let (k, gen) = self.parked[i];
+            let progress = match self.conns.get_mut(k).filter(|c| c.gen == gen) {
+                Some(HttpConn {
+                    waiting: Some((Waiting::Shards(batch, _), _)),
+                    ..
+                }) => batch.advance(&links, Waiter::Internal, &mut blocked),
+                _ => {
+                    self.parked.remove(i);
+                    continue;
+                }
+            };
+            match progress {
+                Progress::Waiting => i += 1,
+                done => {
+                    self.parked.remove(i);
+                    let Some((Waiting::Shards(_, n), consumed)) = self.conns[k].waiting.take()
+                    else {
+                        continue;
+                    };
+                    let reply = if done == Progress::Done {
+                        self.publisher.accepted(n);
+                        routes::accepted(n)
+                    } else {
+                        routes::send_failed(&PublishError::Draining)
+                    };
+                    self.finish(k, &reply, consumed);
+                }
+            }
+        }
+    }
+
+    /// Answers from the cluster bus.
+    fn take_answers(&mut self) {
+        while let Ok((k, gen, result)) = self.answers_rx.try_recv() {
+            let Some(conn) = self.conns.get_mut(k).filter(|c| c.gen == gen) else {
+                continue;
+            };
+            let Some((Waiting::Bus(n), consumed)) = conn.waiting.take() else {
+                continue;
+            };
+            let reply = match result {
+                Ok(()) => routes::accepted(n),
+                Err(e) => routes::send_failed(&PublishError::BusUnavailable(e)),
+            };
+            self.finish(k, &reply, consumed);
+        }
+    }
+
+    /// A parked publish is done: answer it and go on with what the connection has buffered.
+    fn finish(&mut self, k: usize, reply: &[u8], consumed: usize) {
+        self.answer(k, reply, consumed, false);
+        self.again.push(k);
+    }
+
+    fn write(&mut self, k: usize) {
+        let Some(conn) = self.conns.get_mut(k) else {
+            return;
+        };
+        let was_over = conn.unsent() > OUT_HIGH;
         while conn.written < conn.out.len() {
             match conn.stream.write(&conn.out[conn.written..]) {
                 Ok(0) => break,
                 Ok(n) => conn.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Keep,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.conns.remove(k);
-                    return Outcome::Close;
+                    return;
                 }
             }
         }
-        conn.out.clear();
-        conn.written = 0;
-        if conn.close_after {
-            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
-            // Give the peer a moment to read the response before the socket goes away.
-            conn.deadline = Instant::now() + Duration::from_secs(2);
-            return Outcome::Keep;
+        if conn.written == conn.out.len() {
+            conn.out.clear();
+            conn.written = 0;
+            if conn.closing {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                // Give the peer a moment to read the response before the socket goes away.
+                conn.deadline = Instant::now() + Duration::from_secs(2);
+            }
+        } else if conn.written > OUT_HIGH {
+            // Keep the buffer from creeping: drop what was sent.
+            conn.out.drain(..conn.written);
+            conn.written = 0;
         }
-        Outcome::Keep
+        if conn.unsent() <= OUT_HIGH {
+            conn.paused = false;
+        }
+        if was_over && conn.unsent() <= OUT_HIGH && conn.waiting.is_none() {
+            // Reading stopped for this; nothing will say the socket still holds requests.
+            self.again.push(k);
+        }
     }
-}
 
-enum Route {
-    NeedBody,
-    Respond {
-        bytes: Vec<u8>,
-        consumed: usize,
-        close: bool,
-    },
-}
-
-fn respond(bytes: Vec<u8>, consumed: usize) -> Route {
-    Route::Respond {
-        bytes,
-        consumed,
-        close: false,
+    fn sweep(&mut self, now: Instant) {
+        let expired: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.waiting.is_none() && c.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in expired {
+            self.conns.remove(k);
+        }
     }
-}
 
-fn route(
-    head: &Head<'_>,
-    buf: &[u8],
-    shared: &Shared,
-    publisher: &Publisher,
-    key: Option<&PublishKey>,
-) -> Route {
-    let head_only = head.len;
-    let get = head.method == "GET" || head.method == "HEAD";
-    match head.path {
-        b"/v1/publish" if head.method == "POST" => publish(head, buf, shared, publisher, key),
-        b"/v1/publish" => respond(
-            response::json_error(Status::MethodNotAllowed, "use POST", false),
-            head_only,
-        ),
-        b"/metrics" if get => {
-            let body = render(shared.shard_stats.clone(), shared.bus_stats.clone());
-            respond(
-                response::build(
-                    Status::Ok,
-                    crate::metrics::CONTENT_TYPE,
-                    body.as_bytes(),
-                    false,
-                    "",
-                ),
-                head_only,
-            )
-        }
-        b"/healthz" if get => respond(
-            response::build(Status::Ok, "text/plain", b"ok\n", false, ""),
-            head_only,
-        ),
-        b"/readyz" if get => {
-            let r = if shared.is_ready() {
-                response::build(Status::Ok, "text/plain", b"ready\n", false, "")
-            } else {
-                response::build(Status::Unavailable, "text/plain", b"draining\n", false, "")
-            };
-            respond(r, head_only)
-        }
-        b"/metrics" | b"/healthz" | b"/readyz" => {
-            respond(response::plain(Status::MethodNotAllowed, false), head_only)
-        }
-        _ => respond(response::plain(Status::NotFound, false), head_only),
-    }
-}
-
-fn publish(
-    head: &Head<'_>,
-    buf: &[u8],
-    shared: &Shared,
-    publisher: &Publisher,
-    key: Option<&PublishKey>,
-) -> Route {
-    let stats = &shared.bus_stats;
-    let reject = |status: Status, msg: &str, counter: &std::sync::atomic::AtomicU64| {
-        ShardStats::add(counter, 1);
-        // The body (if any) is not read: the connection must close after this answer.
-        Route::Respond {
-            bytes: response::json_error(status, msg, true),
-            consumed: buf.len(),
-            close: true,
-        }
-    };
-    let authorized = match (key, head.authorization) {
-        (Some(k), Some(value)) => k.check_bearer(value),
-        _ => false,
-    };
-    if !authorized {
-        return reject(
-            Status::Unauthorized,
-            "missing or invalid publish key",
-            &stats.rejected_unauthorized,
+    fn sample(&self) {
+        let s = &self.stats.internal;
+        s.connections
+            .store(self.conns.len() as u64, Ordering::Relaxed);
+        s.publishes_waiting.store(
+            self.conns
+                .iter()
+                .filter(|(_, c)| c.waiting.is_some())
+                .count() as u64,
+            Ordering::Relaxed,
         );
     }
-    let len = match head.content_length {
-        Some(Some(n)) => n,
-        Some(None) => {
-            return reject(
-                Status::BadRequest,
-                "invalid Content-Length",
-                &stats.rejected_invalid,
-            )
-        }
-        None if head.transfer_encoding => {
-            return reject(
-                Status::LengthRequired,
-                "chunked bodies are not accepted; send Content-Length",
-                &stats.rejected_invalid,
-            )
-        }
-        None => {
-            return reject(
-                Status::LengthRequired,
-                "Content-Length is required",
-                &stats.rejected_invalid,
-            )
-        }
-    };
-    let max = shared.config.max_publish_bytes;
-    if len > max as u64 {
-        let msg = format!("body of {len} bytes is over the limit of {max} bytes");
-        return reject(Status::PayloadTooLarge, &msg, &stats.rejected_too_large);
-    }
-    let total = head.len + len as usize;
-    if buf.len() < total {
-        return Route::NeedBody;
-    }
-    if shared.is_draining() {
-        ShardStats::add(&stats.rejected_draining, 1);
-        return respond(
-            response::json_error(
-                Status::Unavailable,
-                "server is draining; publish to another node",
-                false,
-            ),
-            total,
-        );
-    }
-    let limits = body::BodyLimits::of(&shared.config);
-    let bytes = match body::parse(&buf[head.len..total], limits) {
-        Err(e) => {
-            ShardStats::add(&stats.rejected_invalid, 1);
-            response::json_error(Status::BadRequest, &e.0, false)
-        }
-        Ok(specs) => match publisher.publish_specs(&specs) {
-            Ok(n) => response::build(
-                Status::Accepted,
-                "application/json",
-                format!("{{\"accepted\":{n}}}").as_bytes(),
-                false,
-                "",
-            ),
-            Err(PublishError::Draining) => response::json_error(
-                Status::Unavailable,
-                "server is draining; publish to another node",
-                false,
-            ),
-            Err(e @ PublishError::BusUnavailable(_)) => {
-                response::json_error(Status::Unavailable, &e.to_string(), false)
-            }
-            Err(e) if e.is_too_large() => {
-                ShardStats::add(&stats.rejected_too_large, 1);
-                response::json_error(Status::PayloadTooLarge, &e.to_string(), false)
-            }
-            Err(e @ (PublishError::Invalid(_) | PublishError::InvalidItem(..))) => {
-                ShardStats::add(&stats.rejected_invalid, 1);
-                response::json_error(Status::BadRequest, &e.to_string(), false)
-            }
-        },
-    };
-    respond(bytes, total)
+}
+
+/// What serving the front of a buffer achieved.
+enum Served {
+    /// One request answered.
+    One,
+    /// The front request is not complete.
+    NeedMore,
+    /// The connection waits (a publish on its way) or is gone.
+    Stop,
 }

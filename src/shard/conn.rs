@@ -14,9 +14,9 @@
 //! TCP reset.
 //!
 //! The struct is kept small because there are a million of them: no names (the registry holds
-//! the workspace and user), one timer at a time (the phase says what it is for), the first queued
-//! frame inline in the outbox, and one input buffer that serves the request head and then any
-//! partial client frame.
+//! the workspace and user), one timer at a time (the phase says what it is for), what only an
+//! open connection needs inside [`Phase::Open`], the first queued frame inline in the outbox,
+//! and one input buffer that serves the request head and then any partial client frame.
 
 use crate::shard::outbox::Outbox;
 use crate::timer::wheel::TimerId;
@@ -31,11 +31,44 @@ pub enum Phase {
     /// A plain HTTP response is queued; the socket closes once it is flushed.
     Http,
     /// Upgraded and subscribed: receives events and heartbeats.
-    Open,
-    /// A close frame was sent (or is queued); waiting for the peer's close frame.
+    Open(Open),
+    /// A close frame was sent (or is queued), ours or the echo of the peer's; nothing else may
+    /// follow it. Waiting for the peer's close frame, or for the flush.
     Closing,
     /// Everything flushed, write side shut; discarding input until EOF or the deadline.
     Lingering,
+}
+
+/// What only an open connection keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Open {
+    /// Tick of the next heartbeat.
+    pub next_heartbeat: u64,
+    /// Tick at which the token's `exp` plus leeway passes.
+    pub expires: u64,
+    /// Frames received from the client since its last heartbeat (`--max-client-frames-per-sec`).
+    pub frames: u16,
+    /// Heartbeats since the last ping was sent (or since the upgrade).
+    pub beats_since_ping: u16,
+    /// A ping was sent and its pong has not come back.
+    pub ping_outstanding: bool,
+    /// Authenticated and registered, but its workspace is not live on the cluster bus yet:
+    /// `connected` has not been sent, and its timer is the deadline for that.
+    pub awaiting_live: bool,
+}
+
+impl Open {
+    /// An open connection expiring at tick `expires`, its first heartbeat at `next_heartbeat`.
+    pub fn new(next_heartbeat: u64, expires: u64, awaiting_live: bool) -> Open {
+        Open {
+            next_heartbeat,
+            expires,
+            frames: 0,
+            beats_since_ping: 0,
+            ping_outstanding: false,
+            awaiting_live,
+        }
+    }
 }
 
 /// A connection owned by a shard.
@@ -54,23 +87,12 @@ pub struct Conn {
     pub dead: bool,
     /// Shut down once the outbox is flushed.
     pub close_when_flushed: bool,
-    /// A close frame has been queued; nothing else may follow it.
-    pub close_sent: bool,
     /// Accepted while `--max-connections` was reached: answered 1013 after the upgrade.
     pub over_limit: bool,
     /// Was subscribed at some point (its close line was logged when it unsubscribed).
     pub was_open: bool,
     /// The close code sent or received (0 until there is one), for the close log line.
     pub close_code: u16,
-    /// Frames received from the client since its last heartbeat (`--max-client-frames-per-sec`).
-    pub frames: u16,
-    /// Heartbeats since the last ping was sent (or since the upgrade).
-    pub beats_since_ping: u16,
-    /// A ping was sent and its pong has not come back.
-    pub ping_outstanding: bool,
-    /// Upgraded, authenticated and registered, but its workspace is not live on the cluster bus
-    /// yet: `connected` has not been sent, and its timer is the deadline for that.
-    pub awaiting_live: bool,
     /// The request head while in `Head`; afterwards the start of a client frame split across reads.
     pub inbuf: Vec<u8>,
     /// Client frame decoder state (used from the upgrade on).
@@ -80,10 +102,6 @@ pub struct Conn {
     /// The one pending timer: the handshake deadline (`Head`, `Http`), the next heartbeat or the
     /// token's expiry, whichever is first (`Open`), or the close deadline (`Closing`, `Lingering`).
     pub timer: Option<TimerId>,
-    /// Tick of the next heartbeat (`Open`).
-    pub next_heartbeat: u64,
-    /// Tick at which the token's `exp` plus leeway passes (`Open`).
-    pub expires: u64,
     /// Milliseconds since the shard started, at accept (for the connection's age in logs).
     pub opened_ms: u64,
 }
@@ -99,27 +117,33 @@ impl Conn {
             want_write: false,
             dead: false,
             close_when_flushed: false,
-            close_sent: false,
             over_limit,
             was_open: false,
             close_code: 0,
-            frames: 0,
-            beats_since_ping: 0,
-            ping_outstanding: false,
-            awaiting_live: false,
             inbuf: Vec::new(),
             decoder: Decoder::default(),
             out: Outbox::default(),
             timer: None,
-            next_heartbeat: 0,
-            expires: u64::MAX,
             opened_ms,
         }
     }
 
+    /// The open connection's state, if it is open.
+    pub fn open(&mut self) -> Option<&mut Open> {
+        match &mut self.phase {
+            Phase::Open(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Whether it is open (subscribed, or waiting for the cluster bus).
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
     /// Whether the WebSocket upgrade has been answered (frames may be sent).
     pub fn upgraded(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::Closing)
+        matches!(self.phase, Phase::Open(_) | Phase::Closing)
     }
 }
 

@@ -4,8 +4,8 @@
 //! the code the shard runs.
 //!
 //! Per recipient it does: one reference-count increment, one push onto a queue that keeps its
-//! capacity between flushes, and two flag checks. No encode, no copy, and once a connection's
-//! queue has grown to its working size, no allocation.
+//! capacity between flushes, two flag checks, and one store of how far it got. No encode, no
+//! copy, and once a connection's queue has grown to its working size, no allocation.
 
 use super::outbox::Outbox;
 use crate::ws::SharedFrame;
@@ -19,27 +19,42 @@ pub trait Subscriber {
     fn mark_dirty(&mut self) -> bool;
 }
 
-/// Queues `frame` on each of `recipients`. Connections that become dirty are pushed onto
-/// `dirty` (once each); those whose unsent bytes pass `max_outbound` onto `slow`.
+/// Where fan-out leaves its results: connections that became dirty (once each), and those
+/// whose unsent bytes passed `max_outbound`.
+pub struct Queues<'a> {
+    /// Connections with frames to flush.
+    pub dirty: &'a mut Vec<u32>,
+    /// Connections over `max_outbound`.
+    pub slow: &'a mut Vec<u32>,
+    /// `--max-outbound-bytes`.
+    pub max_outbound: usize,
+}
+
+/// Queues `frame` on each of `recipients`, in order. `done` counts the recipients finished, so
+/// that a caller that catches a panic knows which connection it came from and can carry on
+/// with the next; `before(key)` runs before each (the shard's fault-injection point; a no-op
+/// that compiles away otherwise).
 pub fn fan_out<C: Subscriber>(
     frame: &SharedFrame,
     recipients: &[u32],
     conns: &mut Slab<C>,
-    dirty: &mut Vec<u32>,
-    slow: &mut Vec<u32>,
-    max_outbound: usize,
+    q: &mut Queues<'_>,
+    done: &mut usize,
+    mut before: impl FnMut(u32),
 ) {
     for &k in recipients {
+        before(k);
         let conn = &mut conns[k as usize];
         let out = conn.outbox();
         out.push(frame.clone());
-        let over = out.pending_bytes() > max_outbound;
+        let over = out.pending_bytes() > q.max_outbound;
         if conn.mark_dirty() {
-            dirty.push(k);
+            q.dirty.push(k);
         }
         if over {
-            slow.push(k);
+            q.slow.push(k);
         }
+        *done += 1;
     }
 }
 
@@ -69,13 +84,44 @@ mod tests {
             conns.insert(Fake::default());
         }
         let (mut dirty, mut slow) = (Vec::new(), Vec::new());
+        let mut q = Queues {
+            dirty: &mut dirty,
+            slow: &mut slow,
+            max_outbound: 1000,
+        };
         let frame = SharedFrame::from(vec![0u8; 600]);
-        fan_out(&frame, &[0, 2, 3], &mut conns, &mut dirty, &mut slow, 1000);
-        fan_out(&frame, &[2, 3], &mut conns, &mut dirty, &mut slow, 1000);
+        let mut done = 0;
+        fan_out(&frame, &[0, 2, 3], &mut conns, &mut q, &mut done, |_| {});
+        fan_out(&frame, &[2, 3], &mut conns, &mut q, &mut done, |_| {});
+        assert_eq!(done, 5);
         assert_eq!(dirty, vec![0, 2, 3]);
         assert_eq!(slow, vec![2, 3]);
         assert_eq!(conns[1].out.pending_bytes(), 0);
         assert_eq!(conns[2].out.pending_bytes(), 1200);
-        assert_eq!(std::sync::Arc::strong_count(&frame), 6);
+        assert_eq!(SharedFrame::strong_count(&frame), 6);
+    }
+
+    #[test]
+    fn a_panic_mid_way_leaves_the_count_at_the_connection_that_raised_it() {
+        let mut conns: Slab<Fake> = Slab::new();
+        for _ in 0..4 {
+            conns.insert(Fake::default());
+        }
+        let (mut dirty, mut slow) = (Vec::new(), Vec::new());
+        let frame = SharedFrame::from(vec![0u8; 10]);
+        let mut done = 0;
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut q = Queues {
+                dirty: &mut dirty,
+                slow: &mut slow,
+                max_outbound: 1000,
+            };
+            fan_out(&frame, &[0, 1, 2, 3], &mut conns, &mut q, &mut done, |k| {
+                assert_ne!(k, 2, "planted");
+            })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(done, 2, "recipients 0 and 1 were served; 2 raised it");
+        assert_eq!(conns[2].out.pending_bytes(), 0);
     }
 }

@@ -1,21 +1,28 @@
 //! Accepting sockets, reading the request head, answering HTTP, and the upgrade: 101, then the
 //! token and workspace checks, then the subscription and the `connected` frame.
+//!
+//! The path allocates as little as a connection needs to live: the head is parsed where it was
+//! read, the query, the key and the token are borrowed from it, the token is decoded into the
+//! shard's working buffer, and the 101 response and `connected` go out in one shared buffer.
+//! What remains per connection is its user id in the registry (shared by that user's
+//! connections) and that one buffer.
 
-use super::conn::{Conn, Phase};
-use super::Shard;
+use super::conn::{Conn, Open, Phase};
+use super::{Next, Shard, Turn};
 use crate::auth::{jwt, AuthError, Identity};
-use crate::bus::event::connected_frame;
-use crate::clock;
+use crate::dispatch::BusInterest;
+use crate::event::connected_frame_into;
+use crate::fault::{self, Point};
 use crate::http::request::{parse_head, route_public, PublicRoute};
 use crate::http::{response, Status};
 use crate::metrics::ShardStats;
 use crate::ws::close::CloseReason;
-use crate::ws::upgrade;
+use crate::ws::{upgrade, SharedFrame};
 use mio::net::TcpStream;
 use mio::{Interest, Token};
 use std::io;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
 /// Connections accepted per wake-up before other work gets a turn.
 const ACCEPT_BUDGET: usize = 256;
@@ -23,7 +30,7 @@ const ACCEPT_BUDGET: usize = 256;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Shard {
-    pub(super) fn accept(&mut self, now: Instant) {
+    pub(super) fn accept(&mut self, turn: &Turn) {
         for _ in 0..ACCEPT_BUDGET {
             let res = match &self.listener {
                 Some(l) => l.accept(),
@@ -37,7 +44,8 @@ impl Shard {
                     if std::mem::take(&mut self.accept_starved) {
                         log::warn!("shard {}: accepting again", self.index);
                     }
-                    self.add_conn(stream, now)
+                    ShardStats::add(&self.stats().accepted, 1);
+                    self.add_conn_guarded(stream, turn);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_pending = false;
@@ -59,8 +67,9 @@ impl Shard {
                             self.index
                         );
                     }
+                    ShardStats::add(&self.stats().accept_pauses, 1);
                     self.accept_pending = false;
-                    self.accept_retry = Some(now + ACCEPT_BACKOFF);
+                    self.accept_retry = Some(turn.now + ACCEPT_BACKOFF);
                     return;
                 }
                 Err(e) => log::debug!("shard {}: accept: {e}", self.index),
@@ -69,10 +78,24 @@ impl Shard {
         self.accept_pending = true;
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, now: Instant) {
+    /// Takes in one accepted socket; a panic while doing so closes that socket and nothing else.
+    fn add_conn_guarded(&mut self, stream: TcpStream, turn: &Turn) {
+        let key = self.conns.vacant_key();
+        if catch_unwind(AssertUnwindSafe(|| self.add_conn(stream, turn))).is_err() {
+            ShardStats::add(&self.stats().handler_panics, 1);
+            log::error!(
+                "shard {}: accepting a connection panicked; closing it",
+                self.index
+            );
+            // Dropped while unwinding if it never made it into the slab; removed at the end of
+            // the turn if it did.
+            self.kill(key);
+        }
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream, turn: &Turn) {
+        fault::point(&self.faults, Point::Accept, || None);
         // TCP_NODELAY and SO_SNDBUF come from the listening socket (see server::bind).
-        let over_limit =
-            self.shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self
@@ -81,205 +104,192 @@ impl Shard {
             .register(&mut stream, Token(key), Interest::READABLE)
         {
             log::warn!("shard {}: register: {e}", self.index);
-            self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        let over_limit = self.lifecycle.socket_opened() >= self.limits.max_connections;
         self.next_gen = self.next_gen.wrapping_add(1);
-        let opened_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        let opened_ms = turn.now.saturating_duration_since(self.started).as_millis() as u64;
         entry.insert(Conn::new(stream, self.next_gen, over_limit, opened_ms));
-        ShardStats::add(&self.stats().accepted, 1);
-        let due = self.tick_of(now) + self.limits.handshake_ticks;
-        self.set_timer(key, due);
+        self.set_timer(key, turn.tick + self.limits.handshake_ticks);
     }
 
-    pub(super) fn on_head_bytes(&mut self, key: usize, data: &[u8], now: Instant) {
-        let max = self.limits.max_head;
-        let max_headers = self.limits.max_headers;
+    /// Bytes of the request head: parsed once complete, where they lie when they came in one
+    /// read (the common case), else from the connection's head buffer.
+    pub(super) fn on_head_bytes(&mut self, key: usize, data: &[u8], turn: &Turn) -> Next {
+        let (max, max_headers) = (self.limits.max_head, self.limits.max_headers);
         let conn = &mut self.conns[key];
-        let (route, rest) = if conn.inbuf.is_empty() {
-            // The common case: the whole head arrived in one read. Parse it where it lies.
-            match parse_head(data, max, max_headers) {
+        if conn.inbuf.is_empty() {
+            return match parse_head(data, max, max_headers) {
                 Ok(None) => {
                     conn.inbuf
                         .extend_from_slice(&data[..data.len().min(max + 1)]);
-                    return;
+                    Next::Continue
                 }
-                Err(e) => (PublicRoute::Reject(e.status()), Vec::new()),
-                Ok(Some(head)) => (route_public(&head), data[head.len..].to_vec()),
-            }
-        } else {
-            let buf = &mut conn.inbuf;
-            let room = (max + 1).saturating_sub(buf.len());
-            buf.extend_from_slice(&data[..data.len().min(room)]);
-            let (route, head_len) = match parse_head(buf, max, max_headers) {
-                Ok(None) => return,
-                Err(e) => (PublicRoute::Reject(e.status()), buf.len()),
-                Ok(Some(head)) => (route_public(&head), head.len),
+                Err(e) => self.respond_http(key, response::plain(e.status(), true)),
+                Ok(Some(head)) => self.on_route(key, route_public(&head), &data[head.len..], turn),
             };
-            // The head is done with; whatever followed it is the start of the client's frames.
-            buf.drain(..head_len);
-            (route, std::mem::take(buf))
+        }
+        let room = (max + 1).saturating_sub(conn.inbuf.len());
+        conn.inbuf.extend_from_slice(&data[..data.len().min(room)]);
+        // Out of the connection while its head is routed (the route borrows from it); whatever
+        // follows the head is the start of the client's frames.
+        let buf = std::mem::take(&mut conn.inbuf);
+        match parse_head(&buf, max, max_headers) {
+            Ok(None) => {
+                self.conns[key].inbuf = buf;
+                Next::Continue
+            }
+            Err(e) => self.respond_http(key, response::plain(e.status(), true)),
+            Ok(Some(head)) => self.on_route(key, route_public(&head), &buf[head.len..], turn),
+        }
+    }
+
+    fn on_route(&mut self, key: usize, route: PublicRoute<'_>, rest: &[u8], turn: &Turn) -> Next {
+        let ready = self.lifecycle.is_ready();
+        let probe = |body: &'static [u8], status: Status, head: bool| {
+            let resp = response::build(status, "text/plain", body, true, "");
+            if head {
+                response::head_only(resp)
+            } else {
+                resp
+            }
         };
         match route {
             PublicRoute::Reject(status) => self.respond_http(key, response::plain(status, true)),
             PublicRoute::Health { head } => {
-                let resp = response::build(Status::Ok, "text/plain", b"ok\n", true, "");
-                self.respond_http(
-                    key,
-                    if head {
-                        response::head_only(resp)
-                    } else {
-                        resp
-                    },
-                )
+                self.respond_http(key, probe(b"ok\n", Status::Ok, head))
+            }
+            PublicRoute::Ready { head } if ready => {
+                self.respond_http(key, probe(b"ready\n", Status::Ok, head))
             }
             PublicRoute::Ready { head } => {
-                let resp = if self.shared.is_ready() {
-                    response::build(Status::Ok, "text/plain", b"ready\n", true, "")
-                } else {
-                    response::build(Status::Unavailable, "text/plain", b"draining\n", true, "")
-                };
-                self.respond_http(
-                    key,
-                    if head {
-                        response::head_only(resp)
-                    } else {
-                        resp
-                    },
-                )
+                self.respond_http(key, probe(b"draining\n", Status::Unavailable, head))
             }
             PublicRoute::Stream { key: ws_key, query } => {
-                self.upgrade(
+                let next = self.upgrade(
                     key,
-                    &ws_key,
+                    ws_key,
                     query.token.as_deref(),
                     query.workspace.as_deref(),
-                    now,
+                    turn,
                 );
-                if !rest.is_empty() {
-                    self.on_frame_bytes(key, &rest);
+                if next != Next::Continue || rest.is_empty() {
+                    return next;
                 }
+                self.on_frame_bytes(key, rest, turn)
             }
         }
     }
 
-    fn respond_http(&mut self, key: usize, bytes: Vec<u8>) {
+    fn respond_http(&mut self, key: usize, bytes: Vec<u8>) -> Next {
         ShardStats::add(&self.stats().http_responses, 1);
         let conn = &mut self.conns[key];
         conn.phase = Phase::Http;
         conn.close_when_flushed = true;
         self.enqueue(key, bytes.into());
+        Next::Continue
     }
 
+    /// Answers 101, then decides: refused (one close frame follows the 101, nothing else), or
+    /// subscribed.
     fn upgrade(
         &mut self,
         key: usize,
         ws_key: &[u8],
         token: Option<&[u8]>,
         workspace: Option<&str>,
-        now: Instant,
-    ) {
-        self.enqueue(key, upgrade::response(ws_key).into());
+        turn: &Turn,
+    ) -> Next {
         self.cancel_timer(key);
-        self.conns[key].phase = Phase::Closing; // until subscribed below
+        let mut out = Vec::with_capacity(upgrade::RESPONSE_LEN + 160);
+        upgrade::write_response(&mut out, ws_key);
         if self.drain_deadline.is_some() {
-            return self.close_ws(key, CloseReason::GoingAway);
+            return self.refuse(key, out, CloseReason::GoingAway, turn);
         }
         if self.conns[key].over_limit {
-            return self.close_ws(key, CloseReason::TryAgainLater);
+            return self.refuse(key, out, CloseReason::TryAgainLater, turn);
         }
-        let now_ms = clock::now_ms();
+        let mut buf = std::mem::take(&mut self.token_buf);
         let verified = match token {
             None => Err(AuthError::Missing),
-            Some(t) => jwt::verify(t, &self.keys, &self.rules, now_ms / 1000),
+            Some(t) => jwt::verify(t, &self.keys, &self.rules, turn.now_ms / 1000, &mut buf),
         };
         let identity = match verified {
             Ok(id) if workspace == Some(&*id.workspace_id) => Ok(id),
             Ok(_) => Err(AuthError::WorkspaceMismatch),
             Err(e) => Err(e),
         };
-        match identity {
-            Ok(id) => self.subscribe(key, id, now_ms, now),
+        let next = match identity {
+            Ok(id) => self.subscribe(key, &id, out, turn),
             Err(e) => {
                 if log::log_enabled!(log::Level::Debug) {
-                    let peer = self.conns[key]
-                        .stream
-                        .peer_addr()
-                        .map(|a| a.to_string())
-                        .unwrap_or_default();
-                    log::debug!(conn = key, shard = self.index, peer = peer.as_str(), reason = e.label(); "connection refused");
+                    log::debug!(conn = key, shard = self.index, peer = self.peer(key).as_str(), reason = e.label(); "connection refused");
                 }
                 self.stats().auth_failure(e);
-                self.close_ws(key, e.close_reason());
+                self.refuse(key, out, e.close_reason(), turn)
             }
-        }
+        };
+        self.token_buf = buf;
+        next
     }
 
-    fn subscribe(&mut self, key: usize, id: Identity, now_ms: u64, now: Instant) {
-        // The registry sets this shard's interest bit before `connected` is queued, so a client
-        // that has seen `connected` is reachable by every publish that starts after it.
-        self.registry.add(key, &id.workspace_id, &id.user_id);
-        let tick = self.tick_of(now);
+    /// The 101 (in `out`) goes out alone, and the close frame for `reason` right behind it.
+    fn refuse(&mut self, key: usize, out: Vec<u8>, reason: CloseReason, turn: &Turn) -> Next {
+        self.enqueue(key, SharedFrame::from(out));
+        self.send_close(key, reason, turn);
+        Next::Continue
+    }
+
+    fn subscribe(&mut self, key: usize, id: &Identity<'_>, mut out: Vec<u8>, turn: &Turn) -> Next {
+        // The interest bit is set before `connected` is queued, so a client that has seen
+        // `connected` is reachable by every publish that starts after it.
+        if self.registry.add(key, &id.workspace_id, &id.user_id) {
+            self.interest.gained(&id.workspace_id);
+            self.tell_bus(BusInterest::Add((*id.workspace_id).into(), self.index));
+        }
         let expires_ms = id
             .exp
             .saturating_add(self.rules.leeway_secs)
             .saturating_mul(1000);
-        let until_expiry = Duration::from_millis(expires_ms.saturating_sub(now_ms));
-        if !self.registry.is_live(&id.workspace_id) {
-            // The cluster bus has not confirmed this workspace yet: `connected` waits for it (see
-            // `on_live`), or the connection is closed 1013 at the handshake deadline.
-            let conn = &mut self.conns[key];
-            conn.phase = Phase::Open;
-            conn.was_open = true;
-            conn.awaiting_live = true;
-            conn.expires = tick + super::ticks(until_expiry, self.limits.tick);
-            ShardStats::add(&self.stats().open, 1);
-            let due = tick + self.limits.handshake_ticks;
-            self.set_timer(key, due);
-            return;
+        let until_expiry = Duration::from_millis(expires_ms.saturating_sub(turn.now_ms));
+        let expires = turn.tick + super::ticks(until_expiry, self.limits.tick);
+        let live = self.registry.is_live(&id.workspace_id);
+        let conn = &mut self.conns[key];
+        conn.was_open = true;
+        ShardStats::add(&self.stats_all[self.index].open, 1);
+        if !live {
+            // The cluster bus has not confirmed this workspace yet: `connected` waits for it
+            // (see `on_live`), or the connection is closed 1013 at the handshake deadline.
+            conn.phase = Phase::Open(Open::new(0, expires, true));
+            self.enqueue(key, SharedFrame::from(out));
+            self.set_timer(key, turn.tick + self.limits.handshake_ticks);
+            return Next::Continue;
         }
-        let frame = connected_frame(&id.workspace_id, &id.user_id, now_ms);
+        conn.phase = Phase::Open(Open::new(
+            turn.tick + self.limits.heartbeat_ticks,
+            expires,
+            false,
+        ));
         if log::log_enabled!(log::Level::Debug) {
-            let peer = self.conns[key]
-                .stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
             log::debug!(
-                conn = key, shard = self.index, workspace = &*id.workspace_id, user = &*id.user_id, peer = peer.as_str();
+                conn = key, shard = self.index, workspace = &*id.workspace_id, user = &*id.user_id, peer = self.peer(key).as_str();
                 "connection open"
             );
         }
-        let conn = &mut self.conns[key];
-        conn.phase = Phase::Open;
-        conn.was_open = true;
-        conn.next_heartbeat = tick + self.limits.heartbeat_ticks;
-        conn.expires = tick + super::ticks(until_expiry, self.limits.tick);
         ShardStats::add(&self.stats().subscribed, 1);
-        ShardStats::add(&self.stats().open, 1);
         self.arm_open_timer(key);
-        self.enqueue(key, frame);
+        // The 101 and `connected` in one buffer: one allocation, one write.
+        connected_frame_into(&mut out, &id.workspace_id, &id.user_id, turn.now_ms);
+        self.enqueue(key, SharedFrame::from(out));
+        Next::Continue
     }
 
-    /// The cluster bus confirmed `workspace`: its waiting connections get `connected` now, and
-    /// their heartbeats start from here.
-    pub(super) fn on_live(&mut self, workspace: &str, now: Instant) {
-        let now_ms = clock::now_ms();
-        let tick = self.tick_of(now);
-        for key in self.registry.set_live(workspace) {
-            let key = key as usize;
-            let Some((ws, user)) = self.registry.names(key) else {
-                continue;
-            };
-            let frame = connected_frame(ws, user, now_ms);
-            let conn = &mut self.conns[key];
-            if !std::mem::take(&mut conn.awaiting_live) || conn.phase != Phase::Open {
-                continue;
-            }
-            conn.next_heartbeat = tick + self.limits.heartbeat_ticks;
-            ShardStats::add(&self.stats().subscribed, 1);
-            self.arm_open_timer(key);
-            self.enqueue(key, frame);
-        }
+    /// The peer's address, for debug logs only.
+    pub(super) fn peer(&self, key: usize) -> String {
+        self.conns[key]
+            .stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
     }
 }

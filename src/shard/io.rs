@@ -2,8 +2,8 @@
 //! shared frames, flushing each dirty connection once per loop turn).
 
 use super::conn::Phase;
-use super::outbox::Outbox;
-use super::Shard;
+use super::{Next, Shard, Turn};
+use crate::fault::{self, Point};
 use crate::metrics::ShardStats;
 use crate::ws::close::{close_frame, CloseReason};
 use crate::ws::decoder::Control;
@@ -12,73 +12,80 @@ use crate::ws::SharedFrame;
 use mio::{Interest, Token};
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::time::Instant;
 
 /// Bytes read from one connection per iteration.
 const READ_BUDGET: usize = 64 * 1024;
 
 impl Shard {
     /// Reads what the socket holds. `peer_closed` (the event carried RDHUP or an error) reads on
-    /// to the end so the EOF is seen: no further edge will announce it.
-    pub(super) fn on_readable(&mut self, key: usize, now: Instant, peer_closed: bool) {
+    /// to the end so the EOF is seen: no further edge will announce it. What the bytes call for
+    /// is applied as it comes; a connection that is closing is still read (the peer's close
+    /// frame, or its end of stream, may follow).
+    pub(super) fn on_readable(&mut self, key: usize, turn: &Turn, peer_closed: bool) -> Next {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
         while let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) {
-            match conn.stream.read(&mut scratch) {
-                Ok(0) => {
-                    // Peer closed its side. Nothing more will arrive; whatever we still owe it
-                    // cannot be answered by a close handshake.
-                    self.kill(key);
-                    break;
-                }
+            let next = match conn.stream.read(&mut scratch) {
+                // Peer closed its side. Nothing more will arrive; whatever we still owe it
+                // cannot be answered by a close handshake.
+                Ok(0) => Next::Drop,
                 Ok(n) => {
                     total += n;
-                    self.on_bytes(key, &scratch[..n], now);
-                    if n < scratch.len() && !peer_closed {
-                        // A short read emptied the socket's receive queue; anything that
-                        // arrives later raises a new edge. Skipping the read that would return
-                        // WouldBlock saves a system call per wake-up.
-                        break;
+                    let next = self.on_bytes(key, &scratch[..n], turn);
+                    if next == Next::Continue {
+                        if n < scratch.len() && !peer_closed {
+                            // A short read emptied the socket's receive queue; anything that
+                            // arrives later raises a new edge. Skipping the read that would
+                            // return WouldBlock saves a system call per wake-up.
+                            break;
+                        }
+                        if total >= READ_BUDGET {
+                            self.read_again.push(key as u32);
+                            break;
+                        }
                     }
-                    if total >= READ_BUDGET {
-                        self.read_again.push(key as u32);
-                        break;
-                    }
+                    next
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.kill(key);
-                    break;
-                }
-            }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => Next::Drop,
+            };
+            self.apply(key, next, turn);
         }
         self.scratch = scratch;
+        Next::Continue
     }
 
-    fn on_bytes(&mut self, key: usize, data: &[u8], now: Instant) {
+    fn on_bytes(&mut self, key: usize, data: &[u8], turn: &Turn) -> Next {
+        let (faults, registry) = (&self.faults, &self.registry);
+        fault::point(faults, Point::Read, || registry.names(key).map(|(_, u)| u));
         match self.conns[key].phase {
-            Phase::Head => self.on_head_bytes(key, data, now),
-            Phase::Open | Phase::Closing => self.on_frame_bytes(key, data),
-            Phase::Http | Phase::Lingering => {}
+            Phase::Head => self.on_head_bytes(key, data, turn),
+            Phase::Open(_) | Phase::Closing => self.on_frame_bytes(key, data, turn),
+            Phase::Http | Phase::Lingering => Next::Continue,
         }
     }
 
-    pub(super) fn on_frame_bytes(&mut self, key: usize, data: &[u8]) {
+    pub(super) fn on_frame_bytes(&mut self, key: usize, data: &[u8], turn: &Turn) -> Next {
         let max = self.limits.max_client_message;
         let allowance = self.limits.max_client_frames;
         let conn = &mut self.conns[key];
-        let may_reply = conn.phase == Phase::Open;
-        let mut peer_close: Option<Option<u16>> = None;
-        let mut replied = false;
-        let mut ponged = false;
         let super::conn::Conn {
             decoder,
             out,
             inbuf,
-            frames,
+            phase,
             ..
         } = conn;
+        // A closing connection answers nothing and counts nothing: only its close matters.
+        let mut closing_frames = 0u16;
+        let (frames, may_reply) = match phase {
+            Phase::Open(o) => (&mut o.frames, true),
+            _ => (&mut closing_frames, false),
+        };
+        let mut peer_close: Option<Option<u16>> = None;
+        let mut replied = false;
+        let mut ponged = false;
         let result = decoder.feed(inbuf, data, max, &mut |c| {
             // Every frame counts against the allowance; past it nothing more is answered, and
             // the connection closes once this read is decoded.
@@ -94,58 +101,53 @@ impl Shard {
                 _ => {}
             }
         });
-        if ponged {
-            // Any pong proves the peer is there (RFC 6455 allows unsolicited ones; a late
-            // answer to an earlier ping is as good as the latest).
-            self.conns[key].ping_outstanding = false;
-        }
-        let flooded = u32::from(self.conns[key].frames) > allowance;
-        if let (Some(magic), true) = (&self.shared.config.fault_injection_ping, replied) {
-            if injected_fault(&self.conns[key].out, magic) {
-                panic!("fault injection: a ping asked this connection's handler to fail");
+        let flooded = u32::from(*frames) > allowance;
+        if let Some(open) = conn.open() {
+            if ponged {
+                // Any pong proves the peer is there (RFC 6455 allows unsolicited ones; a late
+                // answer to an earlier ping is as good as the latest).
+                open.ping_outstanding = false;
             }
         }
         if replied {
             self.mark_dirty(key);
             // A peer that pings without reading its pongs is bounded like any slow consumer.
             if self.conns[key].out.pending_bytes() > self.limits.max_outbound {
-                self.slow.push(key as u32);
-                self.close_slow();
+                return Next::Fail(CloseReason::SlowConsumer);
             }
         }
         if let Err(e) = result {
             log::debug!("shard {}: connection {key}: {e:?}", self.index);
-            return self.fail(key, e.close_reason());
+            return Next::Fail(e.close_reason());
         }
         if let Some(code) = peer_close {
-            return self.on_peer_close(key, code);
+            self.on_peer_close(key, code, turn);
+            return Next::Continue;
         }
-        if flooded && self.conns[key].phase == Phase::Open {
+        if flooded && self.conns[key].is_open() {
             log::debug!(
                 "shard {}: connection {key}: over --max-client-frames-per-sec",
                 self.index
             );
-            self.fail(key, CloseReason::TooManyFrames);
+            return Next::Fail(CloseReason::TooManyFrames);
         }
+        Next::Continue
     }
 
-    fn on_peer_close(&mut self, key: usize, code: Option<u16>) {
-        if self.conns[key].phase == Phase::Open {
+    fn on_peer_close(&mut self, key: usize, code: Option<u16>, turn: &Turn) {
+        if self.conns[key].is_open() {
             self.conns[key].close_code = code.unwrap_or(1005);
-            self.unsubscribe(key);
+            self.unsubscribe(key, turn);
             let echo = match code {
                 Some(c) => close_frame(c, ""),
                 None => encode(OpCode::Close, &[]),
             };
-            let conn = &mut self.conns[key];
-            conn.phase = Phase::Closing;
-            conn.close_sent = true;
+            self.conns[key].phase = Phase::Closing;
             self.enqueue(key, echo);
             // The pending timer was the heartbeat's; from here it is the close deadline. (Left
             // as it was, the next heartbeat tick would read as an expired deadline and drop the
             // connection before a backed-up echo could flush.)
-            let due = self.tick_of(Instant::now()) + self.limits.close_ticks;
-            self.set_timer(key, due);
+            self.set_timer(key, turn.tick + self.limits.close_ticks);
         }
         self.conns[key].close_when_flushed = true;
         self.mark_dirty(key);
@@ -154,7 +156,7 @@ impl Shard {
     pub(super) fn enqueue(&mut self, key: usize, frame: SharedFrame) {
         let conn = &mut self.conns[key];
         conn.out.push(frame);
-        if conn.out.pending_bytes() > self.limits.max_outbound && conn.phase == Phase::Open {
+        if conn.out.pending_bytes() > self.limits.max_outbound && conn.is_open() {
             self.slow.push(key as u32);
         }
         self.mark_dirty(key);
@@ -168,66 +170,70 @@ impl Shard {
         }
     }
 
-    pub(super) fn flush(&mut self) {
-        let shared = self.shared.clone();
-        let stats = &shared.shard_stats[self.index];
-        for key in std::mem::take(&mut self.dirty) {
+    /// Flushes every connection with queued frames, once each. A panic while flushing one
+    /// closes that one (1011); the rest are flushed as usual.
+    pub(super) fn flush(&mut self, turn: &Turn) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let dirty = self.dirty.take();
+        for &key in &dirty {
             let key = key as usize;
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             conn.dirty = false;
-            if conn.dead {
-                continue;
-            }
-            match conn.out.write_to(&mut conn.stream) {
-                Ok(done) => {
-                    ShardStats::add(&stats.frames_written, done.frames as u64);
-                    ShardStats::add(&stats.bytes_written, done.bytes as u64);
-                    // Write readiness is watched only while bytes wait: registering it for good
-                    // would deliver an EPOLLOUT wake-up for nearly every ACK.
-                    let blocked = !conn.out.is_empty();
-                    if blocked != conn.want_write {
-                        let interest = if blocked {
-                            Interest::READABLE | Interest::WRITABLE
-                        } else {
-                            Interest::READABLE
-                        };
-                        if self
-                            .poll
-                            .registry()
-                            .reregister(&mut conn.stream, Token(key), interest)
-                            .is_err()
-                        {
-                            self.kill(key);
-                            continue;
-                        }
-                        conn.want_write = blocked;
-                    }
-                    if !blocked && conn.close_when_flushed {
-                        self.linger(key);
-                    }
-                }
-                Err(_) => self.kill(key),
-            }
+            self.guarded(key, turn, |s| s.flush_one(key, turn));
         }
+        self.dirty.give_back(dirty);
+    }
+
+    fn flush_one(&mut self, key: usize, turn: &Turn) -> Next {
+        let (faults, registry) = (&self.faults, &self.registry);
+        fault::point(faults, Point::Flush, || registry.names(key).map(|(_, u)| u));
+        let stats = &self.stats_all[self.index];
+        let conn = &mut self.conns[key];
+        let done = match conn.out.write_to(&mut conn.stream) {
+            Ok(done) => done,
+            Err(_) => return Next::Drop,
+        };
+        ShardStats::add(&stats.frames_written, done.frames as u64);
+        ShardStats::add(&stats.bytes_written, done.bytes as u64);
+        // Write readiness is watched only while bytes wait: registering it for good would
+        // deliver an EPOLLOUT wake-up for nearly every ACK.
+        let blocked = !conn.out.is_empty();
+        if blocked != conn.want_write {
+            let interest = if blocked {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, Token(key), interest)
+                .is_err()
+            {
+                return Next::Drop;
+            }
+            conn.want_write = blocked;
+        }
+        if !blocked && conn.close_when_flushed {
+            return self.linger(key, turn);
+        }
+        Next::Continue
     }
 
     /// Everything is flushed: shut our side and discard input until the peer's FIN.
-    fn linger(&mut self, key: usize) {
+    fn linger(&mut self, key: usize, turn: &Turn) -> Next {
         let conn = &mut self.conns[key];
         conn.close_when_flushed = false;
         if conn.stream.shutdown(Shutdown::Write).is_err() {
-            return self.kill(key);
+            return Next::Drop;
         }
-        self.unsubscribe(key);
+        self.unsubscribe(key, turn);
         self.conns[key].phase = Phase::Lingering;
-        let due = self.tick_of(Instant::now()) + self.limits.close_ticks;
-        self.set_timer(key, due);
+        self.set_timer(key, turn.tick + self.limits.close_ticks);
+        Next::Continue
     }
-}
-
-/// Whether the last queued frame is the pong answering the fault-injection ping.
-fn injected_fault(out: &Outbox, magic: &[u8]) -> bool {
-    out.last().is_some_and(|f| f.len() >= 2 && &f[2..] == magic)
 }

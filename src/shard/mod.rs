@@ -3,23 +3,29 @@
 //! that accepted it for its whole life; nothing about it is ever touched by another thread.
 //!
 //! One loop iteration, in a fixed order (nginx's): compute the poll timeout from the wheel's next
-//! deadline; poll; accept (budgeted); read from ready connections (budgeted per connection);
-//! drain the inbox (budgeted); fire expired timers; flush every connection with queued frames
-//! once, several frames per `writev`; remove connections that ended. Budgets that run out leave
-//! a flag set so the next poll does not sleep: edge-triggered readiness is never lost.
+//! deadline; poll; read the clock once (every handler of the turn is given that [`Turn`]); read
+//! from ready connections (budgeted per connection); accept (budgeted); drain the inbox
+//! (budgeted); fire expired timers; flush every connection with queued frames once, several
+//! frames per `writev`; remove connections that ended. Budgets that run out leave a flag set so
+//! the next poll does not sleep: edge-triggered readiness is never lost.
+//!
+//! Handlers return a [`Next`] (carry on, close with a code, fail, drop), applied in one place
+//! ([`Shard::apply`]). Every piece of per-connection work runs under [`Shard::guarded`]: a panic
+//! in it closes that connection with 1011 and the shard carries on.
 //!
 //! Only channels and the `Waker` cross threads. Messages name no connection, so no stale id can
 //! reach a reused slab slot; timers carry a generation that is checked before use.
 //!
 //! The `impl Shard` is split by job: `handshake` (accepting, the request head, the upgrade and
 //! authentication), `io` (reading client frames, queueing and flushing), `closing` (close
-//! handshakes, removal), `timers` (deadlines, heartbeats, expiry). This file holds the loop.
+//! handshakes, removal), `timers` (deadlines, heartbeats, expiry), `delivery` (the inbox, fan-out
+//! and the cluster bus's notices). This file holds the loop.
 
 mod closing;
 pub mod conn;
+mod delivery;
 pub mod fanout;
 mod handshake;
-pub mod inbox;
 mod io;
 pub mod outbox;
 pub mod registry;
@@ -27,17 +33,21 @@ mod timers;
 
 use crate::auth::jwt;
 use crate::auth::keys::KeySet;
-use crate::bus::event::Event;
+use crate::config::Config;
+use crate::dispatch::inbox::Inbox;
+use crate::dispatch::interest::ShardInterest;
+use crate::dispatch::{BusInterest, Links, ToBus};
+use crate::fault::Faults;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::ShardStats;
-use crate::server::Shared;
 use crate::timer::wheel::Wheel;
 use crate::ws::close::CloseReason;
-use conn::{Conn, Phase};
-use inbox::{Inbox, ShardMsg};
+use conn::Conn;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use registry::Registry;
 use slab::Slab;
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -61,6 +71,33 @@ struct Timer {
     gen: u32,
 }
 
+/// The clock, read once per loop turn and handed to every handler of the turn.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Turn {
+    /// Monotonic time.
+    now: Instant,
+    /// `now` in wheel ticks since the shard started.
+    tick: u64,
+    /// Wall-clock Unix milliseconds (for `ts` and token expiry).
+    now_ms: u64,
+}
+
+/// What a handler decided about its connection; [`Shard::apply`] carries it out.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Nothing more to do.
+    Continue,
+    /// Start the closing handshake: this close frame, then wait for the peer's.
+    Close(CloseReason),
+    /// This close frame, then shut down once it is flushed, without waiting for the peer's
+    /// (a protocol error, a server error, a slow consumer: queued frames not yet started are
+    /// dropped first for the last).
+    Fail(CloseReason),
+    /// Drop the socket now, no frame (end of stream, an I/O error, a deadline, a dead peer).
+    Drop,
+}
+
 /// The numbers a shard reads from the configuration on every iteration.
 struct Limits {
     max_outbound: usize,
@@ -82,6 +119,31 @@ struct Limits {
     tick: Duration,
 }
 
+impl Limits {
+    fn of(cfg: &Config) -> Limits {
+        let tick = cfg.timer_tick;
+        Limits {
+            max_outbound: cfg.max_outbound_bytes,
+            max_client_message: cfg.max_client_message_bytes as u64,
+            max_head: cfg.max_request_head_bytes,
+            max_headers: cfg.max_request_headers,
+            max_client_frames: frame_allowance(
+                cfg.max_client_frames_per_sec,
+                cfg.heartbeat_interval,
+            ),
+            max_connections: cfg.max_connections,
+            handshake_ticks: ticks(cfg.handshake_timeout, tick),
+            close_ticks: ticks(cfg.close_timeout, tick),
+            heartbeat_ticks: ticks(cfg.heartbeat_interval, tick),
+            ping_every: beats(cfg.ping_interval, cfg.heartbeat_interval),
+            ping_timeout_beats: beats(cfg.ping_timeout, cfg.heartbeat_interval).max(1),
+            drain_timeout: cfg.drain_timeout,
+            drain_spread: cfg.drain_spread,
+            tick,
+        }
+    }
+}
+
 /// A drain in progress: the open connections still to be sent 1001, and when.
 struct Drain {
     started: Instant,
@@ -89,6 +151,22 @@ struct Drain {
     pending: Vec<(u32, u32)>,
     /// How many of `pending` have been closed.
     closed: usize,
+}
+
+/// Everything a shard is handed when it is built: narrow handles, nothing it does not use.
+pub struct ShardContext {
+    /// The shard's index.
+    pub index: usize,
+    /// Every shard's inbox (this shard reads its own; the index says which).
+    pub links: Arc<Links>,
+    /// The server's lifecycle (drain flag, open sockets).
+    pub lifecycle: Arc<Lifecycle>,
+    /// Every shard's counters (this shard writes its own).
+    pub stats: Arc<[ShardStats]>,
+    /// The key set in force at start.
+    pub keys: Arc<KeySet>,
+    /// The cluster bus's channel, with `--bus redis://` or `redis-cluster://`.
+    pub to_bus: Option<ToBus>,
 }
 
 /// A shard and everything it owns. Built on the starting thread, then moved to its own.
@@ -99,18 +177,30 @@ pub struct Shard {
     conns: Slab<Conn>,
     wheel: Wheel<Timer>,
     registry: Registry,
+    interest: ShardInterest,
+    links: Arc<Links>,
     inbox: Inbox,
-    shared: Arc<Shared>,
+    lifecycle: Arc<Lifecycle>,
+    stats_all: Arc<[ShardStats]>,
+    to_bus: Option<ToBus>,
+    /// Changes of interest the bus's channel had no room for, coalesced: at most one per
+    /// workspace (true: add), sent before anything newer.
+    bus_backlog: HashMap<Arc<str>, bool>,
     keys: Arc<KeySet>,
     rules: jwt::Validation,
+    /// Working space for decoding tokens, kept between upgrades.
+    token_buf: Vec<u8>,
     limits: Limits,
+    faults: Option<Arc<Faults>>,
     started: Instant,
     next_gen: u32,
     scratch: Vec<u8>,
-    dirty: Vec<u32>,
-    dead: Vec<u32>,
-    read_again: Vec<u32>,
-    slow: Vec<u32>,
+    // Work lists of one turn: no turn allocates for them once they have grown to the shard's
+    // working size.
+    dirty: WorkList,
+    dead: WorkList,
+    read_again: WorkList,
+    slow: WorkList,
     fired: Vec<Timer>,
     accept_pending: bool,
     accept_retry: Option<Instant>,
@@ -121,7 +211,7 @@ pub struct Shard {
     drain: Option<Drain>,
     /// When the publishes delivered this turn were accepted (for the fan-out histogram).
     fanout_started: Vec<Instant>,
-    /// When to next sample the queued-bytes gauge.
+    /// When to next sample the gauges.
     next_sample: Instant,
 }
 
@@ -145,56 +235,52 @@ fn frame_allowance(per_sec: u32, interval: Duration) -> u32 {
 
 impl Shard {
     /// A shard over `listener`, receiving on `inbox`. `poll` must be the `Poll` whose waker was
-    /// given to this shard's [`inbox::ShardLink`].
+    /// given to this shard's link in `ctx.links`.
     pub fn new(
-        index: usize,
+        ctx: ShardContext,
+        cfg: &Config,
         poll: Poll,
         mut listener: TcpListener,
         inbox: Inbox,
-        shared: Arc<Shared>,
-        keys: Arc<KeySet>,
     ) -> std::io::Result<Shard> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let cfg = &shared.config;
-        let tick = cfg.timer_tick;
-        let limits = Limits {
-            max_outbound: cfg.max_outbound_bytes,
-            max_client_message: cfg.max_client_message_bytes as u64,
-            max_head: cfg.max_request_head_bytes,
-            max_headers: cfg.max_request_headers,
-            max_client_frames: frame_allowance(
-                cfg.max_client_frames_per_sec,
-                cfg.heartbeat_interval,
-            ),
-            max_connections: cfg.max_connections,
-            handshake_ticks: ticks(cfg.handshake_timeout, tick),
-            close_ticks: ticks(cfg.close_timeout, tick),
-            heartbeat_ticks: ticks(cfg.heartbeat_interval, tick),
-            ping_every: beats(cfg.ping_interval, cfg.heartbeat_interval),
-            ping_timeout_beats: beats(cfg.ping_timeout, cfg.heartbeat_interval).max(1),
-            drain_timeout: cfg.drain_timeout,
-            drain_spread: cfg.drain_spread,
-            tick,
+        let registry = if ctx.to_bus.is_some() {
+            Registry::gated()
+        } else {
+            Registry::new()
         };
+        #[cfg(feature = "fault-injection")]
+        let faults = cfg.faults.clone();
+        #[cfg(not(feature = "fault-injection"))]
+        let faults = None;
+        let started = Instant::now();
         Ok(Shard {
-            index,
+            index: ctx.index,
             poll,
             listener: Some(listener),
             conns: Slab::new(),
             wheel: Wheel::new(WHEEL_SLOTS, 0),
-            registry: Registry::with_bus(index, shared.interest.clone(), shared.bus.clone()),
+            registry,
+            interest: ShardInterest::new(ctx.links.interest().clone(), ctx.index),
+            links: ctx.links,
             inbox,
-            rules: cfg.jwt.validation(cfg.max_id_bytes),
-            keys,
-            limits,
-            started: Instant::now(),
+            lifecycle: ctx.lifecycle,
+            stats_all: ctx.stats,
+            to_bus: ctx.to_bus,
+            bus_backlog: HashMap::new(),
+            rules: jwt::Validation::of(&cfg.jwt, cfg.max_id_bytes),
+            token_buf: Vec::new(),
+            keys: ctx.keys,
+            limits: Limits::of(cfg),
+            faults,
+            started,
             next_gen: 0,
             scratch: vec![0; SCRATCH_BYTES],
-            dirty: Vec::new(),
-            dead: Vec::new(),
-            read_again: Vec::new(),
-            slow: Vec::new(),
+            dirty: WorkList::default(),
+            dead: WorkList::default(),
+            read_again: WorkList::default(),
+            slow: WorkList::default(),
             fired: Vec::new(),
             accept_pending: false,
             accept_retry: None,
@@ -203,13 +289,12 @@ impl Shard {
             drain_deadline: None,
             drain: None,
             fanout_started: Vec::new(),
-            next_sample: Instant::now(),
-            shared,
+            next_sample: started,
         })
     }
 
     fn stats(&self) -> &ShardStats {
-        &self.shared.shard_stats[self.index]
+        &self.stats_all[self.index]
     }
 
     fn tick_of(&self, now: Instant) -> u64 {
@@ -221,12 +306,20 @@ impl Shard {
         self.started + self.limits.tick * (tick.min(u32::MAX as u64) as u32)
     }
 
+    fn turn(&self) -> Turn {
+        let now = Instant::now();
+        Turn {
+            now,
+            tick: self.tick_of(now),
+            now_ms: crate::clock::now_ms(),
+        }
+    }
+
     /// Runs the loop until the drain completes. Returns when every connection is gone.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let now = Instant::now();
-            let timeout = self.poll_timeout(now);
+            let timeout = self.poll_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -238,88 +331,125 @@ impl Shard {
                 self.abort_all(Some(CloseReason::ServerError));
                 return;
             }
-            let now = Instant::now();
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_pending = true,
-                    WAKER => self.inbox_pending = true,
-                    Token(key) => {
-                        let closed = event.is_read_closed() || event.is_error();
-                        let readable = event.is_readable() || closed;
-                        self.guarded(key, |s| {
-                            if readable {
-                                s.on_readable(key, now, closed);
-                            }
-                            if event.is_writable() {
-                                s.mark_dirty(key);
-                            }
-                        });
-                    }
-                }
-            }
-            if self.accept_retry.is_some_and(|t| t <= now) {
-                self.accept_retry = None;
-                self.accept_pending = true;
-            }
-            if self.accept_pending {
-                self.accept(now);
-            }
-            for key in std::mem::take(&mut self.read_again) {
-                self.guarded(key as usize, |s| s.on_readable(key as usize, now, false));
-            }
-            if self.inbox_pending {
-                self.drain_inbox(now);
-            }
-            self.fire_timers(now);
-            self.spread_drain(now);
-            self.flush();
-            self.reap();
-            let stats = &self.shared.shard_stats[self.index];
-            for accepted in self.fanout_started.drain(..) {
-                stats.fanout.record(accepted.elapsed());
-            }
-            stats.loop_iteration.record(now.elapsed());
-            if now >= self.next_sample {
-                // Once a second, not per write: a walk over the slab is cheap at that rate.
-                self.next_sample = now + Duration::from_secs(1);
-                let queued: usize = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.want_write)
-                    .map(|(_, c)| c.out.pending_bytes())
-                    .sum();
-                self.shared.shard_stats[self.index]
-                    .queued_bytes
-                    .store(queued as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            if let Some(deadline) = self.drain_deadline {
-                if self.conns.is_empty() {
-                    return;
-                }
-                if now >= deadline {
-                    log::info!(
-                        "shard {}: drain timeout with {} connection(s) left; dropping them",
-                        self.index,
-                        self.conns.len()
+            let turn = self.turn();
+            // Every per-connection step is guarded on its own; this catches what falls between
+            // them, so that no panic ever ends the shard.
+            let finished = catch_unwind(AssertUnwindSafe(|| self.iterate(&events, &turn)));
+            match finished {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(_) => {
+                    ShardStats::add(&self.stats().handler_panics, 1);
+                    log::error!(
+                        "shard {}: a loop step panicked outside any connection; carrying on",
+                        self.index
                     );
-                    // Each already has its 1001; it just did not answer in time.
-                    self.abort_all(None);
-                    return;
+                    self.repair_after_panic();
                 }
             }
         }
     }
 
+    /// One loop turn after the poll; returns true when the shard is done (drained).
+    fn iterate(&mut self, events: &Events, turn: &Turn) -> bool {
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => self.accept_pending = true,
+                WAKER => self.inbox_pending = true,
+                Token(key) => {
+                    let closed = event.is_read_closed() || event.is_error();
+                    if event.is_readable() || closed {
+                        self.guarded(key, turn, |s| s.on_readable(key, turn, closed));
+                    }
+                    if event.is_writable() && self.conns.get(key).is_some_and(|c| !c.dead) {
+                        self.mark_dirty(key);
+                    }
+                }
+            }
+        }
+        if self.accept_retry.is_some_and(|t| t <= turn.now) {
+            self.accept_retry = None;
+            self.accept_pending = true;
+        }
+        if self.accept_pending {
+            self.accept(turn);
+        }
+        let again = self.read_again.take();
+        for &key in &again {
+            let key = key as usize;
+            self.guarded(key, turn, |s| s.on_readable(key, turn, false));
+        }
+        self.read_again.give_back(again);
+        if self.inbox_pending {
+            self.drain_inbox(turn);
+        }
+        self.fire_timers(turn);
+        self.spread_drain(turn);
+        self.close_slow(turn);
+        self.flush(turn);
+        self.reap(turn);
+        self.flush_bus_backlog();
+        let stats = &self.stats_all[self.index];
+        for accepted in self.fanout_started.drain(..) {
+            stats.fanout.record(accepted.elapsed());
+        }
+        stats.loop_iteration.record(turn.now.elapsed());
+        if turn.now >= self.next_sample {
+            self.sample(turn.now);
+        }
+        if let Some(deadline) = self.drain_deadline {
+            if self.conns.is_empty() {
+                return true;
+            }
+            if turn.now >= deadline {
+                log::info!(
+                    "shard {}: drain timeout with {} connection(s) left; dropping them",
+                    self.index,
+                    self.conns.len()
+                );
+                // Each already has its 1001; it just did not answer in time.
+                self.abort_all(None);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Once a second, not per write: a walk over the slab is cheap at that rate.
+    fn sample(&mut self, now: Instant) {
+        self.next_sample = now + Duration::from_secs(1);
+        let queued: usize = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.want_write)
+            .map(|(_, c)| c.out.pending_bytes())
+            .sum();
+        let stats = &self.stats_all[self.index];
+        stats
+            .queued_bytes
+            .store(queued as u64, std::sync::atomic::Ordering::Relaxed);
+        stats.bus_interest_backlog.store(
+            self.bus_backlog.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.inbox_pending || self.accept_pending || !self.read_again.is_empty() {
+        if self.inbox_pending
+            || self.accept_pending
+            || !self.read_again.is_empty()
+            || !self.dirty.is_empty()
+            || !self.dead.is_empty()
+        {
             return Some(Duration::ZERO);
         }
-        if self
-            .drain
-            .as_ref()
-            .is_some_and(|d| d.closed < d.pending.len())
+        if !self.bus_backlog.is_empty()
+            || self
+                .drain
+                .as_ref()
+                .is_some_and(|d| d.closed < d.pending.len())
         {
-            // Spreading 1001s: wake every tick to send the next batch.
+            // Retrying the bus's channel, or spreading 1001s: wake every tick.
             return Some(self.limits.tick);
         }
         let mut wake: Option<Instant> = self.wheel.next_tick().map(|t| self.instant_of(t));
@@ -333,118 +463,150 @@ impl Shard {
         wake.map(|w| w.saturating_duration_since(now) + Duration::from_micros(500))
     }
 
-    /// Runs `f` for connection `key`; a panic in it closes that connection (1011), not the shard.
-    fn guarded(&mut self, key: usize, f: impl FnOnce(&mut Self)) {
+    /// Runs `f` for connection `key`, then applies what it decided; a panic in either closes
+    /// that connection (1011), never the shard.
+    fn guarded(&mut self, key: usize, turn: &Turn, f: impl FnOnce(&mut Self) -> Next) {
         if !self.conns.get(key).is_some_and(|c| !c.dead) {
             return;
         }
-        if catch_unwind(AssertUnwindSafe(|| f(self))).is_err() {
-            ShardStats::add(&self.stats().handler_panics, 1);
-            // Restore what a handler may have taken out of the shard when it unwound.
-            if self.scratch.len() != SCRATCH_BYTES {
-                self.scratch = vec![0; SCRATCH_BYTES];
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let next = f(self);
+            self.apply(key, next, turn);
+        }));
+        if result.is_err() {
+            self.after_panic(key, turn);
+        }
+    }
+
+    /// A handler of connection `key` panicked: count it, and close that connection with 1011
+    /// (or drop it, if even that fails).
+    fn after_panic(&mut self, key: usize, turn: &Turn) {
+        ShardStats::add(&self.stats().handler_panics, 1);
+        self.repair_after_panic();
+        log::error!(
+            "shard {}: connection handler panicked; closing the connection with 1011",
+            self.index
+        );
+        let closed = catch_unwind(AssertUnwindSafe(|| {
+            self.apply(key, Next::Fail(CloseReason::ServerError), turn)
+        }));
+        if closed.is_err() {
+            self.kill(key);
+        }
+    }
+
+    /// Restores what a handler may have taken out of the shard when it unwound.
+    fn repair_after_panic(&mut self) {
+        if self.scratch.len() != SCRATCH_BYTES {
+            self.scratch = vec![0; SCRATCH_BYTES];
+        }
+    }
+
+    /// Carries out a handler's decision about connection `key`.
+    fn apply(&mut self, key: usize, next: Next, turn: &Turn) {
+        match next {
+            Next::Continue => {}
+            Next::Close(reason) => self.close_ws(key, reason, turn),
+            Next::Fail(reason) => self.fail(key, reason, turn),
+            Next::Drop => self.kill(key),
+        }
+    }
+
+    /// Tells the cluster bus that this shard gained or lost a workspace; never blocks. When the
+    /// channel is full the change waits in the backlog (at most one entry per workspace: an add
+    /// and a remove of the same workspace cancel out) and goes before anything newer.
+    fn tell_bus(&mut self, change: BusInterest) {
+        let Some(to_bus) = &self.to_bus else { return };
+        if self.bus_backlog.is_empty() {
+            let Err(change) = to_bus.try_send(change) else {
+                return;
+            };
+            self.backlog(change);
+        } else {
+            self.backlog(change);
+            self.flush_bus_backlog();
+        }
+    }
+
+    fn backlog(&mut self, change: BusInterest) {
+        let (ws, add) = match change {
+            BusInterest::Add(ws, _) => (ws, true),
+            BusInterest::Remove(ws, _) => (ws, false),
+        };
+        match self.bus_backlog.get(&ws) {
+            // The opposite change has not been sent: together they are no change.
+            Some(&queued) if queued != add => {
+                self.bus_backlog.remove(&ws);
             }
-            log::error!(
-                "shard {}: connection handler panicked; closing the connection with 1011",
-                self.index
-            );
-            let closed = catch_unwind(AssertUnwindSafe(|| {
-                self.fail(key, CloseReason::ServerError)
-            }));
-            if closed.is_err() {
-                self.kill(key);
+            Some(_) => debug_assert!(false, "the same change twice"),
+            None => {
+                self.bus_backlog.insert(ws, add);
             }
         }
     }
 
-    fn drain_inbox(&mut self, now: Instant) {
-        self.shared.links[self.index].clear_notified();
-        for _ in 0..INBOX_BUDGET {
-            match self.inbox.try_recv() {
-                Ok(ShardMsg::Events(batch)) => self.deliver(&batch),
-                Ok(ShardMsg::Keys(keys)) => self.keys = keys,
-                Ok(ShardMsg::Drain) => self.start_drain(now),
-                Ok(ShardMsg::Live(ws)) => self.on_live(&ws, now),
-                Err(_) => {
-                    self.inbox_pending = false;
-                    return;
-                }
-            }
-        }
-        self.inbox_pending = true;
-    }
-
-    fn deliver(&mut self, batch: &[Event]) {
-        if let Some(first) = batch.first() {
-            self.fanout_started.push(first.accepted_at);
-        }
-        for event in batch {
-            let recipients = self
-                .registry
-                .recipients(&event.workspace_id, event.user_id.as_deref());
-            fanout::fan_out(
-                &event.frame,
-                recipients,
-                &mut self.conns,
-                &mut self.dirty,
-                &mut self.slow,
-                self.limits.max_outbound,
-            );
-        }
-        self.close_slow();
-    }
-
-    fn start_drain(&mut self, now: Instant) {
-        if self.drain_deadline.is_some() {
+    fn flush_bus_backlog(&mut self) {
+        let Some(to_bus) = &self.to_bus else { return };
+        if self.bus_backlog.is_empty() {
             return;
         }
-        self.drain_deadline = Some(now + self.limits.drain_timeout);
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
+        let shard = self.index;
+        let mut sent = Vec::new();
+        for (ws, &add) in &self.bus_backlog {
+            let change = if add {
+                BusInterest::Add(ws.clone(), shard)
+            } else {
+                BusInterest::Remove(ws.clone(), shard)
+            };
+            if to_bus.try_send(change).is_err() {
+                break;
+            }
+            sent.push(ws.clone());
         }
-        self.accept_pending = false;
-        // Open connections get 1001, all now or spread over --drain-spread. One still sending its
-        // request head is left to finish it: its upgrade is answered with 101 and 1001 (see
-        // `upgrade`), so a client caught by a restart sees a clean close and reconnects, never a
-        // reset.
-        let pending: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.phase == Phase::Open)
-            .map(|(k, c)| (k as u32, c.gen))
-            .collect();
-        self.drain = Some(Drain {
-            started: now,
-            pending,
-            closed: 0,
-        });
-        self.spread_drain(now);
+        for ws in sent {
+            self.bus_backlog.remove(&ws);
+        }
+    }
+}
+
+/// A work list after its turn: emptied, capacity kept.
+fn recycle<T>(mut v: Vec<T>) -> Vec<T> {
+    v.clear();
+    v
+}
+
+use recycle as recycle_timers;
+
+/// A list of connections built during a turn and worked through later in it, while handlers
+/// may add to it again: the list being worked through is taken out and the spare stands in.
+/// Whichever of the two has grown larger is kept as the one that fills next, so both reach the
+/// working size after one busy turn, whatever order the turns come in.
+#[derive(Default)]
+struct WorkList {
+    now: Vec<u32>,
+    spare: Vec<u32>,
+}
+
+impl WorkList {
+    fn push(&mut self, key: u32) {
+        self.now.push(key);
     }
 
-    /// Sends the drain's 1001s that are due: `pending × elapsed ÷ spread` of them by now, all at
-    /// once without a spread. Connections that already closed, or whose slot was reused, are
-    /// skipped (the generation is checked).
-    fn spread_drain(&mut self, now: Instant) {
-        let Some(d) = self.drain.as_mut() else { return };
-        let total = d.pending.len();
-        let spread = self.limits.drain_spread;
-        let due = if spread.is_zero() || now >= d.started + spread {
-            total
-        } else {
-            ((total as f64) * now.duration_since(d.started).as_secs_f64() / spread.as_secs_f64())
-                .ceil() as usize
-        };
-        let batch: Vec<(u32, u32)> = d.pending[d.closed..due.max(d.closed)].to_vec();
-        d.closed = due.max(d.closed);
-        for (key, gen) in batch {
-            let key = key as usize;
-            if self
-                .conns
-                .get(key)
-                .is_some_and(|c| c.gen == gen && c.phase == Phase::Open)
-            {
-                self.close_ws(key, CloseReason::GoingAway);
-            }
+    fn is_empty(&self) -> bool {
+        self.now.is_empty()
+    }
+
+    /// The list to work through; additions from here on go to the spare.
+    fn take(&mut self) -> Vec<u32> {
+        std::mem::replace(&mut self.now, std::mem::take(&mut self.spare))
+    }
+
+    /// Returns a list taken with [`WorkList::take`], emptied.
+    fn give_back(&mut self, mut used: Vec<u32>) {
+        used.clear();
+        if self.now.is_empty() && used.capacity() > self.now.capacity() {
+            std::mem::swap(&mut self.now, &mut used);
         }
+        self.spare = used;
     }
 }

@@ -242,9 +242,9 @@ mod tests {
             o.push(f.clone());
             o.push(f.clone());
         }
-        assert_eq!(std::sync::Arc::strong_count(&f), 21);
+        assert_eq!(SharedFrame::strong_count(&f), 21);
         assert_eq!(
-            boxes[3].last().map(|l| std::sync::Arc::ptr_eq(l, &f)),
+            boxes[3].last().map(|l| SharedFrame::ptr_eq(l, &f)),
             Some(true)
         );
     }

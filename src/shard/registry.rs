@@ -6,16 +6,15 @@
 //! therefore stores no names itself: one shared `Arc<str>` per connection holds its user id (the
 //! same allocation serves as the lookup key), and a workspace's name is stored once per shard.
 //!
-//! The registry also keeps this shard's per-bucket counts and flips its bits in the shared
-//! [`Interest`] table when a bucket gains its first or loses its last subscribed workspace.
+//! A pure core: no I/O, no other thread. [`Registry::add`] says whether the connection is its
+//! workspace's first here and [`Registry::remove`] whether it was the last; the shard acts on
+//! that (the interest table's bits, the cluster bus's subscriptions).
 //!
-//! With a cluster bus, a workspace's first connection on this shard asks the bus to subscribe
-//! ([`BusInterest::Add`]) and its last one leaving lets go ([`BusInterest::Remove`]). Until the
-//! bus reports the subscription live, the workspace has no recipients: its connections are
-//! waiting for their `connected` frame and must not be sent events before it.
+//! A registry made [`Registry::gated`] (a cluster bus) starts every new workspace not live:
+//! until the shard marks it live (the bus confirmed its subscription), it has no recipients:
+//! its connections are waiting for their `connected` frame and must not be sent events before
+//! it.
 
-use crate::bus::cluster::{BusInterest, ClusterBus};
-use crate::bus::interest::{bucket, Interest, BUCKETS};
 use slab::Slab;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,63 +49,64 @@ struct Member {
     user: Arc<str>,
 }
 
+/// What [`Registry::remove`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removed {
+    /// The connection was not subscribed.
+    NotSubscribed,
+    /// Unsubscribed; its workspace still has connections here.
+    Member,
+    /// Unsubscribed, and it was the last of its workspace here (named).
+    LastInWorkspace(Box<str>),
+}
+
 /// The registry of one shard.
 pub struct Registry {
     by_name: HashMap<Box<str>, u32>,
     workspaces: Slab<Workspace>,
     members: Vec<Option<Member>>,
-    bucket_counts: Box<[u32]>,
-    interest: Arc<Interest>,
-    shard: usize,
-    bus: Option<Arc<ClusterBus>>,
+    /// New workspaces start not live (see the module docs).
+    gated: bool,
 }
 
 impl Registry {
-    /// An empty registry for shard `shard`, publishing its interest into `interest`.
-    pub fn new(shard: usize, interest: Arc<Interest>) -> Self {
-        Self::with_bus(shard, interest, None)
-    }
-
-    /// Like [`Registry::new`], also telling `bus` (when there is one) which workspaces this
-    /// shard serves.
-    pub fn with_bus(shard: usize, interest: Arc<Interest>, bus: Option<Arc<ClusterBus>>) -> Self {
+    /// An empty registry whose workspaces are live at once (one node, the local bus).
+    pub fn new() -> Self {
         Registry {
             by_name: HashMap::new(),
             workspaces: Slab::new(),
             members: Vec::new(),
-            bucket_counts: vec![0; BUCKETS].into_boxed_slice(),
-            interest,
-            shard,
-            bus,
+            gated: false,
         }
     }
 
-    /// Subscribes connection `key` as `user` of `workspace`. The caller adds each key once and
-    /// removes it before adding it again.
-    pub fn add(&mut self, key: usize, workspace: &str, user: &str) {
+    /// An empty registry whose workspaces wait to be marked live ([`Registry::set_live`]).
+    pub fn gated() -> Self {
+        Registry {
+            gated: true,
+            ..Registry::new()
+        }
+    }
+
+    /// Subscribes connection `key` as `user` of `workspace`; returns whether it is the
+    /// workspace's first connection here. The caller adds each key once and removes it before
+    /// adding it again.
+    pub fn add(&mut self, key: usize, workspace: &str, user: &str) -> bool {
         if self.members.len() <= key {
             self.members.resize_with(key + 1, || None);
         }
         debug_assert!(self.members[key].is_none(), "key added twice");
-        let slot = match self.by_name.get(workspace) {
-            Some(&slot) => slot,
+        let (slot, first) = match self.by_name.get(workspace) {
+            Some(&slot) => (slot, false),
             None => {
-                let b = bucket(workspace);
-                self.bucket_counts[b] += 1;
-                if self.bucket_counts[b] == 1 {
-                    self.interest.set(b, self.shard);
-                }
-                if let Some(bus) = &self.bus {
-                    bus.interest(BusInterest::Add(workspace.into(), self.shard));
-                }
                 let slot = self.workspaces.insert(Workspace {
                     name: workspace.into(),
                     conns: Vec::new(),
                     users: HashMap::new(),
-                    live: self.bus.is_none(),
+                    live: !self.gated,
                 }) as u32;
                 self.by_name.insert(workspace.into(), slot);
-                slot
+                (slot, true)
             }
         };
         let ws = &mut self.workspaces[slot as usize];
@@ -140,12 +140,13 @@ impl Registry {
             in_user,
             user,
         });
+        first
     }
 
-    /// Unsubscribes connection `key`. Returns false if it was not subscribed.
-    pub fn remove(&mut self, key: usize) -> bool {
+    /// Unsubscribes connection `key`.
+    pub fn remove(&mut self, key: usize) -> Removed {
         let Some(m) = self.members.get_mut(key).and_then(Option::take) else {
-            return false;
+            return Removed::NotSubscribed;
         };
         let ws = &mut self.workspaces[m.workspace as usize];
         let i = m.in_workspace as usize;
@@ -184,17 +185,10 @@ impl Registry {
         }
         if ws.conns.is_empty() {
             let ws = self.workspaces.remove(m.workspace as usize);
-            if let Some(bus) = &self.bus {
-                bus.interest(BusInterest::Remove((*ws.name).into(), self.shard));
-            }
             self.by_name.remove(&*ws.name);
-            let b = bucket(&ws.name);
-            self.bucket_counts[b] -= 1;
-            if self.bucket_counts[b] == 0 {
-                self.interest.clear(b, self.shard);
-            }
+            return Removed::LastInWorkspace(ws.name);
         }
-        true
+        Removed::Member
     }
 
     /// The connections of `workspace` (of `user` in it, when given) that events may reach:
@@ -222,15 +216,15 @@ impl Registry {
 
     /// Marks `workspace` live; returns its connections (all of them were waiting), or nothing if
     /// it has none here any more or was live already.
-    pub fn set_live(&mut self, workspace: &str) -> Vec<u32> {
+    pub fn set_live(&mut self, workspace: &str) -> &[u32] {
         let Some(&slot) = self.by_name.get(workspace) else {
-            return Vec::new();
+            return &[];
         };
         let ws = &mut self.workspaces[slot as usize];
         if std::mem::replace(&mut ws.live, true) {
-            return Vec::new();
+            return &[];
         }
-        ws.conns.clone()
+        &ws.conns
     }
 
     /// The workspace and user of a subscribed connection (for logs).
@@ -245,6 +239,12 @@ impl Registry {
     }
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,35 +256,45 @@ mod tests {
     }
 
     #[test]
-    fn add_remove_keeps_lists_and_interest_consistent() {
-        let interest = Arc::new(Interest::default());
-        let mut r = Registry::new(2, interest.clone());
-        r.add(0, "ws_a", "u1");
-        r.add(1, "ws_a", "u2");
-        r.add(2, "ws_a", "u1");
-        r.add(3, "ws_b", "u1");
-        assert!(interest.shards_for("ws_a").contains(2));
+    fn add_remove_keeps_lists_consistent_and_reports_first_and_last() {
+        let mut r = Registry::new();
+        assert!(r.add(0, "ws_a", "u1"));
+        assert!(!r.add(1, "ws_a", "u2"));
+        assert!(!r.add(2, "ws_a", "u1"));
+        assert!(r.add(3, "ws_b", "u1"));
         assert_eq!(sorted(r.recipients("ws_a", None)), vec![0, 1, 2]);
         assert_eq!(sorted(r.recipients("ws_a", Some("u1"))), vec![0, 2]);
         assert_eq!(sorted(r.recipients("ws_b", Some("u1"))), vec![3]);
         assert!(r.recipients("ws_b", Some("u2")).is_empty());
         assert_eq!(r.names(2), Some(("ws_a", "u1")));
-        assert!(r.remove(0));
-        assert!(!r.remove(0));
+        assert_eq!(r.remove(0), Removed::Member);
+        assert_eq!(r.remove(0), Removed::NotSubscribed);
         assert_eq!(sorted(r.recipients("ws_a", None)), vec![1, 2]);
         assert_eq!(sorted(r.recipients("ws_a", Some("u1"))), vec![2]);
-        assert!(r.remove(2));
-        assert!(r.remove(1));
+        assert_eq!(r.remove(2), Removed::Member);
+        assert_eq!(r.remove(1), Removed::LastInWorkspace("ws_a".into()));
         assert!(r.recipients("ws_a", None).is_empty());
-        assert!(!interest.shards_for("ws_a").contains(2));
         assert_eq!(r.workspace_count(), 1);
         assert_eq!(r.names(1), None);
+        // The same workspace again is a first again.
+        assert!(r.add(1, "ws_a", "u2"));
+    }
+
+    #[test]
+    fn a_gated_workspace_has_no_recipients_until_it_is_live() {
+        let mut r = Registry::gated();
+        r.add(4, "ws", "u");
+        r.add(6, "ws", "v");
+        assert!(r.recipients("ws", None).is_empty());
+        assert!(!r.is_live("ws"));
+        assert_eq!(sorted(r.set_live("ws")), vec![4, 6]);
+        assert!(r.set_live("ws").is_empty(), "live once");
+        assert_eq!(sorted(r.recipients("ws", None)), vec![4, 6]);
     }
 
     #[test]
     fn randomized_against_a_model() {
-        let interest = Arc::new(Interest::default());
-        let mut r = Registry::new(0, interest.clone());
+        let mut r = Registry::new();
         let mut model: HashMap<usize, (String, String)> = HashMap::new();
         let mut seed = 12345u64;
         let mut rnd = move |n: u64| {
@@ -295,12 +305,19 @@ mod tests {
         };
         for _ in 0..20_000 {
             let key = rnd(200) as usize;
-            if model.remove(&key).is_some() {
-                assert!(r.remove(key));
+            if let Some((w, _)) = model.remove(&key) {
+                let last = !model.values().any(|(mw, _)| *mw == w);
+                let want = if last {
+                    Removed::LastInWorkspace(w.into())
+                } else {
+                    Removed::Member
+                };
+                assert_eq!(r.remove(key), want);
             } else {
                 let w = format!("ws_{}", rnd(7));
                 let u = format!("u_{}", rnd(5));
-                r.add(key, &w, &u);
+                let first = !model.values().any(|(mw, _)| *mw == w);
+                assert_eq!(r.add(key, &w, &u), first);
                 model.insert(key, (w, u));
             }
         }
@@ -319,7 +336,6 @@ mod tests {
                 v
             };
             assert_eq!(sorted(r.recipients(&ws, None)), want);
-            assert_eq!(interest.shards_for(&ws).contains(0), !want.is_empty());
             for u in 0..5 {
                 let us = format!("u_{u}");
                 let mut want_u: Vec<u32> = model

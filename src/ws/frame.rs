@@ -57,7 +57,7 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> SharedFrame {
     let n = encode_header(opcode, payload.len(), &mut hdr);
     buf.extend_from_slice(&hdr[..n]);
     buf.extend_from_slice(payload);
-    buf.into()
+    SharedFrame::from(buf)
 }
 
 /// The server's ping: empty, built once per process and shared by every connection it is sent to.
@@ -66,9 +66,9 @@ pub fn ping_frame() -> SharedFrame {
     PING.get_or_init(|| encode(OpCode::Ping, &[])).clone()
 }
 
-/// Builds a text frame whose payload is produced by `write` in place, with no intermediate copy
-/// beyond the final conversion into a shared buffer. `len_hint` is the exact payload length when
-/// known (it only sizes the allocation).
+/// Builds a text frame whose payload is produced by `write` in place: the buffer it writes
+/// into becomes the shared frame, with no copy. `len_hint` is the payload length when known (it
+/// only sizes the allocation, so that the payload is written without a reallocation).
 pub fn encode_text_with(len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> SharedFrame {
     let mut buf = Vec::with_capacity(MAX_HEADER_LEN + len_hint);
     buf.resize(MAX_HEADER_LEN, 0);
@@ -78,7 +78,21 @@ pub fn encode_text_with(len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Sh
     let n = encode_header(OpCode::Text, len, &mut hdr);
     let start = MAX_HEADER_LEN - n;
     buf[start..MAX_HEADER_LEN].copy_from_slice(&hdr[..n]);
-    SharedFrame::from(&buf[start..])
+    SharedFrame::from_vec_at(buf, start)
+}
+
+/// Appends a text frame whose payload `write` produces to `out` (which may already hold other
+/// bytes: the 101 response, say). The payload is written once; the few bytes of room left
+/// between a short header and it are closed up by moving it at most eight bytes.
+pub fn encode_text_into(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.resize(at + MAX_HEADER_LEN, 0);
+    write(out);
+    let len = out.len() - at - MAX_HEADER_LEN;
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let n = encode_header(OpCode::Text, len, &mut hdr);
+    out[at..at + n].copy_from_slice(&hdr[..n]);
+    out.drain(at + n..at + MAX_HEADER_LEN);
 }
 
 #[cfg(test)]
@@ -107,6 +121,21 @@ mod tests {
             let a = encode(OpCode::Text, &payload);
             let b = encode_text_with(0, |buf| buf.extend_from_slice(&payload));
             assert_eq!(a, b, "len {len}");
+        }
+    }
+
+    #[test]
+    fn a_frame_appended_after_other_bytes_is_the_same_frame() {
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let payload = vec![b'y'; len];
+            let mut out = b"HTTP/1.1 101 ...\r\n\r\n".to_vec();
+            let before = out.len();
+            encode_text_into(&mut out, |b| b.extend_from_slice(&payload));
+            assert_eq!(
+                &out[before..],
+                &encode(OpCode::Text, &payload)[..],
+                "len {len}"
+            );
         }
     }
 

@@ -1,5 +1,9 @@
 //! A counting global allocator and a socket-free subscriber, shared by
-//! `tests/fanout_allocations.rs` and `benches/fanout.rs` (included with `#[path]`).
+//! `tests/fanout_allocations.rs` and the benches (included with `#[path]`).
+//!
+//! Besides the process-wide count, it counts the allocations made on the server's shard
+//! threads (those named `shard-N`), so that a test can run a real server in the same process
+//! and see what the shards' own code allocates, whatever the test's threads do meanwhile.
 
 use causeloop_stream::shard::fanout::Subscriber;
 use causeloop_stream::shard::outbox::Outbox;
@@ -10,23 +14,74 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static SHARD_ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// 0: not known yet; 1: a shard thread; 2: another thread.
+    static KIND: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    /// Finding the thread's name is under way (it may allocate): do not recurse into it.
+    static ASKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Allocations made by this thread.
+    static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Allocations (and reallocations) made so far by the calling thread, whatever other tests
+/// running in parallel do.
+#[allow(dead_code)]
+pub fn thread_allocations() -> u64 {
+    MINE.try_with(|m| m.get()).unwrap_or(0)
+}
 
 /// Allocations (and reallocations) made so far by the whole process.
+#[allow(dead_code)]
 pub fn allocations() -> u64 {
     ALLOCS.load(Ordering::Relaxed)
+}
+
+/// Allocations (and reallocations) made so far on threads named `shard-N`.
+#[allow(dead_code)]
+pub fn shard_allocations() -> u64 {
+    SHARD_ALLOCS.load(Ordering::Relaxed)
+}
+
+fn on_shard_thread() -> bool {
+    KIND.try_with(|kind| match kind.get() {
+        1 => true,
+        2 => false,
+        _ => {
+            if ASKING.try_with(|a| a.replace(true)).unwrap_or(true) {
+                return false;
+            }
+            let shard = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("shard-"));
+            let _ = ASKING.try_with(|a| a.set(false));
+            kind.set(if shard { 1 } else { 2 });
+            shard
+        }
+    })
+    .unwrap_or(false)
+}
+
+fn count() {
+    ALLOCS.fetch_add(1, Ordering::Relaxed);
+    let _ = MINE.try_with(|m| m.set(m.get() + 1));
+    if on_shard_thread() {
+        SHARD_ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; only a counter is added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.realloc(p, l, n) }
     }
 }

@@ -10,9 +10,9 @@
 //! seen `connected` is reachable by every publish that starts after that.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// Most shards a server can run (four 64-bit words of bits per bucket).
-pub const MAX_SHARDS: usize = 256;
+pub use crate::config::MAX_SHARDS;
 /// Buckets in the table.
 pub const BUCKETS: usize = 4096;
 const WORDS: usize = MAX_SHARDS / 64;
@@ -47,6 +47,21 @@ impl ShardSet {
     /// Removes `shard`.
     pub fn remove(&mut self, shard: usize) {
         self.0[shard / 64] &= !(1 << (shard % 64));
+    }
+
+    /// The shards in the set, in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut bits = bits;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(w * 64 + b)
+            })
+        })
     }
 }
 
@@ -95,9 +110,57 @@ impl Interest {
     }
 }
 
+/// One shard's side of the table: its count of subscribed workspaces per bucket, and its bits.
+pub struct ShardInterest {
+    table: Arc<Interest>,
+    shard: usize,
+    counts: Box<[u32]>,
+}
+
+impl ShardInterest {
+    /// Shard `shard`'s view of `table`.
+    pub fn new(table: Arc<Interest>, shard: usize) -> Self {
+        ShardInterest {
+            table,
+            shard,
+            counts: vec![0; BUCKETS].into_boxed_slice(),
+        }
+    }
+
+    /// The shard's first subscriber of `workspace` arrived: its bucket's bit is set before the
+    /// call returns (so before `connected` is queued).
+    pub fn gained(&mut self, workspace: &str) {
+        let b = bucket(workspace);
+        self.counts[b] += 1;
+        if self.counts[b] == 1 {
+            self.table.set(b, self.shard);
+        }
+    }
+
+    /// The shard's last subscriber of `workspace` left.
+    pub fn lost(&mut self, workspace: &str) {
+        let b = bucket(workspace);
+        debug_assert!(self.counts[b] > 0, "lost a workspace never gained");
+        self.counts[b] = self.counts[b].saturating_sub(1);
+        if self.counts[b] == 0 {
+            self.table.clear(b, self.shard);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_lists_its_shards_in_order() {
+        let mut s = ShardSet::default();
+        for i in [200, 3, 64, 0, 255] {
+            s.insert(i);
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), [0, 3, 64, 200, 255]);
+        assert_eq!(ShardSet::default().iter().count(), 0);
+    }
 
     #[test]
     fn set_and_clear_per_shard() {
@@ -111,6 +174,18 @@ mod tests {
         assert!(!t.shards_for("ws_1").contains(3));
         t.clear(b, 200);
         assert!(t.shards_for("ws_1").is_empty());
+    }
+
+    #[test]
+    fn a_shard_holds_its_bit_while_any_workspace_of_the_bucket_is_there() {
+        let t = Arc::new(Interest::default());
+        let mut s = ShardInterest::new(t.clone(), 5);
+        s.gained("ws_a");
+        s.gained("ws_a");
+        s.lost("ws_a");
+        assert!(t.shards_for("ws_a").contains(5));
+        s.lost("ws_a");
+        assert!(!t.shards_for("ws_a").contains(5));
     }
 
     #[test]

@@ -5,12 +5,10 @@
 //! receives identical bytes.
 
 use crate::clock;
-use crate::ws::frame::encode_text_with;
+use crate::ws::frame::{encode_text_into, encode_text_with};
 use crate::ws::SharedFrame;
 use std::time::Instant;
 
-/// The highest `--max-id-bytes`.
-pub const MAX_ID_BYTES: usize = 1024;
 /// Longest event type accepted.
 pub const MAX_TYPE_BYTES: usize = 128;
 
@@ -108,6 +106,15 @@ pub fn id_ok(id: &str, max: usize) -> bool {
     !id.is_empty() && id.len() <= max && !id.chars().any(char::is_control)
 }
 
+/// The length of the frame [`encode_with`] builds for an event of `kind` whose minified payload
+/// is `payload_len` bytes, without building it. (`kind` has passed [`check_type`], so it needs no
+/// escaping.)
+pub fn frame_len(kind: &str, payload_len: usize) -> usize {
+    // {"type":"<kind>","payload":<payload>,"ts":"<24 characters>"}
+    let body = 9 + kind.len() + 12 + payload_len + 7 + 24 + 2;
+    crate::ws::frame::header_len(body) + body
+}
+
 /// Encodes an event frame whose payload is written by `write_payload` (which must write exactly
 /// one JSON object). `ts_ms` is the Unix time in milliseconds to stamp.
 pub fn encode_with(
@@ -118,14 +125,27 @@ pub fn encode_with(
 ) -> SharedFrame {
     let ts = clock::format_ts(ts_ms);
     encode_text_with(kind.len() + payload_len_hint + 48, |buf| {
-        buf.extend_from_slice(b"{\"type\":");
-        crate::json::write_string(buf, kind);
-        buf.extend_from_slice(b",\"payload\":");
-        write_payload(buf);
-        buf.extend_from_slice(b",\"ts\":\"");
-        buf.extend_from_slice(&ts);
-        buf.extend_from_slice(b"\"}");
+        envelope(buf, kind, &ts, write_payload)
     })
+}
+
+/// Writes `{"type":T,"payload":<write_payload>,"ts":TS}` into `buf`.
+fn envelope(buf: &mut Vec<u8>, kind: &str, ts: &[u8], write_payload: impl FnOnce(&mut Vec<u8>)) {
+    buf.extend_from_slice(b"{\"type\":");
+    crate::json::write_string(buf, kind);
+    buf.extend_from_slice(b",\"payload\":");
+    write_payload(buf);
+    buf.extend_from_slice(b",\"ts\":\"");
+    buf.extend_from_slice(ts);
+    buf.extend_from_slice(b"\"}");
+}
+
+fn connected_payload(buf: &mut Vec<u8>, workspace_id: &str, user_id: &str) {
+    buf.extend_from_slice(b"{\"workspace_id\":");
+    crate::json::write_string(buf, workspace_id);
+    buf.extend_from_slice(b",\"user_id\":");
+    crate::json::write_string(buf, user_id);
+    buf.push(b'}');
 }
 
 /// The `connected` frame for one connection.
@@ -134,14 +154,18 @@ pub fn connected_frame(workspace_id: &str, user_id: &str, ts_ms: u64) -> SharedF
         "connected",
         workspace_id.len() + user_id.len() + 32,
         ts_ms,
-        |buf| {
-            buf.extend_from_slice(b"{\"workspace_id\":");
-            crate::json::write_string(buf, workspace_id);
-            buf.extend_from_slice(b",\"user_id\":");
-            crate::json::write_string(buf, user_id);
-            buf.push(b'}');
-        },
+        |buf| connected_payload(buf, workspace_id, user_id),
     )
+}
+
+/// Appends the `connected` frame for one connection to `out` (after its 101 response).
+pub fn connected_frame_into(out: &mut Vec<u8>, workspace_id: &str, user_id: &str, ts_ms: u64) {
+    let ts = clock::format_ts(ts_ms);
+    encode_text_into(out, |buf| {
+        envelope(buf, "connected", &ts, |b| {
+            connected_payload(b, workspace_id, user_id)
+        })
+    });
 }
 
 /// The `heartbeat` frame for one tick.
@@ -169,6 +193,34 @@ mod tests {
         );
         assert_eq!(f[0], 0x81);
         assert_eq!(f[1] as usize, f.len() - 2);
+    }
+
+    #[test]
+    fn connected_after_a_101_is_the_same_frame() {
+        let mut out = b"HTTP/1.1 101\r\n\r\n".to_vec();
+        let head = out.len();
+        connected_frame_into(&mut out, "ws_\"1", "usr_1", 1_705_312_800_000);
+        assert_eq!(
+            &out[head..],
+            &connected_frame("ws_\"1", "usr_1", 1_705_312_800_000)[..]
+        );
+    }
+
+    #[test]
+    fn frame_len_is_the_built_length() {
+        for (kind, payload) in [
+            ("a", "{}".to_string()),
+            (
+                "issue.created",
+                format!("{{\"p\":\"{}\"}}", "x".repeat(300)),
+            ),
+            ("b", format!("{{\"p\":\"{}\"}}", "x".repeat(70_000))),
+        ] {
+            let f = encode_with(kind, payload.len(), 1_705_312_800_000, |b| {
+                b.extend_from_slice(payload.as_bytes())
+            });
+            assert_eq!(frame_len(kind, payload.len()), f.len(), "{kind}");
+        }
     }
 
     #[test]
