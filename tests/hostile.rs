@@ -411,3 +411,21 @@ fn pipelined_requests_nobody_reads_stay_bounded_and_others_are_served() {
     drop(hog);
     let _ = ws.send(Message::Close(None));
 }
+
+#[test]
+fn connections_closed_after_their_answer_leave_the_internal_listener_at_once() {
+    // A publisher that opens a connection per request (`Connection: close`, as curl and the
+    // load tester's reporters do) must never be refused for connections that are already
+    // closed on both sides: each leaves as soon as the peer's FIN arrives, not at a linger
+    // deadline that later wake-ups could push back.
+    let s = TestServer::with(|c| c.max_internal_connections = 4);
+    for i in 0..64 {
+        let resp = raw_http(
+            s.internal,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status_of(&resp), 200, "request {i}: {resp}");
+        let (status, body) = s.publish(r#"{"workspace_id":"ws_h","type":"t","payload":{}}"#);
+        assert_eq!(status, 202, "publish {i}: {body}");
+    }
+}

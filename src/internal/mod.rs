@@ -56,6 +56,8 @@ pub const OUT_HIGH: usize = 256 * 1024;
 pub const REQUESTS_PER_TURN: usize = 8;
 /// Bytes read per connection per loop turn.
 pub const READ_BUDGET: usize = 64 * 1024;
+/// How long a connection whose last answer is written waits for the peer to close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Connections accepted per loop turn.
 pub const ACCEPT_BUDGET: usize = 64;
 
@@ -86,6 +88,8 @@ struct HttpConn {
     /// Reading stopped with bytes possibly left in the socket (budget, a full `out`, a
     /// publish on its way): read again once that clears, since no new edge will say so.
     unread: bool,
+    /// The answer that closes the connection is written and our side shut down.
+    shut: bool,
     /// Reading is paused because the unsent answers passed [`OUT_HIGH`] (counted once per
     /// pause).
     paused: bool,
@@ -278,6 +282,7 @@ impl Internal {
                             close_requested: false,
                             unread: true,
                             paused: false,
+                            shut: false,
                             deadline: Instant::now() + IDLE_TIMEOUT,
                         });
                     }
@@ -306,6 +311,9 @@ impl Internal {
             let Some(conn) = self.conns.get_mut(k) else {
                 return;
             };
+            if conn.closing {
+                return self.linger(k);
+            }
             if !conn.may_serve() {
                 if conn.unsent() > OUT_HIGH && !std::mem::replace(&mut conn.paused, true) {
                     ShardStats::add(&self.stats.internal.paused_for_output, 1);
@@ -437,6 +445,33 @@ impl Internal {
                 consumed,
             } => self.start_publish(k, prepared, events, consumed),
         }
+    }
+
+    /// A connection whose last answer is queued: reads and discards what the peer still sends
+    /// (within the read budget) and removes the connection once the peer has closed its side,
+    /// so closed connections leave at once instead of at their linger deadline.
+    fn linger(&mut self, k: usize) {
+        let Some(conn) = self.conns.get_mut(k) else {
+            return;
+        };
+        if !conn.shut {
+            return; // the answer is still being written
+        }
+        let mut read = 0;
+        while read < READ_BUDGET {
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if read >= READ_BUDGET {
+            // A peer that keeps sending after its answer: the deadline ends it.
+            return;
+        }
+        self.conns.remove(k);
     }
 
     /// Queues an answer to the request at the front of the buffer, which took `consumed` bytes.
@@ -582,10 +617,16 @@ impl Internal {
         if conn.written == conn.out.len() {
             conn.out.clear();
             conn.written = 0;
-            if conn.closing {
+            if conn.closing && !conn.shut {
+                // Once: later writable edges (the peer's FIN, its RST) must not push the
+                // deadline back, or a busy listener never reaps its closed connections.
+                conn.shut = true;
                 let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                 // Give the peer a moment to read the response before the socket goes away.
-                conn.deadline = Instant::now() + Duration::from_secs(2);
+                conn.deadline = Instant::now() + CLOSE_LINGER;
+                // The peer may have closed already, with no edge left to say so.
+                self.again.push(k);
+                return;
             }
         } else if conn.written > OUT_HIGH {
             // Keep the buffer from creeping: drop what was sent.
