@@ -199,3 +199,13 @@ pub fn cluster_layout(data: &[u8]) {
         assert!(usize::from(topology::slot(c)) < SLOTS);
     }
 }
+
+/// The cluster bus's subscription protocol, driven by arbitrary steps (interest gained and
+/// lost, Redis running commands and answering, connections lost, slots moved) against a model
+/// of Redis: the shards are never told a workspace is live while Redis holds no subscription
+/// for it, and once every queue has run each wanted workspace is subscribed exactly once, at
+/// its server, and nothing unwanted is kept. See
+/// `causeloop_stream::bus::cluster::subscriptions::exercise`.
+pub fn bus_subscriptions(data: &[u8]) {
+    crate::bus::cluster::subscriptions::exercise(&data[..data.len().min(4096)]);
+}

@@ -192,6 +192,15 @@ pub struct BusStats {
     /// Workspaces with local subscribers whose Redis subscription is not made yet (the bus is
     /// down, or their master is).
     pub bus_pending: AtomicU64,
+    /// Publishes queued for the bus thread or waiting for Redis's answer.
+    pub bus_publish_queue: AtomicU64,
+    /// Publishes refused because the bus's publish queue or a command connection's output
+    /// bound was full.
+    pub bus_publish_busy: AtomicU64,
+    /// Batches received from Redis waiting for room in a shard's inbox.
+    pub bus_shard_backlog: AtomicU64,
+    /// Times the bus stopped reading Redis because that backlog reached its bound.
+    pub bus_read_pauses: AtomicU64,
 }
 
 /// Counters of the internal listener (its thread writes them).
@@ -536,6 +545,36 @@ impl Collector for StatsCollector {
                 Labels::new(),
                 bus.bus_pending.load(Ordering::Relaxed) as i64,
             )],
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_bus_publish_queue",
+            "Publishes queued for the cluster bus thread or waiting for Redis's answer.",
+            &[(
+                Labels::new(),
+                bus.bus_publish_queue.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_publish_busy",
+            "Publishes refused 503 because the cluster bus's publish queue or a Redis command connection was full.",
+            &one(bus.bus_publish_busy.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_bus_shard_backlog",
+            "Batches received from Redis waiting for room in a shard's inbox.",
+            &[(
+                Labels::new(),
+                bus.bus_shard_backlog.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_read_pauses",
+            "Times the cluster bus stopped reading Redis because the shards' backlog reached its bound.",
+            &one(bus.bus_read_pauses.load(Ordering::Relaxed)),
         )?;
         counters(
             &mut enc,

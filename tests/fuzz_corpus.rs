@@ -9,7 +9,7 @@ use std::path::Path;
 /// A fuzz target's entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 9] = [
     ("http_head", fuzzing::http_head),
     ("client_frames", fuzzing::client_frames),
     ("jwt_verify", fuzzing::jwt_verify),
@@ -18,6 +18,7 @@ const TARGETS: [(&str, Target); 8] = [
     ("resp_reply", fuzzing::resp_reply),
     ("wire_message", fuzzing::wire_message),
     ("cluster_layout", fuzzing::cluster_layout),
+    ("bus_subscriptions", fuzzing::bus_subscriptions),
 ];
 
 fn replay(dir: &Path, run: Target) -> usize {

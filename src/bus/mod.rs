@@ -4,9 +4,9 @@
 //! - [`publisher`]: the cloneable [`Publisher`] handle (library `publish`/`publish_user`, and
 //!   the internal listener's non-blocking path).
 //! - [`cluster`]: the Redis bus that carries events between nodes (`--bus redis://`,
-//!   `--bus redis-cluster://`).
+//!   `--bus redis-cluster://`): its thread, connections, publish client and subscription
+//!   protocol.
 //! - [`topology`]: which Redis server a channel goes to (hash slots on a Redis Cluster).
-//! - [`redis`]: a blocking Redis command connection.
 //! - [`resp`]: the Redis protocol, for the cluster bus.
 //! - [`wire`]: the cluster wire format, version 1: channels and messages on Redis.
 //!
@@ -16,7 +16,6 @@
 pub mod body;
 pub mod cluster;
 pub mod publisher;
-pub mod redis;
 pub mod resp;
 pub mod topology;
 pub mod wire;

@@ -1,0 +1,1053 @@
+//! The bus thread: one mio poll loop over every Redis connection of this node (a subscriber and
+//! a command connection per server, and a layout read when one is under way), the publishers'
+//! queue and the shards' interest changes. Each wake-up takes at most a budget of each input
+//! ([`READ_BUDGET`] per connection, [`PUBLISHES_PER_TURN`], [`INTEREST_PER_TURN`]) and polls
+//! again without waiting when one ran out, so one busy peer cannot starve the rest. Nothing here
+//! blocks: not on Redis (every connection is non-blocking, every wait a deadline), not on DNS
+//! (a helper thread), not on a shard (a batch a full inbox cannot take waits here, and Redis is
+//! not read while [`SHARD_BACKLOG`] batches wait).
+
+use super::layout::{LayoutRead, Resolver};
+use super::link::{Drain, Link, LinkError, MAX_OUTPUT};
+use super::publish::{Msg, Publishing};
+use super::subscriptions::{Action, Command, Confirmation, Subscriptions};
+use super::{BusUnavailable, ClusterBus, Inputs, Submitted, PUBLISH_DEADLINE};
+use crate::bus::resp::{self, Reply};
+use crate::bus::topology::{self, Topology};
+use crate::bus::wire::{self, WireLimits};
+use crate::config::{RedisConfig, RedisNode};
+use crate::dispatch::inbox::{ShardMsg, TrySend, Waiter};
+use crate::dispatch::interest::ShardSet;
+use crate::dispatch::{BusInterest, Links, PendingBatch, Progress};
+use crate::event::Event;
+use crate::metrics::ShardStats;
+use crossbeam_channel::Receiver;
+use mio::{Events, Poll, Token};
+use slab::Slab;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Connection `k` of the slab is token `LINK_BASE + k`.
+const LINK_BASE: usize = 1;
+/// Connect and handshake deadline for each connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Short on purpose: Redis pub/sub keeps no backlog, so the time between Redis coming back and a
+/// node re-subscribing is a window in which that node's subscribers miss events that other nodes
+/// already publish again. A connect attempt a second per node costs Redis nothing.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After a reconnect, a node holds its publishes back this long (answering 503) so that the
+/// other nodes, which lost Redis at the same moment, have re-subscribed before the backlog its
+/// publishers resend goes out: Redis would deliver it only to the nodes already back. Twice the
+/// longest jittered backoff, plus a margin for the connect itself.
+pub const PUBLISH_SETTLE: Duration = Duration::from_millis(2000);
+/// A silent subscriber connection is pinged after this long, and given up after as long again:
+/// a Redis that vanished without a FIN is noticed within ten seconds.
+const IDLE_PING: Duration = Duration::from_secs(5);
+/// The layout is read at most this often, so that masters whose views of it disagree for a
+/// moment (while a change spreads through the cluster) cannot spin the bus thread.
+const LAYOUT_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes read from one connection per wake-up.
+const READ_BUDGET: usize = 256 * 1024;
+/// Publishes taken from the queue per wake-up.
+const PUBLISHES_PER_TURN: usize = 256;
+/// Interest changes taken from the shards per wake-up.
+const INTEREST_PER_TURN: usize = 4096;
+/// Batches waiting for room in a shard's inbox above which no subscriber connection is read:
+/// the back-pressure reaches Redis, which buffers for this node up to its own limit.
+pub const SHARD_BACKLOG: usize = 64;
+/// The longest the loop sleeps while a connect, a handshake or a publish is outstanding (their
+/// deadlines are checked on each turn).
+const DEADLINE_TICK: Duration = Duration::from_millis(50);
+
+/// What a connection is for.
+enum Role {
+    /// `(S)SUBSCRIBE`s and the messages they bring.
+    Subscriber,
+    /// Publishes, pipelined: the messages sent and not answered yet, in order, with when.
+    Publisher(VecDeque<(Msg, Instant)>),
+    /// One `CLUSTER SLOTS`.
+    Layout,
+}
+
+struct Conn {
+    link: Link,
+    role: Role,
+    /// Its readiness was acted on.
+    announced: bool,
+}
+
+/// Something on its way to the shards, in order.
+enum Outgoing {
+    Events(PendingBatch),
+    Live(Arc<str>, ShardSet),
+}
+
+/// What the bus thread starts from (built before the shards, started after them).
+pub struct BusThread {
+    bus: Arc<ClusterBus>,
+    cfg: RedisConfig,
+    poll: Poll,
+    inputs: Inputs,
+}
+
+impl BusThread {
+    pub(super) fn new(
+        bus: Arc<ClusterBus>,
+        cfg: RedisConfig,
+        poll: Poll,
+        interest: Receiver<BusInterest>,
+        publishes: Receiver<Submitted>,
+    ) -> BusThread {
+        BusThread {
+            bus,
+            cfg,
+            poll,
+            inputs: Inputs {
+                interest,
+                publishes,
+            },
+        }
+    }
+
+    /// Runs the bus until [`ClusterBus::stop`].
+    pub fn run(self, shards: Arc<Links>, limits: WireLimits) {
+        shards.room().register(Waiter::Bus, self.bus.waker.clone());
+        let resolver = match Resolver::start(self.bus.waker.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("cluster bus: cannot start its resolver thread: {e}");
+                return;
+            }
+        };
+        let topo = if self.cfg.cluster {
+            Topology::unknown()
+        } else {
+            Topology::single(self.cfg.nodes[0].clone())
+        };
+        let mut r = Runner {
+            bus: self.bus,
+            cfg: self.cfg,
+            shards,
+            limits,
+            poll: self.poll,
+            inputs: self.inputs,
+            subs: Subscriptions::default(),
+            publishing: Publishing::default(),
+            conns: Slab::new(),
+            subscriber_of: HashMap::new(),
+            publisher_of: HashMap::new(),
+            publish_from: HashMap::new(),
+            topo,
+            stale: true,
+            layout: None,
+            layout_conn: None,
+            layout_hint: None,
+            last_layout: None,
+            lost: false,
+            backoff: BACKOFF_MIN,
+            retry_at: Instant::now(),
+            resolver,
+            outgoing: VecDeque::new(),
+            actions: Vec::new(),
+            batch: Vec::new(),
+            targets: ShardSet::default(),
+            failed: Vec::new(),
+            more: false,
+            paused: false,
+        };
+        r.run();
+    }
+}
+
+struct Runner {
+    bus: Arc<ClusterBus>,
+    cfg: RedisConfig,
+    shards: Arc<Links>,
+    limits: WireLimits,
+    poll: Poll,
+    inputs: Inputs,
+    subs: Subscriptions,
+    publishing: Publishing,
+    conns: Slab<Conn>,
+    subscriber_of: HashMap<RedisNode, usize>,
+    publisher_of: HashMap<RedisNode, usize>,
+    /// The servers with a ready subscriber connection, each with the instant publishes to it
+    /// may start: at once after the first connection, [`PUBLISH_SETTLE`] after a reconnect. A
+    /// publish goes only to these: what goes elsewhere would miss this node's own subscribers.
+    publish_from: HashMap<RedisNode, Instant>,
+    topo: Topology,
+    /// The layout must be read (again): at start, after a redirect, after a lost connection (a
+    /// master may have failed over).
+    stale: bool,
+    layout: Option<LayoutRead>,
+    layout_conn: Option<usize>,
+    /// The server to ask for the layout first: the one that said a slot moved.
+    layout_hint: Option<RedisNode>,
+    last_layout: Option<Instant>,
+    /// A connection was lost since the last one was made: the next one is a reconnect.
+    lost: bool,
+    backoff: Duration,
+    retry_at: Instant,
+    resolver: Resolver,
+    outgoing: VecDeque<Outgoing>,
+    actions: Vec<Action>,
+    /// The events read this turn, and the shards that want them.
+    batch: Vec<Event>,
+    targets: ShardSet,
+    /// Connections to drop at the end of the step that found them failed.
+    failed: Vec<(usize, String)>,
+    /// A budget ran out: poll again without waiting.
+    more: bool,
+    /// Subscriber connections are not read (the shards' backlog is full).
+    paused: bool,
+}
+
+impl Runner {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            if self.bus.stop.load(Ordering::Acquire) {
+                return self.shutdown();
+            }
+            let now = Instant::now();
+            self.more = false;
+            for (node, why) in self.resolver.take_answers(now) {
+                if self.layout.as_ref().and_then(|l| l.current()) == Some(&node) {
+                    self.layout.as_mut().expect("checked").failed(why);
+                } else {
+                    self.retry_later(format!("redis {node}: {why}"));
+                }
+            }
+            self.start_attempts(now);
+            self.take_interest();
+            self.subscribe_pending();
+            self.take_publishes(now);
+            for msg in self.publishing.release(now) {
+                self.send(msg, now);
+            }
+            self.publishing.expire(now);
+            self.check_deadlines(now);
+            self.advance_outgoing();
+            self.flush_all();
+            self.drop_failed();
+            self.announce_ready(now);
+            self.update_up();
+            self.gauges();
+
+            let timeout = if self.more {
+                Duration::ZERO
+            } else {
+                self.next_timeout(now)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    log::error!("cluster bus: poll failed: {e}");
+                    return self.shutdown();
+                }
+            }
+            for ev in events.iter() {
+                let Some(key) = ev.token().0.checked_sub(LINK_BASE) else {
+                    continue;
+                };
+                let Some(c) = self.conns.get_mut(key) else {
+                    continue;
+                };
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    c.link.readable = true;
+                }
+                if ev.is_writable() || ev.is_error() {
+                    if let Err(e) = c.link.on_writable() {
+                        self.failed.push((key, e.to_string()));
+                    }
+                }
+            }
+            self.drop_failed();
+            self.read_all();
+            self.drop_failed();
+        }
+    }
+
+    /// How long the loop may sleep.
+    fn next_timeout(&self, now: Instant) -> Duration {
+        let mut until = now + IDLE_PING;
+        let waiting_connect = self
+            .topo
+            .nodes
+            .iter()
+            .any(|n| !self.subscriber_of.contains_key(n))
+            || (self.stale && self.layout.is_none());
+        if waiting_connect {
+            let mut at = self.retry_at;
+            if let Some(t) = self.last_layout.filter(|_| self.stale) {
+                at = at.max(t + LAYOUT_MIN_INTERVAL);
+            }
+            until = until.min(at);
+        }
+        if let Some(t) = self.publishing.next_due() {
+            until = until.min(t);
+        }
+        let outstanding = self.conns.iter().any(|(_, c)| {
+            !c.link.is_ready() || matches!(&c.role, Role::Publisher(sent) if !sent.is_empty())
+        });
+        if outstanding || self.layout.is_some() {
+            until = until.min(now + DEADLINE_TICK);
+        }
+        until.saturating_duration_since(now)
+    }
+
+    fn shutdown(&mut self) {
+        self.bus.up.store(false, Ordering::Release);
+        self.publishing.fail_all(BusUnavailable::Stopped);
+        while let Ok(s) = self.inputs.publishes.try_recv() {
+            (s.done)(Err(BusUnavailable::Stopped));
+        }
+        for (_, c) in std::mem::take(&mut self.conns) {
+            c.link.close(self.poll.registry());
+        }
+    }
+
+    fn gauges(&self) {
+        let s = &self.bus.stats;
+        s.bus_pending
+            .store(self.subs.pending() as u64, Ordering::Relaxed);
+        s.bus_shard_backlog
+            .store(self.outgoing.len() as u64, Ordering::Relaxed);
+        s.bus_publish_queue.store(
+            (self.publishing.len() + self.inputs.publishes.len()) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Up when the layout is complete and every server in it has a ready subscriber connection.
+    /// (A layout being read again after a slot moved does not count as down: publishes follow
+    /// redirects.)
+    fn update_up(&self) {
+        let up = !self.topo.nodes.is_empty()
+            && self.topo.uncovered() == 0
+            && self
+                .topo
+                .nodes
+                .iter()
+                .all(|n| self.publish_from.contains_key(n));
+        if up != self.bus.up.load(Ordering::Relaxed) {
+            self.bus
+                .stats
+                .bus_up
+                .store(u64::from(up), Ordering::Relaxed);
+            self.bus.up.store(up, Ordering::Release);
+        }
+    }
+
+    // ---- connections -------------------------------------------------------------------
+
+    /// Opens a connection to `node` for `role`, if its address is known (otherwise it is being
+    /// resolved, and the caller tries again on a later turn).
+    fn open(
+        &mut self,
+        node: &RedisNode,
+        role: Role,
+        now: Instant,
+    ) -> Result<Option<usize>, String> {
+        let Some(addr) = self.resolver.address(node, now) else {
+            return Ok(None);
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let link = Link::connect(
+            node.clone(),
+            addr,
+            &self.cfg,
+            self.poll.registry(),
+            Token(LINK_BASE + key),
+            now + CONNECT_TIMEOUT,
+        )
+        .map_err(|e| format!("redis {node}: {e}"))?;
+        entry.insert(Conn {
+            link,
+            role,
+            announced: false,
+        });
+        Ok(Some(key))
+    }
+
+    /// Starts, when due, what the bus lacks: a read of the layout when it is stale, and a
+    /// subscriber connection to each server of the layout that has none.
+    fn start_attempts(&mut self, now: Instant) {
+        if now < self.retry_at {
+            return;
+        }
+        if self.stale && !self.cfg.cluster {
+            self.stale = false; // one server: its address is its layout
+        }
+        if self.stale
+            && self.layout.is_none()
+            && self
+                .last_layout
+                .map_or(true, |t| now >= t + LAYOUT_MIN_INTERVAL)
+        {
+            self.last_layout = Some(now);
+            // The server that said a slot moved first, then the known masters, then the seeds.
+            let mut candidates: Vec<RedisNode> = self.layout_hint.iter().cloned().collect();
+            for known in self.topo.nodes.iter().chain(&self.cfg.nodes) {
+                if !candidates.contains(known) {
+                    candidates.push(known.clone());
+                }
+            }
+            self.layout = Some(LayoutRead::new(candidates));
+        }
+        if self.layout.is_some() && self.layout_conn.is_none() {
+            self.advance_layout(now);
+        }
+        for node in self.topo.nodes.clone() {
+            if self.subscriber_of.contains_key(&node) {
+                continue;
+            }
+            match self.open(&node, Role::Subscriber, now) {
+                Ok(Some(key)) => {
+                    self.subscriber_of.insert(node, key);
+                }
+                Ok(None) => {}
+                Err(why) => return self.retry_later(why),
+            }
+        }
+    }
+
+    /// Asks the next candidate for the layout, or gives up on this read.
+    fn advance_layout(&mut self, now: Instant) {
+        loop {
+            let Some(read) = self.layout.as_mut() else {
+                return;
+            };
+            let Some(node) = read.current().cloned() else {
+                let why = self.layout.take().expect("checked").give_up();
+                return self.retry_later(why);
+            };
+            match self.open(&node, Role::Layout, now) {
+                Ok(Some(key)) => {
+                    if let Err(e) = self.conns[key].link.command(&[b"CLUSTER", b"SLOTS"]) {
+                        self.failed.push((key, e.to_string()));
+                    }
+                    self.layout_conn = Some(key);
+                    return;
+                }
+                Ok(None) => return, // resolving its name
+                Err(why) => self.layout.as_mut().expect("checked").failed(why),
+            }
+        }
+    }
+
+    /// Connections whose handshake just finished.
+    fn announce_ready(&mut self, now: Instant) {
+        let ready: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.announced && c.link.is_ready())
+            .map(|(k, _)| k)
+            .collect();
+        for key in ready {
+            let c = &mut self.conns[key];
+            c.announced = true;
+            if !matches!(c.role, Role::Subscriber) {
+                continue;
+            }
+            let node = c.link.node.clone();
+            let from = if self.lost { now + PUBLISH_SETTLE } else { now };
+            self.publish_from.insert(node.clone(), from);
+            if self.lost {
+                ShardStats::add(&self.bus.stats.bus_reconnects, 1);
+            }
+            log::info!(
+                "cluster bus: connected to redis {node} ({})",
+                self.cfg.url()
+            );
+            if self
+                .topo
+                .nodes
+                .iter()
+                .all(|n| self.publish_from.contains_key(n))
+            {
+                self.lost = false;
+                self.backoff = BACKOFF_MIN;
+            }
+            // The command connection for publishes, ready before the first one.
+            if !self.publisher_of.contains_key(&node) {
+                if let Ok(Some(k)) = self.open(&node, Role::Publisher(VecDeque::new()), now) {
+                    self.publisher_of.insert(node, k);
+                }
+            }
+        }
+        if !self.subs.is_empty() {
+            self.subscribe_pending();
+        }
+    }
+
+    /// Logs why the bus is not whole and schedules the next attempts after the backoff.
+    fn retry_later(&mut self, why: String) {
+        ShardStats::add(&self.bus.stats.bus_connect_failures, 1);
+        let wait = jittered(self.backoff);
+        self.retry_at = Instant::now() + wait;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        log::warn!(
+            "cluster bus: {}: {why}; retrying in {wait:?}",
+            self.cfg.url()
+        );
+    }
+
+    /// Drops the connections found failed.
+    fn drop_failed(&mut self) {
+        while let Some((key, why)) = self.failed.pop() {
+            self.drop_conn(key, &why, true);
+        }
+    }
+
+    /// Closes connection `key`. `lost`: it failed (as opposed to being closed because its
+    /// server left the layout or its work is done).
+    fn drop_conn(&mut self, key: usize, why: &str, lost: bool) {
+        let Some(c) = self.conns.try_remove(key) else {
+            return;
+        };
+        let node = c.link.node.clone();
+        let ready = c.link.is_ready();
+        c.link.close(self.poll.registry());
+        match c.role {
+            Role::Subscriber => {
+                self.subscriber_of.remove(&node);
+                self.publish_from.remove(&node);
+                self.subs.forget(key, |_| true);
+                if lost {
+                    if ready {
+                        log::warn!(
+                            "cluster bus: lost redis {node} ({}): {why}; publishes through it answer 503 until it is back",
+                            self.cfg.url()
+                        );
+                        self.lost = true;
+                        self.retry_at = Instant::now() + jittered(self.backoff);
+                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    } else {
+                        self.retry_later(format!("redis {node}: {why}"));
+                    }
+                    if self.cfg.cluster {
+                        self.stale = true; // a master may have failed over
+                    }
+                }
+                // Publishes to it would miss this node's own subscribers from now on.
+                if let Some(p) = self.publisher_of.get(&node).copied() {
+                    self.drop_conn(p, why, false);
+                }
+            }
+            Role::Publisher(sent) => {
+                self.publisher_of.remove(&node);
+                if lost && !sent.is_empty() {
+                    log::warn!("cluster bus: publish connection to redis {node} failed: {why}");
+                }
+                let failure = self.unreachable(&node, 0, why);
+                for (msg, _) in sent {
+                    let why = match (&failure, self.publishing.slot(msg)) {
+                        (BusUnavailable::Unreachable { node, why, .. }, Some(slot)) => {
+                            BusUnavailable::Unreachable {
+                                node: node.clone(),
+                                slot,
+                                why: why.clone(),
+                            }
+                        }
+                        (f, _) => f.clone(),
+                    };
+                    self.publishing.fail(msg, why);
+                }
+            }
+            Role::Layout => {
+                if self.layout_conn == Some(key) {
+                    self.layout_conn = None;
+                    if lost {
+                        if let Some(read) = self.layout.as_mut() {
+                            read.failed(why.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handshake and answer deadlines, and the subscriber connections' PING watchdog.
+    fn check_deadlines(&mut self, now: Instant) {
+        for (key, c) in self.conns.iter_mut() {
+            if c.link.handshake_overdue(now) {
+                self.failed
+                    .push((key, LinkError::HandshakeTimeout.to_string()));
+                continue;
+            }
+            match &c.role {
+                Role::Publisher(sent)
+                    if sent
+                        .front()
+                        .is_some_and(|(_, at)| now >= *at + PUBLISH_DEADLINE) =>
+                {
+                    self.failed.push((
+                        key,
+                        format!("no answer to a publish within {PUBLISH_DEADLINE:?}"),
+                    ));
+                }
+                Role::Subscriber if c.link.is_ready() => {
+                    // A quiet connection is asked for a sign of life; no answer in time means
+                    // Redis is gone even if no FIN or RST ever arrives. (In subscribed mode
+                    // PING answers ["pong", ""]; any bytes count.)
+                    match c.link.pinged {
+                        Some(t) if now >= t + IDLE_PING => {
+                            self.failed
+                                .push((key, format!("no answer to PING within {IDLE_PING:?}")));
+                        }
+                        None if now >= c.link.heard + IDLE_PING => {
+                            if let Err(e) = c.link.command(&[b"PING"]) {
+                                self.failed.push((key, e.to_string()));
+                            }
+                            c.link.pinged = Some(now);
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        for (key, c) in self.conns.iter_mut() {
+            if c.link.unsent() > 0 {
+                if let Err(e) = c.link.flush() {
+                    self.failed.push((key, e.to_string()));
+                }
+            }
+        }
+    }
+
+    // ---- reading -------------------------------------------------------------------------
+
+    /// Reads every connection with input, each up to its budget, and handles its replies.
+    fn read_all(&mut self) {
+        let paused = self.outgoing.len() >= SHARD_BACKLOG;
+        if paused && !self.paused {
+            ShardStats::add(&self.bus.stats.bus_read_pauses, 1);
+        }
+        self.paused = paused;
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.link.readable)
+            .filter(|(_, c)| !(paused && matches!(c.role, Role::Subscriber)))
+            .map(|(k, _)| k)
+            .collect();
+        let mut replies = Vec::new();
+        for key in keys {
+            let c = &mut self.conns[key];
+            let read = c.link.read(READ_BUDGET);
+            // Replies already read are handled even when the connection then failed.
+            loop {
+                match c.link.next_reply() {
+                    Ok(Some(r)) => replies.push(r),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.failed.push((key, e.to_string()));
+                        break;
+                    }
+                }
+            }
+            match read {
+                Ok(Drain::More) => self.more = true,
+                Ok(Drain::Drained) => {}
+                Err(e) => self.failed.push((key, e.to_string())),
+            }
+            let now = Instant::now();
+            for reply in replies.drain(..) {
+                let Some(c) = self.conns.get(key) else {
+                    break;
+                };
+                let outcome = match c.role {
+                    Role::Subscriber => self.on_subscriber_reply(key, reply, now),
+                    Role::Publisher(_) => self.on_publish_reply(key, reply, now),
+                    Role::Layout => self.on_layout_reply(key, reply),
+                };
+                if let Err(why) = outcome {
+                    self.failed.push((key, why));
+                    break;
+                }
+            }
+            self.apply_actions(now);
+        }
+        if !self.batch.is_empty() {
+            ShardStats::add(&self.bus.stats.bus_received, self.batch.len() as u64);
+            let batch: Arc<[Event]> = std::mem::take(&mut self.batch).into();
+            let targets = std::mem::take(&mut self.targets);
+            self.outgoing
+                .push_back(Outgoing::Events(PendingBatch::new(batch, targets)));
+            self.advance_outgoing();
+        }
+    }
+
+    fn on_subscriber_reply(
+        &mut self,
+        key: usize,
+        reply: Reply,
+        now: Instant,
+    ) -> Result<(), String> {
+        if let Some(m) = resp::pubsub_message(&reply) {
+            let Some(ws) = wire::workspace_of(m.channel) else {
+                return Ok(());
+            };
+            if !self.subs.is_live(ws) {
+                return Ok(()); // a message racing an unsubscribe
+            }
+            match wire::decode(m.payload, self.limits) {
+                Ok(got) => {
+                    self.targets.union(self.shards.interest().shards_for(ws));
+                    self.batch.push(Event {
+                        workspace_id: ws.into(),
+                        user_id: got.user_id,
+                        frame: got.frame,
+                        accepted_at: now,
+                    });
+                }
+                Err(why) => {
+                    ShardStats::add(&self.bus.stats.bus_invalid, 1);
+                    log::warn!(workspace = ws, reason = why.as_str(); "cluster bus: dropped an invalid message");
+                }
+            }
+            return Ok(());
+        }
+        if let Reply::Error(e) = &reply {
+            // The slot moved before the subscription arrived: every subscription to it on this
+            // connection is made again at the new master, once the layout is read.
+            let Some((slot, owner)) = topology::redirect(e) else {
+                return Err(format!(
+                    "Redis refused a subscription: {}{}",
+                    String::from_utf8_lossy(e),
+                    if self.cfg.cluster {
+                        " (sharded pub/sub needs Redis 7.0 or later)"
+                    } else {
+                        ""
+                    }
+                ));
+            };
+            ShardStats::add(&self.bus.stats.bus_redirects, 1);
+            self.publishing.hold_slot(slot, now);
+            self.layout_hint = Some(owner.clone());
+            self.topo.moved(slot, owner);
+            self.stale = true;
+            self.subs
+                .forget(key, |ws| topology::slot(&wire::channel(ws)) == slot);
+            return Ok(());
+        }
+        // A subscription confirmation: [kind, channel, count].
+        let Reply::Array(Some(items)) = &reply else {
+            return Ok(());
+        };
+        let (Some(kind), Some(channel)) = (
+            items.first().and_then(Reply::as_bytes),
+            items.get(1).and_then(Reply::as_bytes),
+        ) else {
+            return Ok(());
+        };
+        let kind = if kind == self.bus.dialect.subscribed {
+            Confirmation::Subscribed
+        } else if kind == self.bus.dialect.unsubscribed {
+            Confirmation::Unsubscribed
+        } else {
+            return Ok(()); // ["pong", ""]
+        };
+        if let Some(ws) = wire::workspace_of(channel) {
+            self.subs.confirmed(key, kind, ws, &mut self.actions);
+        }
+        Ok(())
+    }
+
+    fn on_publish_reply(&mut self, key: usize, reply: Reply, now: Instant) -> Result<(), String> {
+        let Role::Publisher(sent) = &mut self.conns[key].role else {
+            return Ok(());
+        };
+        let Some((msg, _)) = sent.pop_front() else {
+            return Err("Redis answered a publish that was not sent".into());
+        };
+        let Reply::Error(e) = reply else {
+            self.publishing.accepted(msg);
+            return Ok(());
+        };
+        match topology::redirect(&e) {
+            Some((slot, owner)) => {
+                ShardStats::add(&self.bus.stats.bus_redirects, 1);
+                self.topo.moved(slot, owner.clone());
+                self.layout_hint = Some(owner);
+                self.stale = true;
+                self.publishing.redirected(msg, now);
+            }
+            None => self.publishing.fail(
+                msg,
+                BusUnavailable::Refused(String::from_utf8_lossy(&e).into_owned()),
+            ),
+        }
+        Ok(())
+    }
+
+    fn on_layout_reply(&mut self, key: usize, reply: Reply) -> Result<(), String> {
+        let node = self.conns[key].link.node.clone();
+        let got = Topology::from_cluster_slots(&reply, &node);
+        self.drop_conn(key, "", false);
+        self.layout_conn = None;
+        let Some(read) = self.layout.as_mut() else {
+            return Ok(());
+        };
+        match got {
+            Ok(t) if !t.nodes.is_empty() => {
+                self.layout = None;
+                self.on_layout(t);
+            }
+            Ok(_) => read.failed("knows no slot owner yet".into()),
+            Err(e) => read.failed(e),
+        }
+        Ok(())
+    }
+
+    /// A layout was read.
+    fn on_layout(&mut self, topo: Topology) {
+        self.layout_hint = None;
+        self.stale = false;
+        ShardStats::add(&self.bus.stats.bus_layout_reads, 1);
+        let now = Instant::now();
+        for slot in self.topo.changed_slots(&topo) {
+            self.publishing.hold_slot(slot, now);
+        }
+        // Connections to servers that no longer own slots (a failed master that came back as a
+        // replica) go; their subscriptions are made again where they belong.
+        let gone: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.role, Role::Layout) && !topo.nodes.contains(&c.link.node))
+            .map(|(k, _)| k)
+            .collect();
+        for key in gone {
+            self.drop_conn(key, "no longer a master", false);
+        }
+        self.topo = topo;
+        self.subs.retry_unrequested();
+        let uncovered = self.topo.uncovered();
+        if uncovered > 0 {
+            // A cluster that is partly down: serve the slots that have a master, and read the
+            // layout again until every slot has one.
+            self.stale = true;
+            self.retry_later(format!("{uncovered} hash slots have no master"));
+        }
+    }
+
+    // ---- subscriptions -------------------------------------------------------------------
+
+    fn take_interest(&mut self) {
+        for _ in 0..INTEREST_PER_TURN {
+            match self.inputs.interest.try_recv() {
+                Ok(BusInterest::Add(ws, shard)) => self.subs.add(ws, shard, &mut self.actions),
+                Ok(BusInterest::Remove(ws, shard)) => {
+                    self.subs.remove(&ws, shard, &mut self.actions)
+                }
+                Err(_) => {
+                    self.apply_actions(Instant::now());
+                    return;
+                }
+            }
+        }
+        self.more = true;
+        self.apply_actions(Instant::now());
+    }
+
+    /// Subscribes every pending workspace whose server has a ready subscriber connection.
+    fn subscribe_pending(&mut self) {
+        let (topo, subscriber_of, conns) = (&self.topo, &self.subscriber_of, &self.conns);
+        self.subs.subscribe_pending(
+            |ws| {
+                let n = topo.node_for(&wire::channel(ws))?;
+                let key = *subscriber_of.get(&topo.nodes[n])?;
+                conns[key].link.is_ready().then_some(key)
+            },
+            &mut self.actions,
+        );
+        self.apply_actions(Instant::now());
+    }
+
+    fn apply_actions(&mut self, now: Instant) {
+        for action in std::mem::take(&mut self.actions) {
+            match action {
+                Action::Send(key, command, ws) => {
+                    let verb = match command {
+                        Command::Subscribe => self.bus.dialect.subscribe,
+                        Command::Unsubscribe => self.bus.dialect.unsubscribe,
+                    };
+                    if let Some(c) = self.conns.get_mut(key) {
+                        if let Err(e) = c.link.command(&[verb, &wire::channel(&ws)]) {
+                            self.failed.push((key, e.to_string()));
+                        }
+                    }
+                }
+                Action::Live(ws, shards) => self.outgoing.push_back(Outgoing::Live(ws, shards)),
+                Action::Ended(key, ws) => {
+                    let slot = topology::slot(&wire::channel(&ws));
+                    log::info!(
+                        workspace = &*ws;
+                        "cluster bus: Redis moved the workspace's hash slot {slot}; subscribing at its new master"
+                    );
+                    self.stale = true;
+                    self.layout_hint = self.conns.get(key).map(|c| c.link.node.clone());
+                    self.publishing.hold_slot(slot, now);
+                }
+            }
+        }
+    }
+
+    /// Hands what waits to the shards that have room, in order per shard.
+    fn advance_outgoing(&mut self) {
+        let mut blocked = ShardSet::default();
+        let mut i = 0;
+        while i < self.outgoing.len() {
+            let done = match &mut self.outgoing[i] {
+                Outgoing::Events(p) => {
+                    p.advance(&self.shards, Waiter::Bus, &mut blocked) != Progress::Waiting
+                }
+                Outgoing::Live(ws, remaining) => {
+                    for s in remaining.clone().iter() {
+                        if s >= self.shards.len() {
+                            remaining.remove(s);
+                            continue;
+                        }
+                        if blocked.contains(s) {
+                            continue;
+                        }
+                        match self
+                            .shards
+                            .shard(s)
+                            .try_send(ShardMsg::Live(ws.clone()), Waiter::Bus)
+                        {
+                            TrySend::Sent | TrySend::Gone => remaining.remove(s),
+                            TrySend::Full(_) => blocked.insert(s),
+                        }
+                    }
+                    blocked.union(*remaining);
+                    remaining.is_empty()
+                }
+            };
+            if done {
+                self.outgoing.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    // ---- publishing ----------------------------------------------------------------------
+
+    fn take_publishes(&mut self, now: Instant) {
+        for _ in 0..PUBLISHES_PER_TURN {
+            let Ok(s) = self.inputs.publishes.try_recv() else {
+                return;
+            };
+            let (topo, from, publishers, conns, cluster) = (
+                &self.topo,
+                &self.publish_from,
+                &self.publisher_of,
+                &self.conns,
+                self.cfg.cluster,
+            );
+            let msgs = self.publishing.admit(s, |slot| {
+                let n = topo
+                    .node_for_slot(slot)
+                    .ok_or(BusUnavailable::NoMaster(slot))?;
+                let node = &topo.nodes[n];
+                match from.get(node) {
+                    None => Err(BusUnavailable::Unreachable {
+                        node: cluster.then(|| node.clone()),
+                        slot,
+                        why: "this node is not connected to it".into(),
+                    }),
+                    Some(t) if now < *t => Err(BusUnavailable::Settling {
+                        node: node.clone(),
+                        resume_in_ms: (*t - now).as_millis().max(1) as u64,
+                    }),
+                    _ if publishers
+                        .get(node)
+                        .is_some_and(|k| conns[*k].link.unsent() > MAX_OUTPUT / 2) =>
+                    {
+                        Err(BusUnavailable::Busy)
+                    }
+                    _ => Ok(()),
+                }
+            });
+            for msg in msgs {
+                if !self.publishing.must_hold(msg, now) {
+                    self.send(msg, now);
+                }
+            }
+        }
+        self.more = true;
+    }
+
+    /// Sends `msg` to its slot's master over the command connection.
+    fn send(&mut self, msg: Msg, now: Instant) {
+        let Some(slot) = self.publishing.slot(msg) else {
+            return;
+        };
+        let Some(n) = self.topo.node_for_slot(slot) else {
+            return self.publishing.fail(msg, BusUnavailable::NoMaster(slot));
+        };
+        let node = self.topo.nodes[n].clone();
+        if !self.publish_from.contains_key(&node) {
+            let why = self.unreachable(&node, slot, "this node is not connected to it");
+            return self.publishing.fail(msg, why);
+        }
+        let key = match self.publisher_of.get(&node) {
+            Some(k) => *k,
+            None => match self.open(&node, Role::Publisher(VecDeque::new()), now) {
+                Ok(Some(k)) => {
+                    self.publisher_of.insert(node.clone(), k);
+                    k
+                }
+                Ok(None) => {
+                    let why = self.unreachable(&node, slot, "its address is being resolved");
+                    return self.publishing.fail(msg, why);
+                }
+                Err(e) => {
+                    let why = self.unreachable(&node, slot, &e);
+                    return self.publishing.fail(msg, why);
+                }
+            },
+        };
+        let c = &mut self.conns[key];
+        if c.link.unsent() > MAX_OUTPUT / 2 {
+            ShardStats::add(&self.bus.stats.bus_publish_busy, 1);
+            return self.publishing.fail(msg, BusUnavailable::Busy);
+        }
+        let command = self.publishing.command(msg).expect("open above");
+        if let Err(e) = c.link.encoded(command) {
+            self.failed.push((key, e.to_string()));
+        }
+        if let Role::Publisher(sent) = &mut c.role {
+            sent.push_back((msg, now));
+        }
+    }
+
+    /// The 503 for a server a publish cannot reach, in one wording whichever step found it.
+    fn unreachable(&self, node: &RedisNode, slot: u16, why: &str) -> BusUnavailable {
+        BusUnavailable::Unreachable {
+            node: self.cfg.cluster.then(|| node.clone()),
+            slot,
+            why: why.to_string(),
+        }
+    }
+}
+
+/// `d` scaled by a factor in [0.5, 1.5), so that nodes that lost Redis together do not all come
+/// back in the same instant.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let r = (nanos.wrapping_mul(2_654_435_761) >> 8) as f64 / (1u32 << 24) as f64;
+    d.mul_f64(0.5 + r)
+}
