@@ -27,7 +27,15 @@ pub enum Point {
 #[derive(Debug, Default)]
 pub struct Faults {
     planted: std::sync::Mutex<Vec<(Point, Option<String>)>>,
+    /// Every shard stops at the start of its next turn while this is set (for at most
+    /// [`STALL_LIMIT`]), so that its inbox fills: a shard that cannot keep up, made to order.
+    stalled: std::sync::atomic::AtomicBool,
 }
+
+/// The longest a stalled shard waits for [`Faults::stall`] to be lifted, so that a test that
+/// forgets to lift it fails instead of hanging.
+#[cfg(feature = "fault-injection")]
+pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(feature = "fault-injection")]
 impl Faults {
@@ -37,6 +45,11 @@ impl Faults {
             .lock()
             .unwrap()
             .push((point, user.map(str::to_string)));
+    }
+
+    /// Stalls every shard at the start of its next turn (`true`) or lets them go on.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether a fault is planted at `point` for `user`; it is used up if so.
@@ -74,3 +87,21 @@ pub fn point<'a>(
 #[cfg(not(feature = "fault-injection"))]
 #[derive(Debug, Default)]
 pub struct Faults;
+
+/// Waits while [`Faults::stall`] is set (at most [`STALL_LIMIT`]). Without the feature,
+/// nothing.
+#[inline(always)]
+pub fn stall_point(
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))] faults: &Option<
+        std::sync::Arc<Faults>,
+    >,
+) {
+    #[cfg(feature = "fault-injection")]
+    if let Some(f) = faults {
+        let start = std::time::Instant::now();
+        while f.stalled.load(std::sync::atomic::Ordering::Acquire) && start.elapsed() < STALL_LIMIT
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}

@@ -17,22 +17,6 @@ fn channel(ws: &str) -> String {
     format!("causeloop:v1:ws:{ws}")
 }
 
-/// One workspace name per master, each owned by that master.
-fn one_workspace_per_master(cluster: &RedisCluster) -> Vec<String> {
-    let mut found: Vec<Option<String>> = vec![None; cluster.nodes.len()];
-    for i in 0.. {
-        let ws = format!("ws_{i}");
-        let owner = cluster.owner(cluster.slot(&channel(&ws)));
-        if found[owner].is_none() {
-            found[owner] = Some(ws);
-        }
-        if found.iter().all(Option::is_some) {
-            break;
-        }
-    }
-    found.into_iter().map(Option::unwrap).collect()
-}
-
 fn scrape(s: &TestServer) -> String {
     raw_http(
         s.internal,
@@ -68,7 +52,7 @@ fn sharded_pubsub_reaches_every_node_with_identical_bytes_from_the_owning_master
         return;
     };
     let nodes = [node(&cluster), node(&cluster), node(&cluster)];
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     // Every node subscribes to every workspace; `connected` arrives once each subscription is
     // in force at the workspace's master.
     let mut subs: Vec<Vec<Ws>> = spaces
@@ -140,7 +124,7 @@ fn publish_order_and_interest_hold_on_a_cluster() {
     };
     let a = node(&cluster);
     let b = node(&cluster);
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     let owner_of_0 = cluster.owner(cluster.slot(&channel(&spaces[0])));
     assert_eq!(
         cluster.shard_subscribers(&channel(&spaces[0]))[owner_of_0],
@@ -182,7 +166,7 @@ fn a_slot_moved_under_a_live_stream_is_followed() {
     let b = node(&cluster);
     // A node that only publishes: nothing tells it the slot moved until Redis redirects it.
     let publisher = node(&cluster);
-    let ws = &one_workspace_per_master(&cluster)[0];
+    let ws = &cluster.one_workspace_per_master()[0];
     let slot = cluster.slot(&channel(ws));
     let mut subs = [a.subscribe(ws, "u"), b.subscribe(ws, "u")];
     for (i, n) in [&a, &b, &publisher].iter().enumerate() {
@@ -258,7 +242,7 @@ fn a_master_lost_and_back_stops_only_its_slots() {
             c.heartbeat_interval = Duration::from_millis(200);
         })
     };
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     let mut subs: Vec<Ws> = spaces.iter().map(|ws| n.subscribe(ws, "u")).collect();
     assert_eq!(metric(&n, "causeloop_bus_up"), 1);
     cluster.kill(0);
@@ -311,7 +295,7 @@ fn a_frozen_master_is_given_up_while_the_others_keep_delivering() {
         return;
     };
     let n = node(&cluster);
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     let mut frozen_ws = n.subscribe(&spaces[0], "u");
     let mut live_ws = n.subscribe(&spaces[1], "u");
     // A hung master: its sockets stay open, nothing answers, no FIN ever comes.
@@ -370,7 +354,7 @@ fn a_cluster_with_a_password_is_used_with_it_on_every_master() {
         return;
     };
     let n = node(&cluster);
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     let mut subs: Vec<Ws> = spaces.iter().map(|ws| n.subscribe(ws, "u")).collect();
     for (ws, sub) in spaces.iter().zip(subs.iter_mut()) {
         let (status, body) = n.publish(&format!(
@@ -409,7 +393,7 @@ fn a_backend_spublishing_straight_to_the_cluster_reaches_subscribers() {
         return;
     };
     let n = node(&cluster);
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     let mut sub = n.subscribe(&spaces[2], "u");
     // As docs/cluster.md shows: SPUBLISH through any master, redis-cli following the MOVED.
     let out = cluster.nodes[0].cli(&[
@@ -440,7 +424,7 @@ fn a_node_started_before_its_cluster_waits_then_serves() {
     else {
         return;
     };
-    let spaces = one_workspace_per_master(&cluster);
+    let spaces = cluster.one_workspace_per_master();
     for i in 0..3 {
         cluster.kill(i);
     }

@@ -352,6 +352,7 @@ impl Shard {
 
     /// One loop turn after the poll; returns true when the shard is done (drained).
     fn iterate(&mut self, events: &Events, turn: &Turn) -> bool {
+        crate::fault::stall_point(&self.faults);
         for event in events.iter() {
             match event.token() {
                 LISTENER => self.accept_pending = true,

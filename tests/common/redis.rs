@@ -326,6 +326,21 @@ impl RedisCluster {
             .unwrap()
     }
 
+    /// One workspace name per master, each owned by that master (its channel
+    /// `causeloop:v1:ws:<name>` hashes to one of the master's slots).
+    pub fn one_workspace_per_master(&self) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; self.nodes.len()];
+        for i in 0.. {
+            let ws = format!("ws_{i}");
+            let owner = self.owner(self.slot(&format!("causeloop:v1:ws:{ws}")));
+            found[owner].get_or_insert(ws);
+            if found.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        found.into_iter().map(Option::unwrap).collect()
+    }
+
     /// Which master (index) owns `slot`, according to master 0.
     pub fn owner(&self, slot: u16) -> usize {
         let out = self.nodes[0].cli(&["CLUSTER", "NODES"]);
