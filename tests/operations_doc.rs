@@ -1,5 +1,7 @@
 //! docs/operations.md documents every flag of the binary, with its environment twin.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -46,4 +48,64 @@ fn every_flag_and_env_twin_is_documented() {
             "docs/operations.md documents {flag}, which the binary lacks"
         );
     }
+}
+
+/// The metric family of one sample line: its name without the labels and without the
+/// histogram's `_bucket`, `_sum` and `_count` (the docs name a histogram once).
+fn family(sample: &str) -> Option<&str> {
+    if sample.starts_with('#') || sample.trim().is_empty() {
+        return None;
+    }
+    let name = sample.split(['{', ' ']).next()?;
+    Some(
+        ["_bucket", "_sum", "_count", "_created"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name),
+    )
+}
+
+#[test]
+fn every_exported_metric_is_documented_and_every_documented_one_exported() {
+    // A server that has done a little of everything, so that every family has samples.
+    let s = common::TestServer::start();
+    let mut ws = s.subscribe("ws_m", "u");
+    let (status, _) = s.publish(r#"{"workspace_id":"ws_m","type":"t","payload":{}}"#);
+    assert_eq!(status, 202);
+    common::read_event(&mut ws);
+    let scrape = common::raw_http(
+        s.internal,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let body = scrape.split("\r\n\r\n").nth(1).unwrap_or("");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let mut exported: Vec<&str> = body.lines().filter_map(family).collect();
+    exported.dedup();
+    assert!(
+        exported.len() >= 20,
+        "only {} families in {body}",
+        exported.len()
+    );
+    let undocumented: Vec<&str> = exported
+        .iter()
+        .copied()
+        .filter(|name| {
+            !doc.contains(&format!("| `{name}`")) && !doc.contains(&format!("| `{name}{{"))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/operations.md's metric table lacks {undocumented:?}"
+    );
+    let unexported: Vec<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `causeloop_"))
+        .map(|row| row.split('`').nth(1).unwrap().split('{').next().unwrap())
+        .filter(|name| !exported.contains(name))
+        .collect();
+    assert!(
+        unexported.is_empty(),
+        "docs/operations.md documents {unexported:?}, which /metrics does not export"
+    );
 }
