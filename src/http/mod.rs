@@ -29,13 +29,32 @@ pub enum Status {
     UpgradeRequired,
     /// 431: request head over the bound.
     HeaderFieldsTooLarge,
-    /// 500: unexpected server error.
-    InternalError,
     /// 503: draining, or not ready.
     Unavailable,
 }
 
 impl Status {
+    /// Every status, for tables and tests (`tests/protocol_doc.rs` checks docs/protocol.md
+    /// against it).
+    pub const ALL: [Status; 11] = [
+        Status::Ok,
+        Status::Accepted,
+        Status::BadRequest,
+        Status::Unauthorized,
+        Status::NotFound,
+        Status::MethodNotAllowed,
+        Status::LengthRequired,
+        Status::PayloadTooLarge,
+        Status::UpgradeRequired,
+        Status::HeaderFieldsTooLarge,
+        Status::Unavailable,
+    ];
+
+    /// The numeric code.
+    pub fn code(self) -> u16 {
+        self.line()[9..12].parse().expect("a three-digit code")
+    }
+
     /// The status line, without the trailing CRLF.
     pub fn line(self) -> &'static str {
         match self {
@@ -49,7 +68,6 @@ impl Status {
             Status::PayloadTooLarge => "HTTP/1.1 413 Payload Too Large",
             Status::UpgradeRequired => "HTTP/1.1 426 Upgrade Required",
             Status::HeaderFieldsTooLarge => "HTTP/1.1 431 Request Header Fields Too Large",
-            Status::InternalError => "HTTP/1.1 500 Internal Server Error",
             Status::Unavailable => "HTTP/1.1 503 Service Unavailable",
         }
     }
