@@ -42,9 +42,9 @@ fn the_close_code_table_is_the_codes() {
     for reason in CloseReason::ALL {
         let code = reason.code().to_string();
         let phrase = reason.phrase();
-        let found = rows.iter().any(|r| {
-            r[0] == code && (phrase.is_empty() || r[1].contains(&format!("`{phrase}`")))
-        });
+        let found = rows
+            .iter()
+            .any(|r| r[0] == code && (phrase.is_empty() || r[1].contains(&format!("`{phrase}`"))));
         assert!(
             found,
             "docs/protocol.md's close code table lacks {code} `{phrase}` ({reason:?})"
@@ -113,11 +113,7 @@ fn the_http_status_tables_are_the_statuses() {
     let doc = doc();
     let documented = documented_statuses(&doc);
     // 101 is the upgrade, written by the WebSocket handshake rather than the status table.
-    let answered: BTreeSet<u16> = Status::ALL
-        .iter()
-        .map(|s| s.code())
-        .chain([101])
-        .collect();
+    let answered: BTreeSet<u16> = Status::ALL.iter().map(|s| s.code()).chain([101]).collect();
     let missing: Vec<&u16> = answered.difference(&documented).collect();
     assert!(
         missing.is_empty(),
