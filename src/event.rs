@@ -110,9 +110,14 @@ pub fn id_ok(id: &str, max: usize) -> bool {
 /// is `payload_len` bytes, without building it. (`kind` has passed [`check_type`], so it needs no
 /// escaping.)
 pub fn frame_len(kind: &str, payload_len: usize) -> usize {
-    // {"type":"<kind>","payload":<payload>,"ts":"<24 characters>"}
-    let body = 9 + kind.len() + 12 + payload_len + 7 + 24 + 2;
+    let body = body_len(kind, payload_len);
     crate::ws::frame::header_len(body) + body
+}
+
+/// The length of `{"type":"<kind>","payload":<payload>,"ts":"<24 characters>"}` for a `kind`
+/// that needs no escaping.
+fn body_len(kind: &str, payload_len: usize) -> usize {
+    9 + kind.len() + 12 + payload_len + 7 + 24 + 2
 }
 
 /// Encodes an event frame whose payload is written by `write_payload` (which must write exactly
@@ -124,7 +129,9 @@ pub fn encode_with(
     write_payload: impl FnOnce(&mut Vec<u8>),
 ) -> SharedFrame {
     let ts = clock::format_ts(ts_ms);
-    encode_text_with(kind.len() + payload_len_hint + 48, |buf| {
+    // Sized exactly (for a kind without escapes and a payload of the length hinted), so the
+    // payload is written into its final buffer with no reallocation, hence no second copy.
+    encode_text_with(body_len(kind, payload_len_hint), |buf| {
         envelope(buf, kind, &ts, write_payload)
     })
 }
@@ -220,6 +227,14 @@ mod tests {
                 b.extend_from_slice(payload.as_bytes())
             });
             assert_eq!(frame_len(kind, payload.len()), f.len(), "{kind}");
+            // Written into a buffer sized for it: nothing was reallocated (and so copied
+            // again); the only room left is the header's unused bytes.
+            assert!(
+                f.capacity() - f.len() < crate::ws::frame::MAX_HEADER_LEN,
+                "{kind}: {} bytes of capacity for a {}-byte frame",
+                f.capacity(),
+                f.len()
+            );
         }
     }
 

@@ -301,12 +301,25 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     }
 }
 
-/// The keys of one object seen so far: a short list (objects usually have a handful of keys),
-/// a hash set past it.
-#[derive(Default)]
+/// Keys of one object kept in a fixed array before a hash set takes over.
+const FEW_KEYS: usize = 16;
+
+/// The keys of one object seen so far: a short list in place (objects usually have a handful
+/// of keys, so checking them allocates nothing), a hash set past it.
 pub struct KeySet<'de> {
-    few: Vec<std::borrow::Cow<'de, str>>,
+    few: [std::borrow::Cow<'de, str>; FEW_KEYS],
+    len: usize,
     many: std::collections::HashSet<std::borrow::Cow<'de, str>>,
+}
+
+impl Default for KeySet<'_> {
+    fn default() -> Self {
+        KeySet {
+            few: std::array::from_fn(|_| std::borrow::Cow::Borrowed("")),
+            len: 0,
+            many: std::collections::HashSet::new(),
+        }
+    }
 }
 
 impl<'de> KeySet<'de> {
@@ -315,9 +328,8 @@ impl<'de> KeySet<'de> {
         &mut self,
         key: std::borrow::Cow<'de, str>,
     ) -> Result<(), E> {
-        const FEW: usize = 16;
         let seen = if self.many.is_empty() {
-            self.few.contains(&key)
+            self.few[..self.len].contains(&key)
         } else {
             self.many.contains(&key)
         };
@@ -325,11 +337,12 @@ impl<'de> KeySet<'de> {
             let shown: String = key.chars().take(64).collect();
             return Err(E::custom(format_args!("{DUPLICATE_PREFIX}{shown}")));
         }
-        if self.few.len() < FEW {
-            self.few.push(key);
+        if self.len < FEW_KEYS {
+            self.few[self.len] = key;
+            self.len += 1;
         } else {
             if self.many.is_empty() {
-                self.many.extend(self.few.drain(..));
+                self.many.extend(self.few.iter_mut().map(std::mem::take));
             }
             self.many.insert(key);
         }
@@ -437,6 +450,16 @@ mod tests {
             Ok(())
         );
         assert_eq!(dup(&format!(r#"{{{},"k3":0}}"#, many.join(","))), "k3");
+        // At the seam between the list and the set.
+        for n in [15, 16, 17] {
+            let keys = many[..n].join(",");
+            let last = n - 1;
+            assert_eq!(
+                dup(&format!(r#"{{{keys},"k{last}":0}}"#)),
+                format!("k{last}")
+            );
+            assert_eq!(dup(&format!(r#"{{{keys},"k0":0}}"#)), "k0");
+        }
         assert_eq!(unique_keys(b"[]"), Ok(()));
         assert_eq!(unique_keys(b"\"x\""), Ok(()));
     }

@@ -36,7 +36,8 @@ impl BodyLimits {
 
 impl Default for BodyLimits {
     fn default() -> Self {
-        BodyLimits::of(&crate::config::Config::default())
+        // The defaults are built once: `Config::default` asks the OS for the core count.
+        BodyLimits::of(crate::config::defaults())
     }
 }
 

@@ -281,7 +281,21 @@ impl Publisher {
                 Ok(self.local(events))
             }
             Some(bus) => {
-                let mut job = BusJob::default();
+                let bytes = specs
+                    .iter()
+                    .zip(&sizes)
+                    .map(|(s, &len)| {
+                        crate::bus::wire::publish_len(
+                            bus.publish_command(),
+                            &s.workspace_id,
+                            &s.kind,
+                            s.user_id.as_deref(),
+                            ts,
+                            len,
+                        )
+                    })
+                    .sum();
+                let mut job = BusJob::with_capacity(bytes, specs.len());
                 for (s, &len) in specs.iter().zip(&sizes) {
                     job.push(
                         bus.publish_command(),

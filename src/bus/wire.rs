@@ -48,11 +48,10 @@ pub fn encode(kind: &str, user_id: Option<&str>, ts_ms: u64, payload: &[u8]) -> 
 /// The length of the message [`write_message`] writes, its payload `payload_len` bytes.
 pub fn message_len(kind: &str, user_id: Option<&str>, ts_ms: u64, payload_len: usize) -> usize {
     use crate::json::string_len;
-    let digits = ts_ms.checked_ilog10().map_or(1, |d| d as usize + 1);
     // {"v":1,"type":K,"ts":N[,"user_id":U],"payload":P}
     14 + string_len(kind)
         + 6
-        + digits
+        + digits(ts_ms as usize)
         + user_id.map_or(0, |u| 11 + string_len(u))
         + 11
         + payload_len
@@ -82,6 +81,29 @@ pub fn write_message(
     out.push(b'}');
 }
 
+/// The number of decimal digits of `n`.
+fn digits(n: usize) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
+/// The length of the command [`write_publish`] appends, so that a buffer can be sized for it
+/// before anything is written (no reallocation, so the payload is copied once).
+pub fn publish_len(
+    command: &[u8],
+    workspace_id: &str,
+    kind: &str,
+    user_id: Option<&str>,
+    ts_ms: u64,
+    payload_len: usize,
+) -> usize {
+    let len = message_len(kind, user_id, ts_ms, payload_len);
+    let channel = CHANNEL_PREFIX.len() + workspace_id.len();
+    // *3\r\n $N\r\n command \r\n $N\r\n channel \r\n $N\r\n message \r\n
+    4 + (1 + digits(command.len()) + 2 + command.len() + 2)
+        + (1 + digits(channel) + 2 + channel + 2)
+        + (1 + digits(len) + 2 + len + 2)
+}
+
 /// Appends the Redis command that publishes one message, `command` being `PUBLISH` or
 /// `SPUBLISH`: `*3`, the command, the workspace's channel, the message. The payload is written
 /// once, straight into the command (`payload_len` is its minified length, so the message's
@@ -99,6 +121,7 @@ pub fn write_publish(
 ) {
     use std::io::Write;
     let len = message_len(kind, user_id, ts_ms, payload_len);
+    let at = out.len();
     let _ = write!(out, "*3\r\n${}\r\n", command.len());
     out.extend_from_slice(command);
     let _ = write!(
@@ -114,6 +137,11 @@ pub fn write_publish(
         "message_len disagrees with write_message"
     );
     out.extend_from_slice(b"\r\n");
+    debug_assert_eq!(
+        out.len() - at,
+        publish_len(command, workspace_id, kind, user_id, ts_ms, payload_len),
+        "publish_len disagrees with write_publish"
+    );
 }
 
 /// The rules a received message is held to (the node's own publish limits).

@@ -33,6 +33,12 @@ impl SharedFrame {
         SharedFrame(Arc::new(FrameBytes { buf, start }))
     }
 
+    /// The capacity of the buffer behind the frame (for the tests of exact sizing).
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.0.buf.capacity()
+    }
+
     /// Whether `a` and `b` are the same buffer (not merely equal bytes).
     pub fn ptr_eq(a: &SharedFrame, b: &SharedFrame) -> bool {
         Arc::ptr_eq(&a.0, &b.0)

@@ -23,6 +23,31 @@ thread_local! {
     static ASKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Allocations made by this thread.
     static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Bytes this thread asked for (allocations, and the new size of reallocations).
+    static MINE_BYTES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Allocations of this thread of at least [`set_large`] bytes.
+    static MINE_LARGE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static LARGE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Counts, from now on, the calling thread's allocations of at least `bytes` ([`thread_large`]):
+/// with `bytes` a payload's length, each is a buffer that could hold a copy of it.
+#[allow(dead_code)]
+pub fn set_large(bytes: usize) {
+    let _ = LARGE.try_with(|l| l.set(bytes));
+}
+
+/// The calling thread's allocations (and reallocations) of at least [`set_large`] bytes so far.
+#[allow(dead_code)]
+pub fn thread_large() -> u64 {
+    MINE_LARGE.try_with(|m| m.get()).unwrap_or(0)
+}
+
+/// Bytes the calling thread asked the allocator for so far (each reallocation counts its new
+/// size): an upper bound on what it copied into fresh buffers.
+#[allow(dead_code)]
+pub fn thread_bytes() -> u64 {
+    MINE_BYTES.try_with(|m| m.get()).unwrap_or(0)
 }
 
 /// Allocations (and reallocations) made so far by the calling thread, whatever other tests
@@ -63,9 +88,13 @@ fn on_shard_thread() -> bool {
     .unwrap_or(false)
 }
 
-fn count() {
+fn count(bytes: usize) {
     ALLOCS.fetch_add(1, Ordering::Relaxed);
     let _ = MINE.try_with(|m| m.set(m.get() + 1));
+    let _ = MINE_BYTES.try_with(|m| m.set(m.get() + bytes as u64));
+    if LARGE.try_with(|l| bytes >= l.get()).unwrap_or(false) {
+        let _ = MINE_LARGE.try_with(|m| m.set(m.get() + 1));
+    }
     if on_shard_thread() {
         SHARD_ALLOCS.fetch_add(1, Ordering::Relaxed);
     }
@@ -74,19 +103,20 @@ fn count() {
 // SAFETY: every call is forwarded unchanged to the system allocator; only a counter is added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count();
+        count(l.size());
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        count();
+        count(n);
         unsafe { System.realloc(p, l, n) }
     }
 }
 
 /// A subscriber without a socket: its queue is flushed into `io::sink`.
+#[allow(dead_code)] // not every user of this module needs it
 #[derive(Default)]
 pub struct Sub {
     pub out: Outbox,

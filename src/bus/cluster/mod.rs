@@ -166,6 +166,15 @@ pub struct BusJob {
 }
 
 impl BusJob {
+    /// An empty job with room for `bytes` of commands (the sum of their
+    /// [`wire::publish_len`]) and `events` events, so that pushing them reallocates nothing.
+    pub fn with_capacity(bytes: usize, events: usize) -> BusJob {
+        BusJob {
+            commands: Vec::with_capacity(bytes),
+            messages: Vec::with_capacity(events),
+        }
+    }
+
     /// Appends one event, `command` being the dialect's publish command. The payload is written
     /// once, by `write_payload`, straight into the command (`payload_len` is its length).
     #[allow(clippy::too_many_arguments)]
@@ -180,6 +189,14 @@ impl BusJob {
         write_payload: impl FnOnce(&mut Vec<u8>),
     ) {
         let start = self.commands.len();
+        self.commands.reserve(wire::publish_len(
+            command,
+            workspace_id,
+            kind,
+            user_id,
+            ts_ms,
+            payload_len,
+        ));
         wire::write_publish(
             &mut self.commands,
             command,
