@@ -516,7 +516,7 @@ impl Runner {
             Role::Subscriber => {
                 self.subscriber_of.remove(&node);
                 self.publish_from.remove(&node);
-                self.subs.forget(key, |_| true);
+                self.subs.lost(key, &mut self.actions);
                 if lost {
                     if ready {
                         log::warn!(
@@ -717,8 +717,9 @@ impl Runner {
             return Ok(());
         }
         if let Reply::Error(e) = &reply {
-            // The slot moved before the subscription arrived: every subscription to it on this
-            // connection is made again at the new master, once the layout is read.
+            // The slot moved before the subscription arrived: the error answers the oldest
+            // command on this connection, and the workspace is subscribed again at the master
+            // the redirect names (the layout is read again meanwhile).
             let Some((slot, owner)) = topology::redirect(e) else {
                 return Err(format!(
                     "Redis refused a subscription: {}{}",
@@ -735,8 +736,9 @@ impl Runner {
             self.layout_hint = Some(owner.clone());
             self.topo.moved(slot, owner);
             self.stale = true;
-            self.subs
-                .forget(key, |ws| topology::slot(&wire::channel(ws)) == slot);
+            if self.subs.refused(key, &mut self.actions).is_none() {
+                return Err("Redis answered a subscription that was not asked for".into());
+            }
             return Ok(());
         }
         // A subscription confirmation: [kind, channel, count].

@@ -1,23 +1,31 @@
 //! The subscription protocol of the Redis bus as a pure state machine: which workspaces this
 //! node must be subscribed to, on which connection, and when a subscription is in force. It
 //! does no I/O; the bus thread feeds it what happened (a shard's first or last subscriber, a
-//! confirmation from Redis, a lost connection) and carries out the [`Action`]s it asks for.
+//! reply from Redis, a lost connection) and carries out the [`Action`]s it asks for.
 //!
-//! Per workspace it keeps the shards that want it and where its subscription stands:
+//! Redis answers the commands of one connection in order, one reply per `(S)SUBSCRIBE` or
+//! `(S)UNSUBSCRIBE` of one channel (a confirmation, or an error such as `MOVED`), and may push
+//! other things in between: messages, and on a Redis Cluster a `sunsubscribe` of its own when a
+//! slot moves. So the machine keeps, per connection, the commands sent and not answered yet, in
+//! order: a confirmation that matches the oldest is its answer, an error answers the oldest, and
+//! an `unsubscribe` that matches nothing is Redis ending the subscription unasked.
 //!
-//! - **pending**: wanted, no command sent (no connection to its server yet);
-//! - **requested**: a subscribe was sent on a connection and not undone;
-//! - **live**: Redis confirmed it and no command for it is outstanding: messages are delivered
-//!   and the shards told ([`Action::Live`]) so their waiting connections get `connected`.
+//! Per workspace it keeps the shards that want it, the connection its commands went to, whether
+//! Redis holds its subscription there (as of the last reply read) and how many of its commands
+//! are unanswered. Nothing is decided while a command is unanswered; once none is, the
+//! workspace settles:
 //!
-//! Redis answers every `(S)SUBSCRIBE` and `(S)UNSUBSCRIBE` with one confirmation, in order, so
-//! counting the commands in flight per workspace says which confirmation settles it. On a Redis
-//! Cluster, Redis may also end a subscription unasked (`sunsubscribe` when the slot moves): that
-//! makes the workspace pending again and is reported ([`Action::Ended`]) so the bus reads the
-//! layout and subscribes at the new master.
+//! - wanted and held: **live**: messages are delivered and the shards told ([`Action::Live`])
+//!   so their waiting connections get `connected`;
+//! - wanted and not held: **pending** until its server has a ready connection, then subscribed;
+//! - held and no longer wanted: unsubscribed;
+//! - neither: forgotten.
+//!
+//! A subscription Redis ends unasked is reported ([`Action::Ended`]) so the bus reads the layout
+//! and subscribes at the new master.
 
 use crate::dispatch::interest::ShardSet;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// A connection of the bus thread (its slab key).
@@ -41,6 +49,16 @@ pub enum Confirmation {
     Unsubscribed,
 }
 
+impl Confirmation {
+    fn answers(self, command: Command) -> bool {
+        matches!(
+            (self, command),
+            (Confirmation::Subscribed, Command::Subscribe)
+                | (Confirmation::Unsubscribed, Command::Unsubscribe)
+        )
+    }
+}
+
 /// What the bus thread must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -56,68 +74,96 @@ pub enum Action {
 #[derive(Default, Debug)]
 struct Want {
     shards: ShardSet,
-    requested: bool,
-    in_flight: u32,
-    live: bool,
+    /// The connection its commands went to (where its subscription is, if held).
     link: Option<LinkId>,
-}
-
-impl Want {
-    fn reset(&mut self) {
-        self.requested = false;
-        self.in_flight = 0;
-        self.live = false;
-        self.link = None;
-    }
+    /// Redis holds the subscription on `link`, as of the last reply read.
+    held: bool,
+    /// Its commands on `link` not answered yet.
+    in_flight: u32,
+    /// The shards were told it is live, and nothing has undone that since.
+    live: bool,
 }
 
 /// Every workspace this node's shards want, and its subscription.
 #[derive(Default)]
 pub struct Subscriptions {
     wants: HashMap<Arc<str>, Want>,
-    /// Wanted and not requested. A set: a workspace retried many times while Redis is away is
-    /// in it once.
+    /// Wanted, not held, nothing in flight: waiting for a connection to its server. A set: a
+    /// workspace retried many times while Redis is away is in it once.
     pending: HashSet<Arc<str>>,
+    /// Per connection, the commands sent and not answered yet, oldest first.
+    sent: HashMap<LinkId, VecDeque<(Command, Arc<str>)>>,
 }
 
 impl Subscriptions {
     /// Shard `shard` got its first subscriber of `ws`.
     pub fn add(&mut self, ws: Arc<str>, shard: usize, out: &mut Vec<Action>) {
         let w = self.wants.entry(ws.clone()).or_default();
+        if w.shards.contains(shard) {
+            return;
+        }
         w.shards.insert(shard);
         if w.live {
             let mut one = ShardSet::default();
             one.insert(shard);
             out.push(Action::Live(ws, one));
-        } else if !w.requested {
-            self.pending.insert(ws);
+        } else {
+            self.settle(&ws, out);
         }
     }
 
     /// Shard `shard` lost its last subscriber of `ws`.
     pub fn remove(&mut self, ws: &str, shard: usize, out: &mut Vec<Action>) {
-        let Some((ws, _)) = self.wants.get_key_value(ws) else {
+        let Some((ws, w)) = self.wants.get_key_value(ws) else {
             return;
         };
         let ws = ws.clone();
-        let w = self.wants.get_mut(&ws).expect("present above");
-        w.shards.remove(shard);
-        if !w.shards.is_empty() {
+        if !w.shards.contains(shard) {
             return;
         }
-        match w.link.filter(|_| w.requested) {
-            Some(link) => {
-                w.requested = false;
+        let w = self.wants.get_mut(&ws).expect("present above");
+        w.shards.remove(shard);
+        if w.shards.is_empty() {
+            w.live = false;
+        }
+        self.settle(&ws, out);
+    }
+
+    /// Decides what `ws` needs, once none of its commands is unanswered (see the module's text).
+    fn settle(&mut self, ws: &Arc<str>, out: &mut Vec<Action>) {
+        let Some(w) = self.wants.get_mut(ws) else {
+            return;
+        };
+        if w.in_flight > 0 {
+            return;
+        }
+        match (!w.shards.is_empty(), w.held) {
+            (true, true) => {
+                self.pending.remove(ws);
+                if !w.live {
+                    w.live = true;
+                    out.push(Action::Live(ws.clone(), w.shards));
+                }
+            }
+            (true, false) => {
+                w.live = false;
+                w.link = None;
+                self.pending.insert(ws.clone());
+            }
+            (false, true) => {
+                let link = w.link.expect("a held subscription has its connection");
                 w.live = false;
                 w.in_flight += 1;
-                out.push(Action::Send(link, Command::Unsubscribe, ws));
+                self.pending.remove(ws);
+                self.sent
+                    .entry(link)
+                    .or_default()
+                    .push_back((Command::Unsubscribe, ws.clone()));
+                out.push(Action::Send(link, Command::Unsubscribe, ws.clone()));
             }
-            None if w.in_flight == 0 => {
-                self.pending.remove(&ws);
-                self.wants.remove(&ws);
-            }
-            None => {
-                self.pending.remove(&ws);
+            (false, false) => {
+                self.pending.remove(ws);
+                self.wants.remove(ws);
             }
         }
     }
@@ -132,91 +178,102 @@ impl Subscriptions {
         if self.pending.is_empty() {
             return;
         }
-        let wants = &mut self.wants;
+        let (wants, sent) = (&mut self.wants, &mut self.sent);
         self.pending.retain(|ws| {
             let Some(w) = wants.get_mut(ws) else {
                 return false;
             };
-            if w.shards.is_empty() || w.requested {
-                return false;
-            }
-            if w.in_flight > 0 {
-                // An unsubscribe is on its way: its confirmation makes the workspace pending
-                // again, and a subscribe sent now would race it.
-                return false;
+            if w.shards.is_empty() || w.held || w.in_flight > 0 {
+                return false; // settled otherwise, or to be when its replies come
             }
             let Some(link) = route(ws) else {
                 return true;
             };
-            if w.link != Some(link) {
-                // Confirmations still owed by another connection are ignored when they come
-                // (they are not about this subscription), so they no longer count.
-                w.in_flight = 0;
-            }
-            w.requested = true;
-            w.live = false;
-            w.in_flight += 1;
             w.link = Some(link);
+            w.in_flight = 1;
+            sent.entry(link)
+                .or_default()
+                .push_back((Command::Subscribe, ws.clone()));
             out.push(Action::Send(link, Command::Subscribe, ws.clone()));
             false
         });
     }
 
-    /// Redis confirmed a command for `ws` on `link`.
+    /// Redis sent a confirmation for `ws` on `link`: the answer to the oldest command sent
+    /// there if it matches it, otherwise (an `unsubscribe`) Redis ending the subscription.
     pub fn confirmed(&mut self, link: LinkId, kind: Confirmation, ws: &str, out: &mut Vec<Action>) {
+        let queue = self.sent.get_mut(&link);
+        let answers = queue
+            .as_ref()
+            .and_then(|q| q.front())
+            .is_some_and(|(c, w)| &**w == ws && kind.answers(*c));
+        if answers {
+            let (_, ws) = queue.and_then(VecDeque::pop_front).expect("checked");
+            if let Some(w) = self.wants.get_mut(&ws) {
+                debug_assert_eq!(w.link, Some(link));
+                w.in_flight = w.in_flight.saturating_sub(1);
+                w.held = kind == Confirmation::Subscribed;
+            }
+            self.settle(&ws, out);
+            return;
+        }
+        if kind == Confirmation::Subscribed {
+            return; // answers nothing sent: nothing to learn
+        }
         let Some((ws, w)) = self.wants.get_key_value(ws) else {
             return;
         };
-        if w.link != Some(link) {
-            return; // about a subscription since made elsewhere
+        if w.link != Some(link) || !w.held {
+            return; // about a subscription this connection no longer holds
         }
         let ws = ws.clone();
         let w = self.wants.get_mut(&ws).expect("present above");
-        if kind == Confirmation::Unsubscribed && w.in_flight == 0 && w.requested {
-            // Nothing asked for this: Redis ended the subscription.
-            w.reset();
-            self.pending.insert(ws.clone());
-            out.push(Action::Ended(link, ws));
-            return;
+        w.held = false;
+        w.live = false;
+        out.push(Action::Ended(link, ws.clone()));
+        self.settle(&ws, out);
+    }
+
+    /// Redis answered the oldest command sent on `link` with an error (on a Redis Cluster,
+    /// `MOVED`: the slot is elsewhere): that command did nothing. Returns the workspace it was
+    /// for, or `None` if no command was waiting for an answer (the error answers something
+    /// else, which the caller treats as a broken connection).
+    pub fn refused(&mut self, link: LinkId, out: &mut Vec<Action>) -> Option<Arc<str>> {
+        let (command, ws) = self.sent.get_mut(&link)?.pop_front()?;
+        if let Some(w) = self.wants.get_mut(&ws) {
+            w.in_flight = w.in_flight.saturating_sub(1);
+            if command == Command::Unsubscribe {
+                w.held = false;
+            }
         }
-        w.in_flight = w.in_flight.saturating_sub(1);
-        if w.in_flight > 0 {
-            return; // a later command for this workspace settles it
-        }
-        if kind == Confirmation::Subscribed && w.requested {
-            w.live = true;
-            out.push(Action::Live(ws, w.shards));
-        } else if !w.requested && w.shards.is_empty() {
-            self.wants.remove(&ws);
-        } else if !w.requested {
-            // Wanted again while its unsubscribe was on the way.
-            w.link = None;
-            self.pending.insert(ws);
+        self.settle(&ws, out);
+        Some(ws)
+    }
+
+    /// Connection `link` is gone, and with it every subscription made on it and every answer
+    /// owed on it: the workspaces still wanted become pending, the rest are forgotten.
+    pub fn lost(&mut self, link: LinkId, out: &mut Vec<Action>) {
+        self.sent.remove(&link);
+        let on_link: Vec<Arc<str>> = self
+            .wants
+            .iter_mut()
+            .filter(|(_, w)| w.link == Some(link))
+            .map(|(ws, w)| {
+                w.held = false;
+                w.in_flight = 0;
+                w.live = false;
+                ws.clone()
+            })
+            .collect();
+        for ws in on_link {
+            self.settle(&ws, out);
         }
     }
 
-    /// Forgets the subscriptions made on `link` to the workspaces `which` picks (the connection
-    /// is gone, or Redis refused a subscription in a slot that moved): those still wanted become
-    /// pending, the rest are dropped.
-    pub fn forget(&mut self, link: LinkId, which: impl Fn(&str) -> bool) {
-        let pending = &mut self.pending;
-        self.wants.retain(|ws, w| {
-            if w.link != Some(link) || !which(ws) {
-                return true;
-            }
-            w.reset();
-            if w.shards.is_empty() {
-                return false;
-            }
-            pending.insert(ws.clone());
-            true
-        });
-    }
-
-    /// Makes every wanted workspace that is not requested pending (a new layout: try again).
+    /// Makes every wanted workspace that waits for nothing pending (a new layout: try again).
     pub fn retry_unrequested(&mut self) {
         for (ws, w) in &self.wants {
-            if !w.requested && !w.shards.is_empty() {
+            if !w.held && w.in_flight == 0 && !w.shards.is_empty() {
                 self.pending.insert(ws.clone());
             }
         }
@@ -316,8 +373,7 @@ pub fn exercise(ops: &[u8]) {
         }
     }
 
-    /// The bus reads one reply, as the bus thread does: a `MOVED` forgets the subscriptions in
-    /// that slot on that connection.
+    /// The bus reads one reply, as the bus thread does: a `MOVED` answers the oldest command.
     fn read(
         subs: &mut Subscriptions,
         link: usize,
@@ -327,7 +383,14 @@ pub fn exercise(ops: &[u8]) {
     ) {
         match reply {
             Some(kind) => subs.confirmed(link, kind, ws, out),
-            None => subs.forget(link, |w| w == ws),
+            None => {
+                let refused = subs.refused(link, out);
+                assert_eq!(
+                    refused.as_deref(),
+                    Some(ws),
+                    "an error answers the oldest command"
+                );
+            }
         }
     }
 
@@ -368,7 +431,7 @@ pub fn exercise(ops: &[u8]) {
                     up: true,
                     ..Redis::default()
                 };
-                subs.forget(link, |_| true);
+                subs.lost(link, &mut out);
             }
             6 => {
                 // The slot of `ws` moves to the other connection's server: Redis ends the
@@ -525,12 +588,51 @@ mod tests {
         subs.add("b".into(), 0, &mut out);
         subs.subscribe_pending(|w| Some(if w == "a" { 1 } else { 2 }), &mut out);
         out.clear();
-        subs.forget(1, |_| true);
+        subs.lost(1, &mut out);
         assert_eq!(subs.pending(), 1);
         subs.confirmed(1, Confirmation::Subscribed, "a", &mut out);
         assert!(out.is_empty() && !subs.is_live("a"));
         subs.confirmed(2, Confirmation::Subscribed, "b", &mut out);
         assert!(subs.is_live("b"));
+    }
+
+    #[test]
+    fn a_refused_subscribe_answers_its_own_command_and_nothing_else() {
+        // Found by the fuzzer: a MOVED for a subscribe, with the workspace given up meanwhile,
+        // used to forget every command in flight for it, so the answer to a later unsubscribe
+        // was read as the answer to the next subscribe.
+        let mut subs = Subscriptions::default();
+        let mut out = Vec::new();
+        subs.add("a".into(), 0, &mut out);
+        subs.subscribe_pending(|_| Some(1), &mut out);
+        out.clear();
+        subs.remove("a", 0, &mut out);
+        assert!(
+            out.is_empty(),
+            "nothing is sent while the subscribe is unanswered"
+        );
+        assert_eq!(subs.refused(1, &mut out).as_deref(), Some("a"));
+        assert!(out.is_empty(), "refused: there is nothing to unsubscribe");
+        assert!(subs.is_empty());
+        assert_eq!(subs.refused(1, &mut out), None, "no command is waiting");
+    }
+
+    #[test]
+    fn an_unasked_end_racing_our_own_unsubscribe_is_counted_once() {
+        let (mut subs, mut out) = a_live_on_link_1();
+        subs.remove("a", 0, &mut out);
+        assert_eq!(out, vec![Action::Send(1, Command::Unsubscribe, "a".into())]);
+        out.clear();
+        subs.add("a".into(), 0, &mut out);
+        // Redis ends it (the slot moved) before it runs our unsubscribe: two `sunsubscribe`s.
+        subs.confirmed(1, Confirmation::Unsubscribed, "a", &mut out);
+        subs.confirmed(1, Confirmation::Unsubscribed, "a", &mut out);
+        assert!(!subs.is_live("a"));
+        subs.subscribe_pending(|_| Some(2), &mut out);
+        assert_eq!(out, vec![Action::Send(2, Command::Subscribe, "a".into())]);
+        out.clear();
+        subs.confirmed(2, Confirmation::Subscribed, "a", &mut out);
+        assert_eq!(out, vec![Action::Live("a".into(), shards(&[0]))]);
     }
 
     #[test]
