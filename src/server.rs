@@ -183,6 +183,19 @@ impl Server {
                 user_timeout,
             )?);
         }
+        // With shards pinned to CPUs, each listener asks for the connections whose packets the
+        // kernel handled on its shard's CPU (SO_INCOMING_CPU): the reuseport group then prefers
+        // that socket, so a connection is accepted, read and written on the core that took its
+        // interrupt instead of waking another. Without pinning the hash decides, as before.
+        if !config.cpu_affinity.is_empty() {
+            let cpus = &config.cpu_affinity;
+            for (i, l) in listeners.iter().enumerate() {
+                let cpu = cpus[i % cpus.len()];
+                if let Err(e) = socket2::SockRef::from(l).set_cpu_affinity(cpu) {
+                    log::warn!("shard {i}: SO_INCOMING_CPU {cpu} refused ({e}); connections are spread by hash");
+                }
+            }
+        }
         // SO_REUSEPORT on both listeners lets a new process bind the same ports while this one
         // drains (zero-downtime restart); the kernel only allows it for the same user.
         let internal_listener = bind(config.internal_listen, true, 0, Duration::ZERO)?;
