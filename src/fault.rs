@@ -88,7 +88,7 @@ pub fn point<'a>(
 #[derive(Debug, Default)]
 pub struct Faults;
 
-/// Waits while [`Faults::stall`] is set (at most [`STALL_LIMIT`]). Without the feature,
+/// Waits while `Faults::stall` is set (at most `STALL_LIMIT`). Without the feature,
 /// nothing.
 #[inline(always)]
 pub fn stall_point(

@@ -127,9 +127,21 @@ pub fn publish_body(data: &[u8]) {
 
 /// The RESP2 reply parser (replies come from Redis, which the server does not control): never
 /// panics, never claims more bytes than it was given, and parses the same reply whole or with
-/// bytes still to come.
+/// bytes still to come. The in-place reader of pub/sub messages finds a message only where the
+/// parser finds the same one, in the same bytes.
 pub fn resp_reply(data: &[u8]) {
-    let Ok(Some((reply, used))) = resp::parse(data, 4096) else {
+    let in_place = resp::message_at(data, 4096);
+    let parsed = resp::parse(data, 4096);
+    if let Some((at, used)) = &in_place {
+        let Ok(Some((reply, n))) = &parsed else {
+            panic!("message_at found a message that parse does not: {parsed:?}");
+        };
+        assert_eq!(used, n);
+        let m = resp::pubsub_message(reply).expect("parse sees a pub/sub message too");
+        assert_eq!(&data[at.channel.clone()], m.channel);
+        assert_eq!(&data[at.payload.clone()], m.payload);
+    }
+    let Ok(Some((reply, used))) = parsed else {
         return;
     };
     assert!(used <= data.len());

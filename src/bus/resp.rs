@@ -188,6 +188,53 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
+/// Where a pub/sub message lies in a buffer: its channel's and its payload's byte ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageAt {
+    /// The channel's bytes.
+    pub channel: std::ops::Range<usize>,
+    /// The payload's bytes.
+    pub payload: std::ops::Range<usize>,
+}
+
+/// If the front of `buf` is a complete pub/sub message (`*3`, then `message` or `smessage`,
+/// channel and payload as bulk strings, none over `max_bulk`), where its parts lie and how many
+/// bytes it takes; otherwise `None`, and [`parse`] reads it (anything else, a message cut
+/// short, or one it refuses). The message is read in place: nothing is copied or allocated, so
+/// the frame built from it is the payload's only copy.
+pub fn message_at(buf: &[u8], max_bulk: usize) -> Option<(MessageAt, usize)> {
+    /// The bulk string at `pos`: its range, and the position after it.
+    fn bulk(buf: &[u8], pos: usize, max_bulk: usize) -> Option<(std::ops::Range<usize>, usize)> {
+        let rest = buf.get(pos..)?.strip_prefix(b"$")?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 19 {
+            return None;
+        }
+        let len: usize = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        if len > max_bulk {
+            return None;
+        }
+        let start = pos + 1 + digits + 2;
+        if buf.get(pos + 1 + digits..start)? != b"\r\n" {
+            return None;
+        }
+        let end = start.checked_add(len)?;
+        if buf.get(end..end + 2)? != b"\r\n" {
+            return None;
+        }
+        Some((start..end, end + 2))
+    }
+    let rest = buf.strip_prefix(b"*3\r\n")?;
+    let pos = buf.len() - rest.len();
+    let (kind, pos) = bulk(buf, pos, max_bulk)?;
+    if !matches!(&buf[kind], b"message" | b"smessage") {
+        return None;
+    }
+    let (channel, pos) = bulk(buf, pos, max_bulk)?;
+    let (payload, pos) = bulk(buf, pos, max_bulk)?;
+    Some((MessageAt { channel, payload }, pos))
+}
+
 /// The message a pub/sub reply carries, if it is one (`message` from `SUBSCRIBE`, `smessage`
 /// from `SSUBSCRIBE`); subscription confirmations and other replies give `None`.
 pub fn pubsub_message(reply: &Reply) -> Option<Message<'_>> {
@@ -210,6 +257,30 @@ pub fn pubsub_message(reply: &Reply) -> Option<Message<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_is_found_in_place_exactly_where_parse_finds_it() {
+        let wire = b"*3\r\n$8\r\nsmessage\r\n$3\r\nch1\r\n$5\r\nhello\r\n:1\r\n";
+        let (at, used) = message_at(wire, 64).expect("a message");
+        let (reply, parsed) = parse(wire, 64).unwrap().unwrap();
+        assert_eq!(used, parsed);
+        let m = pubsub_message(&reply).unwrap();
+        assert_eq!(&wire[at.channel], m.channel);
+        assert_eq!(&wire[at.payload], m.payload);
+        // Cut short anywhere, or over the bound, or not a message: left to `parse`.
+        for cut in 0..used {
+            assert_eq!(message_at(&wire[..cut], 64), None, "cut at {cut}");
+        }
+        assert_eq!(message_at(wire, 4), None);
+        assert_eq!(
+            message_at(b"*3\r\n$9\r\nsubscribe\r\n$3\r\nch1\r\n:1\r\n", 64),
+            None
+        );
+        assert_eq!(
+            message_at(b"*3\r\n$7\r\nmessage\r\n$-1\r\n$1\r\nx\r\n", 64),
+            None
+        );
+    }
 
     #[test]
     fn commands_are_arrays_of_bulk_strings() {

@@ -3,14 +3,14 @@
 //! that accepted it for its whole life; nothing about it is ever touched by another thread.
 //!
 //! One loop iteration, in a fixed order (nginx's): compute the poll timeout from the wheel's next
-//! deadline; poll; read the clock once (every handler of the turn is given that [`Turn`]); read
+//! deadline; poll; read the clock once (every handler of the turn is given that `Turn`); read
 //! from ready connections (budgeted per connection); accept (budgeted); drain the inbox
 //! (budgeted); fire expired timers; flush every connection with queued frames once, several
 //! frames per `writev`; remove connections that ended. Budgets that run out leave a flag set so
 //! the next poll does not sleep: edge-triggered readiness is never lost.
 //!
-//! Handlers return a [`Next`] (carry on, close with a code, fail, drop), applied in one place
-//! ([`Shard::apply`]). Every piece of per-connection work runs under [`Shard::guarded`]: a panic
+//! Handlers return a `Next` (carry on, close with a code, fail, drop), applied in one place
+//! (`Shard::apply`). Every piece of per-connection work runs under `Shard::guarded`: a panic
 //! in it closes that connection with 1011 and the shard carries on.
 //!
 //! Only channels and the `Waker` cross threads. Messages name no connection, so no stale id can

@@ -7,7 +7,7 @@
 //! a caller may queue its own commands behind them at once; their replies come back after the
 //! handshake's, which the link checks and keeps to itself.
 
-use crate::bus::resp::{self, Reply, RespError};
+use crate::bus::resp::{self, MessageAt, Reply, RespError};
 use crate::config::{RedisConfig, RedisNode};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -74,6 +74,16 @@ enum State {
     Handshake(u8),
     /// Ready for commands.
     Ready,
+}
+
+/// What a link read next ([`Link::next_incoming`]).
+#[derive(Debug)]
+pub enum Incoming {
+    /// A pub/sub message, read in place: its bytes are in the link's buffer
+    /// ([`Link::bytes`]) until the next [`Link::read`].
+    Message(MessageAt),
+    /// Any other reply.
+    Reply(Reply),
 }
 
 /// What one [`Link::read`] left.
@@ -262,8 +272,30 @@ impl Link {
         Ok(Drain::More)
     }
 
+    /// The next complete message or reply read, if any, after the handshake's (which the link
+    /// checks). A pub/sub message is found in place, without a copy.
+    pub fn next_incoming(&mut self) -> Result<Option<Incoming>, LinkError> {
+        if self.state == State::Ready {
+            if let Some((at, n)) = resp::message_at(&self.inbuf[self.used..], MAX_REPLY_BULK) {
+                let base = self.used;
+                self.used += n;
+                return Ok(Some(Incoming::Message(MessageAt {
+                    channel: at.channel.start + base..at.channel.end + base,
+                    payload: at.payload.start + base..at.payload.end + base,
+                })));
+            }
+        }
+        Ok(self.next_reply()?.map(Incoming::Reply))
+    }
+
+    /// The bytes of `range` of the read buffer: where [`Incoming::Message`] says a message's
+    /// parts are, until the next [`Link::read`].
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.inbuf[range]
+    }
+
     /// The next complete reply read, if any, after the handshake's (which the link checks).
-    pub fn next_reply(&mut self) -> Result<Option<Reply>, LinkError> {
+    fn next_reply(&mut self) -> Result<Option<Reply>, LinkError> {
         loop {
             let Some((reply, n)) = resp::parse(&self.inbuf[self.used..], MAX_REPLY_BULK)
                 .map_err(LinkError::Protocol)?

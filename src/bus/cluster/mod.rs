@@ -21,17 +21,19 @@
 //!   one helper thread, so a slow DNS answer never stalls the loop.
 //!
 //! Shards tell the thread when a workspace gets its first subscriber on that shard and when it
-//! loses its last ([`BusInterest`](crate::dispatch::BusInterest)); the thread subscribes on the
+//! loses its last ([`BusInterest`]); the thread subscribes on the
 //! first and unsubscribes after the last, so a node receives only the traffic of workspaces it
 //! serves. When Redis confirms a subscription, the shards that asked are told the workspace is
 //! live ([`ShardMsg::Live`](crate::dispatch::inbox::ShardMsg)); until then their new connections
 //! wait for their `connected` frame, so that `connected` keeps meaning "every event published
 //! from now on reaches you", as it does on one node.
 //!
-//! Messages are checked like HTTP publishes ([`wire::decode`](crate::bus::wire::decode)), each
-//! frame is built once, and the events of one wake-up go to the shards as one batch, exactly
-//! like a local publish. The thread never blocks on a shard: a batch a full inbox cannot take
-//! waits in the thread, which stops reading Redis while more than [`runner::SHARD_BACKLOG`]
+//! Messages are read in place in the connection's buffer
+//! ([`resp::message_at`](crate::bus::resp::message_at)), checked like HTTP publishes
+//! ([`wire::decode`]), each frame is built once (the payload's one
+//! copy), and the events of one wake-up go to the shards as one batch, exactly like a local
+//! publish. The thread never blocks on a shard: a batch a full inbox cannot take
+//! waits in the thread, which stops reading Redis while more than `SHARD_BACKLOG` (64)
 //! batches wait (Redis then buffers for this node, up to its own limit for a subscriber).
 //!
 //! When a connection drops, the thread reconnects with exponential backoff and jitter (on a
@@ -89,7 +91,7 @@ pub enum BusUnavailable {
     },
     /// No master serves the slot right now (a Redis Cluster partly down).
     NoMaster(u16),
-    /// The server came back less than [`runner::PUBLISH_SETTLE`] ago.
+    /// The server came back less than `PUBLISH_SETTLE` (2 s) ago.
     Settling {
         /// The server.
         node: RedisNode,

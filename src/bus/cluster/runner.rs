@@ -8,7 +8,7 @@
 //! not read while [`SHARD_BACKLOG`] batches wait).
 
 use super::layout::{LayoutRead, Resolver};
-use super::link::{Drain, Link, LinkError, MAX_OUTPUT};
+use super::link::{Drain, Incoming, Link, LinkError, MAX_OUTPUT};
 use super::publish::{Msg, Publishing};
 use super::subscriptions::{Action, Command, Confirmation, Subscriptions};
 use super::{BusUnavailable, ClusterBus, Inputs, Submitted, PUBLISH_DEADLINE};
@@ -20,7 +20,7 @@ use crate::dispatch::inbox::{ShardMsg, TrySend, Waiter};
 use crate::dispatch::interest::ShardSet;
 use crate::dispatch::{BusInterest, Links, PendingBatch, Progress};
 use crate::event::Event;
-use crate::metrics::ShardStats;
+use crate::metrics::{BusStats, ShardStats};
 use crossbeam_channel::Receiver;
 use mio::{Events, Poll, Token};
 use slab::Slab;
@@ -83,6 +83,45 @@ struct Conn {
 enum Outgoing {
     Events(PendingBatch),
     Live(Arc<str>, ShardSet),
+}
+
+/// What taking in a message from Redis needs: borrowed from the bus thread's state beside the
+/// connection the message is read from, in place.
+struct Intake<'a> {
+    subs: &'a Subscriptions,
+    shards: &'a Links,
+    limits: WireLimits,
+    stats: &'a BusStats,
+    batch: &'a mut Vec<Event>,
+    targets: &'a mut ShardSet,
+}
+
+impl Intake<'_> {
+    /// Checks a message like an HTTP publish and adds its event, its frame built once, to this
+    /// wake-up's batch; an invalid one is counted and logged, never delivered.
+    fn take(&mut self, channel: &[u8], payload: &[u8], now: Instant) {
+        let Some(ws) = wire::workspace_of(channel) else {
+            return;
+        };
+        if !self.subs.is_live(ws) {
+            return; // a message racing an unsubscribe
+        }
+        match wire::decode(payload, self.limits) {
+            Ok(got) => {
+                self.targets.union(self.shards.interest().shards_for(ws));
+                self.batch.push(Event {
+                    workspace_id: ws.into(),
+                    user_id: got.user_id,
+                    frame: got.frame,
+                    accepted_at: now,
+                });
+            }
+            Err(why) => {
+                ShardStats::add(&self.stats.bus_invalid, 1);
+                log::warn!(workspace = ws, reason = why.as_str(); "cluster bus: dropped an invalid message");
+            }
+        }
+    }
 }
 
 /// What the bus thread starts from (built before the shards, started after them).
@@ -645,7 +684,7 @@ impl Runner {
             let read = c.link.read(READ_BUDGET);
             // Replies already read are handled even when the connection then failed.
             loop {
-                match c.link.next_reply() {
+                match c.link.next_incoming() {
                     Ok(Some(r)) => replies.push(r),
                     Ok(None) => break,
                     Err(e) => {
@@ -664,10 +703,19 @@ impl Runner {
                 let Some(c) = self.conns.get(key) else {
                     break;
                 };
-                let outcome = match c.role {
-                    Role::Subscriber => self.on_subscriber_reply(key, reply, now),
-                    Role::Publisher(_) => self.on_publish_reply(key, reply, now),
-                    Role::Layout => self.on_layout_reply(key, reply),
+                let outcome = match (&c.role, reply) {
+                    (Role::Subscriber, Incoming::Message(at)) => {
+                        let (conns, mut intake) = self.intake();
+                        let link = &conns[key].link;
+                        intake.take(link.bytes(at.channel), link.bytes(at.payload), now);
+                        Ok(())
+                    }
+                    (Role::Subscriber, Incoming::Reply(r)) => self.on_subscriber_reply(key, r, now),
+                    (Role::Publisher(_), Incoming::Reply(r)) => self.on_publish_reply(key, r, now),
+                    (Role::Layout, Incoming::Reply(r)) => self.on_layout_reply(key, r),
+                    (_, Incoming::Message(_)) => {
+                        Err("a pub/sub message on a connection that subscribes to nothing".into())
+                    }
                 };
                 if let Err(why) = outcome {
                     self.failed.push((key, why));
@@ -686,6 +734,29 @@ impl Runner {
         }
     }
 
+    /// The connections, and apart from them what taking in a message needs.
+    fn intake(&mut self) -> (&Slab<Conn>, Intake<'_>) {
+        let Runner {
+            conns,
+            subs,
+            shards,
+            limits,
+            bus,
+            batch,
+            targets,
+            ..
+        } = self;
+        let intake = Intake {
+            subs,
+            shards,
+            limits: *limits,
+            stats: &bus.stats,
+            batch,
+            targets,
+        };
+        (conns, intake)
+    }
+
     fn on_subscriber_reply(
         &mut self,
         key: usize,
@@ -693,27 +764,8 @@ impl Runner {
         now: Instant,
     ) -> Result<(), String> {
         if let Some(m) = resp::pubsub_message(&reply) {
-            let Some(ws) = wire::workspace_of(m.channel) else {
-                return Ok(());
-            };
-            if !self.subs.is_live(ws) {
-                return Ok(()); // a message racing an unsubscribe
-            }
-            match wire::decode(m.payload, self.limits) {
-                Ok(got) => {
-                    self.targets.union(self.shards.interest().shards_for(ws));
-                    self.batch.push(Event {
-                        workspace_id: ws.into(),
-                        user_id: got.user_id,
-                        frame: got.frame,
-                        accepted_at: now,
-                    });
-                }
-                Err(why) => {
-                    ShardStats::add(&self.bus.stats.bus_invalid, 1);
-                    log::warn!(workspace = ws, reason = why.as_str(); "cluster bus: dropped an invalid message");
-                }
-            }
+            // A message the in-place reader left to the parser (not as Redis writes them).
+            self.intake().1.take(m.channel, m.payload, now);
             return Ok(());
         }
         if let Reply::Error(e) = &reply {
