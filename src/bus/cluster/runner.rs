@@ -1001,12 +1001,13 @@ impl Runner {
             let Ok(s) = self.inputs.publishes.try_recv() else {
                 return;
             };
-            let (topo, from, publishers, conns, cluster) = (
+            let (topo, from, publishers, conns, cluster, stats) = (
                 &self.topo,
                 &self.publish_from,
                 &self.publisher_of,
                 &self.conns,
                 self.cfg.cluster,
+                &self.bus.stats,
             );
             let msgs = self.publishing.admit(s, |slot| {
                 let n = topo
@@ -1027,6 +1028,7 @@ impl Runner {
                         .get(node)
                         .is_some_and(|k| conns[*k].link.unsent() > MAX_OUTPUT / 2) =>
                     {
+                        ShardStats::add(&stats.bus_publish_busy, 1);
                         Err(BusUnavailable::Busy)
                     }
                     _ => Ok(()),
