@@ -57,6 +57,10 @@ struct Conn {
     retry_at: Option<Instant>,
     /// Sent a close frame for churn; waiting for the server's.
     churning: bool,
+    /// Its `connected` frame arrived. A slow reader stalls only from then on: on a cluster bus
+    /// `connected` can follow the 101 by a Redis round trip, and a reader that stalled before
+    /// it would never count as connected (its worker would never report ready).
+    subscribed: bool,
 }
 
 /// Wall-clock nanoseconds since the epoch (publisher and subscribers share the machine's clock).
@@ -313,6 +317,7 @@ impl Fleet {
                 backoff_ms: 1000,
                 retry_at: None,
                 churning: false,
+                subscribed: false,
             };
             self.report.slow += u64::from(slow);
             let key = self.conns.insert(conn);
@@ -383,7 +388,7 @@ impl Fleet {
         let stalled: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.slow && c.state == State::Open)
+            .filter(|(_, c)| c.slow && c.state == State::Open && c.subscribed)
             .map(|(k, _)| k)
             .collect();
         for k in stalled {
@@ -409,6 +414,7 @@ impl Fleet {
         // A new subscription: its sequence starts with whatever it receives first.
         c.expected = u64::MAX;
         c.churning = false;
+        c.subscribed = false;
         c.slow = c.was_slow;
         c.last_heartbeat = None;
         let result = (|| -> io::Result<TcpStream> {
@@ -476,6 +482,7 @@ impl Fleet {
         let churn = self.spec.churn_per_s > 0.0 && was_open;
         let jitter = self.random();
         let c = &mut self.conns[k];
+        c.subscribed = false;
         if let Some(mut s) = c.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
@@ -557,7 +564,7 @@ impl Fleet {
             let Some(c) = self.conns.get_mut(k) else {
                 return;
             };
-            if c.slow && c.state == State::Open {
+            if c.slow && c.state == State::Open && c.subscribed {
                 return; // a slow consumer: never reads while the run lasts
             }
             let Some(stream) = c.stream.as_mut() else {
@@ -657,6 +664,7 @@ impl Fleet {
                     self.inflight = self.inflight.saturating_sub(1);
                     self.report.connected += 1;
                     self.report.open += 1;
+                    c.subscribed = true;
                     let _ = self
                         .connect_hist
                         .record(c.started.elapsed().as_micros().max(1) as u64);
@@ -743,7 +751,7 @@ impl Fleet {
         let slow: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.slow && c.state == State::Open)
+            .filter(|(_, c)| c.slow && c.state == State::Open && c.subscribed)
             .map(|(k, _)| k)
             .collect();
         let deadline = Instant::now() + Duration::from_secs(5);

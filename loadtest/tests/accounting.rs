@@ -196,3 +196,79 @@ fn churn_reconnects_and_loses_nothing() {
     assert!(f["delivered_frames"].as_u64().unwrap() > 0);
     std::fs::remove_file(&json).ok();
 }
+
+/// A stand-in server whose `connected` frame follows the 101 by `delay`, as a cluster-bus node's
+/// does for the first subscriber of a workspace (it waits for Redis to confirm). Returns its
+/// address; its threads hold every connection open until the test process ends.
+fn server_with_late_connected(delay: Duration) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                );
+                std::thread::sleep(delay);
+                let text = br#"{"type":"connected","payload":{"workspace_id":"w","user_id":"u"},"ts":"2026-01-01T00:00:00.000Z"}"#;
+                let mut frame = vec![0x81, text.len() as u8];
+                frame.extend_from_slice(text);
+                let _ = s.write_all(&frame);
+                // Hold the connection until the client goes.
+                let mut sink = [0u8; 256];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn slow_readers_count_as_connected_when_connected_follows_the_upgrade_later() {
+    // A slow reader stops reading once it is connected; it used to stop at the 101, so a
+    // `connected` that came in a later segment was never read: the connection never counted,
+    // its worker never reported ready, and churn never started in a cluster soak.
+    let addr = server_with_late_connected(Duration::from_millis(300));
+    let json = std::env::temp_dir().join(format!("lt-late-{}.json", std::process::id()));
+    let args: Vec<String> = [
+        "slow",
+        "--url",
+        &format!("ws://{addr}"),
+        "--internal",
+        "http://127.0.0.1:9",
+        "--connections",
+        "10",
+        "--slow-fraction",
+        "0.5",
+        "--rate",
+        "0",
+        "--duration",
+        "1s",
+        "--connect-timeout",
+        "10s",
+        "--json",
+        json.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let status = loadtest(&args).wait().unwrap();
+    assert!(status.success());
+    let r = read_json(&json);
+    assert!(
+        r["slow_connections"].as_u64().unwrap_or(0) > 0,
+        "no slow reader in the run: {r}"
+    );
+    assert_eq!(r["connect"]["connected"], 10, "{}", r["connect"]);
+    std::fs::remove_file(&json).ok();
+}
