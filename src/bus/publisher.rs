@@ -17,6 +17,7 @@
 
 use super::body::EventSpec;
 use super::cluster::{BusJob, BusUnavailable, ClusterBus};
+use super::wire::Publish;
 use crate::clock;
 use crate::config::Config;
 use crate::dispatch::{Links, PendingBatch};
@@ -124,6 +125,23 @@ pub enum Prepared {
     Empty,
 }
 
+/// The Redis command of one validated event of a publish body.
+fn spec_publish<'a>(
+    command: &'a [u8],
+    s: &'a EventSpec<'_>,
+    ts_ms: u64,
+    len: usize,
+) -> Publish<'a> {
+    Publish {
+        command,
+        workspace_id: &s.workspace_id,
+        kind: &s.kind,
+        user_id: s.user_id.as_deref(),
+        ts_ms,
+        payload_len: len,
+    }
+}
+
 /// How long a library publish through the cluster bus waits for Redis's answer at most (the
 /// bus answers sooner: a publish it cannot deliver within its own deadline is failed).
 const BUS_ANSWER_DEADLINE: Duration = Duration::from_secs(5);
@@ -223,15 +241,15 @@ impl Publisher {
                     return Err(EventError::TooLarge(size, limits.max_event_bytes).into());
                 }
                 let mut job = BusJob::default();
-                job.push(
-                    bus.publish_command(),
-                    ws,
-                    user,
+                let publish = Publish {
+                    command: bus.publish_command(),
+                    workspace_id: ws,
                     kind,
-                    ts,
-                    buf.len(),
-                    |out| out.extend_from_slice(&buf),
-                );
+                    user_id: user,
+                    ts_ms: ts,
+                    payload_len: buf.len(),
+                };
+                job.push(&publish, |out| out.extend_from_slice(&buf));
                 Ok::<_, PublishError>(Prepared::Bus(job))
             })?,
         };
@@ -281,31 +299,18 @@ impl Publisher {
                 Ok(self.local(events))
             }
             Some(bus) => {
+                let command = bus.publish_command();
+                let publish = |s, len| spec_publish(command, s, ts, len);
                 let bytes = specs
                     .iter()
                     .zip(&sizes)
-                    .map(|(s, &len)| {
-                        crate::bus::wire::publish_len(
-                            bus.publish_command(),
-                            &s.workspace_id,
-                            &s.kind,
-                            s.user_id.as_deref(),
-                            ts,
-                            len,
-                        )
-                    })
+                    .map(|(s, &len)| publish(s, len).command_len())
                     .sum();
                 let mut job = BusJob::with_capacity(bytes, specs.len());
                 for (s, &len) in specs.iter().zip(&sizes) {
-                    job.push(
-                        bus.publish_command(),
-                        &s.workspace_id,
-                        s.user_id.as_deref(),
-                        &s.kind,
-                        ts,
-                        len,
-                        |out| crate::json::minify_into(out, s.payload.as_bytes()),
-                    );
+                    job.push(&publish(s, len), |out| {
+                        crate::json::minify_into(out, s.payload.as_bytes())
+                    });
                 }
                 Ok(Prepared::Bus(job))
             }

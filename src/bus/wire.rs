@@ -86,62 +86,64 @@ fn digits(n: usize) -> usize {
     n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
-/// The length of the command [`write_publish`] appends, so that a buffer can be sized for it
-/// before anything is written (no reallocation, so the payload is copied once).
-pub fn publish_len(
-    command: &[u8],
-    workspace_id: &str,
-    kind: &str,
-    user_id: Option<&str>,
-    ts_ms: u64,
-    payload_len: usize,
-) -> usize {
-    let len = message_len(kind, user_id, ts_ms, payload_len);
-    let channel = CHANNEL_PREFIX.len() + workspace_id.len();
-    // *3\r\n $N\r\n command \r\n $N\r\n channel \r\n $N\r\n message \r\n
-    4 + (1 + digits(command.len()) + 2 + command.len() + 2)
-        + (1 + digits(channel) + 2 + channel + 2)
-        + (1 + digits(len) + 2 + len + 2)
+/// One message to publish, as the Redis command that carries it is built from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Publish<'a> {
+    /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster.
+    pub command: &'a [u8],
+    /// The workspace (its channel is named after it).
+    pub workspace_id: &'a str,
+    /// The event's type.
+    pub kind: &'a str,
+    /// The user, for a user-scoped event.
+    pub user_id: Option<&'a str>,
+    /// The event's `ts`, Unix milliseconds.
+    pub ts_ms: u64,
+    /// The minified payload's length.
+    pub payload_len: usize,
 }
 
-/// Appends the Redis command that publishes one message, `command` being `PUBLISH` or
-/// `SPUBLISH`: `*3`, the command, the workspace's channel, the message. The payload is written
-/// once, straight into the command (`payload_len` is its minified length, so the message's
-/// length is known before it is written).
-#[allow(clippy::too_many_arguments)]
-pub fn write_publish(
-    out: &mut Vec<u8>,
-    command: &[u8],
-    workspace_id: &str,
-    kind: &str,
-    user_id: Option<&str>,
-    ts_ms: u64,
-    payload_len: usize,
-    write_payload: impl FnOnce(&mut Vec<u8>),
-) {
-    use std::io::Write;
-    let len = message_len(kind, user_id, ts_ms, payload_len);
-    let at = out.len();
-    let _ = write!(out, "*3\r\n${}\r\n", command.len());
-    out.extend_from_slice(command);
-    let _ = write!(
-        out,
-        "\r\n${}\r\n{CHANNEL_PREFIX}{workspace_id}\r\n${len}\r\n",
-        CHANNEL_PREFIX.len() + workspace_id.len()
-    );
-    let start = out.len();
-    write_message(out, kind, user_id, ts_ms, write_payload);
-    debug_assert_eq!(
-        out.len() - start,
-        len,
-        "message_len disagrees with write_message"
-    );
-    out.extend_from_slice(b"\r\n");
-    debug_assert_eq!(
-        out.len() - at,
-        publish_len(command, workspace_id, kind, user_id, ts_ms, payload_len),
-        "publish_len disagrees with write_publish"
-    );
+impl Publish<'_> {
+    /// The length of the command [`Publish::write`] appends, so that a buffer can be sized for
+    /// it before anything is written (no reallocation, so the payload is copied once).
+    pub fn command_len(&self) -> usize {
+        let len = message_len(self.kind, self.user_id, self.ts_ms, self.payload_len);
+        let channel = CHANNEL_PREFIX.len() + self.workspace_id.len();
+        // *3\r\n $N\r\n command \r\n $N\r\n channel \r\n $N\r\n message \r\n
+        4 + (1 + digits(self.command.len()) + 2 + self.command.len() + 2)
+            + (1 + digits(channel) + 2 + channel + 2)
+            + (1 + digits(len) + 2 + len + 2)
+    }
+
+    /// Appends the Redis command that publishes the message: `*3`, the command, the
+    /// workspace's channel, the message. The payload is written once, by `write_payload`,
+    /// straight into the command (its length is known before it is written).
+    pub fn write(&self, out: &mut Vec<u8>, write_payload: impl FnOnce(&mut Vec<u8>)) {
+        use std::io::Write;
+        let len = message_len(self.kind, self.user_id, self.ts_ms, self.payload_len);
+        let at = out.len();
+        let _ = write!(out, "*3\r\n${}\r\n", self.command.len());
+        out.extend_from_slice(self.command);
+        let _ = write!(
+            out,
+            "\r\n${}\r\n{CHANNEL_PREFIX}{}\r\n${len}\r\n",
+            CHANNEL_PREFIX.len() + self.workspace_id.len(),
+            self.workspace_id
+        );
+        let start = out.len();
+        write_message(out, self.kind, self.user_id, self.ts_ms, write_payload);
+        debug_assert_eq!(
+            out.len() - start,
+            len,
+            "message_len disagrees with write_message"
+        );
+        out.extend_from_slice(b"\r\n");
+        debug_assert_eq!(
+            out.len() - at,
+            self.command_len(),
+            "command_len disagrees with write"
+        );
+    }
 }
 
 /// The rules a received message is held to (the node's own publish limits).
@@ -264,16 +266,16 @@ mod tests {
             (Some("u"), 1_764_373_560_123),
         ] {
             let mut cmd = Vec::new();
-            write_publish(
-                &mut cmd,
-                b"SPUBLISH",
-                "ws_1",
-                "a.b",
-                user,
-                ts,
-                payload.len(),
-                |o| o.extend_from_slice(payload),
-            );
+            let p = Publish {
+                command: b"SPUBLISH",
+                workspace_id: "ws_1",
+                kind: "a.b",
+                user_id: user,
+                ts_ms: ts,
+                payload_len: payload.len(),
+            };
+            p.write(&mut cmd, |o| o.extend_from_slice(payload));
+            assert_eq!(cmd.len(), p.command_len());
             let mut want = Vec::new();
             let msg = encode("a.b", user, ts, payload);
             crate::bus::resp::command(&mut want, &[b"SPUBLISH", b"causeloop:v1:ws:ws_1", &msg]);

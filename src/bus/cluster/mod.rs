@@ -169,7 +169,8 @@ pub struct BusJob {
 
 impl BusJob {
     /// An empty job with room for `bytes` of commands (the sum of their
-    /// [`wire::publish_len`]) and `events` events, so that pushing them reallocates nothing.
+    /// [`wire::Publish::command_len`]) and `events` events, so that pushing them reallocates
+    /// nothing.
     pub fn with_capacity(bytes: usize, events: usize) -> BusJob {
         BusJob {
             commands: Vec::with_capacity(bytes),
@@ -177,38 +178,13 @@ impl BusJob {
         }
     }
 
-    /// Appends one event, `command` being the dialect's publish command. The payload is written
-    /// once, by `write_payload`, straight into the command (`payload_len` is its length).
-    #[allow(clippy::too_many_arguments)]
-    pub fn push(
-        &mut self,
-        command: &[u8],
-        workspace_id: &str,
-        user_id: Option<&str>,
-        kind: &str,
-        ts_ms: u64,
-        payload_len: usize,
-        write_payload: impl FnOnce(&mut Vec<u8>),
-    ) {
+    /// Appends one event's command. The payload is written once, by `write_payload`, straight
+    /// into it.
+    pub fn push(&mut self, p: &wire::Publish<'_>, write_payload: impl FnOnce(&mut Vec<u8>)) {
         let start = self.commands.len();
-        self.commands.reserve(wire::publish_len(
-            command,
-            workspace_id,
-            kind,
-            user_id,
-            ts_ms,
-            payload_len,
-        ));
-        wire::write_publish(
-            &mut self.commands,
-            command,
-            workspace_id,
-            kind,
-            user_id,
-            ts_ms,
-            payload_len,
-            write_payload,
-        );
+        self.commands.reserve(p.command_len());
+        p.write(&mut self.commands, write_payload);
+        let workspace_id = p.workspace_id;
         let slot = topology::slot(&wire::channel(workspace_id));
         self.messages.push((slot, start..self.commands.len()));
     }

@@ -247,9 +247,15 @@ mod tests {
     fn job(tag: u32, workspaces: &[&str], answers: &Answers, at: Instant) -> Submitted {
         let mut job = BusJob::default();
         for ws in workspaces {
-            job.push(b"PUBLISH", ws, None, "t", 1, 2, |b| {
-                b.extend_from_slice(b"{}")
-            });
+            let p = crate::bus::wire::Publish {
+                command: b"PUBLISH",
+                workspace_id: ws,
+                kind: "t",
+                user_id: None,
+                ts_ms: 1,
+                payload_len: 2,
+            };
+            job.push(&p, |b| b.extend_from_slice(b"{}"));
         }
         let answers = answers.clone();
         Submitted {
