@@ -88,7 +88,7 @@ pub struct RedisConfig {
     pub nodes: Vec<RedisNode>,
     /// A Redis Cluster: sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`), each channel on the master
     /// that owns its hash slot.
-    pub cluster: bool,
+    pub redis_cluster: bool,
     /// Logical database (`SELECT`); pub/sub ignores it, but `AUTH`-scoped setups may care.
     /// Always 0 on a Redis Cluster, which has only database 0.
     pub db: u32,
@@ -104,7 +104,7 @@ impl RedisConfig {
                 host: host.to_string(),
                 port,
             }],
-            cluster: false,
+            redis_cluster: false,
             db: 0,
             password: None,
         }
@@ -113,7 +113,7 @@ impl RedisConfig {
     /// The `--bus` URL this configuration stands for (for logs; it never holds the password).
     pub fn url(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(|n| n.to_string()).collect();
-        match (self.cluster, self.db) {
+        match (self.redis_cluster, self.db) {
             (true, _) => format!("redis-cluster://{}", nodes.join(",")),
             (false, 0) => format!("redis://{}", nodes.join(",")),
             (false, db) => format!("redis://{}/{db}", nodes.join(",")),
@@ -193,7 +193,7 @@ impl BusConfig {
         }
         Ok(BusConfig::Redis(RedisConfig {
             nodes,
-            cluster,
+            redis_cluster: cluster,
             db,
             password: None,
         }))
@@ -614,14 +614,14 @@ mod tests {
         let BusConfig::Redis(r) = &one else {
             panic!("{one:?}")
         };
-        assert!(!r.cluster);
+        assert!(!r.redis_cluster);
         assert_eq!(r.db, 2);
         assert_eq!(r.url(), "redis://10.0.0.5:6380/2");
         let c = BusConfig::parse("redis-cluster://a:7000, b:7001,[::1]:7002").unwrap();
         let BusConfig::Redis(r) = &c else {
             panic!("{c:?}")
         };
-        assert!(r.cluster);
+        assert!(r.redis_cluster);
         assert_eq!(r.nodes.len(), 3);
         assert_eq!(r.nodes[2].host, "::1");
         assert_eq!(r.url(), "redis-cluster://a:7000,b:7001,[::1]:7002");

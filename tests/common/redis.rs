@@ -301,7 +301,7 @@ impl RedisCluster {
     /// The `--bus` configuration: every master as a seed.
     pub fn bus(&self) -> BusConfig {
         let mut cfg = RedisConfig::single("127.0.0.1", self.nodes[0].port);
-        cfg.cluster = true;
+        cfg.redis_cluster = true;
         cfg.password = self
             .password
             .as_ref()

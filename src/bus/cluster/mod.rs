@@ -276,7 +276,11 @@ impl ClusterBus {
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (to_bus, interest_rx) = ToBus::channel(waker.clone());
         let (publishes, publish_rx) = crossbeam_channel::bounded(PUBLISH_QUEUE);
-        let dialect = if cfg.cluster { &SHARDED } else { &CLASSIC };
+        let dialect = if cfg.redis_cluster {
+            &SHARDED
+        } else {
+            &CLASSIC
+        };
         let bus = Arc::new(ClusterBus {
             dialect,
             stats,

@@ -161,7 +161,7 @@ impl BusThread {
                 return;
             }
         };
-        let topo = if self.cfg.cluster {
+        let topo = if self.cfg.redis_cluster {
             Topology::unknown()
         } else {
             Topology::single(self.cfg.nodes[0].clone())
@@ -418,7 +418,7 @@ impl Runner {
         if now < self.retry_at {
             return;
         }
-        if self.stale && !self.cfg.cluster {
+        if self.stale && !self.cfg.redis_cluster {
             self.stale = false; // one server: its address is its layout
         }
         if self.stale
@@ -568,7 +568,7 @@ impl Runner {
                     } else {
                         self.retry_later(format!("redis {node}: {why}"));
                     }
-                    if self.cfg.cluster {
+                    if self.cfg.redis_cluster {
                         self.stale = true; // a master may have failed over
                     }
                 }
@@ -776,7 +776,7 @@ impl Runner {
                 return Err(format!(
                     "Redis refused a subscription: {}{}",
                     String::from_utf8_lossy(e),
-                    if self.cfg.cluster {
+                    if self.cfg.redis_cluster {
                         " (sharded pub/sub needs Redis 7.0 or later)"
                     } else {
                         ""
@@ -1006,7 +1006,7 @@ impl Runner {
                 &self.publish_from,
                 &self.publisher_of,
                 &self.conns,
-                self.cfg.cluster,
+                self.cfg.redis_cluster,
                 &self.bus.stats,
             );
             let msgs = self.publishing.admit(s, |slot| {
@@ -1090,7 +1090,7 @@ impl Runner {
     /// The 503 for a server a publish cannot reach, in one wording whichever step found it.
     fn unreachable(&self, node: &RedisNode, slot: u16, why: &str) -> BusUnavailable {
         BusUnavailable::Unreachable {
-            node: self.cfg.cluster.then(|| node.clone()),
+            node: self.cfg.redis_cluster.then(|| node.clone()),
             slot,
             why: why.to_string(),
         }
