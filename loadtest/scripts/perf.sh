@@ -26,9 +26,12 @@ SRC=127.0.0.2-127.0.0.9
 PUB=127.0.0.1:4700
 INT=127.0.0.1:4701
 
-start() { # kind shards
+start() { # kind (floor, server, pinned: shard i on CPU i) shards
   if [ "$1" = floor ]; then
     "$BIN/causeloop-loadtest" floor-server --listen $PUB --internal-listen $INT >/dev/null 2>&1 &
+  elif [ "$1" = pinned ]; then
+    "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" \
+      --cpu-affinity "0-$(($2 - 1))" >/dev/null 2>&1 &
   else
     "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" >/dev/null 2>&1 &
   fi
@@ -116,6 +119,7 @@ echo "|---|---|---|---|---|---|---|---|"
 connect_row "floor (bare send)" floor 1 10000 5000 2 5s
 connect_row "causeloop-stream" server 1 10000 5000 2 5s
 connect_row "causeloop-stream" server 2 10000 5000 2 5s
+connect_row "causeloop-stream, --cpu-affinity" pinned 2 10000 5000 2 5s
 connect_row "causeloop-stream, idle 15k" server 2 15000 5000 2 12s
 connect_row "causeloop-stream, 19k held" server 2 19000 4000 2 20s
 fi

@@ -22,7 +22,7 @@ fn server() -> Server {
     Server::start(c).unwrap()
 }
 
-fn loadtest(args: &[String]) -> std::process::Child {
+fn loadtest(args: &[&str]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_causeloop-loadtest"))
         .args(args)
         .env("CAUSELOOP_JWT_HS256_SECRET", SECRET)
@@ -30,6 +30,22 @@ fn loadtest(args: &[String]) -> std::process::Child {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Waits for the load tester to exit, at most a minute: a run that does not stop fails the
+/// test instead of hanging it.
+fn finished(mut child: std::process::Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the load tester did not exit within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn subscribed(s: &Server) -> u64 {
@@ -48,7 +64,7 @@ fn read_json(path: &std::path::Path) -> serde_json::Value {
 fn counts_every_frame_of_a_clean_run() {
     let s = server();
     let json = std::env::temp_dir().join(format!("lt-clean-{}.json", std::process::id()));
-    let args: Vec<String> = [
+    let args = [
         "fanout",
         "--url",
         &format!("ws://{}", s.public_addr()),
@@ -66,11 +82,8 @@ fn counts_every_frame_of_a_clean_run() {
         "2",
         "--json",
         json.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let status = loadtest(&args).wait().unwrap();
+    ];
+    let status = finished(loadtest(&args));
     assert!(status.success());
     let r = read_json(&json);
     let f = &r["fanout"];
@@ -92,7 +105,7 @@ fn counts_every_frame_of_a_clean_run() {
 fn detects_gaps_and_reordering() {
     let s = server();
     let json = std::env::temp_dir().join(format!("lt-gaps-{}.json", std::process::id()));
-    let args: Vec<String> = [
+    let args = [
         "fanout",
         "--url",
         &format!("ws://{}", s.public_addr()),
@@ -106,11 +119,8 @@ fn detects_gaps_and_reordering() {
         "3s",
         "--json",
         json.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut child = loadtest(&args);
+    ];
+    let child = loadtest(&args);
     let start = Instant::now();
     while subscribed(&s) < 10 {
         assert!(
@@ -136,7 +146,7 @@ fn detects_gaps_and_reordering() {
             .unwrap();
         }
     }
-    assert!(child.wait().unwrap().success());
+    assert!(finished(child).success());
     let r = read_json(&json);
     let f = &r["fanout"];
     assert_eq!(f["delivered_frames"], 50);
@@ -150,7 +160,7 @@ fn detects_gaps_and_reordering() {
 fn churn_reconnects_and_loses_nothing() {
     let s = server();
     let json = std::env::temp_dir().join(format!("lt-churn-{}.json", std::process::id()));
-    let args: Vec<String> = [
+    let args = [
         "fanout",
         "--url",
         &format!("ws://{}", s.public_addr()),
@@ -168,11 +178,8 @@ fn churn_reconnects_and_loses_nothing() {
         "3s",
         "--json",
         json.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let status = loadtest(&args).wait().unwrap();
+    ];
+    let status = finished(loadtest(&args));
     assert!(status.success());
     let r = read_json(&json);
     let f = &r["fanout"];
@@ -240,7 +247,7 @@ fn slow_readers_count_as_connected_when_connected_follows_the_upgrade_later() {
     // its worker never reported ready, and churn never started in a cluster soak.
     let addr = server_with_late_connected(Duration::from_millis(300));
     let json = std::env::temp_dir().join(format!("lt-late-{}.json", std::process::id()));
-    let args: Vec<String> = [
+    let args = [
         "slow",
         "--url",
         &format!("ws://{addr}"),
@@ -258,11 +265,8 @@ fn slow_readers_count_as_connected_when_connected_follows_the_upgrade_later() {
         "10s",
         "--json",
         json.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let status = loadtest(&args).wait().unwrap();
+    ];
+    let status = finished(loadtest(&args));
     assert!(status.success());
     let r = read_json(&json);
     assert!(
