@@ -180,6 +180,24 @@ pub struct RunArgs {
     /// Publish batches queued per shard before publishers wait.
     #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = defaults().shard_inbox)]
     pub shard_inbox: usize,
+    /// Events kept per workspace for resumes (0: no history, no resume).
+    #[arg(long, env = "CAUSELOOP_HISTORY_SIZE", default_value_t = defaults().history_size)]
+    pub history_size: usize,
+    /// Age past which an event leaves the history.
+    #[arg(long, env = "CAUSELOOP_HISTORY_TTL", default_value_t = HumanDuration(defaults().history_ttl))]
+    pub history_ttl: HumanDuration,
+    /// Bytes the history of every workspace together may hold; the oldest events go first.
+    #[arg(long, env = "CAUSELOOP_HISTORY_MAX_BYTES", default_value_t = ByteSize(defaults().history_max_bytes))]
+    pub history_max_bytes: ByteSize,
+    /// How long an ended connection's resume record is kept.
+    #[arg(long, env = "CAUSELOOP_RESUME_WINDOW", default_value_t = HumanDuration(defaults().resume_window))]
+    pub resume_window: HumanDuration,
+    /// Resume records kept at most; at the bound the oldest goes.
+    #[arg(long, env = "CAUSELOOP_RESUME_MAX_RECORDS", default_value_t = defaults().resume_max_records)]
+    pub resume_max_records: usize,
+    /// How often a connection receiving events is sent an acknowledgement ping.
+    #[arg(long, env = "CAUSELOOP_ACK_INTERVAL", default_value_t = HumanDuration(defaults().ack_interval))]
+    pub ack_interval: HumanDuration,
     /// File of HS256 secrets, one per line (several for rotation).
     #[arg(long, env = "CAUSELOOP_JWT_HS256_SECRET_FILE")]
     pub jwt_hs256_secret_file: Option<PathBuf>,
@@ -308,6 +326,12 @@ impl RunArgs {
             max_id_bytes: self.max_id_bytes,
             max_client_frames_per_sec: self.max_client_frames_per_sec,
             shard_inbox: self.shard_inbox,
+            history_size: self.history_size,
+            history_ttl: self.history_ttl.0,
+            history_max_bytes: self.history_max_bytes.0,
+            resume_window: self.resume_window.0,
+            resume_max_records: self.resume_max_records,
+            ack_interval: self.ack_interval.0,
             timer_tick: self.timer_tick.0,
             jwt,
             publish_key,

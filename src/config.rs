@@ -266,6 +266,18 @@ pub struct Config {
     pub max_client_frames_per_sec: u32,
     /// `--shard-inbox`: publish batches queued per shard before publishers wait.
     pub shard_inbox: usize,
+    /// `--history-size`: events kept per workspace for resumes; 0 turns history and resume off.
+    pub history_size: usize,
+    /// `--history-ttl`: age past which an event leaves the history.
+    pub history_ttl: Duration,
+    /// `--history-max-bytes`: the history of every workspace together, oldest events first out.
+    pub history_max_bytes: usize,
+    /// `--resume-window`: how long an ended connection's resume record is kept.
+    pub resume_window: Duration,
+    /// `--resume-max-records`: resume records kept at most (the oldest goes at the bound).
+    pub resume_max_records: usize,
+    /// `--ack-interval`: how often a connection receiving events gets an acknowledgement ping.
+    pub ack_interval: Duration,
     /// `--timer-tick`: resolution of the shards' timer wheels.
     pub timer_tick: Duration,
     /// Token verification.
@@ -312,6 +324,12 @@ impl Default for Config {
             max_id_bytes: 256,
             max_client_frames_per_sec: 100,
             shard_inbox: 256,
+            history_size: 1000,
+            history_ttl: Duration::from_secs(120),
+            history_max_bytes: 64 << 20,
+            resume_window: Duration::from_secs(120),
+            resume_max_records: 1_000_000,
+            ack_interval: Duration::from_secs(5),
             timer_tick: Duration::from_millis(10),
             jwt: JwtConfig::default(),
             publish_key: None,
@@ -419,6 +437,19 @@ impl Config {
         }
         if c.jwt.workspace_claim.is_empty() {
             return bad("--jwt-workspace-claim must not be empty".into());
+        }
+        if c.history_size > 0 {
+            if c.history_ttl.is_zero() || c.resume_window.is_zero() || c.ack_interval.is_zero() {
+                return bad("--history-ttl, --resume-window and --ack-interval must be above zero while --history-size is".into());
+            }
+            if c.history_max_bytes < c.max_event_bytes {
+                return bad(
+                    "--history-max-bytes must hold at least one event of --max-event-bytes".into(),
+                );
+            }
+            if c.resume_max_records == 0 {
+                return bad("--resume-max-records must be above zero while --history-size is (0 history turns resume off)".into());
+            }
         }
         Ok(())
     }

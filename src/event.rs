@@ -5,6 +5,7 @@
 //! receives identical bytes.
 
 use crate::clock;
+use crate::history::Position;
 use crate::ws::frame::{encode_text_into, encode_text_with};
 use crate::ws::SharedFrame;
 use std::time::Instant;
@@ -23,6 +24,10 @@ pub struct Event {
     pub frame: SharedFrame,
     /// When the publish was accepted (for fan-out latency).
     pub accepted_at: Instant,
+    /// Its `ts`, Unix milliseconds.
+    pub ts_ms: u64,
+    /// Its position in the workspace's stream ([`Position::default`] without history).
+    pub pos: Position,
 }
 
 /// Why an event's fields are unacceptable.
@@ -175,6 +180,60 @@ pub fn connected_frame_into(out: &mut Vec<u8>, workspace_id: &str, user_id: &str
     });
 }
 
+/// Why a connection is told it missed events (`stream.gap`'s `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapReason {
+    /// The history was cut by its bounds (`--history-size`, `--history-ttl`,
+    /// `--history-max-bytes`).
+    HistoryTrimmed,
+    /// The history behind the connection's position is gone (another epoch: a restart, or a
+    /// stream dropped).
+    HistoryLost,
+}
+
+impl GapReason {
+    /// The `reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::HistoryTrimmed => "history_trimmed",
+            GapReason::HistoryLost => "history_lost",
+        }
+    }
+}
+
+/// The `stream.gap` frame: `{"reason":R,"since":TS|null}`, `since` being the `ts` of the last
+/// event the connection had, when known.
+pub fn gap_frame(reason: GapReason, since_ms: Option<u64>, ts_ms: u64) -> SharedFrame {
+    encode_with("stream.gap", 64, ts_ms, |buf| {
+        buf.extend_from_slice(b"{\"reason\":\"");
+        buf.extend_from_slice(reason.as_str().as_bytes());
+        buf.extend_from_slice(b"\",\"since\":");
+        match since_ms {
+            Some(ms) => {
+                buf.push(b'"');
+                buf.extend_from_slice(&clock::format_ts(ms));
+                buf.push(b'"');
+            }
+            None => buf.extend_from_slice(b"null"),
+        }
+        buf.push(b'}');
+    })
+}
+
+/// Whether `frame` is a published event's frame (a text frame whose type is not one the server
+/// itself sends), as opposed to `connected`, `heartbeat`, `stream.*` and control frames.
+pub fn is_event_frame(frame: &[u8]) -> bool {
+    if frame.first() != Some(&0x81) || frame.len() < 2 {
+        return false;
+    }
+    let body = &frame[crate::ws::frame::header_len_of(frame)..];
+    let Some(rest) = body.strip_prefix(b"{\"type\":\"") else {
+        return false;
+    };
+    let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).is_ok_and(|t| !is_reserved_type(t))
+}
+
 /// The `heartbeat` frame for one tick.
 pub fn heartbeat_frame(ts_ms: u64) -> SharedFrame {
     encode_with("heartbeat", 11, ts_ms, |buf| {
@@ -236,6 +295,39 @@ mod tests {
                 f.len()
             );
         }
+    }
+
+    #[test]
+    fn gap_bytes_are_exact() {
+        let f = gap_frame(
+            GapReason::HistoryTrimmed,
+            Some(1_705_312_800_000),
+            1_705_312_805_000,
+        );
+        assert_eq!(
+            text(&f),
+            r#"{"type":"stream.gap","payload":{"reason":"history_trimmed","since":"2024-01-15T10:00:00.000Z"},"ts":"2024-01-15T10:00:05.000Z"}"#
+        );
+        let f = gap_frame(GapReason::HistoryLost, None, 1_705_312_805_000);
+        assert_eq!(
+            text(&f),
+            r#"{"type":"stream.gap","payload":{"reason":"history_lost","since":null},"ts":"2024-01-15T10:00:05.000Z"}"#
+        );
+        assert!(!is_event_frame(&f));
+    }
+
+    #[test]
+    fn event_frames_are_told_from_the_servers_own() {
+        let e = encode_with("issue.created", 2, 0, |b| b.extend_from_slice(b"{}"));
+        assert!(is_event_frame(&e));
+        let big = encode_with("a", 300, 0, |b| {
+            b.extend_from_slice(format!("{{\"p\":\"{}\"}}", "x".repeat(300)).as_bytes())
+        });
+        assert!(is_event_frame(&big));
+        assert!(!is_event_frame(&heartbeat_frame(0)));
+        assert!(!is_event_frame(&connected_frame("w", "u", 0)));
+        assert!(!is_event_frame(&crate::ws::frame::ping_frame()));
+        assert!(!is_event_frame(b""));
     }
 
     #[test]

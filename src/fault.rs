@@ -19,6 +19,9 @@ pub enum Point {
     Timer,
     /// Removing a connection that ended.
     Reap,
+    /// Not a panic: the connection's next timer starts the server's 1001 close handshake, as a
+    /// drain would, for that one connection.
+    Drain,
 }
 
 /// The faults planted in one server: each fires once, for the connection of the given user
@@ -81,6 +84,25 @@ pub fn point<'a>(
             panic!("fault injection: {point:?}");
         }
     }
+}
+
+/// Whether a [`Point::Drain`] is planted for the user `user()` names (used up if so). Without
+/// the feature, false.
+#[inline(always)]
+pub fn drain_one<'a>(
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))] faults: &Option<
+        std::sync::Arc<Faults>,
+    >,
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))] user: impl FnOnce()
+        -> Option<
+        &'a str,
+    >,
+) -> bool {
+    #[cfg(feature = "fault-injection")]
+    if let Some(f) = faults {
+        return f.take(Point::Drain, user());
+    }
+    false
 }
 
 /// Without the feature there is nothing to plant.

@@ -34,6 +34,7 @@ pub mod event;
 pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 pub mod http;
 pub mod internal;
 pub mod json;

@@ -231,6 +231,8 @@ pub struct Stats {
     pub bus: Arc<BusStats>,
     /// The internal listener's.
     pub internal: Arc<InternalStats>,
+    /// The delivery guarantee's (history on only).
+    pub delivery: Option<Arc<crate::history::Delivery>>,
 }
 
 impl Stats {
@@ -240,6 +242,7 @@ impl Stats {
             shards: (0..shards).map(|_| ShardStats::default()).collect(),
             bus: Arc::default(),
             internal: Arc::default(),
+            delivery: None,
         }
     }
 }
@@ -258,6 +261,7 @@ struct StatsCollector {
     shards: Arc<[ShardStats]>,
     bus: Arc<BusStats>,
     internal: Arc<InternalStats>,
+    delivery: Option<Arc<crate::history::Delivery>>,
 }
 
 impl std::fmt::Debug for StatsCollector {
@@ -653,6 +657,9 @@ impl Collector for StatsCollector {
                 )?;
             }
         }
+        if let Some(d) = &self.delivery {
+            encode_delivery(&mut enc, d)?;
+        }
         if let Some((cpu, rss, fds)) = process_figures() {
             let mut m = enc.encode_descriptor(
                 "process_cpu_seconds",
@@ -678,6 +685,123 @@ impl Collector for StatsCollector {
     }
 }
 
+/// The delivery guarantee's figures: what the history and the records hold and what left them,
+/// how connections began, replays and acknowledgements.
+fn encode_delivery(
+    enc: &mut DescriptorEncoder<'_>,
+    d: &crate::history::Delivery,
+) -> std::fmt::Result {
+    use crate::history::{ring::EVICTION_CAUSES, RESUME_OUTCOMES};
+    let h = d.history.usage();
+    let r = d.records.usage();
+    let st = &d.stats;
+    let one_gauge = |v: usize| vec![(Labels::new(), v as i64)];
+    let one = |c: &AtomicU64| vec![(Labels::new(), c.load(Ordering::Relaxed))];
+    gauges(
+        enc,
+        "causeloop_history_events",
+        "Events held in the history.",
+        &one_gauge(h.events),
+    )?;
+    gauges(
+        enc,
+        "causeloop_history_bytes",
+        "Bytes held by the history, as counted against --history-max-bytes.",
+        &one_gauge(h.bytes),
+    )?;
+    gauges(
+        enc,
+        "causeloop_history_workspaces",
+        "Workspaces whose stream the history keeps.",
+        &one_gauge(h.workspaces),
+    )?;
+    let evictions: Vec<(Labels, u64)> = EVICTION_CAUSES
+        .iter()
+        .zip(h.evictions)
+        .map(|(c, v)| (vec![("cause", c.to_string())], v))
+        .collect();
+    counters(
+        enc,
+        "causeloop_history_evictions",
+        "Events that left the history, by cause (size: --history-size, ttl: --history-ttl, bytes: --history-max-bytes).",
+        &evictions,
+    )?;
+    gauges(
+        enc,
+        "causeloop_resume_records",
+        "Resume records held.",
+        &one_gauge(r.held),
+    )?;
+    counters(
+        enc,
+        "causeloop_resume_records_made",
+        "Resume records made (one per ended authenticated connection).",
+        &one(&st.records_made),
+    )?;
+    counters(
+        enc,
+        "causeloop_resume_records_evicted",
+        "Resume records dropped at --resume-max-records (their clients get stream.gap history_lost).",
+        &[(Labels::new(), r.evicted)],
+    )?;
+    counters(
+        enc,
+        "causeloop_resume_records_expired",
+        "Resume records whose --resume-window passed unused.",
+        &[(Labels::new(), r.expired)],
+    )?;
+    let outcomes: Vec<(Labels, u64)> = RESUME_OUTCOMES
+        .iter()
+        .zip(&st.outcomes)
+        .map(|(o, c)| (vec![("outcome", o.to_string())], c.load(Ordering::Relaxed)))
+        .collect();
+    counters(
+        enc,
+        "causeloop_stream_starts",
+        "Connections by how their stream began: fresh, replayed from a resume record, or with stream.gap.",
+        &outcomes,
+    )?;
+    counters(
+        enc,
+        "causeloop_replayed_frames",
+        "Event frames sent from the history to resuming connections.",
+        &one(&st.replayed_frames),
+    )?;
+    let acks = vec![
+        (
+            vec![("result", "sent".to_string())],
+            st.acks_sent.load(Ordering::Relaxed),
+        ),
+        (
+            vec![("result", "taken".to_string())],
+            st.acks_received.load(Ordering::Relaxed),
+        ),
+        (
+            vec![("result", "refused".to_string())],
+            st.acks_refused.load(Ordering::Relaxed),
+        ),
+    ];
+    counters(
+        enc,
+        "causeloop_acks",
+        "Acknowledgement pings sent, and pong payloads taken or refused (stale, foreign, beyond what was sent).",
+        &acks,
+    )?;
+    counters(
+        enc,
+        "causeloop_gap_fills",
+        "Events a shard took from the history because they reached it out of order.",
+        &one(&st.gap_fills),
+    )?;
+    counters(
+        enc,
+        "causeloop_live_gaps",
+        "stream.gap frames sent to live connections because the history could not fill a shard's gap.",
+        &one(&st.live_gaps),
+    )?;
+    Ok(())
+}
+
 /// Renders every metric in the OpenMetrics text format (which Prometheus scrapes natively).
 pub fn render(stats: &Stats) -> String {
     let mut registry = Registry::default();
@@ -685,6 +809,7 @@ pub fn render(stats: &Stats) -> String {
         shards: stats.shards.clone(),
         bus: stats.bus.clone(),
         internal: stats.internal.clone(),
+        delivery: stats.delivery.clone(),
     }));
     let mut out = String::with_capacity(8192);
     // Writing into a String cannot fail.

@@ -16,6 +16,7 @@ use crate::config::{BusConfig, Config, ConfigError, JwtConfig};
 use crate::dispatch::inbox::{Room, ShardLink, ShardMsg};
 use crate::dispatch::interest::Interest;
 use crate::dispatch::Links;
+use crate::history::{Delivery, DeliveryConfig};
 use crate::internal::Internal;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{ShardStats, Stats};
@@ -202,7 +203,9 @@ impl Server {
         let internal_addr = internal_listener.local_addr().map_err(StartError::Io)?;
 
         let lifecycle = Arc::new(Lifecycle::default());
-        let stats = Stats::new(config.shards);
+        let mut stats = Stats::new(config.shards);
+        let delivery = DeliveryConfig::of(&config).map(|d| Arc::new(Delivery::local(d)));
+        stats.delivery = delivery.clone();
         let room = Arc::new(Room::default());
         let mut polls = Vec::with_capacity(config.shards);
         let mut shard_links = Vec::with_capacity(config.shards);
@@ -239,6 +242,7 @@ impl Server {
                 stats: stats.shards.clone(),
                 keys: keys.clone(),
                 to_bus: to_bus.clone(),
+                delivery: delivery.clone(),
             };
             let shard = Shard::new(ctx, &config, poll, TcpListener::from_std(listener), inbox)
                 .map_err(StartError::Io)?;
@@ -278,6 +282,7 @@ impl Server {
             stats.bus.clone(),
             stats.shards.clone(),
             bus.clone(),
+            delivery.as_ref().map(|d| d.history.clone()),
         );
         let internal_stop = Arc::new(AtomicBool::new(false));
         let internal = Internal::new(

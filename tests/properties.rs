@@ -111,7 +111,7 @@ fn decode(bytes: &[u8], cuts: &[usize]) -> (Vec<Seen>, Result<(), DecodeError>, 
         let r = d.feed(&mut pending, &bytes[start..end], MAX_MESSAGE, &mut |c| {
             seen.push(match c {
                 Control::Ping(p) => Seen::Ping(p.to_vec()),
-                Control::Pong => Seen::Pong,
+                Control::Pong(_) => Seen::Pong,
                 Control::Data => Seen::Data,
                 Control::Close(c) => Seen::Close(c),
             })

@@ -208,7 +208,8 @@ fn check_claims<'b>(
             return Err(AuthError::NotYetValid);
         }
     }
-    if let Some(iat) = numeric(c.iat.as_ref())? {
+    let iat = numeric(c.iat.as_ref())?;
+    if let Some(iat) = iat {
         if iat > now.saturating_add(leeway) {
             return Err(AuthError::NotYetValid);
         }
@@ -240,6 +241,7 @@ fn check_claims<'b>(
         user_id: sub,
         workspace_id: ws,
         exp,
+        iat,
     })
 }
 

@@ -71,4 +71,6 @@ pub struct Identity<'a> {
     pub workspace_id: std::borrow::Cow<'a, str>,
     /// `exp`, seconds since the epoch.
     pub exp: u64,
+    /// `iat`, seconds since the epoch, when the token has one.
+    pub iat: Option<u64>,
 }

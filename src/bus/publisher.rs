@@ -22,6 +22,7 @@ use crate::clock;
 use crate::config::Config;
 use crate::dispatch::{Links, PendingBatch};
 use crate::event::{check_id, check_type, encode_with, frame_len, Event, EventError};
+use crate::history::{HistoryStore, Position};
 use crate::http::Status;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{BusStats, ShardStats};
@@ -107,6 +108,7 @@ struct Path {
     stats: Arc<BusStats>,
     shard_stats: Arc<[ShardStats]>,
     bus: Option<Arc<ClusterBus>>,
+    history: Option<Arc<dyn HistoryStore>>,
 }
 
 /// A handle for publishing events. Clone it freely; all clones feed the same server.
@@ -160,6 +162,7 @@ impl Publisher {
         stats: Arc<BusStats>,
         shard_stats: Arc<[ShardStats]>,
         bus: Option<Arc<ClusterBus>>,
+        history: Option<Arc<dyn HistoryStore>>,
     ) -> Publisher {
         Publisher {
             path: Arc::new(Path {
@@ -173,6 +176,7 @@ impl Publisher {
                 stats,
                 shard_stats,
                 bus,
+                history,
             }),
         }
     }
@@ -229,6 +233,8 @@ impl Publisher {
                     user_id: user.map(Into::into),
                     frame,
                     accepted_at: Instant::now(),
+                    ts_ms: ts,
+                    pos: Position::default(),
                 };
                 self.local(vec![event])
             }
@@ -294,6 +300,8 @@ impl Publisher {
                             crate::json::minify_into(buf, s.payload.as_bytes())
                         }),
                         accepted_at: now,
+                        ts_ms: ts,
+                        pos: Position::default(),
                     })
                     .collect();
                 Ok(self.local(events))
@@ -317,7 +325,14 @@ impl Publisher {
         }
     }
 
-    fn local(&self, events: Vec<Event>) -> Prepared {
+    fn local(&self, mut events: Vec<Event>) -> Prepared {
+        // Positions first, then the interest bits: a shard whose first connection of a
+        // workspace reads the history's head after setting its bit either finds an event
+        // there or is among the targets of the publish that appends it (the store's lock
+        // orders the two).
+        if let Some(history) = &self.path.history {
+            history.append(&mut events, Instant::now());
+        }
         let targets = self.path.links.targets(&events);
         let n = events.len();
         Prepared::Local(PendingBatch::new(events.into(), targets), n)

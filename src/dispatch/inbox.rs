@@ -29,6 +29,10 @@ pub enum ShardMsg {
     /// The cluster bus's subscription to this workspace is in force: its waiting connections
     /// may be sent `connected`.
     Live(Arc<str>),
+    /// A connection opened with a token whose earlier connection may still be open here
+    /// without a peer (reset, vanished): ping the connections with this resume key and drop
+    /// those that do not answer in time, so their records are made.
+    Probe(crate::history::records::RecordKey),
 }
 
 /// The loops that wait for room in a shard's inbox without blocking.
@@ -148,6 +152,16 @@ impl ShardLink {
             Err(TrySendError::Disconnected(_)) => TrySend::Gone,
             Err(TrySendError::Full(msg)) => TrySend::Full(msg),
         }
+    }
+
+    /// Sends `msg` if the inbox has room, registering no waiter: for messages whose loss costs
+    /// only time (a probe). Returns whether it was queued.
+    pub fn offer(&self, msg: ShardMsg) -> bool {
+        if self.tx.try_send(msg).is_ok() {
+            self.wake();
+            return true;
+        }
+        false
     }
 
     fn wake(&self) {

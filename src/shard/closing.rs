@@ -26,6 +26,7 @@ impl Shard {
     /// knows the 101 is queued and no close frame is).
     pub(super) fn send_close(&mut self, key: usize, reason: CloseReason, turn: &Turn) {
         self.conns[key].close_code = reason.code();
+        self.mark_server_close(key);
         self.unsubscribe(key, turn);
         self.conns[key].phase = Phase::Closing;
         self.stats().close(reason);
@@ -52,7 +53,8 @@ impl Shard {
             if !conn.is_open() {
                 return;
             }
-            conn.out.discard_unstarted();
+            self.mark_slow_close(key);
+            self.conns[key].out.discard_unstarted();
         }
         self.close_ws(key, reason, turn);
         self.conns[key].close_when_flushed = true;
@@ -146,6 +148,7 @@ impl Shard {
         let faults = &self.faults;
         let registry = &self.registry;
         fault::point(faults, Point::Reap, || registry.names(key).map(|(_, u)| u));
+        self.end_stream(key, turn);
         self.unsubscribe(key, turn);
         self.cancel_timer(key);
         let conn = self.conns.remove(key);

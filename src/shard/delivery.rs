@@ -9,6 +9,7 @@ use crate::event::{connected_frame, Event};
 use crate::fault::{self, Point};
 use crate::metrics::ShardStats;
 use crate::ws::close::CloseReason;
+use crate::ws::SharedFrame;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 impl Shard {
@@ -42,6 +43,7 @@ impl Shard {
             ShardMsg::Keys(keys) => self.keys = keys,
             ShardMsg::Drain => self.start_drain(turn),
             ShardMsg::Live(ws) => self.on_live(&ws, turn),
+            ShardMsg::Probe(key) => self.on_probe(&key, turn),
         }
     }
 
@@ -54,6 +56,9 @@ impl Shard {
             self.fanout_started.push(first.accepted_at);
         }
         for event in batch {
+            if event.pos.epoch != 0 && !self.seam(&event.workspace_id, event.pos, turn) {
+                continue;
+            }
             let mut from = 0;
             let mut raised: Vec<usize> = Vec::new();
             loop {
@@ -103,6 +108,25 @@ impl Shard {
                 self.after_panic(key, turn);
             }
         }
+    }
+
+    /// Queues `frame` on the recipients of `workspace` (of `user` in it, when given).
+    pub(super) fn fan_out_one(&mut self, workspace: &str, user: Option<&str>, frame: &SharedFrame) {
+        let recipients = self.registry.recipients(workspace, user);
+        let mut q = Queues {
+            dirty: &mut self.dirty.now,
+            slow: &mut self.slow.now,
+            max_outbound: self.limits.max_outbound,
+        };
+        let mut done = 0;
+        fanout::fan_out(
+            frame,
+            recipients,
+            &mut self.conns,
+            &mut q,
+            &mut done,
+            |_| {},
+        );
     }
 
     /// The cluster bus confirmed `workspace`: its waiting connections get `connected` now, and

@@ -8,6 +8,7 @@
 //! connections) and that one buffer.
 
 use super::conn::{Conn, Open, Phase};
+use super::registry::Stream;
 use super::{Next, Shard, Turn};
 use crate::auth::{jwt, AuthError, Identity};
 use crate::dispatch::BusInterest;
@@ -220,7 +221,7 @@ impl Shard {
             Err(e) => Err(e),
         };
         let next = match identity {
-            Ok(id) => self.subscribe(key, &id, out, turn),
+            Ok(id) => self.subscribe(key, &id, token.unwrap_or_default(), out, turn),
             Err(e) => {
                 if log::log_enabled!(log::Level::Debug) {
                     log::debug!(conn = key, shard = self.index, peer = self.peer(key).as_str(), reason = e.label(); "connection refused");
@@ -240,12 +241,36 @@ impl Shard {
         Next::Continue
     }
 
-    fn subscribe(&mut self, key: usize, id: &Identity<'_>, mut out: Vec<u8>, turn: &Turn) -> Next {
+    fn subscribe(
+        &mut self,
+        key: usize,
+        id: &Identity<'_>,
+        token: &[u8],
+        mut out: Vec<u8>,
+        turn: &Turn,
+    ) -> Next {
         // The interest bit is set before `connected` is queued, so a client that has seen
-        // `connected` is reachable by every publish that starts after it.
-        if self.registry.add(key, &id.workspace_id, &id.user_id) {
+        // `connected` is reachable by every publish that starts after it. With history on, the
+        // connection joins as a member only (it becomes a recipient once its stream is
+        // decided, see `start_stream`), and a workspace's first member here reads where the
+        // history stands after setting the bit: every event after that reaches this shard.
+        let first = if self.delivery.is_some() {
+            self.registry.join(key, &id.workspace_id, &id.user_id)
+        } else {
+            self.registry.add(key, &id.workspace_id, &id.user_id)
+        };
+        if first {
             self.interest.gained(&id.workspace_id);
             self.tell_bus(BusInterest::Add((*id.workspace_id).into(), self.index));
+            if let Some(d) = &self.delivery {
+                let head = d.history.head(&id.workspace_id, turn.now);
+                if let Some(s) = self.registry.stream_mut(&id.workspace_id) {
+                    *s = Stream {
+                        epoch: head.epoch,
+                        next: head.offset + 1,
+                    };
+                }
+            }
         }
         let expires_ms = id
             .exp
@@ -281,6 +306,9 @@ impl Shard {
         // The 101 and `connected` in one buffer: one allocation, one write.
         connected_frame_into(&mut out, &id.workspace_id, &id.user_id, turn.now_ms);
         self.enqueue(key, SharedFrame::from(out));
+        if self.delivery.is_some() {
+            return self.start_stream(key, &id.workspace_id, token, id.iat, turn);
+        }
         Next::Continue
     }
 

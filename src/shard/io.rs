@@ -62,6 +62,10 @@ impl Shard {
         match self.conns[key].phase {
             Phase::Head => self.on_head_bytes(key, data, turn),
             Phase::Open(_) | Phase::Closing => self.on_frame_bytes(key, data, turn),
+            // A client's answer to our close still decides its resume record.
+            Phase::Lingering if self.awaits_close_answer(key) => {
+                self.on_frame_bytes(key, data, turn)
+            }
             Phase::Http | Phase::Lingering => Next::Continue,
         }
     }
@@ -86,6 +90,9 @@ impl Shard {
         let mut peer_close: Option<Option<u16>> = None;
         let mut replied = false;
         let mut ponged = false;
+        // Acknowledgements in this read, in order (the last kept if a peer sends more).
+        let mut claims = [crate::history::Position::default(); 4];
+        let mut nclaims = 0;
         let result = decoder.feed(inbuf, data, max, &mut |c| {
             // Every frame counts against the allowance; past it nothing more is answered, and
             // the connection closes once this read is decoded.
@@ -97,7 +104,13 @@ impl Shard {
                     replied = true;
                 }
                 Control::Close(code) if peer_close.is_none() => peer_close = Some(code),
-                Control::Pong => ponged = true,
+                Control::Pong(p) => {
+                    ponged = true;
+                    if let Some(c) = crate::history::ack::parse(p) {
+                        claims[nclaims.min(claims.len() - 1)] = c;
+                        nclaims = (nclaims + 1).min(claims.len());
+                    }
+                }
                 _ => {}
             }
         });
@@ -108,6 +121,9 @@ impl Shard {
                 // answer to an earlier ping is as good as the latest).
                 open.ping_outstanding = false;
             }
+        }
+        for &c in &claims[..nclaims] {
+            self.on_ack_claim(key, c);
         }
         if replied {
             self.mark_dirty(key);
@@ -135,6 +151,14 @@ impl Shard {
     }
 
     fn on_peer_close(&mut self, key: usize, code: Option<u16>, turn: &Turn) {
+        // Its resume record is decided now (the client sends nothing after its close): made
+        // before the echo goes out, so a client that reconnects the moment it has the echo
+        // finds it.
+        self.mark_close_answered(key);
+        self.end_stream(key, turn);
+        if self.conns[key].phase == Phase::Lingering {
+            return;
+        }
         if self.conns[key].is_open() {
             self.conns[key].close_code = code.unwrap_or(1005);
             self.unsubscribe(key, turn);
@@ -191,6 +215,9 @@ impl Shard {
     fn flush_one(&mut self, key: usize, turn: &Turn) -> Next {
         let (faults, registry) = (&self.faults, &self.registry);
         fault::point(faults, Point::Flush, || registry.names(key).map(|(_, u)| u));
+        if self.conns[key].is_open() {
+            self.maybe_ack(key, turn);
+        }
         let stats = &self.stats_all[self.index];
         let conn = &mut self.conns[key];
         let done = match conn.out.write_to(&mut conn.stream) {

@@ -29,6 +29,7 @@ mod handshake;
 mod io;
 pub mod outbox;
 pub mod registry;
+mod resume;
 mod timers;
 
 use crate::auth::jwt;
@@ -38,10 +39,12 @@ use crate::dispatch::inbox::Inbox;
 use crate::dispatch::interest::ShardInterest;
 use crate::dispatch::{BusInterest, Links, ToBus};
 use crate::fault::Faults;
+use crate::history::{Delivery, Position};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::ShardStats;
 use crate::timer::wheel::Wheel;
 use crate::ws::close::CloseReason;
+use crate::ws::SharedFrame;
 use conn::Conn;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
@@ -117,6 +120,8 @@ struct Limits {
     drain_timeout: Duration,
     drain_spread: Duration,
     tick: Duration,
+    /// `--ack-interval` in ticks.
+    ack_ticks: u64,
 }
 
 impl Limits {
@@ -140,6 +145,7 @@ impl Limits {
             drain_timeout: cfg.drain_timeout,
             drain_spread: cfg.drain_spread,
             tick,
+            ack_ticks: ticks(cfg.ack_interval, tick),
         }
     }
 }
@@ -167,6 +173,8 @@ pub struct ShardContext {
     pub keys: Arc<KeySet>,
     /// The cluster bus's channel, with `--bus redis://` or `redis-cluster://`.
     pub to_bus: Option<ToBus>,
+    /// The history and resume records, with history on.
+    pub delivery: Option<Arc<Delivery>>,
 }
 
 /// A shard and everything it owns. Built on the starting thread, then moved to its own.
@@ -213,6 +221,19 @@ pub struct Shard {
     fanout_started: Vec<Instant>,
     /// When to next sample the gauges.
     next_sample: Instant,
+    /// The history and resume records (history on only).
+    delivery: Option<Arc<Delivery>>,
+    /// Per connection (by slab key), what the delivery guarantee keeps; empty with history off.
+    tracked: Vec<Option<resume::Tracked>>,
+    /// Connections being replayed what they missed (or waiting for a twin's record).
+    replaying: Vec<u32>,
+    /// Open connections (by resume key) with history on, for probes.
+    by_record: HashMap<crate::history::records::RecordKey, Vec<u32>>,
+    /// Connections pinged by a probe: (key, generation, answer deadline).
+    probes: Vec<(u32, u32, Instant)>,
+    /// The last acknowledgement ping built, shared by the connections acknowledged at the same
+    /// position.
+    ack_frame: Option<(Position, SharedFrame)>,
 }
 
 fn ticks(d: Duration, tick: Duration) -> u64 {
@@ -290,6 +311,12 @@ impl Shard {
             drain: None,
             fanout_started: Vec::new(),
             next_sample: started,
+            delivery: ctx.delivery,
+            tracked: Vec::new(),
+            replaying: Vec::new(),
+            by_record: HashMap::new(),
+            probes: Vec::new(),
+            ack_frame: None,
         })
     }
 
@@ -387,6 +414,8 @@ impl Shard {
         self.fire_timers(turn);
         self.spread_drain(turn);
         self.close_slow(turn);
+        self.check_probes(turn);
+        self.pump_replays(turn);
         self.flush(turn);
         self.reap(turn);
         self.flush_bus_backlog();
@@ -441,10 +470,13 @@ impl Shard {
             || !self.read_again.is_empty()
             || !self.dirty.is_empty()
             || !self.dead.is_empty()
+            || self.replay_ready()
         {
             return Some(Duration::ZERO);
         }
         if !self.bus_backlog.is_empty()
+            || !self.probes.is_empty()
+            || self.has_waiting()
             || self
                 .drain
                 .as_ref()
@@ -483,6 +515,9 @@ impl Shard {
     /// (or drop it, if even that fails).
     fn after_panic(&mut self, key: usize, turn: &Turn) {
         ShardStats::add(&self.stats().handler_panics, 1);
+        // Whatever it was doing (queueing an event, say) may not have finished: its resume
+        // record falls back to what the client acknowledged.
+        self.distrust_queue(key);
         self.repair_after_panic();
         log::error!(
             "shard {}: connection handler panicked; closing the connection with 1011",

@@ -62,6 +62,12 @@ impl Outbox {
         self.rest.back().or(self.head.as_ref())
     }
 
+    /// The frames [`Outbox::discard_unstarted`] would drop, in queue order.
+    pub fn unstarted(&self) -> impl Iterator<Item = &SharedFrame> {
+        let head = self.head.as_ref().filter(|_| self.offset == 0);
+        head.into_iter().chain(self.rest.iter())
+    }
+
     /// Drops every queued frame except a partially written one, which must be finished before
     /// anything else (say, a close frame) can follow it on the wire.
     pub fn discard_unstarted(&mut self) {

@@ -36,11 +36,30 @@ impl Conns {
 
 struct Workspace {
     name: Box<str>,
+    /// Connections events reach (joined and active).
     conns: Vec<u32>,
     users: HashMap<Arc<str>, Conns>,
+    /// Members, active or not: the workspace goes with its last.
+    members: u32,
     /// Events may be delivered (always, without a cluster bus).
     live: bool,
+    /// Where this shard's live stream of the workspace stands (history on).
+    stream: Stream,
 }
+
+/// Where a shard's live stream of one workspace stands: the epoch, and the offset of the next
+/// event its active connections are to receive. Every active connection of the workspace has
+/// been queued every event addressed to it before `next`, and none after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stream {
+    /// The epoch (0: no stream yet).
+    pub epoch: u64,
+    /// The next offset to deliver.
+    pub next: u64,
+}
+
+/// Marks a member not in the recipient lists yet.
+const INACTIVE: u32 = u32::MAX;
 
 struct Member {
     workspace: u32,
@@ -92,6 +111,15 @@ impl Registry {
     /// workspace's first connection here. The caller adds each key once and removes it before
     /// adding it again.
     pub fn add(&mut self, key: usize, workspace: &str, user: &str) -> bool {
+        let first = self.join(key, workspace, user);
+        self.activate(key);
+        first
+    }
+
+    /// Makes connection `key` a member of `workspace` as `user` without making it a recipient
+    /// yet (it is being replayed what it missed; [`Registry::activate`] ends that). Returns
+    /// whether it is the workspace's first member here.
+    pub fn join(&mut self, key: usize, workspace: &str, user: &str) -> bool {
         if self.members.len() <= key {
             self.members.resize_with(key + 1, || None);
         }
@@ -103,44 +131,67 @@ impl Registry {
                     name: workspace.into(),
                     conns: Vec::new(),
                     users: HashMap::new(),
+                    members: 0,
                     live: !self.gated,
+                    stream: Stream::default(),
                 }) as u32;
                 self.by_name.insert(workspace.into(), slot);
                 (slot, true)
             }
         };
         let ws = &mut self.workspaces[slot as usize];
-        let in_workspace = ws.conns.len() as u32;
-        ws.conns.push(key as u32);
-        let (user, in_user) = match ws.users.get_key_value(user) {
-            Some((name, _)) => {
-                let name = name.clone();
-                let conns = ws.users.get_mut(user).expect("just found");
-                let in_user = match conns {
-                    Conns::One(first) => {
-                        *conns = Conns::Many(vec![*first, key as u32]);
-                        1
-                    }
-                    Conns::Many(v) => {
-                        v.push(key as u32);
-                        v.len() as u32 - 1
-                    }
-                };
-                (name, in_user)
-            }
-            None => {
-                let name: Arc<str> = user.into();
-                ws.users.insert(name.clone(), Conns::One(key as u32));
-                (name, 0)
-            }
+        ws.members += 1;
+        // One allocation per user name per workspace: a second connection shares the first's.
+        let user = match ws.users.get_key_value(user) {
+            Some((name, _)) => name.clone(),
+            None => user.into(),
         };
         self.members[key] = Some(Member {
             workspace: slot,
-            in_workspace,
-            in_user,
+            in_workspace: INACTIVE,
+            in_user: INACTIVE,
             user,
         });
         first
+    }
+
+    /// Makes a member a recipient: events of its workspace (and of its user) reach it from now
+    /// on. Does nothing for an active member or a key that is not one.
+    pub fn activate(&mut self, key: usize) {
+        let Some(m) = self.members.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        if m.in_workspace != INACTIVE {
+            return;
+        }
+        let ws = &mut self.workspaces[m.workspace as usize];
+        m.in_workspace = ws.conns.len() as u32;
+        ws.conns.push(key as u32);
+        m.in_user = match ws.users.get_mut(&*m.user) {
+            Some(conns @ Conns::One(_)) => {
+                let Conns::One(first) = *conns else {
+                    unreachable!()
+                };
+                *conns = Conns::Many(vec![first, key as u32]);
+                1
+            }
+            Some(Conns::Many(v)) => {
+                v.push(key as u32);
+                v.len() as u32 - 1
+            }
+            None => {
+                ws.users.insert(m.user.clone(), Conns::One(key as u32));
+                0
+            }
+        };
+    }
+
+    /// Whether connection `key` is a member that events do not reach yet.
+    pub fn is_pending(&self, key: usize) -> bool {
+        self.members
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|m| m.in_workspace == INACTIVE)
     }
 
     /// Unsubscribes connection `key`.
@@ -149,46 +200,69 @@ impl Registry {
             return Removed::NotSubscribed;
         };
         let ws = &mut self.workspaces[m.workspace as usize];
-        let i = m.in_workspace as usize;
-        debug_assert_eq!(ws.conns.get(i), Some(&(key as u32)));
-        ws.conns.swap_remove(i);
-        if let Some(&moved) = ws.conns.get(i) {
-            if let Some(mm) = self.members[moved as usize].as_mut() {
-                mm.in_workspace = i as u32;
+        ws.members -= 1;
+        if m.in_workspace != INACTIVE {
+            let i = m.in_workspace as usize;
+            debug_assert_eq!(ws.conns.get(i), Some(&(key as u32)));
+            ws.conns.swap_remove(i);
+            if let Some(&moved) = ws.conns.get(i) {
+                if let Some(mm) = self.members[moved as usize].as_mut() {
+                    mm.in_workspace = i as u32;
+                }
             }
-        }
-        let mut user_gone = false;
-        if let Some(conns) = ws.users.get_mut(&*m.user) {
-            match conns {
-                Conns::One(_) => user_gone = true,
-                Conns::Many(v) => {
-                    let j = m.in_user as usize;
-                    debug_assert_eq!(v.get(j), Some(&(key as u32)));
-                    v.swap_remove(j);
-                    if let Some(&moved) = v.get(j) {
-                        if let Some(mm) = self.members[moved as usize].as_mut() {
-                            mm.in_user = j as u32;
+            let mut user_gone = false;
+            if let Some(conns) = ws.users.get_mut(&*m.user) {
+                match conns {
+                    Conns::One(_) => user_gone = true,
+                    Conns::Many(v) => {
+                        let j = m.in_user as usize;
+                        debug_assert_eq!(v.get(j), Some(&(key as u32)));
+                        v.swap_remove(j);
+                        if let Some(&moved) = v.get(j) {
+                            if let Some(mm) = self.members[moved as usize].as_mut() {
+                                mm.in_user = j as u32;
+                            }
                         }
-                    }
-                    if v.len() == 1 {
-                        let last = v[0];
-                        *conns = Conns::One(last);
-                        if let Some(mm) = self.members[last as usize].as_mut() {
-                            mm.in_user = 0;
+                        if v.len() == 1 {
+                            let last = v[0];
+                            *conns = Conns::One(last);
+                            if let Some(mm) = self.members[last as usize].as_mut() {
+                                mm.in_user = 0;
+                            }
                         }
                     }
                 }
             }
+            if user_gone {
+                ws.users.remove(&*m.user);
+            }
         }
-        if user_gone {
-            ws.users.remove(&*m.user);
-        }
-        if ws.conns.is_empty() {
+        if ws.members == 0 {
+            debug_assert!(ws.conns.is_empty());
             let ws = self.workspaces.remove(m.workspace as usize);
             self.by_name.remove(&*ws.name);
             return Removed::LastInWorkspace(ws.name);
         }
         Removed::Member
+    }
+
+    /// Where this shard's stream of `workspace` stands, to move it on (a workspace with a
+    /// member here only).
+    pub fn stream_mut(&mut self, workspace: &str) -> Option<&mut Stream> {
+        let slot = *self.by_name.get(workspace)?;
+        Some(&mut self.workspaces[slot as usize].stream)
+    }
+
+    /// Where this shard's stream of `workspace` stands.
+    pub fn stream_of_workspace(&self, workspace: &str) -> Option<Stream> {
+        let slot = *self.by_name.get(workspace)?;
+        Some(self.workspaces[slot as usize].stream)
+    }
+
+    /// Where the stream of member `key`'s workspace stands.
+    pub fn stream_of(&self, key: usize) -> Option<Stream> {
+        let m = self.members.get(key)?.as_ref()?;
+        Some(self.workspaces[m.workspace as usize].stream)
     }
 
     /// The connections of `workspace` (of `user` in it, when given) that events may reach:
@@ -278,6 +352,28 @@ mod tests {
         assert_eq!(r.names(1), None);
         // The same workspace again is a first again.
         assert!(r.add(1, "ws_a", "u2"));
+    }
+
+    #[test]
+    fn a_pending_member_keeps_its_workspace_but_receives_nothing_until_activated() {
+        let mut r = Registry::new();
+        assert!(r.join(3, "ws", "u"));
+        assert!(r.is_pending(3));
+        assert!(r.recipients("ws", None).is_empty());
+        assert!(r.recipients("ws", Some("u")).is_empty());
+        assert!(!r.add(5, "ws", "u"));
+        assert_eq!(sorted(r.recipients("ws", Some("u"))), vec![5]);
+        r.stream_mut("ws").unwrap().next = 9;
+        assert_eq!(r.stream_of(3).map(|s| s.next), Some(9));
+        r.activate(3);
+        r.activate(3);
+        assert!(!r.is_pending(3));
+        assert_eq!(sorted(r.recipients("ws", Some("u"))), vec![3, 5]);
+        assert_eq!(r.remove(5), Removed::Member);
+        assert!(r.join(7, "other", "u"));
+        assert_eq!(r.remove(7), Removed::LastInWorkspace("other".into()));
+        assert_eq!(r.remove(3), Removed::LastInWorkspace("ws".into()));
+        assert!(r.stream_mut("ws").is_none());
     }
 
     #[test]

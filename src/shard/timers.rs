@@ -64,6 +64,11 @@ impl Shard {
     fn on_timer(&mut self, key: usize, turn: &Turn, heartbeat: &mut Option<SharedFrame>) -> Next {
         let (faults, registry) = (&self.faults, &self.registry);
         fault::point(faults, Point::Timer, || registry.names(key).map(|(_, u)| u));
+        if self.conns[key].is_open()
+            && fault::drain_one(faults, || registry.names(key).map(|(_, u)| u))
+        {
+            return Next::Close(CloseReason::GoingAway);
+        }
         let limits = &self.limits;
         let conn = &mut self.conns[key];
         let Phase::Open(open) = &mut conn.phase else {

@@ -19,8 +19,9 @@ use super::close::{is_valid_received_code, CloseReason};
 pub enum Control<'a> {
     /// A ping with its (unmasked) application data; answer with a pong carrying it.
     Ping(&'a [u8]),
-    /// A pong; nothing to do.
-    Pong,
+    /// A pong with its (unmasked) application data (an acknowledgement's position, or
+    /// anything the peer chose).
+    Pong(&'a [u8]),
     /// A close frame, with the peer's status code when it sent one.
     Close(Option<u16>),
     /// A data frame's header (its payload is skipped unread): counted, never answered.
@@ -241,7 +242,7 @@ impl Decoder {
                 }
                 let control = match h.opcode {
                     0x9 => Control::Ping(payload),
-                    0xA => Control::Pong,
+                    0xA => Control::Pong(payload),
                     _ => Control::Close(parse_close(payload)?),
                 };
                 on_control(control);
@@ -335,7 +336,7 @@ mod tests {
             let r = d.feed(&mut pending, c, 4096, &mut |c| {
                 got.push(match c {
                     Control::Ping(p) => Got::Ping(p.to_vec()),
-                    Control::Pong => Got::Pong,
+                    Control::Pong(_) => Got::Pong,
                     Control::Close(c) => Got::Close(c),
                     Control::Data => Got::Data,
                 })

@@ -50,6 +50,17 @@ pub fn header_len(len: usize) -> usize {
     }
 }
 
+/// Length of the header of a server frame already built (unmasked, so 2, 4 or 10 bytes, from
+/// its second byte); 0 for fewer than two bytes.
+pub fn header_len_of(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7f) {
+        None => 0,
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+    }
+}
+
 /// Encodes one complete frame into a new shared buffer.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> SharedFrame {
     let mut buf = Vec::with_capacity(header_len(payload.len()) + payload.len());

@@ -101,13 +101,21 @@ impl Drop for TestServer {
     }
 }
 
-/// An HS256 token for (workspace, user) expiring `ttl` seconds from now.
+/// An HS256 token for (workspace, user) expiring `ttl` seconds from now. Every token is
+/// distinct (a `jti` counts up), so two connections resume from each other's records only when
+/// a test reuses one token on purpose, as the seed's client does when it reconnects.
 pub fn token(workspace: &str, user: &str, ttl: i64) -> String {
-    let now = now();
-    let exp = (now as i64 + ttl).max(0);
+    token_issued(workspace, user, ttl, now())
+}
+
+/// Like [`token`], issued (`iat`) at `iat`.
+pub fn token_issued(workspace: &str, user: &str, ttl: i64, iat: u64) -> String {
+    static JTI: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let jti = JTI.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let exp = (now() as i64 + ttl).max(0);
     jwt::sign_hs256(
         SECRET,
-        format!(r#"{{"sub":"{user}","workspace_id":"{workspace}","iat":{now},"exp":{exp}}}"#)
+        format!(r#"{{"sub":"{user}","workspace_id":"{workspace}","iat":{iat},"exp":{exp},"jti":"t{jti}"}}"#)
             .as_bytes(),
     )
 }

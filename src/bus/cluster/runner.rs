@@ -114,6 +114,8 @@ impl Intake<'_> {
                     user_id: got.user_id,
                     frame: got.frame,
                     accepted_at: now,
+                    ts_ms: got.ts_ms,
+                    pos: crate::history::Position::default(),
                 });
             }
             Err(why) => {

@@ -1,0 +1,673 @@
+//! The delivery guarantee on a shard (history on): how a connection's stream begins (fresh, a
+//! replay of what it missed, or `stream.gap`), the replay paced by the outbox, the seam between
+//! the history and the live stream, acknowledgements by ping payload, and the resume record a
+//! connection leaves when it ends.
+//!
+//! The seam. The shard keeps, per workspace, where its live stream stands ([`Stream`]: every
+//! active connection has been queued every event addressed to it before `next`, none after).
+//! Events normally arrive in position order; one that arrives early (two publishers raced
+//! between taking positions and reaching this inbox) makes the shard take the ones before it
+//! from the history first, and the late ones are skipped when they come. A resuming connection
+//! is a member but not a recipient while it is replayed the events between its record and
+//! `next`, read from the history a piece at a time as its outbox drains; when it reaches
+//! `next` it becomes a recipient, so the live stream takes over exactly where the replay ends:
+//! nothing missing, nothing twice, whatever the publish rate.
+//!
+//! Records. A connection that ends leaves where it stood: everything queued before the
+//! server's close frame if the server closed and the client answered the close; otherwise the
+//! last position the client acknowledged (a pong echoing an acknowledgement ping).
+
+use super::registry::Stream;
+use super::{Next, Shard, Turn};
+use crate::dispatch::inbox::ShardMsg;
+use crate::event::{gap_frame, is_event_frame, GapReason};
+use crate::history::ack::{self, AckState};
+use crate::history::records::{record_key, Found, Record, RecordKey};
+use crate::history::ring::Miss;
+use crate::history::{plan, DeliveryStats, Outcome, Position, Start};
+use crate::ws::close::CloseReason;
+use crate::ws::close::DEAD_PEER;
+use crate::ws::frame::{encode, ping_frame, OpCode};
+use crate::ws::SharedFrame;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the shard keeps about a connection for the delivery guarantee.
+pub(super) struct Tracked {
+    record_key: RecordKey,
+    workspace: Arc<str>,
+    ack: AckState,
+    /// No acknowledgement ping before this tick (`--ack-interval`).
+    next_ack_tick: u64,
+    /// Where the stream stood when the server queued its close frame.
+    close_at: Option<Position>,
+    /// The client answered the server's close frame.
+    close_done: bool,
+    replay: Option<Replay>,
+    /// The token's `iat`, for the restart rule.
+    iat: Option<u64>,
+    /// A handler panicked on it: what was queued is not known event by event, so its record
+    /// comes from its acknowledgement whatever the close.
+    unsure: bool,
+}
+
+/// How long a connection that found an open twin waits for the twin's record.
+pub const TWIN_WAIT: Duration = Duration::from_millis(1500);
+
+/// How long a probed connection has to answer its ping (shorter than [`TWIN_WAIT`], so the
+/// record of one that does not is made while its replacement still waits for it).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A replay under way: the last position queued (or passed over as not addressed to the
+/// client).
+#[derive(Clone, Copy, Debug)]
+struct Replay {
+    cursor: Position,
+    since: Option<u64>,
+    /// Some frame of the replay has been queued (a gap found later can no longer be reported
+    /// right after `connected`).
+    started: bool,
+    /// Waiting, until then, for an open twin's record; `cursor` is where the stream stood at
+    /// connect, the start if no record comes.
+    wait_until: Option<Instant>,
+}
+
+fn position(s: Stream) -> Position {
+    Position {
+        epoch: s.epoch,
+        offset: s.next.saturating_sub(1),
+    }
+}
+
+impl Shard {
+    fn tracked(&mut self, key: usize) -> Option<&mut Tracked> {
+        self.tracked.get_mut(key).and_then(Option::as_mut)
+    }
+
+    /// Opens an authenticated connection's stream with history on: takes its resume record,
+    /// decides how it begins, and queues what follows `connected`. The connection is a member
+    /// of its workspace already; it becomes a recipient here or when its replay ends.
+    ///
+    /// A connection that finds no record while another with its token is open waits (up to
+    /// [`TWIN_WAIT`]) for that one's record: it may be the connection this one replaces, not
+    /// yet seen to end (a reset not read yet, a client gone without a FIN), which a probe asks
+    /// every shard to settle. If no record comes, it starts from where the stream stood when it
+    /// connected: nothing it could have had is lost, it is only delayed.
+    pub(super) fn start_stream(
+        &mut self,
+        key: usize,
+        workspace: &str,
+        token: &[u8],
+        iat: Option<u64>,
+        turn: &Turn,
+    ) -> Next {
+        let Some(d) = self.delivery.clone() else {
+            return Next::Continue;
+        };
+        let record_key = record_key(token, workspace);
+        let found = d.records.begin(record_key, turn.now);
+        let head = self
+            .registry
+            .stream_of(key)
+            .map(position)
+            .unwrap_or_default();
+        if self.tracked.len() <= key {
+            self.tracked.resize_with(key + 1, || None);
+        }
+        self.tracked[key] = Some(Tracked {
+            record_key,
+            workspace: workspace.into(),
+            ack: AckState::starting_at(head),
+            next_ack_tick: turn.tick + self.limits.ack_ticks,
+            close_at: None,
+            close_done: false,
+            replay: None,
+            iat,
+            unsure: false,
+        });
+        self.by_record
+            .entry(record_key)
+            .or_default()
+            .push(key as u32);
+        let record = match found {
+            Found::Record(r) => Some(r),
+            Found::Nothing => None,
+            Found::Twin => {
+                if let Some(t) = self.tracked(key) {
+                    t.replay = Some(Replay {
+                        cursor: head,
+                        since: None,
+                        started: false,
+                        wait_until: Some(turn.now + TWIN_WAIT),
+                    });
+                }
+                self.replaying.push(key as u32);
+                for i in 0..self.links.len() {
+                    self.links.shard(i).offer(ShardMsg::Probe(record_key));
+                }
+                return Next::Continue;
+            }
+        };
+        self.begin_with(key, record, turn)
+    }
+
+    /// Decides how connection `key` begins from its record (or none) and starts it.
+    fn begin_with(&mut self, key: usize, record: Option<Record>, turn: &Turn) -> Next {
+        let Some(d) = self.delivery.clone() else {
+            return Next::Continue;
+        };
+        let head = self
+            .registry
+            .stream_of(key)
+            .map(position)
+            .unwrap_or_default();
+        let iat = self.tracked(key).and_then(|t| t.iat);
+        let restarted = turn.now.saturating_duration_since(d.started) < d.window
+            && iat.map_or(true, |iat| iat < d.started_unix);
+        let evicted = d
+            .records
+            .evicted_since(turn.now.checked_sub(d.window).unwrap_or(d.started));
+        let dropped_early = record.is_some_and(|r| d.history.dropped_early_since(r.made));
+        match plan(record, head, restarted || evicted, dropped_early) {
+            Start::Fresh => {
+                self.outcome(Outcome::Fresh);
+                if let Some(t) = self.tracked(key) {
+                    t.ack = AckState::starting_at(head);
+                    t.replay = None;
+                }
+                self.registry.activate(key);
+                Next::Continue
+            }
+            Start::Gap { reason, since } => {
+                self.open_with_gap(key, reason, since, turn);
+                Next::Continue
+            }
+            Start::Replay { after, since } => {
+                if let Some(t) = self.tracked(key) {
+                    t.ack = AckState::starting_at(after);
+                    t.replay = Some(Replay {
+                        cursor: after,
+                        since,
+                        started: false,
+                        wait_until: None,
+                    });
+                }
+                if !self.replaying.contains(&(key as u32)) {
+                    self.replaying.push(key as u32);
+                }
+                self.pump(key, turn)
+            }
+        }
+    }
+
+    /// Whether some connection waits for a twin's record (the loop then wakes every tick).
+    pub(super) fn has_waiting(&self) -> bool {
+        self.replaying.iter().any(|&k| {
+            self.tracked
+                .get(k as usize)
+                .and_then(Option::as_ref)
+                .and_then(|t| t.replay)
+                .is_some_and(|r| r.wait_until.is_some())
+        })
+    }
+
+    /// Another shard (or this one) asks about the connections with resume key `rk`: each that
+    /// is open is pinged, and dropped if it does not answer within [`PROBE_TIMEOUT`].
+    pub(super) fn on_probe(&mut self, rk: &RecordKey, turn: &Turn) {
+        let Some(keys) = self.by_record.get(rk) else {
+            return;
+        };
+        for &k in keys.clone().iter() {
+            let k = k as usize;
+            if self
+                .tracked
+                .get(k)
+                .and_then(Option::as_ref)
+                .and_then(|t| t.replay)
+                .is_some_and(|r| r.wait_until.is_some())
+            {
+                continue; // the asking connection itself
+            }
+            let Some(conn) = self.conns.get_mut(k).filter(|c| !c.dead) else {
+                continue;
+            };
+            let gen = conn.gen;
+            let Some(open) = conn.open() else { continue };
+            let fresh = !open.ping_outstanding;
+            open.ping_outstanding = true;
+            if fresh {
+                self.enqueue(k, ping_frame());
+            }
+            self.probes.push((k as u32, gen, turn.now + PROBE_TIMEOUT));
+        }
+    }
+
+    /// Drops probed connections whose answer is overdue (their records are made as they go);
+    /// forgets those that answered.
+    pub(super) fn check_probes(&mut self, turn: &Turn) {
+        if self.probes.is_empty() {
+            return;
+        }
+        let probes = std::mem::take(&mut self.probes);
+        for (k, gen, deadline) in probes {
+            let k = k as usize;
+            let Some(conn) = self.conns.get_mut(k).filter(|c| c.gen == gen && !c.dead) else {
+                continue;
+            };
+            let Some(open) = conn.open() else { continue };
+            if !open.ping_outstanding {
+                continue; // answered: alive
+            }
+            if turn.now < deadline {
+                self.probes.push((k as u32, gen, deadline));
+                continue;
+            }
+            conn.close_code = DEAD_PEER;
+            log::debug!(
+                "shard {}: connection {k}: no pong to a resume probe within {PROBE_TIMEOUT:?}; dropped",
+                self.index
+            );
+            self.kill(k);
+        }
+    }
+
+    fn outcome(&self, o: Outcome) {
+        if let Some(d) = &self.delivery {
+            DeliveryStats::add(&d.stats.outcomes[o as usize], 1);
+        }
+    }
+
+    /// `stream.gap`, then the live stream from where the shard stands.
+    fn open_with_gap(&mut self, key: usize, reason: GapReason, since: Option<u64>, turn: &Turn) {
+        self.outcome(match reason {
+            GapReason::HistoryTrimmed => Outcome::GapTrimmed,
+            GapReason::HistoryLost => Outcome::GapLost,
+        });
+        let head = self
+            .registry
+            .stream_of(key)
+            .map(position)
+            .unwrap_or_default();
+        if let Some(t) = self.tracked(key) {
+            t.ack = AckState::starting_at(head);
+            t.replay = None;
+        }
+        self.enqueue(key, gap_frame(reason, since, turn.now_ms));
+        self.registry.activate(key);
+    }
+
+    /// The replay is done: the connection receives the live stream from here.
+    fn join_live(&mut self, key: usize, turn: &Turn) {
+        self.outcome(Outcome::Replayed);
+        if let Some(t) = self.tracked(key) {
+            t.replay = None;
+            // An acknowledgement rides right behind the replay.
+            t.next_ack_tick = turn.tick;
+        }
+        self.registry.activate(key);
+    }
+
+    /// Runs every replay that has room in its outbox.
+    pub(super) fn pump_replays(&mut self, turn: &Turn) {
+        if self.replaying.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.replaying);
+        for &key in &keys {
+            self.guarded(key as usize, turn, |s| s.pump(key as usize, turn));
+        }
+        let still: Vec<u32> = keys
+            .into_iter()
+            .filter(|&k| self.is_replaying(k as usize))
+            .collect();
+        // Connections that began a replay during this turn were pushed onto the new list.
+        let added = std::mem::replace(&mut self.replaying, still);
+        for k in added {
+            if !self.replaying.contains(&k) && self.is_replaying(k as usize) {
+                self.replaying.push(k);
+            }
+        }
+    }
+
+    fn is_replaying(&self, key: usize) -> bool {
+        self.tracked
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.replay.is_some())
+    }
+
+    /// Whether some replay can move on now (its outbox has room).
+    pub(super) fn replay_ready(&self) -> bool {
+        let fill = self.limits.max_outbound / 2;
+        self.replaying.iter().any(|&k| {
+            let waiting = self
+                .tracked
+                .get(k as usize)
+                .and_then(Option::as_ref)
+                .and_then(|t| t.replay)
+                .is_some_and(|r| r.wait_until.is_some());
+            !waiting
+                && self
+                    .conns
+                    .get(k as usize)
+                    .is_some_and(|c| !c.dead && c.out.pending_bytes() < fill)
+        })
+    }
+
+    /// Queues the next piece of connection `key`'s replay: events of its workspace addressed
+    /// to it, read from the history up to where the shard's live stream stands, until its
+    /// outbox holds half of `--max-outbound-bytes` (the rest follows as it drains).
+    fn pump(&mut self, key: usize, turn: &Turn) -> Next {
+        let Some(d) = self.delivery.clone() else {
+            return Next::Continue;
+        };
+        let Some(rp) = self
+            .tracked
+            .get(key)
+            .and_then(Option::as_ref)
+            .and_then(|t| t.replay)
+        else {
+            return Next::Continue;
+        };
+        if let Some(until) = rp.wait_until {
+            let rk = self.tracked(key).map(|t| t.record_key);
+            if let Some(r) = rk.and_then(|rk| d.records.take(&rk, turn.now)) {
+                return self.begin_with(key, Some(r), turn);
+            }
+            if turn.now < until {
+                return Next::Continue;
+            }
+            // No record came: the twin is another live connection (a second tab). Start from
+            // where the stream stood at connect.
+            if let Some(r) = self.tracked(key).and_then(|t| t.replay.as_mut()) {
+                r.wait_until = None;
+            }
+        }
+        let fill = self.limits.max_outbound / 2;
+        if !self.conns[key].is_open() || self.conns[key].out.pending_bytes() >= fill {
+            return Next::Continue;
+        }
+        let (Some(stream), Some((ws, user))) =
+            (self.registry.stream_of(key), self.registry.names(key))
+        else {
+            return Next::Continue;
+        };
+        let (ws, user): (Arc<str>, Arc<str>) = (ws.into(), user.into());
+        let mut rp = rp;
+        if rp.cursor == Position::default() && stream.epoch != 0 {
+            // It started before its workspace had a stream: it stands before the first event
+            // of the one that began since.
+            rp.cursor.epoch = stream.epoch;
+            if let Some(r) = self.tracked(key).and_then(|t| t.replay.as_mut()) {
+                r.cursor.epoch = stream.epoch;
+            }
+        }
+        if rp.cursor.epoch != stream.epoch {
+            // The workspace's stream started over while this replay ran.
+            if !rp.started {
+                self.open_with_gap(key, GapReason::HistoryLost, rp.since, turn);
+                return Next::Continue;
+            }
+            return Next::Close(CloseReason::SlowConsumer);
+        }
+        if rp.cursor.offset + 1 >= stream.next {
+            if rp.cursor.offset + 1 > stream.next {
+                // The record is ahead of this shard's stream (the client was served by a
+                // shard further along): bring this shard's stream there from the history.
+                self.advance_stream(&ws, rp.cursor.offset + 1, turn);
+            }
+            self.join_live(key, turn);
+            return Next::Continue;
+        }
+        let out = &mut self.conns[key].out;
+        let mut queued = 0u64;
+        let read = d
+            .history
+            .read(&ws, rp.cursor, stream.next, turn.now, &mut |e| {
+                if e.user.as_deref().is_some_and(|u| u != &*user) {
+                    return true;
+                }
+                if out.pending_bytes() >= fill {
+                    return false;
+                }
+                out.push(e.frame.clone());
+                queued += 1;
+                true
+            });
+        if queued > 0 {
+            DeliveryStats::add(&d.stats.replayed_frames, queued);
+            self.mark_dirty(key);
+        }
+        match read {
+            Ok(end) => {
+                if let Some(r) = self.tracked(key).and_then(|t| t.replay.as_mut()) {
+                    r.cursor.offset = end - 1;
+                    r.started |= queued > 0;
+                }
+                if end >= stream.next {
+                    self.join_live(key, turn);
+                }
+                Next::Continue
+            }
+            Err(miss) if !rp.started && queued == 0 => {
+                let reason = match miss {
+                    Miss::Trimmed => GapReason::HistoryTrimmed,
+                    Miss::OtherEpoch => GapReason::HistoryLost,
+                };
+                self.open_with_gap(key, reason, rp.since, turn);
+                Next::Continue
+            }
+            // The history moved past a replay under way (a client reading more slowly than
+            // its workspace publishes): closed like any slow consumer. Its record keeps what
+            // it was queued, so its next connection is told of the gap right after
+            // `connected`.
+            Err(_) => Next::Close(CloseReason::SlowConsumer),
+        }
+    }
+
+    /// Where an event stands against the shard's live stream of its workspace: true to deliver
+    /// it, false if it was delivered already (taken from the history when a later one arrived
+    /// first). Takes the events before it from the history when it arrives early.
+    pub(super) fn seam(&mut self, ws: &str, pos: Position, turn: &Turn) -> bool {
+        let Some(stream) = self.registry.stream_mut(ws) else {
+            return true;
+        };
+        if pos.epoch < stream.epoch {
+            // A straggler of a stream that has since started over: delivered as it is.
+            return true;
+        }
+        if pos.epoch > stream.epoch {
+            *stream = Stream {
+                epoch: pos.epoch,
+                next: 1,
+            };
+        }
+        if pos.offset < stream.next {
+            return false;
+        }
+        if pos.offset > stream.next {
+            self.advance_stream(ws, pos.offset, turn);
+        }
+        if let Some(stream) = self.registry.stream_mut(ws) {
+            stream.next = pos.offset + 1;
+        }
+        true
+    }
+
+    /// Moves the shard's stream of `ws` to offset `to`, delivering the events before it from
+    /// the history to their recipients here. If the history no longer has them all, every
+    /// recipient is sent `stream.gap` instead: never a silent hole.
+    fn advance_stream(&mut self, ws: &str, to: u64, turn: &Turn) {
+        let Some(d) = self.delivery.clone() else {
+            return;
+        };
+        let Some(stream) = self.registry.stream_of_workspace(ws) else {
+            return;
+        };
+        let mut missed: Vec<(SharedFrame, Option<Box<str>>)> = Vec::new();
+        let read = d
+            .history
+            .read(ws, position(stream), to, turn.now, &mut |e| {
+                missed.push((e.frame.clone(), e.user.clone()));
+                true
+            });
+        if let Some(s) = self.registry.stream_mut(ws) {
+            s.next = to;
+        }
+        if read.is_ok_and(|end| end >= to) {
+            DeliveryStats::add(&d.stats.gap_fills, missed.len() as u64);
+            for (frame, user) in &missed {
+                self.fan_out_one(ws, user.as_deref(), frame);
+            }
+        } else {
+            let gap = gap_frame(GapReason::HistoryTrimmed, None, turn.now_ms);
+            let n = self.registry.recipients(ws, None).len();
+            DeliveryStats::add(&d.stats.live_gaps, n as u64);
+            self.fan_out_one(ws, None, &gap);
+        }
+    }
+
+    /// Queues an acknowledgement ping on connection `key` if it is due: events reached it since
+    /// the last one and `--ack-interval` has passed. It goes out in the same write as the
+    /// frames queued before it.
+    pub(super) fn maybe_ack(&mut self, key: usize, turn: &Turn) {
+        let Some(Some(t)) = self.tracked.get(key) else {
+            return;
+        };
+        if turn.tick < t.next_ack_tick || t.replay.is_some() || t.close_at.is_some() {
+            return;
+        }
+        let Some(stream) = self.registry.stream_of(key) else {
+            return;
+        };
+        let pos = position(stream);
+        if pos.epoch == 0 || pos == t.ack.sent {
+            return;
+        }
+        let frame = match &self.ack_frame {
+            Some((p, f)) if *p == pos => f.clone(),
+            _ => {
+                let f = encode(OpCode::Ping, &ack::payload(pos));
+                self.ack_frame = Some((pos, f.clone()));
+                f
+            }
+        };
+        let ack_ticks = self.limits.ack_ticks;
+        if let Some(t) = self.tracked(key) {
+            t.ack.sent = pos;
+            t.next_ack_tick = turn.tick + ack_ticks;
+        }
+        self.conns[key].out.push(frame);
+        if let Some(d) = &self.delivery {
+            DeliveryStats::add(&d.stats.acks_sent, 1);
+        }
+    }
+
+    /// A pong's payload claimed `claim`: taken if it is a position this connection was sent.
+    pub(super) fn on_ack_claim(&mut self, key: usize, claim: Position) {
+        let Some(t) = self.tracked(key) else { return };
+        let taken = t.ack.on_pong(claim);
+        if let Some(d) = &self.delivery {
+            let c = if taken {
+                &d.stats.acks_received
+            } else {
+                &d.stats.acks_refused
+            };
+            DeliveryStats::add(c, 1);
+        }
+    }
+
+    /// A handler panicked on connection `key` (see `Tracked::unsure`).
+    pub(super) fn distrust_queue(&mut self, key: usize) {
+        if let Some(t) = self.tracked(key) {
+            t.unsure = true;
+            t.close_at = None;
+        }
+    }
+
+    /// The server is about to queue its close frame on connection `key`: everything queued
+    /// before it is what the client will have read if it answers the close.
+    pub(super) fn mark_server_close(&mut self, key: usize) {
+        let stream = self.registry.stream_of(key);
+        let Some(t) = self.tracked(key) else { return };
+        if t.close_at.is_some() || t.unsure {
+            return;
+        }
+        t.close_at = match t.replay.take() {
+            Some(r) => Some(r.cursor),
+            None => stream.map(position),
+        };
+    }
+
+    /// A slow consumer's unstarted frames are about to be dropped: where its stream stands
+    /// before the first event among them. When that event is no longer in the history to be
+    /// placed, the record falls back to the acknowledgement (never ahead of what was written).
+    pub(super) fn mark_slow_close(&mut self, key: usize) {
+        let Some(d) = self.delivery.clone() else {
+            return;
+        };
+        let Some(stream) = self.registry.stream_of(key) else {
+            return;
+        };
+        let Some(Some(t)) = self.tracked.get(key) else {
+            return;
+        };
+        if t.replay.is_some() {
+            return self.mark_server_close(key);
+        }
+        let ws = t.workspace.clone();
+        let mut at = Some(position(stream));
+        if let Some(f) = self.conns[key].out.unstarted().find(|f| is_event_frame(f)) {
+            at = d.history.offset_of(&ws, stream.epoch, f).map(|o| Position {
+                epoch: stream.epoch,
+                offset: o - 1,
+            });
+        }
+        if let Some(t) = self.tracked(key) {
+            if !t.unsure {
+                t.close_at = at;
+                t.close_done = false;
+            }
+        }
+    }
+
+    /// The client answered the server's close frame.
+    pub(super) fn mark_close_answered(&mut self, key: usize) {
+        if let Some(t) = self.tracked(key) {
+            if t.close_at.is_some() {
+                t.close_done = true;
+            }
+        }
+    }
+
+    /// Whether connection `key` still waits for the client's answer to the server's close
+    /// (its input is read for it even while lingering).
+    pub(super) fn awaits_close_answer(&self, key: usize) -> bool {
+        self.tracked
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.close_at.is_some() && !t.close_done)
+    }
+
+    /// Connection `key` is being removed: it leaves its resume record.
+    pub(super) fn end_stream(&mut self, key: usize, turn: &Turn) {
+        let Some(t) = self.tracked.get_mut(key).and_then(Option::take) else {
+            return;
+        };
+        if t.replay.is_some() {
+            self.replaying.retain(|&k| k as usize != key);
+        }
+        if let Some(v) = self.by_record.get_mut(&t.record_key) {
+            v.retain(|&k| k as usize != key);
+            if v.is_empty() {
+                self.by_record.remove(&t.record_key);
+            }
+        }
+        let Some(d) = &self.delivery else { return };
+        let (at, from_ack) = match (t.close_at, t.close_done) {
+            (Some(p), true) => (p, false),
+            _ => (t.ack.acked, true),
+        };
+        d.record(t.record_key, &t.workspace, at, from_ack, turn.now);
+    }
+}
