@@ -57,6 +57,59 @@ pub fn client_frames(data: &[u8]) {
     }
 }
 
+/// Acknowledgement pongs: the rest of the input is a client's byte stream (masked frames, cut
+/// where the first byte says); every pong's payload is read as an acknowledgement claim by a
+/// connection that was sent up to offset 1,000 of epoch 7 and had acknowledged offset 10. A
+/// payload that parses writes back to itself; a claim is taken only if it is of that epoch,
+/// not beyond what was sent and past the last acknowledgement; nothing else moves the state.
+pub fn ack_pong(data: &[u8]) {
+    use crate::history::ack::{self, AckState};
+    use crate::history::Position;
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let sent = Position {
+        epoch: 7,
+        offset: 1000,
+    };
+    let mut state = AckState::starting_at(Position {
+        epoch: 7,
+        offset: 10,
+    });
+    state.sent = sent;
+    let mut d = Decoder::default();
+    let mut pending = Vec::new();
+    let mut claims = Vec::new();
+    for chunk in rest.chunks(usize::from(cut).max(1)) {
+        let r = d.feed(&mut pending, chunk, 4096, &mut |c| {
+            if let crate::ws::decoder::Control::Pong(p) = c {
+                if let Some(pos) = ack::parse(p) {
+                    assert_eq!(&ack::payload(pos)[..], p, "a parsed payload writes back");
+                    claims.push(pos);
+                }
+            }
+        });
+        if r.is_err() {
+            break;
+        }
+    }
+    // The raw input as one payload, too (the parser sees arbitrary bytes, not only frames).
+    if let Some(pos) = ack::parse(rest) {
+        assert_eq!(&ack::payload(pos)[..], rest);
+    }
+    for claim in claims {
+        let before = state;
+        let took = state.on_pong(claim);
+        assert_eq!(state.sent, sent);
+        if took {
+            assert_eq!(state.acked, claim);
+            assert!(claim.epoch == 7 && claim.offset <= 1000 && claim.offset > before.acked.offset);
+        } else {
+            assert_eq!(state, before);
+        }
+    }
+}
+
 /// JWT verification. With a first byte below 128 the rest is a token as a client would send it
 /// (it must not verify: nobody but the test knows the secret). Otherwise the rest is
 /// `header NUL claims`, signed here with [`FUZZ_SECRET`] so that the header and claim checks are
