@@ -4,6 +4,8 @@
 //!   nothing is dropped, and every reading subscriber gets every event in publish order.
 //! - A publisher flood against the binary keeps its RSS under the bound docs/operations.md
 //!   ("Sizing notes") states from the flags, readers that keep up lose nothing, and every stalled reader is closed 1008.
+//! - A publish flood to 10,000 workspaces keeps the history inside `--history-max-bytes` and
+//!   the process inside the same bound.
 
 mod common;
 
@@ -154,8 +156,11 @@ fn a_publisher_flood_stays_under_the_memory_bound_and_only_stalled_readers_go() 
     const SHARDS: u64 = 2;
     const STALLED: usize = 100;
     const READERS: usize = 10;
+    const HISTORY: u64 = 8 << 20;
     let mut p = spawn(
         &[
+            "--history-max-bytes",
+            &HISTORY.to_string(),
             "--shards",
             &SHARDS.to_string(),
             "--max-outbound-bytes",
@@ -274,6 +279,7 @@ fn a_publisher_flood_stays_under_the_memory_bound_and_only_stalled_readers_go() 
         + conns * (OUTBOUND + EVENT)
         + INBOX * 2 * PUBLISH
         + INTERNAL * PUBLISH
+        + HISTORY
         + (16 << 20);
     eprintln!(
         "flood: {total} batches; RSS {} KiB before, peak {} KiB, bound {} KiB",
@@ -299,5 +305,98 @@ fn a_publisher_flood_stays_under_the_memory_bound_and_only_stalled_readers_go() 
         metric(p.internal, r#"causeloop_closes_sent_total{code="1008""#)
     );
     drop(stalled);
+    let _ = p.child.kill();
+}
+
+#[test]
+fn a_publish_flood_to_ten_thousand_workspaces_keeps_the_history_inside_its_bytes() {
+    // No subscriber anywhere: everything the flood leaves behind is the history's.
+    const HISTORY: u64 = 8 << 20;
+    const INBOX: u64 = 16;
+    const PUBLISH: u64 = 256 << 10;
+    const INTERNAL: u64 = 8;
+    const WORKSPACES: u64 = 10_000;
+    let mut p = spawn(
+        &[
+            "--shards",
+            "2",
+            "--history-max-bytes",
+            &HISTORY.to_string(),
+            "--history-size",
+            "100000",
+            "--shard-inbox",
+            &INBOX.to_string(),
+            "--max-publish-bytes",
+            &PUBLISH.to_string(),
+            "--max-internal-connections",
+            &INTERNAL.to_string(),
+        ],
+        &secret_env(),
+    );
+    let pid = p.child.id();
+    let baseline = rss_bytes(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pad = "x".repeat(1000);
+    let flooders: Vec<_> = (0..2u64)
+        .map(|f| {
+            let pad = pad.clone();
+            let internal = p.internal;
+            std::thread::spawn(move || {
+                let mut conn = PublishConn::new(internal);
+                let mut sent = 0u64;
+                // Every workspace several times over: 100 events a request, round robin.
+                for round in 0..((WORKSPACES * 6) / 200) {
+                    let items: Vec<String> = (0..100)
+                        .map(|i| {
+                            let w = (round * 200 + f * 100 + i) % WORKSPACES;
+                            format!(
+                                r#"{{"workspace_id":"ws_{w}","type":"flood","payload":{{"pad":"{pad}"}}}}"#
+                            )
+                        })
+                        .collect();
+                    assert_eq!(conn.publish(&format!("[{}]", items.join(","))), 202);
+                    sent += 100;
+                }
+                sent
+            })
+        })
+        .collect();
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let sent: u64 = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let held = metric(p.internal, "causeloop_history_bytes ").unwrap();
+    let workspaces = metric(p.internal, "causeloop_history_workspaces ").unwrap();
+    let evicted = metric(
+        p.internal,
+        r#"causeloop_history_evictions_total{cause="bytes"}"#,
+    )
+    .unwrap();
+    // The flood is 60 MB of frames: far past the bound, which must have evicted.
+    assert_eq!(sent, WORKSPACES * 6);
+    assert!(evicted > sent / 2, "only {evicted} evicted of {sent}");
+    assert!(held <= HISTORY, "the history holds {held} bytes");
+    assert!(workspaces <= WORKSPACES);
+    // The operations.md bound with no connection: the inboxes, the bodies being read, and
+    // the history, plus the allocator's slack.
+    let bound = baseline + INBOX * 2 * PUBLISH + INTERNAL * PUBLISH + HISTORY + (16 << 20);
+    eprintln!(
+        "history flood: {sent} events to {WORKSPACES} workspaces; history {} KiB in {workspaces} workspaces; RSS {} KiB before, peak {} KiB, bound {} KiB",
+        held >> 10,
+        baseline >> 10,
+        peak >> 10,
+        bound >> 10
+    );
+    assert!(peak > 0 && peak <= bound, "peak RSS {peak} over the bound {bound}");
     let _ = p.child.kill();
 }

@@ -575,3 +575,37 @@ fn acknowledgement_pings_carry_positions_and_a_forged_pong_is_refused() {
         metric(&s, r#"causeloop_acks_total{result="taken"}"#) >= 1
     }));
 }
+
+#[test]
+fn a_replay_larger_than_the_outbound_bound_is_paced_not_closed() {
+    let s = server(|c| {
+        c.max_outbound_bytes = 16 << 10;
+        c.max_event_bytes = 4096;
+    });
+    let token = token(WS, "u_pace", 3600);
+    let publisher = s.server().publisher();
+    let mut a = open(&s, &token);
+    publisher
+        .publish(WS, "test.seq", &serde_json::json!({ "n": 0 }))
+        .unwrap();
+    let mut before = Vec::new();
+    read_some(&mut a, 1, &mut before);
+    assert!(eventually(WAIT, || {
+        let _ = a.read();
+        metric(&s, r#"causeloop_acks_total{result="taken"}"#) >= 1
+    }));
+    client_close(&mut a);
+    // 400 events of about 600 bytes: 15 times the outbound bound.
+    let pad = "x".repeat(560);
+    for n in 1..=400u64 {
+        publisher
+            .publish(WS, "test.seq", &serde_json::json!({ "n": n, "pad": pad }))
+            .unwrap();
+    }
+    let mut b = open(&s, &token);
+    let mut after = Vec::new();
+    read_some(&mut b, 400, &mut after);
+    assert_eq!(after, (1..=400).collect::<Vec<u64>>());
+    assert_eq!(metric(&s, r#"causeloop_closes_sent_total{code="1008""#), 0);
+    assert!(metric(&s, "causeloop_replayed_frames_total") >= 400);
+}
