@@ -195,7 +195,8 @@ pub struct RunArgs {
     /// Resume records kept at most; at the bound the oldest goes.
     #[arg(long, env = "CAUSELOOP_RESUME_MAX_RECORDS", default_value_t = defaults().resume_max_records)]
     pub resume_max_records: usize,
-    /// How often a connection receiving events is sent an acknowledgement ping.
+    /// How often a connection receiving events is sent an acknowledgement ping (with a
+    /// heartbeat: rounded up to whole heartbeat intervals).
     #[arg(long, env = "CAUSELOOP_ACK_INTERVAL", default_value_t = HumanDuration(defaults().ack_interval))]
     pub ack_interval: HumanDuration,
     /// File of HS256 secrets, one per line (several for rotation).

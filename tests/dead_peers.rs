@@ -189,3 +189,99 @@ fn a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout() {
     vanished.unwrap();
     assert!(reaped, "the vanished peer was still open after 15 s");
 }
+
+/// Runs `f` with the calling thread in network namespace `ns`, then puts it back: a socket made
+/// inside stays in the namespace.
+fn in_netns<T>(ns: &str, f: impl FnOnce() -> T) -> T {
+    use std::os::fd::AsRawFd;
+    let home = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let there = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    assert_eq!(
+        unsafe { libc::setns(there.as_raw_fd(), libc::CLONE_NEWNET) },
+        0,
+        "setns into {ns}"
+    );
+    let out = f();
+    assert_eq!(
+        unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) },
+        0,
+        "setns back"
+    );
+    out
+}
+
+#[test]
+fn a_client_gone_without_a_fin_that_comes_back_is_replayed_what_it_missed() {
+    let net = ((std::process::id() + 1) % 250) as u8;
+    let ns = match Netns::create(net) {
+        Ok(ns) => ns,
+        Err(e) => {
+            deps::missing(
+                "a_client_gone_without_a_fin_that_comes_back_is_replayed_what_it_missed",
+                &format!("no network namespace: {e}"),
+                "it needs root and iproute2 (apt-get install iproute2)",
+            );
+            return;
+        }
+    };
+    let host_ip = format!("10.231.{net}.1");
+    let s = TestServer::with(|c| {
+        c.listen = format!("{host_ip}:0").parse().unwrap();
+        c.heartbeat_interval = Duration::from_millis(100);
+        c.ack_interval = Duration::from_millis(100);
+        // Neither pings nor the kernel find it first: the reconnect's probe must.
+        c.ping_interval = Duration::ZERO;
+        c.tcp_user_timeout = Duration::from_secs(60);
+    });
+    let tok = token("ws_gone", "u1", 600);
+    let url = s.url(&tok, "ws_gone");
+    // The first connection comes from inside the namespace.
+    let stream = in_netns(&ns.name, || std::net::TcpStream::connect(s.public).unwrap());
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut a, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    assert!(read_text(&mut a).starts_with(r#"{"type":"connected""#));
+    let publisher = s.server().publisher();
+    let publish = |n: u64| {
+        publisher
+            .publish("ws_gone", "test.seq", &serde_json::json!({ "n": n }))
+            .unwrap()
+    };
+    let mut before = Vec::new();
+    for n in 0..50 {
+        publish(n);
+    }
+    while before.len() < 50 {
+        let v = json(&read_event(&mut a));
+        before.push(v["payload"]["n"].as_u64().unwrap());
+    }
+    // The client vanishes: no FIN, no RST, its packets dropped in silence. Events go on.
+    ip(&["-n", &ns.name, "addr", "flush", "dev", &ns.peer_if]).unwrap();
+    for n in 50..100 {
+        publish(n);
+    }
+    // It comes back (from the host side) with the same token while the server still holds
+    // the old connection open.
+    assert_eq!(open_count(&s), 1);
+    let mut b = connect(&url);
+    assert!(read_text(&mut b).starts_with(r#"{"type":"connected""#));
+    for n in 100..120 {
+        publish(n);
+    }
+    let mut after: Vec<u64> = Vec::new();
+    while after.last() != Some(&119) {
+        let v = json(&read_event(&mut b));
+        assert_eq!(v["type"], "test.seq", "{v}");
+        after.push(v["payload"]["n"].as_u64().unwrap());
+    }
+    // Every event once, in order, but for a repeat of the unacknowledged tail of `before`.
+    let first = after[0];
+    assert!(first <= 50, "lost {first:?}..50: resumed at {first}");
+    assert!(after.windows(2).all(|w| w[0] + 1 == w[1]), "{after:?}");
+    assert_eq!(before, (0..50).collect::<Vec<_>>());
+    eprintln!("gone without a FIN: {} repeated", 50 - first);
+    let metrics = scrape(&s);
+    assert!(
+        metrics.contains(r#"causeloop_connections_closed_total{code="1006"} 1"#),
+        "the vanished connection was not dropped as a dead peer: {metrics}"
+    );
+}

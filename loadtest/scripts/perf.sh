@@ -7,7 +7,7 @@
 # back to back in the same run, so their ratio is meaningful on a noisy machine.
 #
 # Usage: loadtest/scripts/perf.sh [SECTION...]   sections: frame bursts scale shards connect
-#        (default: all). DUR=3s for a quick smoke run.
+#        history (default: all). DUR=3s for a quick smoke run.
 # Output: markdown on stdout; JSON and HTML reports in target/perf/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export CAUSELOOP_JWT_HS256_SECRET=perf-secret-0123456789abcdef0123456789
 export CAUSELOOP_PUBLISH_KEY=perf-publish-key
 DUR=${DUR:-10s}
-SECTIONS=${*:-frame bursts scale shards connect}
+SECTIONS=${*:-frame bursts scale shards connect history}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # Client sockets end in TIME_WAIT on the load tester's side; spreading them over eight source
 # addresses keeps back-to-back runs from searching a crowded port range.
@@ -26,12 +26,15 @@ SRC=127.0.0.2-127.0.0.9
 PUB=127.0.0.1:4700
 INT=127.0.0.1:4701
 
-start() { # kind (floor, server, pinned: shard i on CPU i) shards
+start() { # kind (floor, server, pinned: shard i on CPU i, nohistory: --history-size 0) shards
   if [ "$1" = floor ]; then
     "$BIN/causeloop-loadtest" floor-server --listen $PUB --internal-listen $INT >/dev/null 2>&1 &
   elif [ "$1" = pinned ]; then
     "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" \
       --cpu-affinity "0-$(($2 - 1))" >/dev/null 2>&1 &
+  elif [ "$1" = nohistory ]; then
+    "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" \
+      --history-size 0 >/dev/null 2>&1 &
   else
     "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" >/dev/null 2>&1 &
   fi
@@ -122,4 +125,28 @@ connect_row "causeloop-stream" server 2 10000 5000 2 5s
 connect_row "causeloop-stream, --cpu-affinity" pinned 2 10000 5000 2 5s
 connect_row "causeloop-stream, idle 15k" server 2 15000 5000 2 12s
 connect_row "causeloop-stream, 19k held" server 2 19000 4000 2 20s
+fi
+if want history; then
+echo "### History on and off (2,000 connections, 20 workspaces; one frame per send, then bursts)"
+echo
+echo "| target | shards | connections | delivered/s | server CPU ns/frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|"
+# Each pair in both orders, so that whatever the second run of a pair inherits (sockets in
+# TIME_WAIT, a warmer machine) falls on each side once.
+for order in "nohistory server" "server nohistory"; do
+  for kind in $order; do
+    label=$([ "$kind" = server ] && echo "history on" || echo "--history-size 0")
+    fanout_row "$label, 20/s per workspace" "$kind" 1 2000 20 10ms 1
+  done
+  for kind in $order; do
+    label=$([ "$kind" = server ] && echo "history on" || echo "--history-size 0")
+    fanout_row "$label, bursts, tick 200ms" "$kind" 1 2000 100 200ms 1
+  done
+done
+echo
+echo "| target | shards | connections | connected | server CPU ns/connection | RSS bytes/connection | connect p99 µs | heartbeat lateness p99 µs |"
+echo "|---|---|---|---|---|---|---|---|"
+connect_row "--history-size 0, idle 15k" nohistory 2 15000 5000 2 12s
+connect_row "history on, idle 15k" server 2 15000 5000 2 12s
+echo
 fi

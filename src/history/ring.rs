@@ -61,9 +61,11 @@ pub const EVICTION_CAUSES: [&str; 3] = ["size", "ttl", "bytes"];
 /// Events evicted so far, by cause ([`EVICTION_CAUSES`]).
 pub type Evictions = [u64; 3];
 
-/// Fixed bytes of one ring entry (the struct and its queue slot); the frame and the user id
-/// are counted on top.
-pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+/// Fixed bytes of one ring entry: the struct in its queue slot, the frame's shared reference
+/// counts (16), and 24 for the queues' spare capacity, the ordered set and the allocator's
+/// rounding (`benches/history.rs` measures 367 live bytes per event of a 248-byte frame: this
+/// counts 352). The frame and the user id are counted on top.
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>() + 40;
 
 /// Fixed bytes of one workspace's space (the struct, its map slot and name key), its name
 /// counted twice on top.

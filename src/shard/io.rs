@@ -215,9 +215,6 @@ impl Shard {
     fn flush_one(&mut self, key: usize, turn: &Turn) -> Next {
         let (faults, registry) = (&self.faults, &self.registry);
         fault::point(faults, Point::Flush, || registry.names(key).map(|(_, u)| u));
-        if self.conns[key].is_open() {
-            self.maybe_ack(key, turn);
-        }
         let stats = &self.stats_all[self.index];
         let conn = &mut self.conns[key];
         let done = match conn.out.write_to(&mut conn.stream) {

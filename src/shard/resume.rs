@@ -301,7 +301,7 @@ impl Shard {
         self.outcome(Outcome::Replayed);
         if let Some(t) = self.tracked(key) {
             t.replay = None;
-            // An acknowledgement rides right behind the replay.
+            // An acknowledgement goes with the next heartbeat.
             t.next_ack_tick = turn.tick;
         }
         self.registry.activate(key);
@@ -528,8 +528,9 @@ impl Shard {
     }
 
     /// Queues an acknowledgement ping on connection `key` if it is due: events reached it since
-    /// the last one and `--ack-interval` has passed. It goes out in the same write as the
-    /// frames queued before it.
+    /// the last one and `--ack-interval` has passed. Called at each heartbeat, so it goes out in
+    /// the heartbeat's write, and nothing is checked between heartbeats (the interval is
+    /// therefore rounded up to whole heartbeats).
     pub(super) fn maybe_ack(&mut self, key: usize, turn: &Turn) {
         let Some(Some(t)) = self.tracked.get(key) else {
             return;

@@ -119,6 +119,8 @@ impl Shard {
         if send_ping {
             self.enqueue(key, ping_frame());
         }
+        // The acknowledgement ping rides the heartbeat's write: no cost between heartbeats.
+        self.maybe_ack(key, turn);
         self.arm_open_timer(key);
         Next::Continue
     }
