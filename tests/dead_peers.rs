@@ -109,10 +109,11 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl Netns {
     fn create(net: u8) -> Result<Netns, String> {
         let id = std::process::id();
+        // Named per test (`net`), so tests running side by side do not collide.
         let ns = Netns {
-            name: format!("cl-dead-{id}"),
-            host_if: format!("clh{id}"),
-            peer_if: format!("cln{id}"),
+            name: format!("cl-dead-{id}-{net}"),
+            host_if: format!("ch{net}x{id}"),
+            peer_if: format!("cn{net}x{id}"),
         };
         let host = format!("10.231.{net}.1/30");
         let peer = format!("10.231.{net}.2/30");
