@@ -119,7 +119,10 @@ fn memory_per_record() {
         );
     }
     let used = LIVE.load(Ordering::Relaxed) - before;
-    println!("resume records: {N} held: {} bytes per record live", used / N);
+    println!(
+        "resume records: {N} held: {} bytes per record live",
+        used / N
+    );
 }
 
 fn server() -> Server {
@@ -159,8 +162,13 @@ type Ws = tungstenite::WebSocket<TcpStream>;
 fn open(s: &Server, token: &str) -> Ws {
     let stream = TcpStream::connect(s.public_addr()).unwrap();
     stream.set_nodelay(true).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let url = format!("ws://{}/v1/stream?token={token}&workspace=ws_bench", s.public_addr());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let url = format!(
+        "ws://{}/v1/stream?token={token}&workspace=ws_bench",
+        s.public_addr()
+    );
     let (mut ws, _) = tungstenite::client(url, stream).unwrap();
     match ws.read().unwrap() {
         Message::Text(t) => assert!(t.starts_with(r#"{"type":"connected""#)),
@@ -185,7 +193,10 @@ fn read_to(ws: &mut Ws, last: u64) {
 fn acknowledge(ws: &mut Ws, offset: u64) {
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(20), "no acknowledgement ping");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no acknowledgement ping"
+        );
         if let Message::Ping(p) = ws.read().unwrap() {
             if p.len() == 18 && u64::from_be_bytes(p[10..18].try_into().unwrap()) >= offset {
                 ws.flush().unwrap();

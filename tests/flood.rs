@@ -397,6 +397,9 @@ fn a_publish_flood_to_ten_thousand_workspaces_keeps_the_history_inside_its_bytes
         peak >> 10,
         bound >> 10
     );
-    assert!(peak > 0 && peak <= bound, "peak RSS {peak} over the bound {bound}");
+    assert!(
+        peak > 0 && peak <= bound,
+        "peak RSS {peak} over the bound {bound}"
+    );
     let _ = p.child.kill();
 }

@@ -649,7 +649,10 @@ fn racing_publishers_reach_every_subscriber_in_one_order_once() {
         }
         orders.push(got);
     }
-    assert!(orders.windows(2).all(|w| w[0] == w[1]), "subscribers saw different orders");
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "subscribers saw different orders"
+    );
     eprintln!(
         "racing publishers: {} events taken from the history out of order",
         metric(&s, "causeloop_gap_fills_total")

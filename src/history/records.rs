@@ -72,7 +72,13 @@ pub struct Records {
     evicted: u64,
     expired: u64,
     last_eviction: Option<Instant>,
-    live: HashMap<RecordKey, u32>,
+    /// Open connections per key, by the key's first eight bytes (a shared fingerprint only
+    /// ever makes a connection wait for a twin that is not one: a delay, never a loss).
+    live: HashMap<u64, u32>,
+}
+
+fn fingerprint(key: &RecordKey) -> u64 {
+    u64::from_le_bytes(key[..8].try_into().expect("8 of 32 bytes"))
 }
 
 /// What a connection that opens finds under its key.
@@ -115,10 +121,10 @@ impl Records {
     pub fn begin(&mut self, key: RecordKey, now: Instant) -> Found {
         let found = match self.take(&key, now) {
             Some(r) => Found::Record(r),
-            None if self.live.get(&key).is_some_and(|&n| n > 0) => Found::Twin,
+            None if self.live.get(&fingerprint(&key)).is_some_and(|&n| n > 0) => Found::Twin,
             None => Found::Nothing,
         };
-        *self.live.entry(key).or_default() += 1;
+        *self.live.entry(fingerprint(&key)).or_default() += 1;
         found
     }
 
@@ -128,10 +134,11 @@ impl Records {
         if let Some(r) = record {
             self.put(key, r, now);
         }
-        if let Some(n) = self.live.get_mut(&key) {
+        let fp = fingerprint(&key);
+        if let Some(n) = self.live.get_mut(&fp) {
             *n -= 1;
             if *n == 0 {
-                self.live.remove(&key);
+                self.live.remove(&fp);
             }
         }
     }

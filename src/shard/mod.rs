@@ -225,10 +225,10 @@ pub struct Shard {
     delivery: Option<Arc<Delivery>>,
     /// Per connection (by slab key), what the delivery guarantee keeps; empty with history off.
     tracked: Vec<Option<resume::Tracked>>,
-    /// Connections being replayed what they missed (or waiting for a twin's record).
-    replaying: Vec<u32>,
-    /// Open connections (by resume key) with history on, for probes.
-    by_record: HashMap<crate::history::records::RecordKey, Vec<u32>>,
+    /// Connections being replayed what they missed (or waiting for a twin's record), by key.
+    replays: HashMap<u32, resume::Replay>,
+    /// Resume keys other shards (or this one) asked about this turn.
+    probe_keys: Vec<crate::history::records::RecordKey>,
     /// Connections pinged by a probe: (key, generation, answer deadline).
     probes: Vec<(u32, u32, Instant)>,
     /// The last acknowledgement ping built, shared by the connections acknowledged at the same
@@ -313,8 +313,8 @@ impl Shard {
             next_sample: started,
             delivery: ctx.delivery,
             tracked: Vec::new(),
-            replaying: Vec::new(),
-            by_record: HashMap::new(),
+            replays: HashMap::new(),
+            probe_keys: Vec::new(),
             probes: Vec::new(),
             ack_frame: None,
         })

@@ -35,7 +35,7 @@ impl Conns {
 }
 
 struct Workspace {
-    name: Box<str>,
+    name: Arc<str>,
     /// Connections events reach (joined and active).
     conns: Vec<u32>,
     users: HashMap<Arc<str>, Conns>,
@@ -241,7 +241,7 @@ impl Registry {
             debug_assert!(ws.conns.is_empty());
             let ws = self.workspaces.remove(m.workspace as usize);
             self.by_name.remove(&*ws.name);
-            return Removed::LastInWorkspace(ws.name);
+            return Removed::LastInWorkspace((*ws.name).into());
         }
         Removed::Member
     }
@@ -299,6 +299,12 @@ impl Registry {
             return &[];
         }
         &ws.conns
+    }
+
+    /// The name of member `key`'s workspace, shared (no allocation).
+    pub fn workspace_of(&self, key: usize) -> Option<Arc<str>> {
+        let m = self.members.get(key)?.as_ref()?;
+        Some(self.workspaces[m.workspace as usize].name.clone())
     }
 
     /// The workspace and user of a subscribed connection (for logs).

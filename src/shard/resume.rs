@@ -32,20 +32,21 @@ use crate::ws::SharedFrame;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the shard keeps about a connection for the delivery guarantee.
+/// What the shard keeps about every open connection for the delivery guarantee: about 110
+/// bytes, in a `Vec` by slab key (nothing with history off). What only a replay needs lives in
+/// [`Replay`], for the connections being replayed.
 pub(super) struct Tracked {
     record_key: RecordKey,
+    /// Its workspace's name, shared with the registry (the record is made after it leaves).
     workspace: Arc<str>,
     ack: AckState,
     /// No acknowledgement ping before this tick (`--ack-interval`).
     next_ack_tick: u64,
-    /// Where the stream stood when the server queued its close frame.
-    close_at: Option<Position>,
+    /// Where the stream stood when the server queued its close frame (`close_set`).
+    close_at: Position,
+    close_set: bool,
     /// The client answered the server's close frame.
     close_done: bool,
-    replay: Option<Replay>,
-    /// The token's `iat`, for the restart rule.
-    iat: Option<u64>,
     /// A handler panicked on it: what was queued is not known event by event, so its record
     /// comes from its acknowledgement whatever the close.
     unsure: bool,
@@ -61,7 +62,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A replay under way: the last position queued (or passed over as not addressed to the
 /// client).
 #[derive(Clone, Copy, Debug)]
-struct Replay {
+pub(super) struct Replay {
     cursor: Position,
     since: Option<u64>,
     /// Some frame of the replay has been queued (a gap found later can no longer be reported
@@ -70,6 +71,8 @@ struct Replay {
     /// Waiting, until then, for an open twin's record; `cursor` is where the stream stood at
     /// connect, the start if no record comes.
     wait_until: Option<Instant>,
+    /// The token's `iat`, for the restart rule once the wait ends.
+    iat: Option<u64>,
 }
 
 fn position(s: Stream) -> Position {
@@ -116,43 +119,48 @@ impl Shard {
         }
         self.tracked[key] = Some(Tracked {
             record_key,
-            workspace: workspace.into(),
+            workspace: self
+                .registry
+                .workspace_of(key)
+                .unwrap_or_else(|| workspace.into()),
             ack: AckState::starting_at(head),
             next_ack_tick: turn.tick + self.limits.ack_ticks,
-            close_at: None,
+            close_at: Position::default(),
+            close_set: false,
             close_done: false,
-            replay: None,
-            iat,
             unsure: false,
         });
-        self.by_record
-            .entry(record_key)
-            .or_default()
-            .push(key as u32);
         let record = match found {
             Found::Record(r) => Some(r),
             Found::Nothing => None,
             Found::Twin => {
-                if let Some(t) = self.tracked(key) {
-                    t.replay = Some(Replay {
+                self.replays.insert(
+                    key as u32,
+                    Replay {
                         cursor: head,
                         since: None,
                         started: false,
                         wait_until: Some(turn.now + TWIN_WAIT),
-                    });
-                }
-                self.replaying.push(key as u32);
+                        iat,
+                    },
+                );
                 for i in 0..self.links.len() {
                     self.links.shard(i).offer(ShardMsg::Probe(record_key));
                 }
                 return Next::Continue;
             }
         };
-        self.begin_with(key, record, turn)
+        self.begin_with(key, record, iat, turn)
     }
 
     /// Decides how connection `key` begins from its record (or none) and starts it.
-    fn begin_with(&mut self, key: usize, record: Option<Record>, turn: &Turn) -> Next {
+    fn begin_with(
+        &mut self,
+        key: usize,
+        record: Option<Record>,
+        iat: Option<u64>,
+        turn: &Turn,
+    ) -> Next {
         let Some(d) = self.delivery.clone() else {
             return Next::Continue;
         };
@@ -161,7 +169,6 @@ impl Shard {
             .stream_of(key)
             .map(position)
             .unwrap_or_default();
-        let iat = self.tracked(key).and_then(|t| t.iat);
         let restarted = turn.now.saturating_duration_since(d.started) < d.window
             && iat.map_or(true, |iat| iat < d.started_unix);
         let evicted = d
@@ -173,8 +180,8 @@ impl Shard {
                 self.outcome(Outcome::Fresh);
                 if let Some(t) = self.tracked(key) {
                     t.ack = AckState::starting_at(head);
-                    t.replay = None;
                 }
+                self.replays.remove(&(key as u32));
                 self.registry.activate(key);
                 Next::Continue
             }
@@ -185,16 +192,17 @@ impl Shard {
             Start::Replay { after, since } => {
                 if let Some(t) = self.tracked(key) {
                     t.ack = AckState::starting_at(after);
-                    t.replay = Some(Replay {
+                }
+                self.replays.insert(
+                    key as u32,
+                    Replay {
                         cursor: after,
                         since,
                         started: false,
                         wait_until: None,
-                    });
-                }
-                if !self.replaying.contains(&(key as u32)) {
-                    self.replaying.push(key as u32);
-                }
+                        iat,
+                    },
+                );
                 self.pump(key, turn)
             }
         }
@@ -202,32 +210,33 @@ impl Shard {
 
     /// Whether some connection waits for a twin's record (the loop then wakes every tick).
     pub(super) fn has_waiting(&self) -> bool {
-        self.replaying.iter().any(|&k| {
-            self.tracked
-                .get(k as usize)
-                .and_then(Option::as_ref)
-                .and_then(|t| t.replay)
-                .is_some_and(|r| r.wait_until.is_some())
-        })
+        self.replays.values().any(|r| r.wait_until.is_some())
     }
 
-    /// Another shard (or this one) asks about the connections with resume key `rk`: each that
-    /// is open is pinged, and dropped if it does not answer within [`PROBE_TIMEOUT`].
-    pub(super) fn on_probe(&mut self, rk: &RecordKey, turn: &Turn) {
-        let Some(keys) = self.by_record.get(rk) else {
-            return;
-        };
-        for &k in keys.clone().iter() {
-            let k = k as usize;
-            if self
-                .tracked
-                .get(k)
-                .and_then(Option::as_ref)
-                .and_then(|t| t.replay)
-                .is_some_and(|r| r.wait_until.is_some())
+    /// Another shard (or this one) asks about the connections with resume key `rk`: noted,
+    /// and settled once per turn by [`Shard::check_probes`] (one walk over the connections for
+    /// however many probes came in).
+    pub(super) fn on_probe(&mut self, rk: &RecordKey, _turn: &Turn) {
+        self.probe_keys.push(*rk);
+    }
+
+    /// Pings every open connection whose resume key was asked about this turn (all but one
+    /// that is itself waiting), to be dropped if it does not answer within [`PROBE_TIMEOUT`].
+    fn start_probes(&mut self, turn: &Turn) {
+        let keys = std::mem::take(&mut self.probe_keys);
+        let mut hit = Vec::new();
+        for (k, t) in self.tracked.iter().enumerate() {
+            let Some(t) = t else { continue };
+            if keys.contains(&t.record_key)
+                && !self
+                    .replays
+                    .get(&(k as u32))
+                    .is_some_and(|r| r.wait_until.is_some())
             {
-                continue; // the asking connection itself
+                hit.push(k);
             }
+        }
+        for k in hit {
             let Some(conn) = self.conns.get_mut(k).filter(|c| !c.dead) else {
                 continue;
             };
@@ -245,6 +254,9 @@ impl Shard {
     /// Drops probed connections whose answer is overdue (their records are made as they go);
     /// forgets those that answered.
     pub(super) fn check_probes(&mut self, turn: &Turn) {
+        if !self.probe_keys.is_empty() {
+            self.start_probes(turn);
+        }
         if self.probes.is_empty() {
             return;
         }
@@ -290,8 +302,8 @@ impl Shard {
             .unwrap_or_default();
         if let Some(t) = self.tracked(key) {
             t.ack = AckState::starting_at(head);
-            t.replay = None;
         }
+        self.replays.remove(&(key as u32));
         self.enqueue(key, gap_frame(reason, since, turn.now_ms));
         self.registry.activate(key);
     }
@@ -299,54 +311,34 @@ impl Shard {
     /// The replay is done: the connection receives the live stream from here.
     fn join_live(&mut self, key: usize, turn: &Turn) {
         self.outcome(Outcome::Replayed);
+        self.replays.remove(&(key as u32));
         if let Some(t) = self.tracked(key) {
-            t.replay = None;
             // An acknowledgement goes with the next heartbeat.
             t.next_ack_tick = turn.tick;
         }
         self.registry.activate(key);
     }
 
-    /// Runs every replay that has room in its outbox.
+    /// Runs every replay that has room in its outbox (and every wait for a twin's record).
     pub(super) fn pump_replays(&mut self, turn: &Turn) {
-        if self.replaying.is_empty() {
+        if self.replays.is_empty() {
             return;
         }
-        let keys = std::mem::take(&mut self.replaying);
-        for &key in &keys {
+        let keys: Vec<u32> = self.replays.keys().copied().collect();
+        for key in keys {
+            if self.conns.get(key as usize).is_none() {
+                self.replays.remove(&key);
+                continue;
+            }
             self.guarded(key as usize, turn, |s| s.pump(key as usize, turn));
         }
-        let still: Vec<u32> = keys
-            .into_iter()
-            .filter(|&k| self.is_replaying(k as usize))
-            .collect();
-        // Connections that began a replay during this turn were pushed onto the new list.
-        let added = std::mem::replace(&mut self.replaying, still);
-        for k in added {
-            if !self.replaying.contains(&k) && self.is_replaying(k as usize) {
-                self.replaying.push(k);
-            }
-        }
-    }
-
-    fn is_replaying(&self, key: usize) -> bool {
-        self.tracked
-            .get(key)
-            .and_then(Option::as_ref)
-            .is_some_and(|t| t.replay.is_some())
     }
 
     /// Whether some replay can move on now (its outbox has room).
     pub(super) fn replay_ready(&self) -> bool {
         let fill = self.limits.max_outbound / 2;
-        self.replaying.iter().any(|&k| {
-            let waiting = self
-                .tracked
-                .get(k as usize)
-                .and_then(Option::as_ref)
-                .and_then(|t| t.replay)
-                .is_some_and(|r| r.wait_until.is_some());
-            !waiting
+        self.replays.iter().any(|(&k, r)| {
+            r.wait_until.is_none()
                 && self
                     .conns
                     .get(k as usize)
@@ -361,25 +353,20 @@ impl Shard {
         let Some(d) = self.delivery.clone() else {
             return Next::Continue;
         };
-        let Some(rp) = self
-            .tracked
-            .get(key)
-            .and_then(Option::as_ref)
-            .and_then(|t| t.replay)
-        else {
+        let Some(&rp) = self.replays.get(&(key as u32)) else {
             return Next::Continue;
         };
         if let Some(until) = rp.wait_until {
             let rk = self.tracked(key).map(|t| t.record_key);
             if let Some(r) = rk.and_then(|rk| d.records.take(&rk, turn.now)) {
-                return self.begin_with(key, Some(r), turn);
+                return self.begin_with(key, Some(r), rp.iat, turn);
             }
             if turn.now < until {
                 return Next::Continue;
             }
             // No record came: the twin is another live connection (a second tab). Start from
             // where the stream stood at connect.
-            if let Some(r) = self.tracked(key).and_then(|t| t.replay.as_mut()) {
+            if let Some(r) = self.replays.get_mut(&(key as u32)) {
                 r.wait_until = None;
             }
         }
@@ -398,7 +385,7 @@ impl Shard {
             // It started before its workspace had a stream: it stands before the first event
             // of the one that began since.
             rp.cursor.epoch = stream.epoch;
-            if let Some(r) = self.tracked(key).and_then(|t| t.replay.as_mut()) {
+            if let Some(r) = self.replays.get_mut(&(key as u32)) {
                 r.cursor.epoch = stream.epoch;
             }
         }
@@ -440,7 +427,7 @@ impl Shard {
         }
         match read {
             Ok(end) => {
-                if let Some(r) = self.tracked(key).and_then(|t| t.replay.as_mut()) {
+                if let Some(r) = self.replays.get_mut(&(key as u32)) {
                     r.cursor.offset = end - 1;
                     r.started |= queued > 0;
                 }
@@ -535,7 +522,7 @@ impl Shard {
         let Some(Some(t)) = self.tracked.get(key) else {
             return;
         };
-        if turn.tick < t.next_ack_tick || t.replay.is_some() || t.close_at.is_some() {
+        if turn.tick < t.next_ack_tick || t.close_set || self.replays.contains_key(&(key as u32)) {
             return;
         }
         let Some(stream) = self.registry.stream_of(key) else {
@@ -582,22 +569,25 @@ impl Shard {
     pub(super) fn distrust_queue(&mut self, key: usize) {
         if let Some(t) = self.tracked(key) {
             t.unsure = true;
-            t.close_at = None;
+            t.close_set = false;
         }
     }
 
     /// The server is about to queue its close frame on connection `key`: everything queued
     /// before it is what the client will have read if it answers the close.
     pub(super) fn mark_server_close(&mut self, key: usize) {
-        let stream = self.registry.stream_of(key);
+        let at = match self.replays.remove(&(key as u32)) {
+            Some(r) => Some(r.cursor),
+            None => self.registry.stream_of(key).map(position),
+        };
         let Some(t) = self.tracked(key) else { return };
-        if t.close_at.is_some() || t.unsure {
+        if t.close_set || t.unsure {
             return;
         }
-        t.close_at = match t.replay.take() {
-            Some(r) => Some(r.cursor),
-            None => stream.map(position),
-        };
+        if let Some(at) = at {
+            t.close_at = at;
+            t.close_set = true;
+        }
     }
 
     /// A slow consumer's unstarted frames are about to be dropped: where its stream stands
@@ -613,7 +603,7 @@ impl Shard {
         let Some(Some(t)) = self.tracked.get(key) else {
             return;
         };
-        if t.replay.is_some() {
+        if self.replays.contains_key(&(key as u32)) {
             return self.mark_server_close(key);
         }
         let ws = t.workspace.clone();
@@ -626,7 +616,9 @@ impl Shard {
         }
         if let Some(t) = self.tracked(key) {
             if !t.unsure {
-                t.close_at = at;
+                // None: the record falls back to the acknowledgement.
+                t.close_at = at.unwrap_or_default();
+                t.close_set = at.is_some();
                 t.close_done = false;
             }
         }
@@ -635,7 +627,7 @@ impl Shard {
     /// The client answered the server's close frame.
     pub(super) fn mark_close_answered(&mut self, key: usize) {
         if let Some(t) = self.tracked(key) {
-            if t.close_at.is_some() {
+            if t.close_set {
                 t.close_done = true;
             }
         }
@@ -647,7 +639,7 @@ impl Shard {
         self.tracked
             .get(key)
             .and_then(Option::as_ref)
-            .is_some_and(|t| t.close_at.is_some() && !t.close_done)
+            .is_some_and(|t| t.close_set && !t.close_done)
     }
 
     /// Connection `key` is being removed: it leaves its resume record.
@@ -655,20 +647,23 @@ impl Shard {
         let Some(t) = self.tracked.get_mut(key).and_then(Option::take) else {
             return;
         };
-        if t.replay.is_some() {
-            self.replaying.retain(|&k| k as usize != key);
-        }
-        if let Some(v) = self.by_record.get_mut(&t.record_key) {
-            v.retain(|&k| k as usize != key);
-            if v.is_empty() {
-                self.by_record.remove(&t.record_key);
-            }
-        }
+        self.replays.remove(&(key as u32));
         let Some(d) = &self.delivery else { return };
-        let (at, from_ack) = match (t.close_at, t.close_done) {
-            (Some(p), true) => (p, false),
-            _ => (t.ack.acked, true),
+        let (at, from_ack) = if t.close_set && t.close_done {
+            (t.close_at, false)
+        } else {
+            (t.ack.acked, true)
         };
         d.record(t.record_key, &t.workspace, at, from_ack, turn.now);
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    /// Every open connection carries one (history on): keep it in view, as `Conn` is.
+    #[test]
+    fn the_per_connection_state_stays_small() {
+        let size = std::mem::size_of::<Option<super::Tracked>>();
+        assert!(size <= 120, "Tracked grew to {size} bytes");
     }
 }
