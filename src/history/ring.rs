@@ -17,7 +17,7 @@
 //!   ring's front finds it); when no event is left, idle spaces go, oldest first (an *early
 //!   drop*, remembered so that a resume across it is never taken as complete).
 //!
-//! Invariants: `bytes` is the sum of [`entry_cost`] over every ring entry plus [`space_cost`]
+//! Invariants: `bytes` is the sum of `entry_cost` over every ring entry plus `space_cost`
 //! over every space; `fronts` holds exactly one `(seq, slot)` per non-empty ring, `seq` being
 //! its front entry's; within a ring, offsets are consecutive and `seq` grows.
 
