@@ -348,6 +348,19 @@ fn every_connection_gets_exactly_its_events_across_a_redis_cluster_while_slots_m
             c.bus = bus;
         })
     });
+    // Publishes answer 503 until a node's bus has reached every master: start once it has.
+    for node in &nodes {
+        assert!(
+            eventually(WAIT, || node
+                .server()
+                .stats()
+                .bus
+                .bus_up
+                .load(Ordering::Relaxed)
+                == 1),
+            "a node's cluster bus never came up"
+        );
+    }
     let mut moves = 0;
     let run = churn(seed, &nodes, 40, false, |rng| {
         // Every other round, one workspace's slot moves to another master.
