@@ -58,6 +58,48 @@ pub struct Stream {
     pub next: u64,
 }
 
+/// What a shard does with an event of a workspace whose stream stands at a [`Stream`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Deliver it; the stream has moved past it.
+    Deliver,
+    /// Deliver the events from offset `from` up to it from the history first, then it: it
+    /// came early (two publishers raced between taking positions and reaching this inbox).
+    FillThenDeliver {
+        /// The first offset to take from the history.
+        from: u64,
+    },
+    /// Delivered already (taken from the history when a later one came first): skip it.
+    Skip,
+    /// A straggler of an epoch the stream has left: deliver it as it is, the stream unmoved.
+    Straggler,
+}
+
+impl Stream {
+    /// Where an event at `pos` stands against this stream, which moves past it.
+    pub fn admit(&mut self, pos: crate::history::Position) -> Admit {
+        if pos.epoch < self.epoch {
+            return Admit::Straggler;
+        }
+        if pos.epoch > self.epoch {
+            *self = Stream {
+                epoch: pos.epoch,
+                next: 1,
+            };
+        }
+        if pos.offset < self.next {
+            return Admit::Skip;
+        }
+        let from = self.next;
+        self.next = pos.offset + 1;
+        if pos.offset > from {
+            Admit::FillThenDeliver { from }
+        } else {
+            Admit::Deliver
+        }
+    }
+}
+
 /// Marks a member not in the recipient lists yet.
 const INACTIVE: u32 = u32::MAX;
 
@@ -253,12 +295,6 @@ impl Registry {
         Some(&mut self.workspaces[slot as usize].stream)
     }
 
-    /// Where this shard's stream of `workspace` stands.
-    pub fn stream_of_workspace(&self, workspace: &str) -> Option<Stream> {
-        let slot = *self.by_name.get(workspace)?;
-        Some(self.workspaces[slot as usize].stream)
-    }
-
     /// Where the stream of member `key`'s workspace stands.
     pub fn stream_of(&self, key: usize) -> Option<Stream> {
         let m = self.members.get(key)?.as_ref()?;
@@ -358,6 +394,55 @@ mod tests {
         assert_eq!(r.names(1), None);
         // The same workspace again is a first again.
         assert!(r.add(1, "ws_a", "u2"));
+    }
+
+    use crate::history::Position;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Events of one epoch reach a shard in any order (each may arrive up to `window`
+        /// places late): what the shard delivers, filling from a history that has every
+        /// event, is every offset exactly once, in order.
+        #[test]
+        fn the_seam_delivers_every_offset_once_in_order_whatever_the_arrival_order(
+            n in 1u64..200,
+            delays in proptest::collection::vec(0usize..8, 200),
+        ) {
+            let mut arrivals: Vec<(usize, u64)> = (1..=n)
+                .map(|o| (o as usize + delays[o as usize - 1], o))
+                .collect();
+            arrivals.sort();
+            let mut stream = Stream { epoch: 5, next: 1 };
+            let mut delivered = Vec::new();
+            for (_, o) in arrivals {
+                match stream.admit(Position { epoch: 5, offset: o }) {
+                    Admit::Deliver => delivered.push(o),
+                    Admit::FillThenDeliver { from } => {
+                        delivered.extend(from..o);
+                        delivered.push(o);
+                    }
+                    Admit::Skip => {}
+                    Admit::Straggler => prop_assert!(false, "one epoch has no stragglers"),
+                }
+            }
+            prop_assert_eq!(delivered, (1..=n).collect::<Vec<_>>());
+            prop_assert_eq!(stream.next, n + 1);
+        }
+    }
+
+    #[test]
+    fn a_new_epoch_starts_the_stream_over_and_the_old_ones_stragglers_pass_as_they_are() {
+        let mut s = Stream { epoch: 5, next: 10 };
+        let at = |epoch, offset| Position { epoch, offset };
+        assert_eq!(s.admit(at(5, 10)), Admit::Deliver);
+        assert_eq!(s.admit(at(7, 3)), Admit::FillThenDeliver { from: 1 });
+        assert_eq!(s, Stream { epoch: 7, next: 4 });
+        assert_eq!(s.admit(at(5, 11)), Admit::Straggler);
+        assert_eq!(s.admit(at(7, 2)), Admit::Skip);
+        assert_eq!(s, Stream { epoch: 7, next: 4 });
+        // A shard whose workspace had no stream yet (epoch 0) takes the first it sees.
+        let mut fresh = Stream::default();
+        assert_eq!(fresh.admit(at(9, 1)), Admit::Deliver);
     }
 
     #[test]

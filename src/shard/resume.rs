@@ -17,7 +17,7 @@
 //! server's close frame if the server closed and the client answered the close; otherwise the
 //! last position the client acknowledged (a pong echoing an acknowledgement ping).
 
-use super::registry::Stream;
+use super::registry::{Admit, Stream};
 use super::{Next, Shard, Turn};
 use crate::dispatch::inbox::ShardMsg;
 use crate::event::{gap_frame, is_event_frame, GapReason};
@@ -452,55 +452,50 @@ impl Shard {
         }
     }
 
-    /// Where an event stands against the shard's live stream of its workspace: true to deliver
-    /// it, false if it was delivered already (taken from the history when a later one arrived
-    /// first). Takes the events before it from the history when it arrives early.
+    /// Where an event stands against the shard's live stream of its workspace
+    /// ([`Stream::admit`]): true to deliver it, false if it was delivered already. Takes the
+    /// events before it from the history when it arrives early.
     pub(super) fn seam(&mut self, ws: &str, pos: Position, turn: &Turn) -> bool {
         let Some(stream) = self.registry.stream_mut(ws) else {
             return true;
         };
-        if pos.epoch < stream.epoch {
-            // A straggler of a stream that has since started over: delivered as it is.
-            return true;
+        match stream.admit(pos) {
+            Admit::Deliver | Admit::Straggler => true,
+            Admit::Skip => false,
+            Admit::FillThenDeliver { from } => {
+                let after = Position {
+                    epoch: pos.epoch,
+                    offset: from - 1,
+                };
+                self.fill(ws, after, pos.offset, turn);
+                true
+            }
         }
-        if pos.epoch > stream.epoch {
-            *stream = Stream {
-                epoch: pos.epoch,
-                next: 1,
-            };
-        }
-        if pos.offset < stream.next {
-            return false;
-        }
-        if pos.offset > stream.next {
-            self.advance_stream(ws, pos.offset, turn);
-        }
-        if let Some(stream) = self.registry.stream_mut(ws) {
-            stream.next = pos.offset + 1;
-        }
-        true
     }
 
-    /// Moves the shard's stream of `ws` to offset `to`, delivering the events before it from
-    /// the history to their recipients here. If the history no longer has them all, every
-    /// recipient is sent `stream.gap` instead: never a silent hole.
+    /// Moves the shard's stream of `ws` up to offset `to` (a record ahead of it), delivering
+    /// the events before `to` from the history to their recipients here.
     fn advance_stream(&mut self, ws: &str, to: u64, turn: &Turn) {
+        let Some(stream) = self.registry.stream_mut(ws) else {
+            return;
+        };
+        let after = position(*stream);
+        stream.next = stream.next.max(to);
+        self.fill(ws, after, to, turn);
+    }
+
+    /// Delivers the events of `ws` after `after` and before `to` from the history to their
+    /// recipients here. If the history no longer has them all, every recipient is sent
+    /// `stream.gap` instead: never a silent hole.
+    fn fill(&mut self, ws: &str, after: Position, to: u64, turn: &Turn) {
         let Some(d) = self.delivery.clone() else {
             return;
         };
-        let Some(stream) = self.registry.stream_of_workspace(ws) else {
-            return;
-        };
         let mut missed: Vec<(SharedFrame, Option<Box<str>>)> = Vec::new();
-        let read = d
-            .history
-            .read(ws, position(stream), to, turn.now, &mut |e| {
-                missed.push((e.frame.clone(), e.user.clone()));
-                true
-            });
-        if let Some(s) = self.registry.stream_mut(ws) {
-            s.next = to;
-        }
+        let read = d.history.read(ws, after, to, turn.now, &mut |e| {
+            missed.push((e.frame.clone(), e.user.clone()));
+            true
+        });
         if read.is_ok_and(|end| end >= to) {
             DeliveryStats::add(&d.stats.gap_fills, missed.len() as u64);
             for (frame, user) in &missed {
