@@ -199,6 +199,10 @@ pub struct RunArgs {
     /// heartbeat: rounded up to whole heartbeat intervals).
     #[arg(long, env = "CAUSELOOP_ACK_INTERVAL", default_value_t = HumanDuration(defaults().ack_interval))]
     pub ack_interval: HumanDuration,
+    /// How long a connection whose token comes back on another connection has to answer a ping
+    /// before it is taken for gone and its replacement resumes from it.
+    #[arg(long, env = "CAUSELOOP_RESUME_PROBE_TIMEOUT", default_value_t = HumanDuration(defaults().resume_probe_timeout))]
+    pub resume_probe_timeout: HumanDuration,
     /// File of HS256 secrets, one per line (several for rotation).
     #[arg(long, env = "CAUSELOOP_JWT_HS256_SECRET_FILE")]
     pub jwt_hs256_secret_file: Option<PathBuf>,
@@ -333,6 +337,7 @@ impl RunArgs {
             resume_window: self.resume_window.0,
             resume_max_records: self.resume_max_records,
             ack_interval: self.ack_interval.0,
+            resume_probe_timeout: self.resume_probe_timeout.0,
             timer_tick: self.timer_tick.0,
             jwt,
             publish_key,

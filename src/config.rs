@@ -278,6 +278,10 @@ pub struct Config {
     pub resume_max_records: usize,
     /// `--ack-interval`: how often a connection receiving events gets an acknowledgement ping.
     pub ack_interval: Duration,
+    /// `--resume-probe-timeout`: how long an open connection whose token reconnected elsewhere
+    /// has to answer a ping before it is taken for gone (its replacement waits half as long
+    /// again for its record).
+    pub resume_probe_timeout: Duration,
     /// `--timer-tick`: resolution of the shards' timer wheels.
     pub timer_tick: Duration,
     /// Token verification.
@@ -330,6 +334,7 @@ impl Default for Config {
             resume_window: Duration::from_secs(120),
             resume_max_records: 1_000_000,
             ack_interval: Duration::from_secs(5),
+            resume_probe_timeout: Duration::from_secs(1),
             timer_tick: Duration::from_millis(10),
             jwt: JwtConfig::default(),
             publish_key: None,
@@ -446,6 +451,9 @@ impl Config {
                 return bad(
                     "--history-max-bytes must hold at least one event of --max-event-bytes".into(),
                 );
+            }
+            if c.resume_probe_timeout.is_zero() {
+                return bad("--resume-probe-timeout must be above zero".into());
             }
             if c.resume_max_records == 0 {
                 return bad("--resume-max-records must be above zero while --history-size is (0 history turns resume off)".into());
@@ -629,6 +637,20 @@ mod tests {
         assert!(with(|c| c.drain_spread = c.drain_timeout).contains("--drain-spread"));
         assert!(with(|c| c.max_internal_connections = 0).contains("--max-internal-connections"));
         assert!(with(|c| c.jwt.workspace_claim.clear()).contains("--jwt-workspace-claim"));
+        assert!(with(|c| c.history_max_bytes = 1000).contains("--history-max-bytes"));
+        assert!(with(|c| c.history_ttl = Duration::ZERO).contains("--history-ttl"));
+        assert!(with(|c| c.resume_max_records = 0).contains("--resume-max-records"));
+        assert!(
+            with(|c| c.resume_probe_timeout = Duration::ZERO).contains("--resume-probe-timeout")
+        );
+        // With history off, its settings are not checked.
+        let mut off = Config {
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            ..Config::default()
+        };
+        off.resume_max_records = 0;
+        assert_eq!(off.validate(), Ok(()));
     }
 
     #[test]

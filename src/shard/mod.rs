@@ -122,6 +122,8 @@ struct Limits {
     tick: Duration,
     /// `--ack-interval` in ticks.
     ack_ticks: u64,
+    /// `--resume-probe-timeout`.
+    probe_timeout: Duration,
 }
 
 impl Limits {
@@ -146,6 +148,7 @@ impl Limits {
             drain_spread: cfg.drain_spread,
             tick,
             ack_ticks: ticks(cfg.ack_interval, tick),
+            probe_timeout: cfg.resume_probe_timeout,
         }
     }
 }

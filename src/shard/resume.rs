@@ -52,12 +52,12 @@ pub(super) struct Tracked {
     unsure: bool,
 }
 
-/// How long a connection that found an open twin waits for the twin's record.
-pub const TWIN_WAIT: Duration = Duration::from_millis(1500);
-
-/// How long a probed connection has to answer its ping (shorter than [`TWIN_WAIT`], so the
-/// record of one that does not is made while its replacement still waits for it).
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection that found an open twin waits for the twin's record: the probe's
+/// timeout (`--resume-probe-timeout`) and half as long again, so the record of a twin that does
+/// not answer is made while its replacement still waits for it.
+fn twin_wait(probe_timeout: Duration) -> Duration {
+    probe_timeout + probe_timeout / 2
+}
 
 /// A replay under way: the last position queued (or passed over as not addressed to the
 /// client).
@@ -91,8 +91,8 @@ impl Shard {
     /// decides how it begins, and queues what follows `connected`. The connection is a member
     /// of its workspace already; it becomes a recipient here or when its replay ends.
     ///
-    /// A connection that finds no record while another with its token is open waits (up to
-    /// [`TWIN_WAIT`]) for that one's record: it may be the connection this one replaces, not
+    /// A connection that finds no record while another with its token is open waits (see
+    /// `twin_wait`) for that one's record: it may be the connection this one replaces, not
     /// yet seen to end (a reset not read yet, a client gone without a FIN), which a probe asks
     /// every shard to settle. If no record comes, it starts from where the stream stood when it
     /// connected: nothing it could have had is lost, it is only delayed.
@@ -140,7 +140,7 @@ impl Shard {
                         cursor: head,
                         since: None,
                         started: false,
-                        wait_until: Some(turn.now + TWIN_WAIT),
+                        wait_until: Some(turn.now + twin_wait(self.limits.probe_timeout)),
                         iat,
                     },
                 );
@@ -221,7 +221,8 @@ impl Shard {
     }
 
     /// Pings every open connection whose resume key was asked about this turn (all but one
-    /// that is itself waiting), to be dropped if it does not answer within [`PROBE_TIMEOUT`].
+    /// that is itself waiting), to be dropped if it does not answer within
+    /// `--resume-probe-timeout`.
     fn start_probes(&mut self, turn: &Turn) {
         let keys = std::mem::take(&mut self.probe_keys);
         let mut hit = Vec::new();
@@ -247,7 +248,8 @@ impl Shard {
             if fresh {
                 self.enqueue(k, ping_frame());
             }
-            self.probes.push((k as u32, gen, turn.now + PROBE_TIMEOUT));
+            self.probes
+                .push((k as u32, gen, turn.now + self.limits.probe_timeout));
         }
     }
 
@@ -276,7 +278,7 @@ impl Shard {
             }
             conn.close_code = DEAD_PEER;
             log::debug!(
-                "shard {}: connection {k}: no pong to a resume probe within {PROBE_TIMEOUT:?}; dropped",
+                "shard {}: connection {k}: no pong to a resume probe within --resume-probe-timeout; dropped",
                 self.index
             );
             self.kill(k);
