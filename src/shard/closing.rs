@@ -133,6 +133,8 @@ impl Shard {
                 // knows the key), and needed if it did not (the interest table, the bus and the
                 // open count must learn of it).
                 let _ = catch_unwind(AssertUnwindSafe(|| self.unsubscribe(key, turn)));
+                // Its resume record (and the count of open connections with its token).
+                let _ = catch_unwind(AssertUnwindSafe(|| self.end_stream(key, turn)));
                 if let Some(conn) = self.conns.try_remove(key) {
                     if let Some(t) = conn.timer {
                         self.wheel.cancel(t);
