@@ -61,6 +61,12 @@ struct Conn {
     /// `connected` can follow the 101 by a Redis round trip, and a reader that stalled before
     /// it would never count as connected (its worker would never report ready).
     subscribed: bool,
+    /// Its token, minted on the first connect and sent again on every reconnect, as the seed's
+    /// client does (so the server can resume it).
+    token: Option<String>,
+    /// Times it has reconnected: from then on an event it has already had is a repeat sent on
+    /// resume, not a reordering.
+    reconnects: u32,
 }
 
 /// Wall-clock nanoseconds since the epoch (publisher and subscribers share the machine's clock).
@@ -318,6 +324,8 @@ impl Fleet {
                 retry_at: None,
                 churning: false,
                 subscribed: false,
+                token: None,
+                reconnects: 0,
             };
             self.report.slow += u64::from(slow);
             let key = self.conns.insert(conn);
@@ -411,8 +419,11 @@ impl Fleet {
         c.started = Instant::now();
         c.retry_at = None;
         c.buf.clear();
-        // A new subscription: its sequence starts with whatever it receives first.
-        c.expected = u64::MAX;
+        // A new subscription: its sequence starts with whatever it receives first; with
+        // --continuity a reconnect goes on from where the last connection stood.
+        if !self.spec.continuity || c.reconnects == 0 {
+            c.expected = u64::MAX;
+        }
         c.churning = false;
         c.subscribed = false;
         c.slow = c.was_slow;
@@ -486,6 +497,9 @@ impl Fleet {
         if let Some(mut s) = c.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
+        if churn || storm {
+            c.reconnects += 1;
+        }
         if churn && !storm {
             // Churn (or a server-side close during a churn run): reconnect at once.
             c.retry_at = Some(Instant::now());
@@ -523,14 +537,13 @@ impl Fleet {
                 workspace_of(index, self.spec.total, self.spec.workspaces, self.spec.skew)
             );
             let now = unix_ns() / 1_000_000_000;
-            let token = crate::token::mint(
-                &self.key,
-                &self.spec.claim,
-                &ws,
-                &format!("lt_u{index}"),
-                now,
-                24 * 3600,
-            );
+            let (key, claim) = (&self.key, &self.spec.claim);
+            let token = self.conns[k]
+                .token
+                .get_or_insert_with(|| {
+                    crate::token::mint(key, claim, &ws, &format!("lt_u{index}"), now, 24 * 3600)
+                })
+                .clone();
             let host = self.targets[(index % self.targets.len() as u64) as usize].to_string();
             let c = &mut self.conns[k];
             c.out = wire::upgrade_request(&host, &token, &ws);
@@ -680,10 +693,20 @@ impl Fleet {
                     }
                     c.last_heartbeat = Some(now);
                 }
+                Frame::Text(t) if t.starts_with(br#"{"type":"stream.gap""#) => {
+                    // The server says this connection missed events: not a silent loss. Its
+                    // sequence starts over from the next event.
+                    self.report.gaps += 1;
+                    c.expected = u64::MAX;
+                }
                 Frame::Text(t) => {
                     self.report.events += 1;
                     if let Some(seq) = wire::number_after(t, b"\"seq\":") {
-                        if c.expected != u64::MAX && seq != c.expected {
+                        if c.expected != u64::MAX && seq < c.expected && c.reconnects > 0 {
+                            // Sent again after a reconnect (events the client had not yet
+                            // acknowledged when its last connection ended).
+                            self.report.repeated += 1;
+                        } else if c.expected != u64::MAX && seq != c.expected {
                             if seq > c.expected {
                                 // A gap: counted lost until (unless) the missing ones turn up.
                                 self.report.lost += seq - c.expected;
@@ -813,6 +836,8 @@ pub fn merge(
         total.bytes += r.bytes;
         total.lost += r.lost;
         total.reordered += r.reordered;
+        total.repeated += r.repeated;
+        total.gaps += r.gaps;
         total.churned += r.churned;
         total.cpu_ns += r.cpu_ns;
         // Recovered only when every worker recovered: the slowest one is the figure.

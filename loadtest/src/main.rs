@@ -132,10 +132,16 @@ struct FanoutArgs {
     #[arg(long, default_value_t = 1 << 20)]
     max_publish_bytes: usize,
     /// Churn: connections per second (in all) closed with a close handshake and reopened at
-    /// once, from when every connection is open; a reopened subscriber's sequence starts afresh.
-    /// Connections the server closes (a slow reader's 1008) reconnect too. For soak runs.
+    /// once, from when every connection is open; a reopened subscriber's sequence starts afresh
+    /// (see --continuity). Connections the server closes (a slow reader's 1008) reconnect too.
+    /// For soak runs.
     #[arg(long, default_value_t = 0.0)]
     churn: f64,
+    /// A reconnected subscriber (it always reconnects with the same token, as the seed's client
+    /// does) carries its sequence across the reconnect: events published while it was away
+    /// count as lost unless the server resumes it (or tells it with `stream.gap`).
+    #[arg(long)]
+    continuity: bool,
 }
 
 #[derive(Args, Clone)]
@@ -352,6 +358,7 @@ fn run(
             slow_fraction,
             heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
             churn_per_s: fanout.as_ref().map_or(0.0, |f| f.churn) / processes as f64,
+            continuity: fanout.as_ref().is_some_and(|f| f.continuity),
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -649,6 +656,8 @@ fn run(
             delivered_per_s: delivered as f64 / window.as_secs_f64().max(1e-9),
             lost: total.lost,
             reordered: total.reordered,
+            repeated: total.repeated,
+            gaps: total.gaps,
             latency_us: Percentiles::of(&latency_hist),
             publish_errors: published.errors.clone(),
             churned: total.churned,

@@ -88,6 +88,10 @@ pub struct FanoutFigures {
     pub lost: u64,
     /// Frames received out of order.
     pub reordered: u64,
+    /// Frames received again after a reconnect (resumed from the last acknowledgement).
+    pub repeated: u64,
+    /// `stream.gap` frames: reconnecting clients told they missed events.
+    pub gaps: u64,
     /// Publish to receipt, microseconds.
     pub latency_us: Percentiles,
     /// Publish errors by status or error.
@@ -234,8 +238,8 @@ impl Results {
         if let Some(f) = &self.fanout {
             let _ = writeln!(
                 o,
-                "  events: {} published, {} frames delivered ({:.0}/s), {} lost, {} reordered",
-                f.published_events, f.delivered_frames, f.delivered_per_s, f.lost, f.reordered
+                "  events: {} published, {} frames delivered ({:.0}/s), {} lost, {} reordered, {} repeated after a reconnect, {} stream.gap",
+                f.published_events, f.delivered_frames, f.delivered_per_s, f.lost, f.reordered, f.repeated, f.gaps
             );
             pct_row(&mut o, "event latency", &f.latency_us);
             if !f.publish_errors.is_empty() {

@@ -55,6 +55,9 @@ pub struct WorkerSpec {
     /// are open (0: none).
     #[serde(default)]
     pub churn_per_s: f64,
+    /// A reconnected subscriber's sequence goes on across the reconnect (`--continuity`).
+    #[serde(default)]
+    pub continuity: bool,
 }
 
 /// A worker's report: counters and histograms (serialized HdrHistogram V2, base64).
@@ -84,8 +87,14 @@ pub struct WorkerReport {
     pub bytes: u64,
     /// Events missing from a subscriber's per-workspace sequence.
     pub lost: u64,
-    /// Events received out of order (or twice).
+    /// Events received out of order.
     pub reordered: u64,
+    /// Events received again after a reconnect (a resume replays from the last acknowledgement).
+    #[serde(default)]
+    pub repeated: u64,
+    /// `stream.gap` frames received: the server told a reconnecting client it missed events.
+    #[serde(default)]
+    pub gaps: u64,
     /// Connections closed by churn (each then reconnects).
     pub churned: u64,
     /// Storm: milliseconds from the drop until every connection was back, when they all came back.

@@ -11,6 +11,10 @@ const SECRET: &str = "loadtest-accounting-secret-0123456789";
 const KEY: &str = "loadtest-accounting-publish-key";
 
 fn server() -> Server {
+    server_with(|_| {})
+}
+
+fn server_with(f: impl FnOnce(&mut Config)) -> Server {
     let mut c = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         internal_listen: "127.0.0.1:0".parse().unwrap(),
@@ -19,6 +23,7 @@ fn server() -> Server {
         ..Config::default()
     };
     c.jwt.hs256_secrets = vec![Secret::from(SECRET.as_bytes().to_vec())];
+    f(&mut c);
     Server::start(c).unwrap()
 }
 
@@ -202,6 +207,54 @@ fn churn_reconnects_and_loses_nothing() {
     assert_eq!(f["reordered"], 0);
     assert!(f["delivered_frames"].as_u64().unwrap() > 0);
     std::fs::remove_file(&json).ok();
+}
+
+/// A churn run whose subscribers carry their sequence across reconnects (`--continuity`).
+fn continuity_run(s: &Server, name: &str) -> serde_json::Value {
+    let json = std::env::temp_dir().join(format!("lt-{name}-{}.json", std::process::id()));
+    let args = [
+        "fanout",
+        "--url",
+        &format!("ws://{}", s.public_addr()),
+        "--internal",
+        &format!("http://{}", s.internal_addr()),
+        "--connections",
+        "40",
+        "--workspaces",
+        "4",
+        "--rate",
+        "100",
+        "--churn",
+        "20",
+        "--continuity",
+        "--duration",
+        "3s",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    assert!(finished(loadtest(&args)).success());
+    let r = read_json(&json);
+    std::fs::remove_file(&json).ok();
+    r
+}
+
+#[test]
+fn with_continuity_a_resuming_server_loses_nothing_and_one_without_history_is_caught() {
+    // The same token comes back on every reconnect: a server with history gives each its
+    // missed events (some twice: those after its last acknowledgement).
+    let resuming = server();
+    let r = continuity_run(&resuming, "resume");
+    let f = &r["fanout"];
+    assert!(f["churned"].as_u64().unwrap() >= 20, "{f}");
+    assert_eq!(f["lost"], 0, "{f}");
+    assert_eq!(f["gaps"], 0, "{f}");
+    // Without history, what was published while a subscriber was away is gone, and the
+    // load tester says so.
+    let forgetting = server_with(|c| c.history_size = 0);
+    let r = continuity_run(&forgetting, "no-history");
+    let f = &r["fanout"];
+    assert!(f["lost"].as_u64().unwrap() > 0, "{f}");
+    assert_eq!(f["repeated"], 0, "{f}");
 }
 
 /// A stand-in server whose `connected` frame follows the 101 by `delay`, as a cluster-bus node's
