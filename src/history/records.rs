@@ -17,11 +17,17 @@
 //! (a reset not yet read, a client that vanished without a FIN). [`Records::begin`] answers
 //! both at once; [`Records::end`] records and stops counting at once.
 //!
-//! Invariants: `count` is the number of records in `map`; every record in `map` has an entry
-//! with its `seq` in `order`; `order` is sorted by `seq` (and so by time); it may also hold
-//! entries of records already taken, and is compacted when those outnumber the live ones.
+//! Layout, for memory (a million records must stay small): each record is one slab node holding
+//! its key; nodes whose keys share a fingerprint (their first eight bytes) are chained from one
+//! map entry, oldest first; `order` lists (node, seq) pairs oldest first for expiry and the bound.
+//!
+//! Invariants: every node is in exactly one chain, the one of its key's fingerprint, and chains
+//! are in `seq` order; every node has an entry with its `seq` in `order`, which is sorted by
+//! `seq` and may also hold entries of nodes already taken (their slot empty or reused with
+//! another `seq`), compacted when those outnumber the live ones.
 
 use super::Position;
+use slab::Slab;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -56,24 +62,32 @@ pub struct Record {
     pub made: Instant,
 }
 
-struct Held {
-    seq: u64,
+/// Marks the end of a chain.
+const NONE: u32 = u32::MAX;
+
+/// One record in the slab.
+struct Node {
+    key: RecordKey,
     record: Record,
+    seq: u64,
+    /// The next node of the same fingerprint's chain.
+    next: u32,
 }
 
 /// Every resume record of a node.
 pub struct Records {
     max: usize,
     window: Duration,
-    map: HashMap<RecordKey, Vec<Held>>,
-    order: VecDeque<(u64, Instant, RecordKey)>,
-    count: usize,
+    nodes: Slab<Node>,
+    /// The first node of each fingerprint's chain.
+    chains: HashMap<u64, u32>,
+    order: VecDeque<(u32, u64)>,
     next_seq: u64,
     evicted: u64,
     expired: u64,
     last_eviction: Option<Instant>,
-    /// Open connections per key, by the key's first eight bytes (a shared fingerprint only
-    /// ever makes a connection wait for a twin that is not one: a delay, never a loss).
+    /// Open connections per key, by the key's fingerprint (a shared fingerprint only ever makes
+    /// a connection wait for a twin that is not one: a delay, never a loss).
     live: HashMap<u64, u32>,
 }
 
@@ -93,21 +107,15 @@ pub enum Found {
     Nothing,
 }
 
-/// Fixed bytes of one record: its map share, its held entry, its order entry.
-pub const RECORD_BYTES: usize = std::mem::size_of::<Held>()
-    + std::mem::size_of::<(u64, Instant, RecordKey)>()
-    + std::mem::size_of::<(RecordKey, Vec<Held>)>()
-    + 16;
-
 impl Records {
     /// At most `max` records, each kept for `window`.
     pub fn new(max: usize, window: Duration) -> Records {
         Records {
             max: max.max(1),
             window,
-            map: HashMap::new(),
+            nodes: Slab::new(),
+            chains: HashMap::new(),
             order: VecDeque::new(),
-            count: 0,
             next_seq: 0,
             evicted: 0,
             expired: 0,
@@ -146,7 +154,7 @@ impl Records {
     /// Keeps `record` under `key` until the window passes (or the bound takes it).
     pub fn put(&mut self, key: RecordKey, record: Record, now: Instant) {
         self.expire(now);
-        while self.count >= self.max {
+        while self.nodes.len() >= self.max {
             if !self.pop_oldest() {
                 break;
             }
@@ -155,22 +163,66 @@ impl Records {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.map.entry(key).or_default().push(Held { seq, record });
-        self.order.push_back((seq, now, key));
-        self.count += 1;
+        // Its window runs from now, when it is recorded.
+        let record = Record {
+            made: now,
+            ..record
+        };
+        let idx = self.nodes.insert(Node {
+            key,
+            record,
+            seq,
+            next: NONE,
+        }) as u32;
+        // Appended at its chain's tail: chains stay oldest first.
+        match self.chains.get(&fingerprint(&key)).copied() {
+            None => {
+                self.chains.insert(fingerprint(&key), idx);
+            }
+            Some(mut at) => {
+                while self.nodes[at as usize].next != NONE {
+                    at = self.nodes[at as usize].next;
+                }
+                self.nodes[at as usize].next = idx;
+            }
+        }
+        self.order.push_back((idx, seq));
     }
 
     /// Takes the oldest live record under `key`.
     pub fn take(&mut self, key: &RecordKey, now: Instant) -> Option<Record> {
         self.expire(now);
-        let held = self.map.get_mut(key)?;
-        let first = held.remove(0);
-        if held.is_empty() {
-            self.map.remove(key);
+        let mut at = *self.chains.get(&fingerprint(key))?;
+        while self.nodes[at as usize].key != *key {
+            at = self.nodes[at as usize].next;
+            if at == NONE {
+                return None;
+            }
         }
-        self.count -= 1;
+        let node = self.unlink(at);
         self.compact();
-        Some(first.record)
+        Some(node.record)
+    }
+
+    /// Removes node `idx` from its chain and the slab.
+    fn unlink(&mut self, idx: u32) -> Node {
+        let fp = fingerprint(&self.nodes[idx as usize].key);
+        let next = self.nodes[idx as usize].next;
+        let head = self.chains[&fp];
+        if head == idx {
+            if next == NONE {
+                self.chains.remove(&fp);
+            } else {
+                self.chains.insert(fp, next);
+            }
+        } else {
+            let mut at = head;
+            while self.nodes[at as usize].next != idx {
+                at = self.nodes[at as usize].next;
+            }
+            self.nodes[at as usize].next = next;
+        }
+        self.nodes.remove(idx as usize)
     }
 
     /// Whether a record was evicted at the bound at or after `t`.
@@ -180,8 +232,12 @@ impl Records {
 
     /// Drops the records whose window has passed.
     pub fn expire(&mut self, now: Instant) {
-        while let Some(&(_, made, _)) = self.order.front() {
-            if now.saturating_duration_since(made) < self.window {
+        while let Some(&(idx, seq)) = self.order.front() {
+            let Some(node) = self.nodes.get(idx as usize).filter(|n| n.seq == seq) else {
+                self.order.pop_front();
+                continue;
+            };
+            if now.saturating_duration_since(node.record.made) < self.window {
                 break;
             }
             if self.pop_oldest() {
@@ -193,43 +249,33 @@ impl Records {
     /// Removes the oldest entry of `order` and its record, if that is still held; returns
     /// whether a record went.
     fn pop_oldest(&mut self) -> bool {
-        while let Some((seq, _, key)) = self.order.pop_front() {
-            let Some(held) = self.map.get_mut(&key) else {
-                continue;
-            };
-            let Some(i) = held.iter().position(|h| h.seq == seq) else {
-                continue;
-            };
-            held.remove(i);
-            if held.is_empty() {
-                self.map.remove(&key);
+        while let Some((idx, seq)) = self.order.pop_front() {
+            if self.nodes.get(idx as usize).is_some_and(|n| n.seq == seq) {
+                self.unlink(idx);
+                return true;
             }
-            self.count -= 1;
-            return true;
         }
         false
     }
 
     /// Rebuilds `order` without the entries of taken records once those are the majority.
     fn compact(&mut self) {
-        if self.order.len() <= 2 * self.count + 64 {
+        if self.order.len() <= 2 * self.nodes.len() + 64 {
             return;
         }
-        let map = &self.map;
-        self.order.retain(|(seq, _, key)| {
-            map.get(key)
-                .is_some_and(|held| held.iter().any(|h| h.seq == *seq))
-        });
+        let nodes = &self.nodes;
+        self.order
+            .retain(|&(idx, seq)| nodes.get(idx as usize).is_some_and(|n| n.seq == seq));
     }
 
     /// Records held.
     pub fn len(&self) -> usize {
-        self.count
+        self.nodes.len()
     }
 
     /// Whether none is held.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.nodes.is_empty()
     }
 
     /// Records evicted at the bound so far.
@@ -244,20 +290,31 @@ impl Records {
 
     #[cfg(test)]
     fn check(&self) {
-        let held: usize = self.map.values().map(Vec::len).sum();
-        assert_eq!(held, self.count);
-        assert!(self.count <= self.max);
-        for v in self.map.values() {
-            assert!(!v.is_empty());
-            for h in v {
-                assert!(self.order.iter().any(|(s, _, _)| *s == h.seq));
+        assert!(self.nodes.len() <= self.max);
+        let mut chained = 0;
+        for (&fp, &head) in &self.chains {
+            let mut at = head;
+            let mut prev_seq = None;
+            while at != NONE {
+                let n = &self.nodes[at as usize];
+                assert_eq!(
+                    fingerprint(&n.key),
+                    fp,
+                    "a node in another fingerprint's chain"
+                );
+                assert!(prev_seq.map_or(true, |p| p < n.seq), "a chain out of order");
+                assert!(self.order.iter().any(|&(i, s)| i == at && s == n.seq));
+                prev_seq = Some(n.seq);
+                chained += 1;
+                at = n.next;
             }
         }
+        assert_eq!(chained, self.nodes.len(), "a node in no chain");
         assert!(self
             .order
             .iter()
             .zip(self.order.iter().skip(1))
-            .all(|(a, b)| a.0 < b.0));
+            .all(|(a, b)| a.1 < b.1));
     }
 }
 
@@ -296,9 +353,9 @@ mod tests {
         r.put(k, rec(5), now);
         r.put(k, rec(9), now);
         assert_eq!(r.len(), 2);
-        assert_eq!(r.take(&k, now), Some(rec(5)));
-        assert_eq!(r.take(&k, now), Some(rec(9)));
-        assert_eq!(r.take(&k, now), None);
+        assert_eq!(r.take(&k, now).map(|x| x.at.offset), Some(5));
+        assert_eq!(r.take(&k, now).map(|x| x.at.offset), Some(9));
+        assert_eq!(r.take(&k, now).map(|x| x.at.offset), None);
         r.check();
     }
 
@@ -310,7 +367,7 @@ mod tests {
         assert_eq!(r.begin(k, now), Found::Nothing);
         assert_eq!(r.begin(k, now), Found::Twin, "the first is still open");
         r.end(k, Some(rec(4)), now);
-        assert_eq!(r.begin(k, now), Found::Record(rec(4)));
+        assert!(matches!(r.begin(k, now), Found::Record(x) if x.at.offset == 4));
         r.end(k, None, now);
         r.end(k, None, now);
         assert_eq!(
@@ -322,13 +379,46 @@ mod tests {
     }
 
     #[test]
+    fn keys_that_share_a_fingerprint_keep_their_own_records_in_order() {
+        let now = Instant::now();
+        let mut r = Records::new(3, Duration::from_secs(120));
+        let key = |tail: u8| {
+            let mut k = [1u8; 32];
+            k[8..].fill(tail);
+            k
+        };
+        let (a, b) = (key(2), key(3));
+        r.put(a, rec(1), now);
+        r.put(b, rec(2), now);
+        r.put(a, rec(3), now);
+        r.check();
+        assert_eq!(r.take(&b, now).map(|x| x.at.offset), Some(2));
+        r.check();
+        // At the bound the oldest of the whole store goes, wherever it sits in its chain.
+        r.put(b, rec(4), now);
+        r.put(b, rec(5), now);
+        assert_eq!(r.evicted(), 1);
+        r.check();
+        assert_eq!(r.take(&a, now).map(|x| x.at.offset), Some(3));
+        assert_eq!(r.take(&a, now).map(|x| x.at.offset), None);
+        assert_eq!(r.take(&b, now).map(|x| x.at.offset), Some(4));
+        assert_eq!(r.take(&b, now).map(|x| x.at.offset), Some(5));
+        assert!(r.is_empty());
+        r.check();
+    }
+
+    #[test]
     fn records_expire_after_the_window() {
         let t0 = Instant::now();
         let mut r = Records::new(10, Duration::from_secs(120));
         let k = record_key(b"t", "w");
         r.put(k, rec(1), t0);
         r.put(k, rec(2), t0 + Duration::from_secs(60));
-        assert_eq!(r.take(&k, t0 + Duration::from_secs(121)), Some(rec(2)));
+        assert_eq!(
+            r.take(&k, t0 + Duration::from_secs(121))
+                .map(|x| x.at.offset),
+            Some(2)
+        );
         assert_eq!(r.expired(), 1);
         r.check();
     }
@@ -349,8 +439,8 @@ mod tests {
         r.put(c, rec(3), t1);
         assert_eq!(r.evicted(), 1);
         assert!(r.evicted_since(t1));
-        assert_eq!(r.take(&a, t1), None);
-        assert_eq!(r.take(&b, t1), Some(rec(2)));
+        assert_eq!(r.take(&a, t1).map(|x| x.at.offset), None);
+        assert_eq!(r.take(&b, t1).map(|x| x.at.offset), Some(2));
         r.check();
     }
 
