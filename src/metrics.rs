@@ -787,6 +787,17 @@ fn encode_delivery(
         "Acknowledgement pings sent, and pong payloads taken or refused (stale, foreign, beyond what was sent).",
         &acks,
     )?;
+    let waits: Vec<(Labels, u64)> = crate::history::TWIN_WAIT_ENDS
+        .iter()
+        .zip(&st.twin_waits)
+        .map(|(e, c)| (vec![("ended", e.to_string())], c.load(Ordering::Relaxed)))
+        .collect();
+    counters(
+        enc,
+        "causeloop_twin_waits",
+        "Connections that found another open with their token and waited for its record, by how the wait ended: record, answered (every twin answered its probe), timeout.",
+        &waits,
+    )?;
     counters(
         enc,
         "causeloop_gap_fills",

@@ -289,6 +289,11 @@ fn a_client_gone_silent_is_found_by_the_probe_and_its_replacement_resumes() {
     let after = finish(&mut b, flow);
     let repeats = exactly_once(&before, &after, 300);
     eprintln!("gone silent: {repeats} repeated (written after the last acknowledgement)");
+    assert_eq!(
+        metric(&s, r#"causeloop_twin_waits_total{ended="record"}"#),
+        1,
+        "the replacement did not resume from the silent connection's record"
+    );
     drop(a);
 }
 
@@ -300,7 +305,7 @@ fn two_connections_sharing_a_token_each_resume_without_loss() {
     let mut a = open(&s, &token);
     let flow = Flow::start(&s, WS, EVERY);
     // The second tab: its twin answers the probe, so it starts where the stream stood when
-    // it connected (after a short wait).
+    // it connected, as soon as the answer is in.
     let mut b = open(&s, &token);
     let (mut a_before, mut b_before) = (Vec::new(), Vec::new());
     read_some(&mut a, 200, &mut a_before);
@@ -321,6 +326,11 @@ fn two_connections_sharing_a_token_each_resume_without_loss() {
         }
     }
     exactly_once(&a_before, &a_after, 300);
+    assert_eq!(
+        metric(&s, r#"causeloop_twin_waits_total{ended="answered"}"#),
+        1,
+        "the second tab waited out its twin's probe instead of starting on the answer"
+    );
     // b joined after the flow began: what it missed before its connect was never its own.
     let shift = b_before[0];
     let b_before: Vec<u64> = b_before.iter().map(|n| n - shift).collect();

@@ -33,6 +33,9 @@ pub enum ShardMsg {
     /// without a peer (reset, vanished): ping the connections with this resume key and drop
     /// those that do not answer in time, so their records are made.
     Probe(crate::history::records::RecordKey),
+    /// A connection with this resume key answered a probe: it is alive (a second tab), so a
+    /// connection waiting for its record need not wait for it.
+    TwinAlive(crate::history::records::RecordKey),
 }
 
 /// The loops that wait for room in a shard's inbox without blocking.

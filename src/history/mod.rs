@@ -101,6 +101,8 @@ pub trait ResumeStore: Send + Sync {
     fn end(&self, key: RecordKey, record: Option<Record>, now: Instant);
     /// Takes the oldest record under `key` (a connection waiting for its twin's).
     fn take(&self, key: &RecordKey, now: Instant) -> Option<Record>;
+    /// How many connections with `key` are open (at least).
+    fn open_count(&self, key: &RecordKey) -> u32;
     /// Whether a record was evicted at the bound at or after `t`.
     fn evicted_since(&self, t: Instant) -> bool;
     /// What it holds.
@@ -205,6 +207,10 @@ impl ResumeStore for LocalRecords {
         lock(&self.0).evicted_since(t)
     }
 
+    fn open_count(&self, key: &RecordKey) -> u32 {
+        lock(&self.0).open_count(key)
+    }
+
     fn usage(&self) -> RecordUsage {
         let mut r = lock(&self.0);
         r.expire(Instant::now());
@@ -252,7 +258,14 @@ pub struct DeliveryStats {
     pub gap_fills: AtomicU64,
     /// `stream.gap` frames sent to live connections (the history could not fill a shard's gap).
     pub live_gaps: AtomicU64,
+    /// Waits for an open twin's record, by how they ended ([`TWIN_WAIT_ENDS`]).
+    pub twin_waits: [AtomicU64; 3],
 }
+
+/// How a wait for a twin's record ended, in `DeliveryStats::twin_waits` order: the twin's record
+/// came (it was the connection being replaced), every twin answered its probe (second tabs), or
+/// the wait ran out.
+pub const TWIN_WAIT_ENDS: [&str; 3] = ["record", "answered", "timeout"];
 
 impl DeliveryStats {
     /// Adds `n` to `c`.

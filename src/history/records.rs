@@ -225,6 +225,11 @@ impl Records {
         self.nodes.remove(idx as usize)
     }
 
+    /// How many connections with `key` are open (counted by fingerprint, so at least that).
+    pub fn open_count(&self, key: &RecordKey) -> u32 {
+        self.live.get(&fingerprint(key)).copied().unwrap_or(0)
+    }
+
     /// Whether a record was evicted at the bound at or after `t`.
     pub fn evicted_since(&self, t: Instant) -> bool {
         self.last_eviction.is_some_and(|e| e >= t)

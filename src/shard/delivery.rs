@@ -44,6 +44,7 @@ impl Shard {
             ShardMsg::Drain => self.start_drain(turn),
             ShardMsg::Live(ws) => self.on_live(&ws, turn),
             ShardMsg::Probe(key) => self.on_probe(&key, turn),
+            ShardMsg::TwinAlive(key) => self.on_twin_alive(&key),
         }
     }
 

@@ -73,6 +73,10 @@ pub(super) struct Replay {
     wait_until: Option<Instant>,
     /// The token's `iat`, for the restart rule once the wait ends.
     iat: Option<u64>,
+    /// Twins that answered a probe while this connection waits.
+    answered: u32,
+    /// Twins open when the wait began (this connection not counted).
+    twins: u32,
 }
 
 fn position(s: Stream) -> Position {
@@ -134,6 +138,7 @@ impl Shard {
             Found::Record(r) => Some(r),
             Found::Nothing => None,
             Found::Twin => {
+                let twins = d.records.open_count(&record_key).saturating_sub(1);
                 self.replays.insert(
                     key as u32,
                     Replay {
@@ -142,6 +147,8 @@ impl Shard {
                         started: false,
                         wait_until: Some(turn.now + twin_wait(self.limits.probe_timeout)),
                         iat,
+                        answered: 0,
+                        twins,
                     },
                 );
                 for i in 0..self.links.len() {
@@ -201,6 +208,8 @@ impl Shard {
                         started: false,
                         wait_until: None,
                         iat,
+                        answered: 0,
+                        twins: 0,
                     },
                 );
                 self.pump(key, turn)
@@ -211,6 +220,28 @@ impl Shard {
     /// Whether some connection waits for a twin's record (the loop then wakes every tick).
     pub(super) fn has_waiting(&self) -> bool {
         self.replays.values().any(|r| r.wait_until.is_some())
+    }
+
+    /// A twin with resume key `rk` answered its probe: connections waiting with that key count
+    /// it; one whose twins have all answered stops waiting (at its next pump).
+    pub(super) fn on_twin_alive(&mut self, rk: &RecordKey) {
+        let waiting: Vec<u32> = self
+            .replays
+            .iter()
+            .filter(|(_, r)| r.wait_until.is_some())
+            .map(|(&k, _)| k)
+            .filter(|&k| {
+                self.tracked
+                    .get(k as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|t| t.record_key == *rk)
+            })
+            .collect();
+        for k in waiting {
+            if let Some(r) = self.replays.get_mut(&k) {
+                r.answered += 1;
+            }
+        }
     }
 
     /// Another shard (or this one) asks about the connections with resume key `rk`: noted,
@@ -270,7 +301,19 @@ impl Shard {
             };
             let Some(open) = conn.open() else { continue };
             if !open.ping_outstanding {
-                continue; // answered: alive
+                // Answered: alive, a second tab. Waiting connections with its key need not
+                // wait for a record from it.
+                if let Some(rk) = self
+                    .tracked
+                    .get(k)
+                    .and_then(Option::as_ref)
+                    .map(|t| t.record_key)
+                {
+                    for i in 0..self.links.len() {
+                        self.links.shard(i).offer(ShardMsg::TwinAlive(rk));
+                    }
+                }
+                continue;
             }
             if turn.now < deadline {
                 self.probes.push((k as u32, gen, deadline));
@@ -361,13 +404,17 @@ impl Shard {
         if let Some(until) = rp.wait_until {
             let rk = self.tracked(key).map(|t| t.record_key);
             if let Some(r) = rk.and_then(|rk| d.records.take(&rk, turn.now)) {
+                DeliveryStats::add(&d.stats.twin_waits[0], 1);
                 return self.begin_with(key, Some(r), rp.iat, turn);
             }
-            if turn.now < until {
+            let all_answered = rp.twins > 0 && rp.answered >= rp.twins;
+            if turn.now < until && !all_answered {
                 return Next::Continue;
             }
-            // No record came: the twin is another live connection (a second tab). Start from
+            // No record came: the twins are other live connections (second tabs). Start from
             // where the stream stood at connect.
+            let end = if all_answered { 1 } else { 2 };
+            DeliveryStats::add(&d.stats.twin_waits[end], 1);
             if let Some(r) = self.replays.get_mut(&(key as u32)) {
                 r.wait_until = None;
             }
