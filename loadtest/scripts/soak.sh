@@ -7,10 +7,11 @@
 # (20,000 frames/s, well inside what this machine delivers, so latency means something), 1% of
 # subscribers that stall (every 90 s each looks at what it was sent; once the server has closed it
 # it reconnects and stalls again), and 40 connections a second closed with a close handshake
-# and reopened. The server's RSS and open
-# files are sampled every second. At the end the server is drained with SIGTERM and the summary
-# is printed as markdown: RSS and descriptors over time, frames lost, failures, and every server
-# log line at WARN or above.
+# and reopened. Every reconnect uses the subscriber's first token and carries its sequence on
+# (--continuity), so an event published while it was away and not given back counts as lost.
+# The server's RSS and open files are sampled every second. At the end the server is drained
+# with SIGTERM and the summary is printed as markdown: RSS and descriptors over time, frames
+# lost, repeated and told of (stream.gap), failures, and every server log line at WARN or above.
 #
 # Usage: loadtest/scripts/soak.sh        (DUR=30m by default; DUR=2m for a quick look)
 # Output: markdown on stdout; JSON, HTML report and the server log in target/soak/.
@@ -33,7 +34,7 @@ trap 'kill $SPID 2>/dev/null || true' EXIT
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/4710) 2>/dev/null && break; sleep 0.1; done
 
 "$BIN/causeloop-loadtest" slow --url ws://$PUB --internal http://$INT --connections 4000 --workspaces 40 \
-  --rate 5 --pad 256 --slow-fraction 0.01 --churn 40 --processes 2 --source-ips 127.0.0.2-127.0.0.9 \
+  --rate 5 --pad 256 --slow-fraction 0.01 --churn 40 --continuity --processes 2 --source-ips 127.0.0.2-127.0.0.9 \
   --duration "$DUR" --server-pid "$SPID" --json "$OUT/soak.json" --report "$OUT/soak.html" \
   >"$OUT/loadtest.txt" 2>"$OUT/loadtest.log"
 
@@ -62,7 +63,7 @@ rss = [p["server_rss_bytes"] for p in steady]
 fds = [p["server_open_files"] for p in steady]
 print(f"\nfrom second {warm} on: RSS {min(rss)/2**20:.1f}–{max(rss)/2**20:.1f} MiB, open files {min(fds)}–{max(fds)}")
 f = r["fanout"]
-print(f"published {f['published_events']}, delivered {f['delivered_frames']}, lost {f['lost']}, reordered {f['reordered']}, churned {f['churned']}")
+print(f"published {f['published_events']}, delivered {f['delivered_frames']}, lost {f['lost']}, reordered {f['reordered']}, churned {f['churned']}, repeated after a reconnect {f.get('repeated', 0)}, stream.gap {f.get('gaps', 0)}")
 print(f"connected {r['connect']['connected']} (attempts {r['connect']['attempts']}), failures {r['connect']['failures']}")
 print(f"closes to readers {r['closes']}, closes to stalled readers {r['slow_closes']}, publish errors {f['publish_errors']}")
 l = f['latency_us']

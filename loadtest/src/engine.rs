@@ -701,11 +701,13 @@ impl Fleet {
                 }
                 Frame::Text(t) => {
                     self.report.events += 1;
+                    let mut repeat = false;
                     if let Some(seq) = wire::number_after(t, b"\"seq\":") {
                         if c.expected != u64::MAX && seq < c.expected && c.reconnects > 0 {
                             // Sent again after a reconnect (events the client had not yet
                             // acknowledged when its last connection ended).
                             self.report.repeated += 1;
+                            repeat = true;
                         } else if c.expected != u64::MAX && seq != c.expected {
                             if seq > c.expected {
                                 // A gap: counted lost until (unless) the missing ones turn up.
@@ -721,8 +723,11 @@ impl Fleet {
                         }
                     }
                     // Latency is a reader's figure: a connection that stopped reading (slow
-                    // scenario) would only measure its own stall.
-                    if let Some(t) = wire::number_after(t, b"\"t\":").filter(|_| !c.was_slow) {
+                    // scenario) would only measure its own stall, and a repeat is not a
+                    // delivery (its publish time is from before the reconnect).
+                    if let Some(t) =
+                        wire::number_after(t, b"\"t\":").filter(|_| !c.was_slow && !repeat)
+                    {
                         let us = (now_ns.saturating_sub(t) / 1000).max(1);
                         let _ = self.latency_hist.record(us);
                         let _ = self.interval_latency.record(us);
