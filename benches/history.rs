@@ -177,10 +177,13 @@ fn open(s: &Server, token: &str) -> Ws {
     ws
 }
 
-/// Reads until the event numbered `last`.
+/// Reads until the event numbered `last` (heartbeats keep the read timeout from firing, so the
+/// wait has its own deadline).
 fn read_to(ws: &mut Ws, last: u64) {
     let needle = format!(r#""n":{last}}}"#);
+    let start = Instant::now();
     loop {
+        assert!(start.elapsed() < Duration::from_secs(20), "event {last} never came");
         if let Message::Text(t) = ws.read().unwrap() {
             if t.contains(&needle) {
                 return;
@@ -261,7 +264,10 @@ fn bench(c: &mut Criterion) {
                     acknowledge(&mut old, next);
                 }
                 old.close(None).unwrap();
-                while !matches!(old.read(), Ok(Message::Close(_)) | Err(_)) {}
+                let start = Instant::now();
+                while !matches!(old.read(), Ok(Message::Close(_)) | Err(_)) {
+                    assert!(start.elapsed() < Duration::from_secs(20), "no close echo");
+                }
                 let last = publish_1000(&s, next);
                 let start = Instant::now();
                 let mut back = open(&s, &replay_token);

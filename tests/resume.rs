@@ -122,10 +122,14 @@ fn read_to_close(ws: &mut Ws, into: &mut Vec<u64>, code: u16) {
     let _ = ws.flush();
 }
 
-/// The client closes: it sends its close frame and reads nothing but the echo after it.
+/// The client closes: it sends its close frame and reads nothing but the echo after it (within
+/// [`WAIT`]: heartbeats would keep a read timeout from ever firing).
 fn client_close(ws: &mut Ws) {
     ws.close(None).unwrap();
-    while !matches!(ws.read(), Ok(Message::Close(_)) | Err(_)) {}
+    let start = Instant::now();
+    while !matches!(ws.read(), Ok(Message::Close(_)) | Err(_)) {
+        assert!(start.elapsed() < WAIT, "no close echo within {WAIT:?}");
+    }
 }
 
 /// Opens a connection with `token` and reads its `connected`.
