@@ -183,7 +183,10 @@ fn read_to(ws: &mut Ws, last: u64) {
     let needle = format!(r#""n":{last}}}"#);
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(20), "event {last} never came");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "event {last} never came"
+        );
         if let Message::Text(t) = ws.read().unwrap() {
             if t.contains(&needle) {
                 return;

@@ -137,6 +137,22 @@ impl Netns {
     }
 }
 
+/// A namespace on subnet `net` for `test`, or, when it cannot be made, the loud notice of a
+/// missing dependency (a failure under `CI=true`) and `None`.
+fn netns_for(test: &str, net: u8) -> Option<Netns> {
+    match Netns::create(net) {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            deps::missing(
+                test,
+                &format!("no network namespace: {e}"),
+                "it needs root and iproute2 (apt-get install iproute2)",
+            );
+            None
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.host_if]);
@@ -147,16 +163,11 @@ impl Drop for Netns {
 #[test]
 fn a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout() {
     let net = (std::process::id() % 250) as u8;
-    let ns = match Netns::create(net) {
-        Ok(ns) => ns,
-        Err(e) => {
-            deps::missing(
-                "a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout",
-                &format!("no network namespace: {e}"),
-                "it needs root and iproute2 (apt-get install iproute2)",
-            );
-            return;
-        }
+    let Some(ns) = netns_for(
+        "a_peer_gone_without_a_fin_is_dropped_by_tcp_user_timeout",
+        net,
+    ) else {
+        return;
     };
     let host_ip = format!("10.231.{net}.1");
     let s = TestServer::with(|c| {
@@ -214,16 +225,11 @@ fn in_netns<T>(ns: &str, f: impl FnOnce() -> T) -> T {
 #[test]
 fn a_client_gone_without_a_fin_that_comes_back_is_replayed_what_it_missed() {
     let net = ((std::process::id() + 1) % 250) as u8;
-    let ns = match Netns::create(net) {
-        Ok(ns) => ns,
-        Err(e) => {
-            deps::missing(
-                "a_client_gone_without_a_fin_that_comes_back_is_replayed_what_it_missed",
-                &format!("no network namespace: {e}"),
-                "it needs root and iproute2 (apt-get install iproute2)",
-            );
-            return;
-        }
+    let Some(ns) = netns_for(
+        "a_client_gone_without_a_fin_that_comes_back_is_replayed_what_it_missed",
+        net,
+    ) else {
+        return;
     };
     let host_ip = format!("10.231.{net}.1");
     let s = TestServer::with(|c| {

@@ -100,6 +100,18 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Samples `pid`'s RSS every 20 ms until `stop`; the thread returns the peak.
+fn peak_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(rss_bytes(pid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    })
+}
+
 /// A keep-alive publish connection: one request at a time, status checked.
 struct PublishConn {
     sock: TcpStream,
@@ -233,17 +245,7 @@ fn a_publisher_flood_stays_under_the_memory_bound_and_only_stalled_readers_go() 
             })
         })
         .collect();
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(rss_bytes(pid));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        })
-    };
+    let sampler = peak_rss(pid, stop.clone());
     let sent: Vec<u64> = flooders.into_iter().map(|f| f.join().unwrap()).collect();
     let total: u64 = sent.iter().sum();
     // Readers keep up: every sequenced event, in order per publisher.
@@ -361,17 +363,7 @@ fn a_publish_flood_to_ten_thousand_workspaces_keeps_the_history_inside_its_bytes
             })
         })
         .collect();
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(rss_bytes(pid));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        })
-    };
+    let sampler = peak_rss(pid, stop.clone());
     let sent: u64 = flooders.into_iter().map(|f| f.join().unwrap()).sum();
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap();

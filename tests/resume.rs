@@ -106,6 +106,16 @@ fn read_some(ws: &mut Ws, count: usize, into: &mut Vec<u64>) {
     }
 }
 
+/// Connects with `token`, starts the steady flow, and reads its first `count` events: the
+/// opening of every test of a connection ending under a flow.
+fn flowing(s: &TestServer, token: &str, count: usize) -> (Ws, Flow, Vec<u64>) {
+    let mut ws = open(s, token);
+    let flow = Flow::start(s, WS, EVERY);
+    let mut before = Vec::new();
+    read_some(&mut ws, count, &mut before);
+    (ws, flow, before)
+}
+
 /// Reads events into `into` up to the server's close frame with `code`, and answers it.
 fn read_to_close(ws: &mut Ws, into: &mut Vec<u64>, code: u16) {
     loop {
@@ -198,10 +208,7 @@ const EVERY: Duration = Duration::from_millis(2);
 fn a_client_close_resumes_from_its_acknowledgement() {
     let s = server(|_| {});
     let token = token(WS, "u1", 3600);
-    let mut a = open(&s, &token);
-    let flow = Flow::start(&s, WS, EVERY);
-    let mut before = Vec::new();
-    read_some(&mut a, 300, &mut before);
+    let (mut a, flow, before) = flowing(&s, &token, 300);
     client_close(&mut a);
     let mut b = open(&s, &token);
     let after = finish(&mut b, flow);
@@ -215,10 +222,7 @@ fn a_server_close_answered_by_the_client_resumes_with_nothing_twice() {
     let f2 = faults.clone();
     let s = server(move |c| c.faults = Some(f2));
     let token = token(WS, "u_drained", 3600);
-    let mut a = open(&s, &token);
-    let flow = Flow::start(&s, WS, EVERY);
-    let mut before = Vec::new();
-    read_some(&mut a, 200, &mut before);
+    let (mut a, flow, mut before) = flowing(&s, &token, 200);
     // The server closes this one connection 1001 at its next timer, as a drain would.
     faults.plant(Point::Drain, Some("u_drained"));
     read_to_close(&mut a, &mut before, 1001);
@@ -264,10 +268,7 @@ fn a_slow_consumer_closed_1008_is_replayed_what_was_dropped_and_nothing_twice() 
 fn a_reset_connection_resumes_from_its_acknowledgement() {
     let s = server(|_| {});
     let token = token(WS, "u_reset", 3600);
-    let mut a = open(&s, &token);
-    let flow = Flow::start(&s, WS, EVERY);
-    let mut before = Vec::new();
-    read_some(&mut a, 300, &mut before);
+    let (a, flow, before) = flowing(&s, &token, 300);
     // SO_LINGER 0: closing sends a reset, no close frame, no FIN.
     socket2::SockRef::from(a.get_ref())
         .set_linger(Some(Duration::ZERO))
@@ -283,10 +284,7 @@ fn a_reset_connection_resumes_from_its_acknowledgement() {
 fn a_client_gone_silent_is_found_by_the_probe_and_its_replacement_resumes() {
     let s = server(|_| {});
     let token = token(WS, "u_gone", 3600);
-    let mut a = open(&s, &token);
-    let flow = Flow::start(&s, WS, EVERY);
-    let mut before = Vec::new();
-    read_some(&mut a, 300, &mut before);
+    let (a, flow, before) = flowing(&s, &token, 300);
     // It stops reading and never answers again; its socket stays open (the server sees no
     // end). The same token comes back on a new connection.
     let mut b = open(&s, &token);

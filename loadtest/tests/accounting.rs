@@ -11,10 +11,6 @@ const SECRET: &str = "loadtest-accounting-secret-0123456789";
 const KEY: &str = "loadtest-accounting-publish-key";
 
 fn server() -> Server {
-    server_with(|_| {})
-}
-
-fn server_with(f: impl FnOnce(&mut Config)) -> Server {
     let mut c = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         internal_listen: "127.0.0.1:0".parse().unwrap(),
@@ -23,7 +19,6 @@ fn server_with(f: impl FnOnce(&mut Config)) -> Server {
         ..Config::default()
     };
     c.jwt.hs256_secrets = vec![Secret::from(SECRET.as_bytes().to_vec())];
-    f(&mut c);
     Server::start(c).unwrap()
 }
 
@@ -164,29 +159,7 @@ fn detects_gaps_and_reordering() {
 #[test]
 fn churn_reconnects_and_loses_nothing() {
     let s = server();
-    let json = std::env::temp_dir().join(format!("lt-churn-{}.json", std::process::id()));
-    let args = [
-        "fanout",
-        "--url",
-        &format!("ws://{}", s.public_addr()),
-        "--internal",
-        &format!("http://{}", s.internal_addr()),
-        "--connections",
-        "40",
-        "--workspaces",
-        "4",
-        "--rate",
-        "20",
-        "--churn",
-        "20",
-        "--duration",
-        "3s",
-        "--json",
-        json.to_str().unwrap(),
-    ];
-    let status = finished(loadtest(&args));
-    assert!(status.success());
-    let r = read_json(&json);
+    let r = churn_run(&s, "churn", "20", &[]);
     let f = &r["fanout"];
     let churned = f["churned"].as_u64().unwrap();
     // 20 a second for 3 seconds, give or take the edges of the window.
@@ -206,32 +179,36 @@ fn churn_reconnects_and_loses_nothing() {
     assert_eq!(f["lost"], 0);
     assert_eq!(f["reordered"], 0);
     assert!(f["delivered_frames"].as_u64().unwrap() > 0);
-    std::fs::remove_file(&json).ok();
 }
 
-/// A churn run whose subscribers carry their sequence across reconnects (`--continuity`).
-fn continuity_run(s: &Server, name: &str) -> serde_json::Value {
+/// A 3-second churn run (40 connections over 4 workspaces, 20 closes a second) at `rate` events
+/// per second per workspace, with `extra` flags; returns its JSON report.
+fn churn_run(s: &Server, name: &str, rate: &str, extra: &[&str]) -> serde_json::Value {
     let json = std::env::temp_dir().join(format!("lt-{name}-{}.json", std::process::id()));
-    let args = [
+    let (url, internal) = (
+        format!("ws://{}", s.public_addr()),
+        format!("http://{}", s.internal_addr()),
+    );
+    let mut args = vec![
         "fanout",
         "--url",
-        &format!("ws://{}", s.public_addr()),
+        &url,
         "--internal",
-        &format!("http://{}", s.internal_addr()),
+        &internal,
         "--connections",
         "40",
         "--workspaces",
         "4",
         "--rate",
-        "100",
+        rate,
         "--churn",
         "20",
-        "--continuity",
         "--duration",
         "3s",
         "--json",
         json.to_str().unwrap(),
     ];
+    args.extend_from_slice(extra);
     assert!(finished(loadtest(&args)).success());
     let r = read_json(&json);
     std::fs::remove_file(&json).ok();
@@ -243,7 +220,7 @@ fn with_continuity_a_resuming_server_gives_back_what_each_reconnect_missed() {
     // The same token comes back on every reconnect: the server replays each its missed events
     // (and those after its last acknowledgement again), so across reconnects nothing is lost.
     let s = server();
-    let r = continuity_run(&s, "resume");
+    let r = churn_run(&s, "resume", "100", &["--continuity"]);
     let f = &r["fanout"];
     assert!(f["churned"].as_u64().unwrap() >= 20, "{f}");
     assert_eq!(f["lost"], 0, "{f}");

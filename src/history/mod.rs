@@ -81,8 +81,8 @@ pub trait HistoryStore: Send + Sync {
         now: Instant,
         visit: &mut dyn FnMut(&Entry) -> bool,
     ) -> Result<u64, Miss>;
-    /// The `ts` of the event at `pos`, when known.
-    fn ts_at(&self, workspace: &str, pos: Position) -> Option<u64>;
+    /// The workspace's head and the `ts` of the event at `pos` (when known), read together.
+    fn standing(&self, workspace: &str, pos: Position, now: Instant) -> (Position, Option<u64>);
     /// The offset of the kept event whose frame is `frame`.
     fn offset_of(&self, workspace: &str, epoch: u64, frame: &SharedFrame) -> Option<u64>;
     /// Whether a stream was dropped before its time (byte pressure) at or after `t`.
@@ -155,8 +155,9 @@ impl HistoryStore for LocalHistory {
         lock(&self.0).read(workspace, after, until, now, visit)
     }
 
-    fn ts_at(&self, workspace: &str, pos: Position) -> Option<u64> {
-        lock(&self.0).ts_at(workspace, pos)
+    fn standing(&self, workspace: &str, pos: Position, now: Instant) -> (Position, Option<u64>) {
+        let mut h = lock(&self.0);
+        (h.head(workspace, now), h.ts_at(workspace, pos))
     }
 
     fn offset_of(&self, workspace: &str, epoch: u64, frame: &SharedFrame) -> Option<u64> {
@@ -418,7 +419,7 @@ impl Delivery {
         from_ack: bool,
         now: Instant,
     ) {
-        let head = self.history.head(workspace, now);
+        let (head, since_ms) = self.history.standing(workspace, at, now);
         // A client that joined before its workspace had a stream and acknowledged nothing of
         // the one that began since stands before that stream's first event.
         let at = if at.epoch == 0 && head.epoch != 0 {
@@ -431,7 +432,7 @@ impl Delivery {
         };
         let record = Record {
             at,
-            since_ms: self.history.ts_at(workspace, at),
+            since_ms,
             caught_up: head.epoch == at.epoch && head.offset == at.offset,
             from_ack,
             made: now,

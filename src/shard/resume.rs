@@ -423,12 +423,9 @@ impl Shard {
         if !self.conns[key].is_open() || self.conns[key].out.pending_bytes() >= fill {
             return Next::Continue;
         }
-        let (Some(stream), Some((ws, user))) =
-            (self.registry.stream_of(key), self.registry.names(key))
-        else {
+        let Some(stream) = self.registry.stream_of(key) else {
             return Next::Continue;
         };
-        let (ws, user): (Arc<str>, Arc<str>) = (ws.into(), user.into());
         let mut rp = rp;
         if rp.cursor == Position::default() && stream.epoch != 0 {
             // It started before its workspace had a stream: it stands before the first event
@@ -450,17 +447,24 @@ impl Shard {
             if rp.cursor.offset + 1 > stream.next {
                 // The record is ahead of this shard's stream (the client was served by a
                 // shard further along): bring this shard's stream there from the history.
-                self.advance_stream(&ws, rp.cursor.offset + 1, turn);
+                if let Some(ws) = self.registry.workspace_of(key) {
+                    self.advance_stream(&ws, rp.cursor.offset + 1, turn);
+                }
             }
             self.join_live(key, turn);
             return Next::Continue;
         }
+        // The names stay in the registry and the queue in the slab: two fields borrowed side
+        // by side, nothing copied per piece.
+        let Some((ws, user)) = self.registry.names(key) else {
+            return Next::Continue;
+        };
         let out = &mut self.conns[key].out;
         let mut queued = 0u64;
         let read = d
             .history
-            .read(&ws, rp.cursor, stream.next, turn.now, &mut |e| {
-                if e.user.as_deref().is_some_and(|u| u != &*user) {
+            .read(ws, rp.cursor, stream.next, turn.now, &mut |e| {
+                if e.user.as_deref().is_some_and(|u| u != user) {
                     return true;
                 }
                 if out.pending_bytes() >= fill {
