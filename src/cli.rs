@@ -240,6 +240,11 @@ pub struct RunArgs {
     /// File holding the Redis password (first line).
     #[arg(long, env = "CAUSELOOP_BUS_PASSWORD_FILE")]
     pub bus_password_file: Option<PathBuf>,
+    /// The cluster wire format this node publishes: 1, or 2 (positions assigned by Redis,
+    /// history and resume records in Redis: nothing lost across nodes). Nodes read both; turn
+    /// 2 on once every node runs a release that reads it (docs/cluster.md, "Rollout").
+    #[arg(long, env = "CAUSELOOP_BUS_WIRE", default_value_t = 1)]
+    pub bus_wire: u8,
     /// Log line format: text or json.
     #[arg(long, env = "CAUSELOOP_LOG_FORMAT", default_value = "text")]
     pub log_format: crate::logging::Format,
@@ -283,6 +288,7 @@ impl RunArgs {
     pub fn to_config(&self) -> Result<Config, String> {
         let mut bus = crate::config::BusConfig::parse(&self.bus)?;
         if let crate::config::BusConfig::Redis(r) = &mut bus {
+            r.wire = self.bus_wire;
             r.password = match &self.bus_password_file {
                 Some(p) => Some(read_secret_file(p)?),
                 None => env_secret(ENV_BUS_PASSWORD),

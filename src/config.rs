@@ -94,6 +94,9 @@ pub struct RedisConfig {
     pub db: u32,
     /// `AUTH` password (`CAUSELOOP_BUS_PASSWORD` or `--bus-password-file`); never in argv.
     pub password: Option<Secret>,
+    /// The wire format this node publishes (`--bus-wire`): 1, or 2 (positions, history and
+    /// resume records in Redis). A node reads both whatever it publishes.
+    pub wire: u8,
 }
 
 impl RedisConfig {
@@ -107,6 +110,7 @@ impl RedisConfig {
             redis_cluster: false,
             db: 0,
             password: None,
+            wire: 1,
         }
     }
 
@@ -196,6 +200,7 @@ impl BusConfig {
             redis_cluster: cluster,
             db,
             password: None,
+            wire: 1,
         }))
     }
 }
@@ -414,6 +419,17 @@ impl Config {
             return bad(
                 "--max-event-bytes must be at least 64 and at most --max-outbound-bytes".into(),
             );
+        }
+        if let BusConfig::Redis(r) = &c.bus {
+            if r.wire != 1 && r.wire != 2 {
+                return bad("--bus-wire must be 1 or 2".into());
+            }
+            if r.wire == 2 && c.history_size == 0 {
+                return bad(
+                    "--bus-wire 2 keeps each workspace's history in Redis, and --history-size 0 turns history off: use --bus-wire 1, or a history size of at least 1"
+                        .into(),
+                );
+            }
         }
         if c.max_json_depth == 0 || c.max_json_depth > MAX_JSON_DEPTH {
             return bad(format!("--max-json-depth must be 1 to {MAX_JSON_DEPTH}"));

@@ -201,6 +201,16 @@ pub struct BusStats {
     pub bus_shard_backlog: AtomicU64,
     /// Times the bus stopped reading Redis because that backlog reached its bound.
     pub bus_read_pauses: AtomicU64,
+    /// Reads of workspace streams (`--bus-wire 2`): where a new subscription starts, and what
+    /// the node missed.
+    pub bus_stream_reads: AtomicU64,
+    /// Times a workspace's events were missing on this node beyond what its history stream
+    /// held (its clients here were sent `stream.gap`).
+    pub bus_stream_gaps: AtomicU64,
+    /// Messages held while a stream read runs (a gauge).
+    pub bus_stream_held: AtomicU64,
+    /// Stream reads given up because too much was held meanwhile.
+    pub bus_stream_overflows: AtomicU64,
 }
 
 /// Counters of the internal listener (its thread writes them).
@@ -579,6 +589,33 @@ impl Collector for StatsCollector {
             "causeloop_bus_read_pauses",
             "Times the cluster bus stopped reading Redis because the shards' backlog reached its bound.",
             &one(bus.bus_read_pauses.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_stream_reads",
+            "Reads of workspace history streams in Redis (--bus-wire 2): a new subscription's start, and what this node missed.",
+            &one(bus.bus_stream_reads.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_stream_gaps",
+            "Times events of a workspace were missing on this node beyond what its Redis history held (its clients here were sent stream.gap).",
+            &one(bus.bus_stream_gaps.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_bus_stream_held",
+            "Messages from Redis held while the missing events before them are read.",
+            &[(
+                Labels::new(),
+                bus.bus_stream_held.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_stream_overflows",
+            "Stream reads given up because more than 65,536 messages of one workspace were held meanwhile (its clients here were sent stream.gap).",
+            &one(bus.bus_stream_overflows.load(Ordering::Relaxed)),
         )?;
         counters(
             &mut enc,

@@ -225,8 +225,12 @@ impl Server {
                 (None, None, None)
             }
             BusConfig::Redis(r) => {
-                let new =
-                    ClusterBus::create(r.clone(), stats.bus.clone()).map_err(StartError::Io)?;
+                let history = delivery.as_ref().map(|d| {
+                    let limits = DeliveryConfig::of(&config).expect("delivery on").limits;
+                    (limits, d.history.clone())
+                });
+                let new = ClusterBus::create(r.clone(), stats.bus.clone(), history)
+                    .map_err(StartError::Io)?;
                 (Some(new.bus), Some(new.thread), Some(new.to_bus))
             }
         };
@@ -282,7 +286,11 @@ impl Server {
             stats.bus.clone(),
             stats.shards.clone(),
             bus.clone(),
-            delivery.as_ref().map(|d| d.history.clone()),
+            // On the cluster bus Redis assigns positions; the bus thread keeps the history.
+            delivery
+                .as_ref()
+                .filter(|d| !d.from_bus)
+                .map(|d| d.history.clone()),
         );
         let internal_stop = Arc::new(AtomicBool::new(false));
         let internal = Internal::new(

@@ -12,15 +12,6 @@ fn node(redis: &Redis) -> TestServer {
     TestServer::with(move |c| c.bus = bus)
 }
 
-/// `PUBSUB NUMSUB` of a workspace's channel: how many nodes subscribe to it.
-fn subscribers(redis: &Redis, ws: &str) -> u64 {
-    let out = redis.cli(&["PUBSUB", "NUMSUB", &format!("causeloop:v1:ws:{ws}")]);
-    out.lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_publish_to_one_node_reaches_every_node_with_identical_bytes() {
     let Some(redis) = Redis::start("a_publish_to_one_node_reaches_every_node_with_identical_bytes")
@@ -106,22 +97,22 @@ fn a_node_subscribes_only_to_the_workspaces_it_serves() {
     let mut on_a = a.subscribe("ws_only_a", "u");
     let on_b = b.subscribe("ws_both", "u");
     let on_a2 = a.subscribe("ws_both", "u");
-    assert_eq!(subscribers(&redis, "ws_only_a"), 1);
-    assert_eq!(subscribers(&redis, "ws_both"), 2);
-    assert_eq!(subscribers(&redis, "ws_nobody"), 0);
+    assert_eq!(redis.subscribers("ws_only_a"), 1);
+    assert_eq!(redis.subscribers("ws_both"), 2);
+    assert_eq!(redis.subscribers("ws_nobody"), 0);
     // A publish to a workspace no node serves reaches Redis and no node.
     let (status, _) = a.publish(r#"{"workspace_id":"ws_nobody","type":"a","payload":{}}"#);
     assert_eq!(status, 202);
     // When the last subscriber of a workspace leaves a node, the node lets go of the channel.
     drop(on_b);
-    assert!(eventually(Duration::from_secs(5), || subscribers(
-        &redis, "ws_both"
-    ) == 1));
+    assert!(eventually(Duration::from_secs(5), || redis
+        .subscribers("ws_both")
+        == 1));
     drop(on_a2);
-    assert!(eventually(Duration::from_secs(5), || subscribers(
-        &redis, "ws_both"
-    ) == 0));
-    assert_eq!(subscribers(&redis, "ws_only_a"), 1);
+    assert!(eventually(Duration::from_secs(5), || redis
+        .subscribers("ws_both")
+        == 0));
+    assert_eq!(redis.subscribers("ws_only_a"), 1);
     let (status, _) = b.publish(r#"{"workspace_id":"ws_only_a","type":"still.here","payload":{}}"#);
     assert_eq!(status, 202);
     assert!(read_event(&mut on_a).contains("still.here"));
@@ -164,9 +155,9 @@ fn redis_lost_and_back_mid_stream() {
     // Each node reconnects and subscribes again. Publishing resumes after a short settle
     // period (so that no node is still re-subscribing when publishers resend their backlog);
     // meanwhile the 503 says so.
-    assert!(eventually(Duration::from_secs(15), || subscribers(
-        &redis, "ws_r"
-    ) == 2));
+    assert!(eventually(Duration::from_secs(15), || redis
+        .subscribers("ws_r")
+        == 2));
     let (status, body) =
         nodes[1].publish(r#"{"workspace_id":"ws_r","type":"too.early","payload":{}}"#);
     assert_eq!(status, 503, "{body}");
@@ -239,13 +230,13 @@ fn a_killed_node_leaves_the_others_serving() {
     ));
     assert!(read_text(&mut on_doomed).contains("connected"));
     let mut on_survivor = survivor.subscribe("ws_k", "u2");
-    assert_eq!(subscribers(&redis, "ws_k"), 2);
+    assert_eq!(redis.subscribers("ws_k"), 2);
     // SIGKILL: no drain, no UNSUBSCRIBE; Redis notices the closed socket.
     doomed.child.kill().unwrap();
     doomed.child.wait().unwrap();
-    assert!(eventually(Duration::from_secs(5), || subscribers(
-        &redis, "ws_k"
-    ) == 1));
+    assert!(eventually(Duration::from_secs(5), || redis
+        .subscribers("ws_k")
+        == 1));
     let (status, body) =
         survivor.publish(r#"{"workspace_id":"ws_k","type":"still.serving","payload":{}}"#);
     assert_eq!(status, 202, "{body}");

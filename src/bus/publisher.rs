@@ -128,14 +128,10 @@ pub enum Prepared {
 }
 
 /// The Redis command of one validated event of a publish body.
-fn spec_publish<'a>(
-    command: &'a [u8],
-    s: &'a EventSpec<'_>,
-    ts_ms: u64,
-    len: usize,
-) -> Publish<'a> {
+fn spec_publish<'a>(bus: &ClusterBus, s: &'a EventSpec<'_>, ts_ms: u64, len: usize) -> Publish<'a> {
     Publish {
-        command,
+        command: bus.publish_command(),
+        v2: bus.v2_call(),
         workspace_id: &s.workspace_id,
         kind: &s.kind,
         user_id: s.user_id.as_deref(),
@@ -249,6 +245,7 @@ impl Publisher {
                 let mut job = BusJob::default();
                 let publish = Publish {
                     command: bus.publish_command(),
+                    v2: bus.v2_call(),
                     workspace_id: ws,
                     kind,
                     user_id: user,
@@ -307,8 +304,7 @@ impl Publisher {
                 Ok(self.local(events))
             }
             Some(bus) => {
-                let command = bus.publish_command();
-                let publish = |s, len| spec_publish(command, s, ts, len);
+                let publish = |s, len| spec_publish(bus, s, ts, len);
                 let bytes = specs
                     .iter()
                     .zip(&sizes)

@@ -36,6 +36,11 @@ pub enum ShardMsg {
     /// A connection with this resume key answered a probe: it is alive (a second tab), so a
     /// connection waiting for its record need not wait for it.
     TwinAlive(crate::history::records::RecordKey),
+    /// The cluster bus could not give this workspace's events in full (the history stream no
+    /// longer held what the node missed, or Redis lost it): its connections here are sent
+    /// `stream.gap` (`since`: the `ts` of the last event delivered before it) and the
+    /// workspace's stream starts over from the next event.
+    Gap(Arc<str>, crate::event::GapReason, Option<u64>),
 }
 
 /// The loops that wait for room in a shard's inbox without blocking.

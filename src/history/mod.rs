@@ -69,6 +69,11 @@ pub struct RecordUsage {
 pub trait HistoryStore: Send + Sync {
     /// Gives each event of a batch the next position of its workspace and keeps it, in order.
     fn append(&self, events: &mut [Event], now: Instant);
+    /// Keeps events whose positions were assigned elsewhere (by Redis, on the cluster bus), in
+    /// order ([`History::place`]).
+    fn place(&self, events: &[Event], now: Instant);
+    /// Forgets a workspace's stream (a hole in it on this node).
+    fn forget(&self, workspace: &str);
     /// The workspace's epoch and newest offset.
     fn head(&self, workspace: &str, now: Instant) -> Position;
     /// Visits the events after `after` and before `until` in order while `visit` says so;
@@ -138,6 +143,24 @@ impl HistoryStore for LocalHistory {
                 now,
             );
         }
+    }
+
+    fn place(&self, events: &[Event], now: Instant) {
+        let mut h = lock(&self.0);
+        for e in events.iter().filter(|e| e.pos.epoch != 0) {
+            h.place(
+                &e.workspace_id,
+                e.pos,
+                e.user_id.as_deref(),
+                &e.frame,
+                e.ts_ms,
+                now,
+            );
+        }
+    }
+
+    fn forget(&self, workspace: &str) {
+        lock(&self.0).forget(workspace)
     }
 
     fn head(&self, workspace: &str, now: Instant) -> Position {
@@ -289,6 +312,9 @@ pub struct Delivery {
     pub started_unix: u64,
     /// `--resume-window`.
     pub window: Duration,
+    /// Positions come from the cluster bus (Redis), not from this process: a workspace this
+    /// node has not seen yet starts wherever its first event here stands.
+    pub from_bus: bool,
 }
 
 /// What the delivery guarantee is configured with.
@@ -300,6 +326,8 @@ pub struct DeliveryConfig {
     pub max_records: usize,
     /// `--resume-window`.
     pub window: Duration,
+    /// Positions come from the cluster bus (`--bus-wire 2`).
+    pub from_bus: bool,
 }
 
 /// How a connection's stream begins, decided from its resume record (if any) and where the
@@ -372,10 +400,15 @@ pub fn plan(record: Option<Record>, head: Position, suspect: bool, dropped_early
 }
 
 impl DeliveryConfig {
-    /// The delivery guarantee `cfg` asks for: none with `--history-size 0`, and none yet on the
-    /// cluster bus (whose history belongs in Redis, not in one node).
+    /// The delivery guarantee `cfg` asks for: none with `--history-size 0`, and on the
+    /// cluster bus only with `--bus-wire 2` (positions and history in Redis).
     pub fn of(cfg: &crate::config::Config) -> Option<DeliveryConfig> {
-        if cfg.history_size == 0 || cfg.bus != crate::config::BusConfig::Local {
+        let from_bus = match &cfg.bus {
+            crate::config::BusConfig::Local => false,
+            crate::config::BusConfig::Redis(r) if r.wire == 2 => true,
+            crate::config::BusConfig::Redis(_) => return None,
+        };
+        if cfg.history_size == 0 {
             return None;
         }
         Some(DeliveryConfig {
@@ -387,6 +420,7 @@ impl DeliveryConfig {
             },
             max_records: cfg.resume_max_records,
             window: cfg.resume_window,
+            from_bus,
         })
     }
 }
@@ -406,6 +440,7 @@ impl Delivery {
             started: Instant::now(),
             started_unix: crate::clock::now_ms() / 1000,
             window: cfg.window,
+            from_bus: cfg.from_bus,
         }
     }
 

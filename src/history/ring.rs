@@ -157,20 +157,90 @@ impl History {
             None => {
                 let epoch = self.next_epoch;
                 self.next_epoch += 1;
-                let s = self.spaces.insert(Space {
-                    name: workspace.into(),
-                    epoch,
-                    next: 1,
-                    ring: VecDeque::new(),
-                    last_ts: None,
-                    last_append: now,
-                    in_idle: false,
-                }) as u32;
-                self.by_name.insert(workspace.into(), s);
-                self.bytes += space_cost(workspace);
-                s
+                self.new_space(workspace, epoch, 1, now)
             }
         };
+        self.push(slot, user, frame, ts_ms, now)
+    }
+
+    /// Keeps an event whose position was assigned elsewhere (by Redis, on the cluster bus).
+    /// A workspace's events come in position order; one after a hole, or of another epoch,
+    /// starts its ring over from it (what was kept before cannot be read across the hole). An
+    /// event at or before the newest kept is ignored. Returns whether it was kept.
+    #[allow(clippy::too_many_arguments)]
+    pub fn place(
+        &mut self,
+        workspace: &str,
+        pos: Position,
+        user: Option<&str>,
+        frame: &SharedFrame,
+        ts_ms: u64,
+        now: Instant,
+    ) -> bool {
+        let slot = match self.by_name.get(workspace) {
+            Some(&s) => {
+                let space = &self.spaces[s as usize];
+                if space.epoch == pos.epoch && pos.offset < space.next {
+                    return false;
+                }
+                if space.epoch != pos.epoch || pos.offset > space.next {
+                    while !self.spaces[s as usize].ring.is_empty() {
+                        self.pop_front(s, 0);
+                        self.evictions[0] -= 1; // not a bound: the stream moved on
+                    }
+                    let space = &mut self.spaces[s as usize];
+                    space.epoch = pos.epoch;
+                    space.next = pos.offset;
+                }
+                s
+            }
+            None => self.new_space(workspace, pos.epoch, pos.offset, now),
+        };
+        self.push(slot, user, frame, ts_ms, now);
+        true
+    }
+
+    /// Drops `workspace`'s space (its stream is known to have a hole here).
+    pub fn forget(&mut self, workspace: &str) {
+        let Some(&slot) = self.by_name.get(workspace) else {
+            return;
+        };
+        while !self.spaces[slot as usize].ring.is_empty() {
+            self.pop_front(slot, 0);
+            self.evictions[0] -= 1;
+        }
+        if let Some(i) = self.idle.iter().position(|&s| s == slot) {
+            self.idle.remove(i);
+        }
+        let space = self.spaces.remove(slot as usize);
+        self.by_name.remove(&*space.name);
+        self.bytes -= space_cost(&space.name);
+    }
+
+    fn new_space(&mut self, workspace: &str, epoch: u64, next: u64, now: Instant) -> u32 {
+        let s = self.spaces.insert(Space {
+            name: workspace.into(),
+            epoch,
+            next,
+            ring: VecDeque::new(),
+            last_ts: None,
+            last_append: now,
+            in_idle: false,
+        }) as u32;
+        self.by_name.insert(workspace.into(), s);
+        self.bytes += space_cost(workspace);
+        s
+    }
+
+    /// Appends an event at `slot`'s next offset.
+    fn push(
+        &mut self,
+        slot: u32,
+        user: Option<&str>,
+        frame: &SharedFrame,
+        ts_ms: u64,
+        now: Instant,
+    ) -> Position {
         let seq = self.next_seq;
         self.next_seq += 1;
         let space = &mut self.spaces[slot as usize];

@@ -45,6 +45,7 @@ impl Shard {
             ShardMsg::Live(ws) => self.on_live(&ws, turn),
             ShardMsg::Probe(key) => self.on_probe(&key, turn),
             ShardMsg::TwinAlive(key) => self.on_twin_alive(&key),
+            ShardMsg::Gap(ws, reason, since) => self.on_bus_gap(&ws, reason, since, turn),
         }
     }
 
@@ -137,6 +138,13 @@ impl Shard {
         for key in waiting {
             let key = key as usize;
             self.guarded(key, turn, |s| s.send_connected(key, turn));
+        }
+        // With history on they are members, not recipients yet: `connected`, then the stream.
+        for (key, rk, iat) in self.take_stream_waits(workspace) {
+            self.guarded(key, turn, |s| {
+                let _ = s.send_connected(key, turn);
+                s.start_stream(key, rk, iat, turn)
+            });
         }
     }
 

@@ -265,9 +265,13 @@ impl Shard {
             if let Some(d) = &self.delivery {
                 let head = d.history.head(&id.workspace_id, turn.now);
                 if let Some(s) = self.registry.stream_mut(&id.workspace_id) {
-                    *s = Stream {
-                        epoch: head.epoch,
-                        next: head.offset + 1,
+                    *s = if d.from_bus && head.epoch == 0 {
+                        Stream::UNKNOWN
+                    } else {
+                        Stream {
+                            epoch: head.epoch,
+                            next: head.offset + 1,
+                        }
                     };
                 }
             }
@@ -286,7 +290,13 @@ impl Shard {
             // The cluster bus has not confirmed this workspace yet: `connected` waits for it
             // (see `on_live`), or the connection is closed 1013 at the handshake deadline.
             conn.phase = Phase::Open(Open::new(0, expires, true));
+            let gen = conn.gen;
             self.enqueue(key, SharedFrame::from(out));
+            if self.delivery.is_some() {
+                // Its stream starts with `connected` (see `on_live`).
+                let rk = crate::history::records::record_key(token, &id.workspace_id);
+                self.await_stream(key, gen, rk, id.iat);
+            }
             self.set_timer(key, turn.tick + self.limits.handshake_ticks);
             return Next::Continue;
         }
@@ -307,7 +317,8 @@ impl Shard {
         connected_frame_into(&mut out, &id.workspace_id, &id.user_id, turn.now_ms);
         self.enqueue(key, SharedFrame::from(out));
         if self.delivery.is_some() {
-            return self.start_stream(key, &id.workspace_id, token, id.iat, turn);
+            let rk = crate::history::records::record_key(token, &id.workspace_id);
+            return self.start_stream(key, rk, id.iat, turn);
         }
         Next::Continue
     }

@@ -234,6 +234,9 @@ pub struct Shard {
     probe_keys: Vec<crate::history::records::RecordKey>,
     /// Connections pinged by a probe: (key, generation, answer deadline).
     probes: Vec<(u32, u32, Instant)>,
+    /// Connections (key, generation) whose stream starts once the cluster bus confirms their
+    /// workspace (history on): their resume key and token `iat`.
+    stream_waits: Vec<(u32, u32, crate::history::records::RecordKey, Option<u64>)>,
     /// The last acknowledgement ping built, shared by the connections acknowledged at the same
     /// position.
     ack_frame: Option<(Position, SharedFrame)>,
@@ -319,6 +322,7 @@ impl Shard {
             replays: HashMap::new(),
             probe_keys: Vec::new(),
             probes: Vec::new(),
+            stream_waits: Vec::new(),
             ack_frame: None,
         })
     }

@@ -76,8 +76,20 @@ pub enum Admit {
 }
 
 impl Stream {
+    /// A stream that starts at whatever event comes next (the cluster bus, where Redis assigns
+    /// positions and the bus thread delivers each workspace's events in order: a workspace this
+    /// shard has not seen, or one whose events the bus could not give in full).
+    pub const UNKNOWN: Stream = Stream { epoch: 0, next: 0 };
+
     /// Where an event at `pos` stands against this stream, which moves past it.
     pub fn admit(&mut self, pos: crate::history::Position) -> Admit {
+        if *self == Stream::UNKNOWN {
+            *self = Stream {
+                epoch: pos.epoch,
+                next: pos.offset + 1,
+            };
+            return Admit::Deliver;
+        }
         if pos.epoch < self.epoch {
             return Admit::Straggler;
         }

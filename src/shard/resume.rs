@@ -22,7 +22,7 @@ use super::{Next, Shard, Turn};
 use crate::dispatch::inbox::ShardMsg;
 use crate::event::{gap_frame, is_event_frame, GapReason};
 use crate::history::ack::{self, AckState};
-use crate::history::records::{record_key, Found, Record, RecordKey};
+use crate::history::records::{Found, Record, RecordKey};
 use crate::history::ring::Miss;
 use crate::history::{plan, DeliveryStats, Outcome, Position, Start};
 use crate::ws::close::CloseReason;
@@ -103,15 +103,16 @@ impl Shard {
     pub(super) fn start_stream(
         &mut self,
         key: usize,
-        workspace: &str,
-        token: &[u8],
+        record_key: RecordKey,
         iat: Option<u64>,
         turn: &Turn,
     ) -> Next {
         let Some(d) = self.delivery.clone() else {
             return Next::Continue;
         };
-        let record_key = record_key(token, workspace);
+        let Some(workspace) = self.registry.workspace_of(key) else {
+            return Next::Continue;
+        };
         let found = d.records.begin(record_key, turn.now);
         let head = self
             .registry
@@ -123,10 +124,7 @@ impl Shard {
         }
         self.tracked[key] = Some(Tracked {
             record_key,
-            workspace: self
-                .registry
-                .workspace_of(key)
-                .unwrap_or_else(|| workspace.into()),
+            workspace,
             ack: AckState::starting_at(head),
             next_ack_tick: turn.tick + self.limits.ack_ticks,
             close_at: Position::default(),
@@ -215,6 +213,41 @@ impl Shard {
                 self.pump(key, turn)
             }
         }
+    }
+
+    /// Connection `key` waits for the cluster bus to confirm its workspace; its stream starts
+    /// then ([`Shard::take_stream_waits`]).
+    pub(super) fn await_stream(&mut self, key: usize, gen: u32, rk: RecordKey, iat: Option<u64>) {
+        if self.stream_waits.len() >= 64 && self.stream_waits.len().is_power_of_two() {
+            // Entries of connections that closed while waiting go now and then.
+            let conns = &self.conns;
+            self.stream_waits.retain(|&(k, g, _, _)| {
+                conns.get(k as usize).is_some_and(|c| c.gen == g && !c.dead)
+            });
+        }
+        self.stream_waits.push((key as u32, gen, rk, iat));
+    }
+
+    /// The connections of `workspace` that wait for it to go live (still open).
+    pub(super) fn take_stream_waits(
+        &mut self,
+        workspace: &str,
+    ) -> Vec<(usize, RecordKey, Option<u64>)> {
+        let mut ready = Vec::new();
+        let (conns, registry) = (&self.conns, &self.registry);
+        self.stream_waits.retain(|&(k, g, rk, iat)| {
+            let k = k as usize;
+            let alive = conns.get(k).is_some_and(|c| c.gen == g && !c.dead);
+            if !alive {
+                return false;
+            }
+            if registry.names(k).is_some_and(|(ws, _)| ws == workspace) {
+                ready.push((k, rk, iat));
+                return false;
+            }
+            true
+        });
+        ready
     }
 
     /// Whether some connection waits for a twin's record (the loop then wakes every tick).
@@ -560,6 +593,28 @@ impl Shard {
             DeliveryStats::add(&d.stats.live_gaps, n as u64);
             self.fan_out_one(ws, None, &gap);
         }
+    }
+
+    /// The cluster bus could not give `ws`'s events in full: every recipient here is sent
+    /// `stream.gap`, and the shard's stream starts over from the next event.
+    pub(super) fn on_bus_gap(
+        &mut self,
+        ws: &str,
+        reason: GapReason,
+        since: Option<u64>,
+        turn: &Turn,
+    ) {
+        let Some(d) = self.delivery.clone() else {
+            return;
+        };
+        let Some(stream) = self.registry.stream_mut(ws) else {
+            return;
+        };
+        *stream = Stream::UNKNOWN;
+        let gap = gap_frame(reason, since, turn.now_ms);
+        let n = self.registry.recipients(ws, None).len();
+        DeliveryStats::add(&d.stats.live_gaps, n as u64);
+        self.fan_out_one(ws, None, &gap);
     }
 
     /// Queues an acknowledgement ping on connection `key` if it is due: events reached it since

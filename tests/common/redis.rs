@@ -180,6 +180,15 @@ impl Redis {
     pub fn bus(&self) -> BusConfig {
         BusConfig::Redis(RedisConfig::single("127.0.0.1", self.port))
     }
+
+    /// `PUBSUB NUMSUB` of a workspace's channel: how many nodes subscribe to it.
+    pub fn subscribers(&self, ws: &str) -> u64 {
+        let out = self.cli(&["PUBSUB", "NUMSUB", &format!("causeloop:v1:ws:{ws}")]);
+        out.lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Redis {

@@ -103,6 +103,9 @@ pub struct Link {
     state: State,
     /// Handshake replies to expect once connected.
     handshake: u8,
+    /// The handshake's last command loads the function library: an answer that it exists
+    /// already is fine.
+    loads_functions: bool,
     inbuf: Vec<u8>,
     /// Replies already taken from the front of `inbuf`.
     used: usize,
@@ -122,11 +125,13 @@ pub struct Link {
 
 impl Link {
     /// Starts connecting to `node` at `addr`, queues the handshake (`AUTH` when a password is
-    /// configured, `SELECT` when the database is not 0) and registers the socket as `token`.
+    /// configured, `SELECT` when the database is not 0, `FUNCTION LOAD` of `functions` when
+    /// given) and registers the socket as `token`.
     pub fn connect(
         node: RedisNode,
         addr: SocketAddr,
         cfg: &RedisConfig,
+        functions: Option<&str>,
         registry: &Registry,
         token: Token,
         deadline: Instant,
@@ -143,12 +148,17 @@ impl Link {
             resp::command(&mut outbuf, &[b"SELECT", cfg.db.to_string().as_bytes()]);
             owed += 1;
         }
+        if let Some(f) = functions {
+            resp::command(&mut outbuf, &[b"FUNCTION", b"LOAD", f.as_bytes()]);
+            owed += 1;
+        }
         let now = Instant::now();
         Ok(Link {
             node,
             stream,
             state: State::Connecting,
             handshake: owed,
+            loads_functions: functions.is_some(),
             inbuf: Vec::new(),
             used: 0,
             outbuf,
@@ -307,10 +317,20 @@ impl Link {
                 return Ok(Some(reply));
             };
             if let Reply::Error(e) = &reply {
-                return Err(LinkError::Refused(format!(
-                    "handshake refused: {}",
-                    String::from_utf8_lossy(e)
-                )));
+                let loaded = owed == 1
+                    && self.loads_functions
+                    && e.windows(14).any(|w| w == b"already exists");
+                if !loaded {
+                    return Err(LinkError::Refused(format!(
+                        "handshake refused: {}{}",
+                        String::from_utf8_lossy(e),
+                        if owed == 1 && self.loads_functions {
+                            " (loading the causeloop function library for --bus-wire 2, which needs Redis 7.0 or later)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
             }
             self.state = if owed > 1 {
                 State::Handshake(owed - 1)

@@ -43,6 +43,7 @@
 
 pub mod layout;
 pub mod link;
+pub mod order;
 pub mod publish;
 mod runner;
 pub mod subscriptions;
@@ -248,10 +249,18 @@ const SHARDED: Dialect = Dialect {
     unsubscribed: b"sunsubscribe",
 };
 
+/// The function library the nodes load on every Redis server they publish to (wire format
+/// version 2): `causeloop_publish`, `causeloop_spublish` and `causeloop_fence`.
+pub const FUNCTIONS: &str = include_str!("causeloop.lua");
+
 /// The handle shards and publishers hold: a bounded queue into the bus thread, its waker, and
 /// two flags. No lock: everything else lives on the bus thread.
 pub struct ClusterBus {
     dialect: &'static Dialect,
+    /// Set with `--bus-wire 2`: how publishes call the function.
+    v2: Option<wire::V2Call>,
+    /// With `--bus-wire 2`: this node's copy of the recent history, positions from Redis.
+    mirror: Option<Arc<dyn crate::history::HistoryStore>>,
     stats: Arc<BusStats>,
     waker: Arc<Waker>,
     publishes: Sender<Submitted>,
@@ -271,7 +280,14 @@ pub struct NewBus {
 
 impl ClusterBus {
     /// Creates the handle and the thread's state. Nothing connects until [`BusThread::run`].
-    pub fn create(cfg: RedisConfig, stats: Arc<BusStats>) -> io::Result<NewBus> {
+    pub fn create(
+        cfg: RedisConfig,
+        stats: Arc<BusStats>,
+        history: Option<(
+            crate::history::ring::Limits,
+            Arc<dyn crate::history::HistoryStore>,
+        )>,
+    ) -> io::Result<NewBus> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (to_bus, interest_rx) = ToBus::channel(waker.clone());
@@ -281,8 +297,22 @@ impl ClusterBus {
         } else {
             &CLASSIC
         };
+        let v2 = match (&history, cfg.wire) {
+            (Some((limits, _)), 2) => Some(wire::V2Call {
+                function: if cfg.redis_cluster {
+                    b"causeloop_spublish"
+                } else {
+                    b"causeloop_publish"
+                },
+                size: limits.size,
+                ttl_ms: limits.ttl.as_millis().max(1) as u64,
+            }),
+            _ => None,
+        };
         let bus = Arc::new(ClusterBus {
             dialect,
+            mirror: v2.and(history.map(|(_, h)| h)),
+            v2,
             stats,
             waker,
             publishes,
@@ -300,6 +330,11 @@ impl ClusterBus {
     /// The dialect's publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster).
     pub fn publish_command(&self) -> &'static [u8] {
         self.dialect.publish
+    }
+
+    /// How a version 2 publish calls the function (`--bus-wire 2`), or `None` (version 1).
+    pub fn v2_call(&self) -> Option<wire::V2Call> {
+        self.v2
     }
 
     /// Hands `job` to the bus thread; `done` is called there with Redis's answer. Never blocks:

@@ -249,6 +249,7 @@ mod tests {
         for ws in workspaces {
             let p = crate::bus::wire::Publish {
                 command: b"PUBLISH",
+                v2: None,
                 workspace_id: ws,
                 kind: "t",
                 user_id: None,

@@ -9,6 +9,7 @@
 
 use super::layout::{LayoutRead, Resolver};
 use super::link::{Drain, Incoming, Link, LinkError, MAX_OUTPUT};
+use super::order::{self, Out, Read, Streams};
 use super::publish::{Msg, Publishing};
 use super::subscriptions::{Action, Command, Confirmation, Subscriptions};
 use super::{BusUnavailable, ClusterBus, Inputs, Submitted, PUBLISH_DEADLINE};
@@ -19,7 +20,8 @@ use crate::config::{RedisConfig, RedisNode};
 use crate::dispatch::inbox::{ShardMsg, TrySend, Waiter};
 use crate::dispatch::interest::ShardSet;
 use crate::dispatch::{BusInterest, Links, PendingBatch, Progress};
-use crate::event::Event;
+use crate::event::{Event, GapReason};
+use crate::history::{HistoryStore, Position};
 use crate::metrics::{BusStats, ShardStats};
 use crossbeam_channel::Receiver;
 use mio::{Events, Poll, Token};
@@ -62,12 +64,23 @@ pub const SHARD_BACKLOG: usize = 64;
 /// deadlines are checked on each turn).
 const DEADLINE_TICK: Duration = Duration::from_millis(50);
 
+/// A command on a command connection waiting for its answer.
+enum Pending {
+    /// A message of a publish.
+    Publish(Msg),
+    /// A read of a workspace's stream ([`order::Read`]), with its id.
+    Read(Arc<str>, u64, Read),
+    /// `causeloop_fence`.
+    Fence,
+}
+
 /// What a connection is for.
 enum Role {
     /// `(S)SUBSCRIBE`s and the messages they bring.
     Subscriber,
-    /// Publishes, pipelined: the messages sent and not answered yet, in order, with when.
-    Publisher(VecDeque<(Msg, Instant)>),
+    /// Publishes, the library load and stream reads, pipelined: the commands sent and not
+    /// answered yet, in order, with when.
+    Publisher(VecDeque<(Pending, Instant)>),
     /// One `CLUSTER SLOTS`.
     Layout,
 }
@@ -82,18 +95,37 @@ struct Conn {
 /// Something on its way to the shards, in order.
 enum Outgoing {
     Events(PendingBatch),
-    Live(Arc<str>, ShardSet),
+    /// A message for the shards in the set that have not taken it yet.
+    One(ShardMsgKind, ShardSet),
+}
+
+/// The per-workspace messages the bus sends its shards.
+#[derive(Clone)]
+enum ShardMsgKind {
+    Live(Arc<str>),
+    Gap(Arc<str>, GapReason, Option<u64>),
+}
+
+impl ShardMsgKind {
+    fn message(&self) -> ShardMsg {
+        match self {
+            ShardMsgKind::Live(ws) => ShardMsg::Live(ws.clone()),
+            ShardMsgKind::Gap(ws, reason, since) => ShardMsg::Gap(ws.clone(), *reason, *since),
+        }
+    }
 }
 
 /// What taking in a message from Redis needs: borrowed from the bus thread's state beside the
 /// connection the message is read from, in place.
 struct Intake<'a> {
     subs: &'a Subscriptions,
-    shards: &'a Links,
     limits: WireLimits,
     stats: &'a BusStats,
     batch: &'a mut Vec<Event>,
-    targets: &'a mut ShardSet,
+    /// With history on (`--bus-wire 2`): where each workspace's stream stands, and what it
+    /// asks for.
+    streams: Option<&'a mut Streams<wire::Received>>,
+    outs: &'a mut Vec<Out<wire::Received>>,
 }
 
 impl Intake<'_> {
@@ -107,17 +139,21 @@ impl Intake<'_> {
             return; // a message racing an unsubscribe
         }
         match wire::decode(payload, self.limits) {
-            Ok(got) => {
-                self.targets.union(self.shards.interest().shards_for(ws));
-                self.batch.push(Event {
+            Ok(got) => match (&mut self.streams, got.pos) {
+                (Some(streams), Some(pos)) => {
+                    if let Some(name) = self.subs.name(ws) {
+                        streams.live(&name, pos, got.ts_ms, got, now, self.outs);
+                    }
+                }
+                _ => self.batch.push(Event {
                     workspace_id: ws.into(),
                     user_id: got.user_id,
                     frame: got.frame,
                     accepted_at: now,
                     ts_ms: got.ts_ms,
-                    pos: crate::history::Position::default(),
-                });
-            }
+                    pos: Position::default(),
+                }),
+            },
             Err(why) => {
                 ShardStats::add(&self.stats.bus_invalid, 1);
                 log::warn!(workspace = ws, reason = why.as_str(); "cluster bus: dropped an invalid message");
@@ -155,6 +191,7 @@ impl BusThread {
 
     /// Runs the bus until [`ClusterBus::stop`].
     pub fn run(self, shards: Arc<Links>, limits: WireLimits) {
+        let mirror = self.bus.mirror.clone();
         shards.room().register(Waiter::Bus, self.bus.waker.clone());
         let resolver = match Resolver::start(self.bus.waker.clone()) {
             Ok(r) => r,
@@ -194,7 +231,11 @@ impl BusThread {
             outgoing: VecDeque::new(),
             actions: Vec::new(),
             batch: Vec::new(),
-            targets: ShardSet::default(),
+            streams: mirror.as_ref().map(|_| Streams::default()),
+            outs: Vec::new(),
+            mirror,
+            retry_reads: Vec::new(),
+            retry_reads_at: Instant::now(),
             failed: Vec::new(),
             more: false,
             paused: false,
@@ -235,9 +276,17 @@ struct Runner {
     resolver: Resolver,
     outgoing: VecDeque<Outgoing>,
     actions: Vec<Action>,
-    /// The events read this turn, and the shards that want them.
+    /// The events read this turn.
     batch: Vec<Event>,
-    targets: ShardSet,
+    /// With history on (`--bus-wire 2`): each workspace's stream ([`order`]), what it asked
+    /// for and not done yet, and this node's copy of the recent history (positions from
+    /// Redis), which the shards replay from.
+    streams: Option<Streams<wire::Received>>,
+    outs: Vec<Out<wire::Received>>,
+    mirror: Option<Arc<dyn HistoryStore>>,
+    /// Stream reads that found no connection to go out on, asked again on a later turn.
+    retry_reads: Vec<(Arc<str>, u64)>,
+    retry_reads_at: Instant,
     /// Connections to drop at the end of the step that found them failed.
     failed: Vec<(usize, String)>,
     /// A budget ran out: poll again without waiting.
@@ -270,6 +319,7 @@ impl Runner {
                 self.send(msg, now);
             }
             self.publishing.expire(now);
+            self.retry_stream_reads(now);
             self.check_deadlines(now);
             self.advance_outgoing();
             self.flush_all();
@@ -333,7 +383,7 @@ impl Runner {
         let outstanding = self.conns.iter().any(|(_, c)| {
             !c.link.is_ready() || matches!(&c.role, Role::Publisher(sent) if !sent.is_empty())
         });
-        if outstanding || self.layout.is_some() {
+        if outstanding || self.layout.is_some() || !self.retry_reads.is_empty() {
             until = until.min(now + DEADLINE_TICK);
         }
         until.saturating_duration_since(now)
@@ -356,6 +406,12 @@ impl Runner {
             .store(self.subs.pending() as u64, Ordering::Relaxed);
         s.bus_shard_backlog
             .store(self.outgoing.len() as u64, Ordering::Relaxed);
+        if let Some(streams) = &self.streams {
+            s.bus_stream_held
+                .store(streams.held() as u64, Ordering::Relaxed);
+            s.bus_stream_overflows
+                .store(streams.overflows, Ordering::Relaxed);
+        }
         s.bus_publish_queue.store(
             (self.publishing.len() + self.inputs.publishes.len()) as u64,
             Ordering::Relaxed,
@@ -397,10 +453,14 @@ impl Runner {
         };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
+        // With `--bus-wire 2` the library is there before any subscription or publish.
+        let functions =
+            (self.bus.v2.is_some() && !matches!(role, Role::Layout)).then_some(super::FUNCTIONS);
         let link = Link::connect(
             node.clone(),
             addr,
             &self.cfg,
+            functions,
             self.poll.registry(),
             Token(LINK_BASE + key),
             now + CONNECT_TIMEOUT,
@@ -412,6 +472,167 @@ impl Runner {
             announced: false,
         });
         Ok(Some(key))
+    }
+
+    /// Opens a command connection to `node`.
+    fn open_publisher(&mut self, node: &RedisNode, now: Instant) -> Result<Option<usize>, String> {
+        self.open(node, Role::Publisher(VecDeque::new()), now)
+    }
+
+    /// The command connection to the master of `ws`'s slot, opened if there is none; `None`
+    /// when this node cannot reach that master now.
+    fn command_conn_for(&mut self, ws: &str, now: Instant) -> Option<usize> {
+        let n = self.topo.node_for(&wire::channel(ws))?;
+        let node = self.topo.nodes[n].clone();
+        if !self.publish_from.contains_key(&node) {
+            return None;
+        }
+        if let Some(&k) = self.publisher_of.get(&node) {
+            return Some(k);
+        }
+        let k = self.open_publisher(&node, now).ok()??;
+        self.publisher_of.insert(node, k);
+        Some(k)
+    }
+
+    /// Sends a stream read ([`order::Read`]) for `ws` to its master.
+    fn send_read(&mut self, ws: Arc<str>, id: u64, read: Read, now: Instant) {
+        let Some(key) = self.command_conn_for(&ws, now) else {
+            self.retry_reads.push((ws, id));
+            return;
+        };
+        let base = wire::key_base(&ws);
+        let c = &mut self.conns[key];
+        let sent = match read {
+            Read::Locate => c.link.command(&[
+                b"HMGET",
+                format!("{base}{}", wire::META_SUFFIX).as_bytes(),
+                b"epoch",
+                b"offset",
+            ]),
+            Read::After { offset, .. } => c.link.command(&[
+                b"XRANGE",
+                format!("{base}{}", wire::HISTORY_SUFFIX).as_bytes(),
+                format!("{}-0", offset + 1).as_bytes(),
+                b"+",
+                b"COUNT",
+                order::READ_PAGE.to_string().as_bytes(),
+            ]),
+        };
+        if let Err(e) = sent {
+            self.failed.push((key, e.to_string()));
+        }
+        ShardStats::add(&self.bus.stats.bus_stream_reads, 1);
+        if let Role::Publisher(q) = &mut c.role {
+            q.push_back((Pending::Read(ws, id, read), now));
+        }
+    }
+
+    /// Asks Redis to start a new epoch for `ws` if `epoch` is still in force.
+    fn send_fence(&mut self, ws: &str, epoch: u64, now: Instant) {
+        let Some(key) = self.command_conn_for(ws, now) else {
+            return; // every node that saw the offsets go back asks too
+        };
+        let base = wire::key_base(ws);
+        let c = &mut self.conns[key];
+        if let Err(e) = c.link.command(&[
+            b"FCALL",
+            b"causeloop_fence",
+            b"2",
+            format!("{base}{}", wire::META_SUFFIX).as_bytes(),
+            format!("{base}{}", wire::HISTORY_SUFFIX).as_bytes(),
+            epoch.to_string().as_bytes(),
+        ]) {
+            self.failed.push((key, e.to_string()));
+        }
+        if let Role::Publisher(q) = &mut c.role {
+            q.push_back((Pending::Fence, now));
+        }
+    }
+
+    /// Redis answered a stream read.
+    fn on_read_reply(&mut self, ws: Arc<str>, id: u64, read: Read, reply: Reply, now: Instant) {
+        let Some(streams) = self.streams.as_mut() else {
+            return;
+        };
+        let int = |r: &Reply| {
+            r.as_bytes()
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|t| t.parse::<u64>().ok())
+        };
+        match (read, reply) {
+            (Read::Locate, Reply::Array(Some(items))) if items.len() == 2 => {
+                let head = match (int(&items[0]), int(&items[1])) {
+                    (Some(epoch), Some(offset)) if epoch > 0 => Some(Position { epoch, offset }),
+                    _ => None,
+                };
+                streams.located(&ws, id, head, now, &mut self.outs);
+            }
+            (Read::After { .. }, Reply::Array(entries)) => {
+                let entries = entries.unwrap_or_default();
+                let complete = entries.len() < order::READ_PAGE;
+                let mut got = Vec::with_capacity(entries.len());
+                for e in &entries {
+                    // [id, [field, value, ...]]: the message is field `m`.
+                    let Reply::Array(Some(parts)) = e else {
+                        continue;
+                    };
+                    let Some(Reply::Array(Some(fields))) = parts.get(1) else {
+                        continue;
+                    };
+                    let Some(m) = fields
+                        .chunks(2)
+                        .find(|f| f[0].as_bytes() == Some(b"m"))
+                        .and_then(|f| f.get(1))
+                        .and_then(Reply::as_bytes)
+                    else {
+                        continue;
+                    };
+                    match wire::decode(m, self.limits) {
+                        Ok(r) => match r.pos {
+                            Some(pos) => got.push((pos, r.ts_ms, r)),
+                            None => continue,
+                        },
+                        Err(why) => {
+                            // Its offset is taken all the same: nobody receives it, and the
+                            // stream goes on after it. Counted and logged like a pushed one.
+                            ShardStats::add(&self.bus.stats.bus_invalid, 1);
+                            log::warn!(workspace = &*ws, reason = why.as_str(); "cluster bus: an invalid message in the history stream");
+                        }
+                    }
+                }
+                streams.filled(&ws, id, got, complete, now, &mut self.outs);
+            }
+            (_, Reply::Error(e)) => {
+                log::warn!(
+                    workspace = &*ws;
+                    "cluster bus: reading the workspace's stream failed ({}); asking again",
+                    String::from_utf8_lossy(&e)
+                );
+                self.retry_reads.push((ws, id));
+            }
+            _ => {
+                log::warn!(workspace = &*ws; "cluster bus: an unexpected answer to a stream read; asking again");
+                self.retry_reads.push((ws, id));
+            }
+        }
+    }
+
+    /// Asks again the stream reads that failed or found no connection (at most every
+    /// [`DEADLINE_TICK`], so that a master that is away is not asked in a loop).
+    fn retry_stream_reads(&mut self, now: Instant) {
+        if self.retry_reads.is_empty() || now < self.retry_reads_at {
+            return;
+        }
+        self.retry_reads_at = now + DEADLINE_TICK;
+        let Some(streams) = self.streams.as_mut() else {
+            self.retry_reads.clear();
+            return;
+        };
+        for (ws, id) in std::mem::take(&mut self.retry_reads) {
+            streams.read_failed(&ws, id, &mut self.outs);
+        }
+        self.apply_outs(now);
     }
 
     /// Starts, when due, what the bus lacks: a read of the layout when it is stale, and a
@@ -515,7 +736,7 @@ impl Runner {
             }
             // The command connection for publishes, ready before the first one.
             if !self.publisher_of.contains_key(&node) {
-                if let Ok(Some(k)) = self.open(&node, Role::Publisher(VecDeque::new()), now) {
+                if let Ok(Some(k)) = self.open_publisher(&node, now) {
                     self.publisher_of.insert(node, k);
                 }
             }
@@ -585,7 +806,15 @@ impl Runner {
                     log::warn!("cluster bus: publish connection to redis {node} failed: {why}");
                 }
                 let failure = self.unreachable(&node, 0, why);
-                for (msg, _) in sent {
+                for (pending, _) in sent {
+                    let msg = match pending {
+                        Pending::Publish(msg) => msg,
+                        Pending::Read(ws, id, _) => {
+                            self.retry_reads.push((ws, id));
+                            continue;
+                        }
+                        Pending::Fence => continue,
+                    };
                     let why = match (&failure, self.publishing.slot(msg)) {
                         (BusUnavailable::Unreachable { node, why, .. }, Some(slot)) => {
                             BusUnavailable::Unreachable {
@@ -725,14 +954,61 @@ impl Runner {
                 }
             }
             self.apply_actions(now);
+            self.apply_outs(now);
         }
-        if !self.batch.is_empty() {
-            ShardStats::add(&self.bus.stats.bus_received, self.batch.len() as u64);
-            let batch: Arc<[Event]> = std::mem::take(&mut self.batch).into();
-            let targets = std::mem::take(&mut self.targets);
-            self.outgoing
-                .push_back(Outgoing::Events(PendingBatch::new(batch, targets)));
-            self.advance_outgoing();
+        self.flush_batch();
+    }
+
+    /// Hands the events gathered so far to the shards, as one batch, after keeping them in
+    /// this node's copy of the history (before the interest bits are read: a shard whose first
+    /// connection of a workspace reads that copy after setting its bit either finds an event
+    /// there or is among the batch's targets).
+    fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        ShardStats::add(&self.bus.stats.bus_received, self.batch.len() as u64);
+        if let Some(m) = &self.mirror {
+            m.place(&self.batch, Instant::now());
+        }
+        let targets = self.shards.targets(&self.batch);
+        let batch: Arc<[Event]> = std::mem::take(&mut self.batch).into();
+        self.outgoing
+            .push_back(Outgoing::Events(PendingBatch::new(batch, targets)));
+        self.advance_outgoing();
+    }
+
+    /// Carries out what the streams asked for, in order.
+    fn apply_outs(&mut self, now: Instant) {
+        while !self.outs.is_empty() {
+            for out in std::mem::take(&mut self.outs) {
+                match out {
+                    Out::Deliver(ws, pos, got) => self.batch.push(Event {
+                        workspace_id: (*ws).into(),
+                        user_id: got.user_id,
+                        frame: got.frame,
+                        accepted_at: now,
+                        ts_ms: got.ts_ms,
+                        pos,
+                    }),
+                    Out::Gap(ws, reason, since) => {
+                        self.flush_batch();
+                        if let Some(m) = &self.mirror {
+                            m.forget(&ws);
+                        }
+                        ShardStats::add(&self.bus.stats.bus_stream_gaps, 1);
+                        log::warn!(
+                            workspace = &*ws, reason = reason.as_str();
+                            "cluster bus: events of the workspace are missing here (the history stream no longer holds them, or Redis lost it); its clients here are sent stream.gap"
+                        );
+                        let shards = self.shards.interest().shards_for(&ws);
+                        self.outgoing
+                            .push_back(Outgoing::One(ShardMsgKind::Gap(ws, reason, since), shards));
+                    }
+                    Out::Read(ws, id, read) => self.send_read(ws, id, read, now),
+                    Out::Fence(ws, epoch) => self.send_fence(&ws, epoch, now),
+                }
+            }
         }
     }
 
@@ -741,20 +1017,20 @@ impl Runner {
         let Runner {
             conns,
             subs,
-            shards,
             limits,
             bus,
             batch,
-            targets,
+            streams,
+            outs,
             ..
         } = self;
         let intake = Intake {
             subs,
-            shards,
             limits: *limits,
             stats: &bus.stats,
             batch,
-            targets,
+            streams: streams.as_mut(),
+            outs,
         };
         (conns, intake)
     }
@@ -822,8 +1098,24 @@ impl Runner {
         let Role::Publisher(sent) = &mut self.conns[key].role else {
             return Ok(());
         };
-        let Some((msg, _)) = sent.pop_front() else {
+        let Some((pending, _)) = sent.pop_front() else {
             return Err("Redis answered a publish that was not sent".into());
+        };
+        let msg = match pending {
+            Pending::Publish(msg) => msg,
+            Pending::Fence => {
+                if let Reply::Error(e) = &reply {
+                    log::warn!(
+                        "cluster bus: fencing an epoch failed: {}",
+                        String::from_utf8_lossy(e)
+                    );
+                }
+                return Ok(());
+            }
+            Pending::Read(ws, id, read) => {
+                self.on_read_reply(ws, id, read, reply, now);
+                return Ok(());
+            }
         };
         let Reply::Error(e) = reply else {
             self.publishing.accepted(msg);
@@ -902,7 +1194,12 @@ impl Runner {
             match self.inputs.interest.try_recv() {
                 Ok(BusInterest::Add(ws, shard)) => self.subs.add(ws, shard, &mut self.actions),
                 Ok(BusInterest::Remove(ws, shard)) => {
-                    self.subs.remove(&ws, shard, &mut self.actions)
+                    self.subs.remove(&ws, shard, &mut self.actions);
+                    if !self.subs.is_wanted(&ws) {
+                        if let Some(streams) = self.streams.as_mut() {
+                            streams.forget(&ws);
+                        }
+                    }
                 }
                 Err(_) => {
                     self.apply_actions(Instant::now());
@@ -942,7 +1239,14 @@ impl Runner {
                         }
                     }
                 }
-                Action::Live(ws, shards) => self.outgoing.push_back(Outgoing::Live(ws, shards)),
+                Action::Live(ws, shards) => {
+                    if let Some(streams) = self.streams.as_mut() {
+                        // Where the node stands, or what it missed while away, first.
+                        streams.subscribed(&ws, &mut self.outs);
+                    }
+                    self.outgoing
+                        .push_back(Outgoing::One(ShardMsgKind::Live(ws), shards));
+                }
                 Action::Ended(key, ws) => {
                     let slot = topology::slot(&wire::channel(&ws));
                     log::info!(
@@ -955,6 +1259,7 @@ impl Runner {
                 }
             }
         }
+        self.apply_outs(now);
     }
 
     /// Hands what waits to the shards that have room, in order per shard.
@@ -966,7 +1271,7 @@ impl Runner {
                 Outgoing::Events(p) => {
                     p.advance(&self.shards, Waiter::Bus, &mut blocked) != Progress::Waiting
                 }
-                Outgoing::Live(ws, remaining) => {
+                Outgoing::One(kind, remaining) => {
                     for s in remaining.clone().iter() {
                         if s >= self.shards.len() {
                             remaining.remove(s);
@@ -975,11 +1280,7 @@ impl Runner {
                         if blocked.contains(s) {
                             continue;
                         }
-                        match self
-                            .shards
-                            .shard(s)
-                            .try_send(ShardMsg::Live(ws.clone()), Waiter::Bus)
-                        {
+                        match self.shards.shard(s).try_send(kind.message(), Waiter::Bus) {
                             TrySend::Sent | TrySend::Gone => remaining.remove(s),
                             TrySend::Full(_) => blocked.insert(s),
                         }
@@ -1060,7 +1361,7 @@ impl Runner {
         }
         let key = match self.publisher_of.get(&node) {
             Some(k) => *k,
-            None => match self.open(&node, Role::Publisher(VecDeque::new()), now) {
+            None => match self.open_publisher(&node, now) {
                 Ok(Some(k)) => {
                     self.publisher_of.insert(node.clone(), k);
                     k
@@ -1085,7 +1386,7 @@ impl Runner {
             self.failed.push((key, e.to_string()));
         }
         if let Role::Publisher(sent) = &mut c.role {
-            sent.push_back((msg, now));
+            sent.push_back((Pending::Publish(msg), now));
         }
     }
 

@@ -279,6 +279,16 @@ impl Subscriptions {
         }
     }
 
+    /// The shared name of a workspace tracked here.
+    pub fn name(&self, ws: &str) -> Option<Arc<str>> {
+        self.wants.get_key_value(ws).map(|(k, _)| k.clone())
+    }
+
+    /// Whether some shard still wants `ws`.
+    pub fn is_wanted(&self, ws: &str) -> bool {
+        self.wants.get(ws).is_some_and(|w| !w.shards.is_empty())
+    }
+
     /// Whether messages of `ws` are delivered.
     pub fn is_live(&self, ws: &str) -> bool {
         self.wants.get(ws).is_some_and(|w| w.live)
