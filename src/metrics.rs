@@ -211,6 +211,9 @@ pub struct BusStats {
     pub bus_stream_held: AtomicU64,
     /// Stream reads given up because too much was held meanwhile.
     pub bus_stream_overflows: AtomicU64,
+    /// Resume records that could not be kept in Redis (no connection to its master, or Redis
+    /// refused): that client's next connection elsewhere starts without them.
+    pub bus_records_lost: AtomicU64,
 }
 
 /// Counters of the internal listener (its thread writes them).
@@ -616,6 +619,18 @@ impl Collector for StatsCollector {
             "causeloop_bus_stream_overflows",
             "Stream reads given up because more than 65,536 messages of one workspace were held meanwhile (its clients here were sent stream.gap).",
             &one(bus.bus_stream_overflows.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_bus_records_lost",
+            "Resume records this node could not keep in Redis (its master unreachable, Redis refused, or the bus's channel full).",
+            &one(
+                bus.bus_records_lost.load(Ordering::Relaxed)
+                    + self
+                        .delivery
+                        .as_ref()
+                        .map_or(0, |d| d.stats.records_not_kept.load(Ordering::Relaxed)),
+            ),
         )?;
         counters(
             &mut enc,

@@ -226,8 +226,12 @@ impl Server {
             }
             BusConfig::Redis(r) => {
                 let history = delivery.as_ref().map(|d| {
-                    let limits = DeliveryConfig::of(&config).expect("delivery on").limits;
-                    (limits, d.history.clone())
+                    let dc = DeliveryConfig::of(&config).expect("delivery on");
+                    crate::bus::cluster::BusHistory {
+                        limits: dc.limits,
+                        window: dc.window,
+                        mirror: d.history.clone(),
+                    }
                 });
                 let new = ClusterBus::create(r.clone(), stats.bus.clone(), history)
                     .map_err(StartError::Io)?;

@@ -294,3 +294,111 @@ fn a_client_that_reconnects_to_the_same_node_is_replayed_from_the_redis_position
     let from = got.iter().position(|&n| n == 3).expect("3 replayed");
     assert_eq!(&got[from..], [3, 4, 5]);
 }
+
+/// A backend publishing numbered events straight to Redis every `every` until stopped.
+struct Steady {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Steady {
+    fn start(redis: &Redis, ws: &'static str, every: Duration) -> Steady {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut backend = Backend::connect(redis);
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                backend.publish(ws, n);
+                n += 1;
+                sent2.store(n, Ordering::Relaxed);
+                std::thread::sleep(every);
+            }
+        });
+        Steady {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops it; returns how many it published.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        self.sent()
+    }
+}
+
+impl Drop for Steady {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads numbered events into `got` until the server's close frame; returns its code.
+fn read_to_close(ws: &mut Ws, got: &mut Vec<u64>) -> u16 {
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < WAIT, "no close within {WAIT:?}");
+        match ws.read().expect("read a frame") {
+            tungstenite::Message::Text(t) => {
+                let f = json(&t);
+                if f["type"] == "test.seq" {
+                    got.push(f["payload"]["n"].as_u64().unwrap());
+                }
+                assert_ne!(f["type"], "stream.gap", "{f}");
+            }
+            tungstenite::Message::Close(Some(c)) => {
+                // The answer to the close goes out with the next read; read to the end.
+                while ws.read().is_ok() {
+                    assert!(start.elapsed() < WAIT, "the server did not close");
+                }
+                return u16::from(c.code);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_client_drained_from_one_node_resumes_on_another_with_nothing_lost() {
+    let Some(redis) =
+        Redis::start("a_client_drained_from_one_node_resumes_on_another_with_nothing_lost")
+    else {
+        return;
+    };
+    let (a, b) = (node_v2(&redis), node_v2(&redis));
+    let token = token("ws_move", "u", 3600);
+    let mut on_a = connect(&a.url(&token, "ws_move"));
+    assert_eq!(next_frame(&mut on_a)["type"], "connected");
+    let flow = Steady::start(&redis, "ws_move", Duration::from_millis(2));
+    let mut before = read_numbers(&mut on_a, 30).0;
+    // Node A drains (SIGTERM): 1001, which the client answers; then it reconnects elsewhere,
+    // while the backend goes on publishing. Node B has never served this workspace.
+    a.server().shutdown();
+    assert_eq!(read_to_close(&mut on_a, &mut before), 1001);
+    let published_while_away = flow.sent();
+    let mut on_b = connect(&b.url(&token, "ws_move"));
+    assert_eq!(next_frame(&mut on_b)["type"], "connected");
+    assert!(eventually(WAIT, || flow.sent() > published_while_away + 50));
+    let total = flow.stop();
+    let (after, gaps) = read_numbers(&mut on_b, (total - before.len() as u64) as usize);
+    assert!(gaps.is_empty(), "{gaps:?}");
+    let all: Vec<u64> = before.iter().chain(&after).copied().collect();
+    assert_eq!(
+        all,
+        (0..total).collect::<Vec<_>>(),
+        "every event once, in order, across nodes"
+    );
+    assert!(
+        published_while_away > *before.last().unwrap() + 1 || after.len() > 50,
+        "the client missed events while it moved"
+    );
+}

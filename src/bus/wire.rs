@@ -279,6 +279,20 @@ impl Publish<'_> {
     }
 }
 
+/// What follows a workspace's [`key_base`] in the keys of its resume records (version 2): a
+/// list per token, named by the hex of the SHA-256 of the token, a zero byte and the workspace.
+pub const RESUME_INFIX: &str = ":resume:";
+
+/// The key of the resume records of `key` (the token's hash) in `workspace_id`.
+pub fn record_key(workspace_id: &str, key: &[u8; 32]) -> String {
+    use std::fmt::Write;
+    let mut k = format!("{}{RESUME_INFIX}", key_base(workspace_id));
+    for b in key {
+        let _ = write!(k, "{b:02x}");
+    }
+    k
+}
+
 /// A workspace's stream state (version 2): a hash with `epoch` and `offset`.
 pub const META_SUFFIX: &str = ":meta";
 /// A workspace's history (version 2): a stream, entry `<offset>-0` holding the message (`m`)

@@ -28,7 +28,10 @@ pub enum ShardMsg {
     Drain,
     /// The cluster bus's subscription to this workspace is in force: its waiting connections
     /// may be sent `connected`.
-    Live(Arc<str>),
+    /// With history on, where the node's stream of the workspace stands (what the bus has
+    /// handed on before this message; epoch 0 for a stream not begun): a shard that has not
+    /// seen it yet starts there.
+    Live(Arc<str>, Option<crate::history::Position>),
     /// A connection opened with a token whose earlier connection may still be open here
     /// without a peer (reset, vanished): ping the connections with this resume key and drop
     /// those that do not answer in time, so their records are made.
@@ -41,6 +44,24 @@ pub enum ShardMsg {
     /// `stream.gap` (`since`: the `ts` of the last event delivered before it) and the
     /// workspace's stream starts over from the next event.
     Gap(Arc<str>, crate::event::GapReason, Option<u64>),
+    /// The answer to a [`crate::dispatch::RecordOp::Take`]: the record (none if Redis holds
+    /// none), or `Err` if Redis could not be asked; and where the node's stream of the
+    /// workspace stood when the answer was sent, and the history copy holds what a replay
+    /// from the record needs (as far as Redis still had it).
+    Record(RecordAnswer),
+}
+
+/// See [`ShardMsg::Record`].
+#[derive(Debug, Clone)]
+pub struct RecordAnswer {
+    /// The connection that asked.
+    pub conn: u32,
+    /// Its generation.
+    pub gen: u32,
+    /// The record, or `Err` when Redis could not be asked.
+    pub record: Result<Option<crate::history::records::Record>, ()>,
+    /// The node's stream of the workspace then (epoch 0: not known yet).
+    pub head: crate::history::Position,
 }
 
 /// The loops that wait for room in a shard's inbox without blocking.

@@ -169,6 +169,45 @@ pub enum BusInterest {
     Add(Arc<str>, usize),
     /// The shard's last subscriber of the workspace left.
     Remove(Arc<str>, usize),
+    /// A resume record kept in Redis (`--bus-wire 2`).
+    Record(RecordOp),
+}
+
+/// What a shard asks of the resume records the cluster bus keeps in Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordOp {
+    /// Keep a record (a connection ended).
+    Put {
+        /// Its workspace (whose hash slot the record's key shares).
+        workspace: Arc<str>,
+        /// The hash of the token and the workspace.
+        key: crate::history::records::RecordKey,
+        /// [`crate::history::records::Record::encode`].
+        value: String,
+    },
+    /// Remove one record equal to `value` (it was taken from this node's own copy).
+    Drop {
+        /// Its workspace.
+        workspace: Arc<str>,
+        /// The hash of the token and the workspace.
+        key: crate::history::records::RecordKey,
+        /// The record.
+        value: String,
+    },
+    /// Take the oldest record under `key` for connection `conn` (generation `gen`) of shard
+    /// `shard`, which is answered with [`crate::dispatch::inbox::ShardMsg::Record`].
+    Take {
+        /// Its workspace.
+        workspace: Arc<str>,
+        /// The hash of the token and the workspace.
+        key: crate::history::records::RecordKey,
+        /// The asking shard.
+        shard: usize,
+        /// The connection.
+        conn: u32,
+        /// Its generation.
+        gen: u32,
+    },
 }
 
 /// Changes the shards have sent that the bus thread has not taken yet, at most.

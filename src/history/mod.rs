@@ -74,6 +74,12 @@ pub trait HistoryStore: Send + Sync {
     fn place(&self, events: &[Event], now: Instant);
     /// Forgets a workspace's stream (a hole in it on this node).
     fn forget(&self, workspace: &str);
+    /// Where the workspace's kept events begin: its epoch and its oldest kept offset (its next
+    /// offset when none is kept), if it has a stream here.
+    fn oldest(&self, workspace: &str) -> Option<Position>;
+    /// Rebuilds the workspace's stream with `older` events (read back from Redis for a resume,
+    /// in order, contiguous) in front of those kept ([`History::rebase`]).
+    fn rebase(&self, workspace: &str, epoch: u64, older: Vec<ring::Older>, now: Instant) -> bool;
     /// The workspace's epoch and newest offset.
     fn head(&self, workspace: &str, now: Instant) -> Position;
     /// Visits the events after `after` and before `until` in order while `visit` says so;
@@ -161,6 +167,14 @@ impl HistoryStore for LocalHistory {
 
     fn forget(&self, workspace: &str) {
         lock(&self.0).forget(workspace)
+    }
+
+    fn oldest(&self, workspace: &str) -> Option<Position> {
+        lock(&self.0).oldest(workspace)
+    }
+
+    fn rebase(&self, workspace: &str, epoch: u64, older: Vec<ring::Older>, now: Instant) -> bool {
+        lock(&self.0).rebase(workspace, epoch, older, now)
     }
 
     fn head(&self, workspace: &str, now: Instant) -> Position {
@@ -270,6 +284,8 @@ pub struct DeliveryStats {
     pub outcomes: [AtomicU64; 4],
     /// Frames sent from the history in replays.
     pub replayed_frames: AtomicU64,
+    /// Resume records a shard could not hand to the cluster bus (its channel full).
+    pub records_not_kept: AtomicU64,
     /// Acknowledgement pings queued.
     pub acks_sent: AtomicU64,
     /// Acknowledgements taken from pongs.
@@ -445,7 +461,9 @@ impl Delivery {
     }
 
     /// A connection ended: records where it stood, `at`, for `key`, filling in what the
-    /// history knows (the `ts` at `at`, whether `at` was the newest).
+    /// history knows (the `ts` at `at`, whether `at` was the newest). Returns the record; on
+    /// the cluster bus the caller hands it to Redis, and only the count of open connections is
+    /// kept here.
     pub fn record(
         &self,
         key: RecordKey,
@@ -453,7 +471,7 @@ impl Delivery {
         at: Position,
         from_ack: bool,
         now: Instant,
-    ) {
+    ) -> Record {
         let (head, since_ms) = self.history.standing(workspace, at, now);
         // A client that joined before its workspace had a stream and acknowledged nothing of
         // the one that began since stands before that stream's first event.
@@ -472,8 +490,10 @@ impl Delivery {
             from_ack,
             made: now,
         };
-        self.records.end(key, Some(record), now);
+        self.records
+            .end(key, (!self.from_bus).then_some(record), now);
         DeliveryStats::add(&self.stats.records_made, 1);
+        record
     }
 }
 

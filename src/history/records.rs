@@ -62,6 +62,51 @@ pub struct Record {
     pub made: Instant,
 }
 
+impl Record {
+    /// The record as the cluster bus keeps it in Redis: `epoch offset since caught_up
+    /// from_ack` (`since` is `-` when unknown; the flags are 0 or 1). Deterministic, so the
+    /// same record always gives the same text.
+    pub fn encode(&self) -> String {
+        let since = self.since_ms.map_or("-".to_string(), |t| t.to_string());
+        format!(
+            "{} {} {since} {} {}",
+            self.at.epoch,
+            self.at.offset,
+            u8::from(self.caught_up),
+            u8::from(self.from_ack)
+        )
+    }
+
+    /// A record read back from Redis (made `now` as far as this process knows), if well formed.
+    pub fn decode(text: &[u8], now: Instant) -> Option<Record> {
+        let text = std::str::from_utf8(text).ok()?;
+        let mut f = text.split(' ');
+        let epoch = f.next()?.parse().ok()?;
+        let offset = f.next()?.parse().ok()?;
+        let since_ms = match f.next()? {
+            "-" => None,
+            t => Some(t.parse().ok()?),
+        };
+        let flag = |t: Option<&str>| match t {
+            Some("0") => Some(false),
+            Some("1") => Some(true),
+            _ => None,
+        };
+        let caught_up = flag(f.next())?;
+        let from_ack = flag(f.next())?;
+        if f.next().is_some() {
+            return None;
+        }
+        Some(Record {
+            at: Position { epoch, offset },
+            since_ms,
+            caught_up,
+            from_ack,
+            made: now,
+        })
+    }
+}
+
 /// Marks the end of a chain.
 const NONE: u32 = u32::MAX;
 
@@ -320,6 +365,42 @@ impl Records {
             .iter()
             .zip(self.order.iter().skip(1))
             .all(|(a, b)| a.1 < b.1));
+    }
+}
+
+#[cfg(test)]
+mod encoding {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_as_it_was_written() {
+        let now = Instant::now();
+        for (since, caught_up, from_ack) in
+            [(None, false, true), (Some(1_764_373_560_123), true, false)]
+        {
+            let r = Record {
+                at: Position {
+                    epoch: 1_796_484_471_511,
+                    offset: 42,
+                },
+                since_ms: since,
+                caught_up,
+                from_ack,
+                made: now,
+            };
+            assert_eq!(Record::decode(r.encode().as_bytes(), now), Some(r));
+        }
+        for bad in [
+            "",
+            "1 2",
+            "1 2 - 1",
+            "1 2 - 1 2",
+            "1 2 x 1 0",
+            "1 2 - 1 0 9",
+            "a 2 - 1 0",
+        ] {
+            assert_eq!(Record::decode(bad.as_bytes(), now), None, "{bad:?}");
+        }
     }
 }
 

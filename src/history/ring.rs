@@ -55,6 +55,19 @@ pub struct Entry {
     seq: u64,
 }
 
+/// An event read back from Redis for [`History::rebase`].
+#[derive(Clone, Debug)]
+pub struct Older {
+    /// Its offset.
+    pub offset: u64,
+    /// Its `ts`, Unix milliseconds.
+    pub ts_ms: u64,
+    /// The user it is addressed to, for a user-scoped event.
+    pub user: Option<Box<str>>,
+    /// Its frame, built from the message read.
+    pub frame: SharedFrame,
+}
+
 /// Why events left the history, in [`Evictions`] order.
 pub const EVICTION_CAUSES: [&str; 3] = ["size", "ttl", "bytes"];
 
@@ -197,6 +210,60 @@ impl History {
             None => self.new_space(workspace, pos.epoch, pos.offset, now),
         };
         self.push(slot, user, frame, ts_ms, now);
+        true
+    }
+
+    /// Where `workspace`'s kept events begin: its epoch and the offset of its oldest kept
+    /// event (its next offset when none is kept); `None` when it has no space.
+    pub fn oldest(&self, workspace: &str) -> Option<Position> {
+        let space = &self.spaces[*self.by_name.get(workspace)? as usize];
+        Some(Position {
+            epoch: space.epoch,
+            offset: space.ring.front().map_or(space.next, |e| e.offset),
+        })
+    }
+
+    /// Rebuilds `workspace`'s ring with `older` events of `epoch` (read back from Redis for a
+    /// resume: in order, contiguous offsets) in front of the kept events after them, so that a
+    /// replay can start further back than this node had kept. Every event of the rebuilt ring
+    /// is kept as if appended `now` (a full `ttl` from the read). Does nothing (false) unless
+    /// `older` ends where the kept events begin or later, and begins before them.
+    pub fn rebase(&mut self, workspace: &str, epoch: u64, older: Vec<Older>, now: Instant) -> bool {
+        let (Some(first), Some(last)) = (older.first(), older.last()) else {
+            return false;
+        };
+        let (first, last) = (first.offset, last.offset);
+        if older
+            .iter()
+            .enumerate()
+            .any(|(i, e)| e.offset != first + i as u64)
+        {
+            return false;
+        }
+        let kept: Vec<Entry> = match self.by_name.get(workspace) {
+            Some(&s) if self.spaces[s as usize].epoch == epoch => {
+                let space = &self.spaces[s as usize];
+                let front = space.ring.front().map_or(space.next, |e| e.offset);
+                if front > last + 1 || front <= first {
+                    return false;
+                }
+                space
+                    .ring
+                    .iter()
+                    .filter(|e| e.offset > last)
+                    .cloned()
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.forget(workspace);
+        let slot = self.new_space(workspace, epoch, first, now);
+        for e in older {
+            self.push(slot, e.user.as_deref(), &e.frame, e.ts_ms, now);
+        }
+        for e in kept {
+            self.push(slot, e.user.as_deref(), &e.frame, e.ts_ms, now);
+        }
         true
     }
 

@@ -42,10 +42,11 @@ impl Shard {
             ShardMsg::Events(batch) => self.deliver(&batch, turn),
             ShardMsg::Keys(keys) => self.keys = keys,
             ShardMsg::Drain => self.start_drain(turn),
-            ShardMsg::Live(ws) => self.on_live(&ws, turn),
+            ShardMsg::Live(ws, head) => self.on_live(&ws, head, turn),
             ShardMsg::Probe(key) => self.on_probe(&key, turn),
             ShardMsg::TwinAlive(key) => self.on_twin_alive(&key),
             ShardMsg::Gap(ws, reason, since) => self.on_bus_gap(&ws, reason, since, turn),
+            ShardMsg::Record(answer) => self.on_record_answer(answer, turn),
         }
     }
 
@@ -133,7 +134,20 @@ impl Shard {
 
     /// The cluster bus confirmed `workspace`: its waiting connections get `connected` now, and
     /// their heartbeats start from here.
-    pub(super) fn on_live(&mut self, workspace: &str, turn: &Turn) {
+    pub(super) fn on_live(
+        &mut self,
+        workspace: &str,
+        head: Option<crate::history::Position>,
+        turn: &Turn,
+    ) {
+        if let (Some(h), Some(s)) = (head, self.registry.stream_mut(workspace)) {
+            if *s == super::registry::Stream::UNKNOWN {
+                *s = super::registry::Stream {
+                    epoch: h.epoch,
+                    next: h.offset + 1,
+                };
+            }
+        }
         let waiting: Vec<u32> = self.registry.set_live(workspace).to_vec();
         for key in waiting {
             let key = key as usize;

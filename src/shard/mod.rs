@@ -124,6 +124,9 @@ struct Limits {
     ack_ticks: u64,
     /// `--resume-probe-timeout`.
     probe_timeout: Duration,
+    /// `--handshake-timeout`: also how long a connection waits for its resume record from
+    /// Redis (cluster bus).
+    handshake_timeout: Duration,
 }
 
 impl Limits {
@@ -149,6 +152,7 @@ impl Limits {
             tick,
             ack_ticks: ticks(cfg.ack_interval, tick),
             probe_timeout: cfg.resume_probe_timeout,
+            handshake_timeout: cfg.handshake_timeout,
         }
     }
 }
@@ -237,6 +241,9 @@ pub struct Shard {
     /// Connections (key, generation) whose stream starts once the cluster bus confirms their
     /// workspace (history on): their resume key and token `iat`.
     stream_waits: Vec<(u32, u32, crate::history::records::RecordKey, Option<u64>)>,
+    /// Connections (key, generation) waiting for their resume record from Redis, with their
+    /// token `iat` and the deadline of the wait.
+    record_waits: Vec<resume::RecordWait>,
     /// The last acknowledgement ping built, shared by the connections acknowledged at the same
     /// position.
     ack_frame: Option<(Position, SharedFrame)>,
@@ -323,6 +330,7 @@ impl Shard {
             probe_keys: Vec::new(),
             probes: Vec::new(),
             stream_waits: Vec::new(),
+            record_waits: Vec::new(),
             ack_frame: None,
         })
     }
@@ -422,6 +430,7 @@ impl Shard {
         self.spread_drain(turn);
         self.close_slow(turn);
         self.check_probes(turn);
+        self.check_record_waits(turn);
         self.pump_replays(turn);
         self.flush(turn);
         self.reap(turn);
@@ -484,6 +493,7 @@ impl Shard {
         if !self.bus_backlog.is_empty()
             || !self.probes.is_empty()
             || self.has_waiting()
+            || !self.record_waits.is_empty()
             || self
                 .drain
                 .as_ref()
@@ -558,6 +568,14 @@ impl Shard {
     /// Tells the cluster bus that this shard gained or lost a workspace; never blocks. When the
     /// channel is full the change waits in the backlog (at most one entry per workspace: an add
     /// and a remove of the same workspace cancel out) and goes before anything newer.
+    /// Hands a resume-record request to the cluster bus; false when it cannot take it now
+    /// (its channel is full) or there is no cluster bus.
+    fn ask_bus(&mut self, op: crate::dispatch::RecordOp) -> bool {
+        self.to_bus
+            .as_ref()
+            .is_some_and(|b| b.try_send(BusInterest::Record(op)).is_ok())
+    }
+
     fn tell_bus(&mut self, change: BusInterest) {
         let Some(to_bus) = &self.to_bus else { return };
         if self.bus_backlog.is_empty() {
@@ -575,6 +593,7 @@ impl Shard {
         let (ws, add) = match change {
             BusInterest::Add(ws, _) => (ws, true),
             BusInterest::Remove(ws, _) => (ws, false),
+            BusInterest::Record(_) => return, // never queued here (see `ask_bus`)
         };
         match self.bus_backlog.get(&ws) {
             // The opposite change has not been sent: together they are no change.

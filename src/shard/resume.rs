@@ -79,6 +79,17 @@ pub(super) struct Replay {
     twins: u32,
 }
 
+/// A connection waiting for its resume record from Redis (cluster bus).
+pub(super) struct RecordWait {
+    key: u32,
+    gen: u32,
+    iat: Option<u64>,
+    /// Where the shard's stream stood when it asked (`None`: not known then): with no record,
+    /// the connection starts there.
+    at: Option<Position>,
+    deadline: Instant,
+}
+
 fn position(s: Stream) -> Position {
     Position {
         epoch: s.epoch,
@@ -134,6 +145,8 @@ impl Shard {
         });
         let record = match found {
             Found::Record(r) => Some(r),
+            // On the cluster bus the records are in Redis, wherever the last connection was.
+            Found::Nothing if d.from_bus => return self.ask_record(key, iat, turn),
             Found::Nothing => None,
             Found::Twin => {
                 let twins = d.records.open_count(&record_key).saturating_sub(1);
@@ -174,11 +187,13 @@ impl Shard {
             .stream_of(key)
             .map(position)
             .unwrap_or_default();
-        let restarted = turn.now.saturating_duration_since(d.started) < d.window
+        // A node's restart loses nothing on the cluster bus (the records are in Redis).
+        let restarted = !d.from_bus
+            && turn.now.saturating_duration_since(d.started) < d.window
             && iat.map_or(true, |iat| iat < d.started_unix);
-        let evicted = d
-            .records
-            .evicted_since(turn.now.checked_sub(d.window).unwrap_or(d.started));
+        let evicted = !d.from_bus
+            && d.records
+                .evicted_since(turn.now.checked_sub(d.window).unwrap_or(d.started));
         let dropped_early = record.is_some_and(|r| d.history.dropped_early_since(r.made));
         match plan(record, head, restarted || evicted, dropped_early) {
             Start::Fresh => {
@@ -248,6 +263,130 @@ impl Shard {
             true
         });
         ready
+    }
+
+    /// Asks Redis for connection `key`'s resume record (cluster bus); its stream begins with
+    /// the answer ([`Shard::on_record_answer`]), or with `stream.gap` if none comes within
+    /// `--handshake-timeout` or the bus cannot be asked.
+    fn ask_record(&mut self, key: usize, iat: Option<u64>, turn: &Turn) -> Next {
+        self.replays.remove(&(key as u32));
+        let (Some(workspace), Some(rk)) = (
+            self.registry.workspace_of(key),
+            self.tracked(key).map(|t| t.record_key),
+        ) else {
+            return Next::Continue;
+        };
+        let gen = self.conns[key].gen;
+        let at = self
+            .registry
+            .stream_of(key)
+            .filter(|s| *s != Stream::UNKNOWN)
+            .map(position);
+        let asked = self.ask_bus(crate::dispatch::RecordOp::Take {
+            workspace,
+            key: rk,
+            shard: self.index,
+            conn: key as u32,
+            gen,
+        });
+        if !asked {
+            self.open_with_gap(key, GapReason::HistoryLost, None, turn);
+            return Next::Continue;
+        }
+        self.record_waits.push(RecordWait {
+            key: key as u32,
+            gen,
+            iat,
+            at,
+            deadline: turn.now + self.limits.handshake_timeout,
+        });
+        Next::Continue
+    }
+
+    /// Redis answered a connection's resume record.
+    pub(super) fn on_record_answer(
+        &mut self,
+        a: crate::dispatch::inbox::RecordAnswer,
+        turn: &Turn,
+    ) {
+        let Some(i) = self
+            .record_waits
+            .iter()
+            .position(|w| w.key == a.conn && w.gen == a.gen)
+        else {
+            return; // gone meanwhile, or its wait ran out
+        };
+        let RecordWait { iat, at, .. } = self.record_waits.swap_remove(i);
+        let key = a.conn as usize;
+        if self
+            .conns
+            .get(key)
+            .map_or(true, |c| c.gen != a.gen || c.dead)
+        {
+            return;
+        }
+        if let Some(ws) = self.registry.workspace_of(key) {
+            if let Some(s) = self.registry.stream_mut(&ws) {
+                // No event of the workspace reached this shard yet: everything up to the head
+                // the answer carries was published before the connection's start.
+                if *s == Stream::UNKNOWN && a.head.epoch != 0 {
+                    *s = Stream {
+                        epoch: a.head.epoch,
+                        next: a.head.offset + 1,
+                    };
+                }
+            }
+        }
+        match (a.record, at) {
+            (Ok(Some(record)), _) => {
+                self.guarded(key, turn, |s| s.begin_with(key, Some(record), iat, turn));
+            }
+            // No record: everything from where the stream stood when it asked.
+            (Ok(None), Some(at)) => {
+                self.replays.insert(
+                    key as u32,
+                    Replay {
+                        cursor: at,
+                        since: None,
+                        started: false,
+                        wait_until: None,
+                        iat,
+                        answered: 0,
+                        twins: 0,
+                    },
+                );
+                self.guarded(key, turn, |s| s.pump(key, turn));
+            }
+            // Where it started is not known (the stream started over just then), unless no
+            // event has come since.
+            (Ok(None), None) if self.registry.stream_of(key) == Some(Stream::UNKNOWN) => {
+                self.guarded(key, turn, |s| s.begin_with(key, None, iat, turn));
+            }
+            (Ok(None), None) | (Err(()), _) => {
+                self.open_with_gap(key, GapReason::HistoryLost, None, turn)
+            }
+        }
+    }
+
+    /// Connections whose resume record did not come from Redis in time start with
+    /// `stream.gap`: they may have missed something, and nothing can say what.
+    pub(super) fn check_record_waits(&mut self, turn: &Turn) {
+        if self.record_waits.is_empty() {
+            return;
+        }
+        let mut overdue = Vec::new();
+        self.record_waits.retain(|w| {
+            if turn.now < w.deadline {
+                return true;
+            }
+            overdue.push((w.key as usize, w.gen));
+            false
+        });
+        for (key, gen) in overdue {
+            if self.conns.get(key).is_some_and(|c| c.gen == gen && !c.dead) {
+                self.open_with_gap(key, GapReason::HistoryLost, None, turn);
+            }
+        }
     }
 
     /// Whether some connection waits for a twin's record (the loop then wakes every tick).
@@ -445,9 +584,13 @@ impl Shard {
                 return Next::Continue;
             }
             // No record came: the twins are other live connections (second tabs). Start from
-            // where the stream stood at connect.
+            // where the stream stood at connect (on the cluster bus, from the record Redis
+            // holds, if any: the twin's, or one left on another node).
             let end = if all_answered { 1 } else { 2 };
             DeliveryStats::add(&d.stats.twin_waits[end], 1);
+            if d.from_bus {
+                return self.ask_record(key, rp.iat, turn);
+            }
             if let Some(r) = self.replays.get_mut(&(key as u32)) {
                 r.wait_until = None;
             }
@@ -757,7 +900,20 @@ impl Shard {
         } else {
             (t.ack.acked, true)
         };
-        d.record(t.record_key, &t.workspace, at, from_ack, turn.now);
+        let from_bus = d.from_bus;
+        let record = d.record(t.record_key, &t.workspace, at, from_ack, turn.now);
+        if from_bus {
+            let put = crate::dispatch::RecordOp::Put {
+                workspace: t.workspace,
+                key: t.record_key,
+                value: record.encode(),
+            };
+            if !self.ask_bus(put) {
+                if let Some(d) = &self.delivery {
+                    DeliveryStats::add(&d.stats.records_not_kept, 1);
+                }
+            }
+        }
     }
 }
 

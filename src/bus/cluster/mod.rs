@@ -261,11 +261,23 @@ pub struct ClusterBus {
     v2: Option<wire::V2Call>,
     /// With `--bus-wire 2`: this node's copy of the recent history, positions from Redis.
     mirror: Option<Arc<dyn crate::history::HistoryStore>>,
+    /// `--resume-window`: how long a resume record is kept in Redis.
+    window: std::time::Duration,
     stats: Arc<BusStats>,
     waker: Arc<Waker>,
     publishes: Sender<Submitted>,
     up: AtomicBool,
     stop: AtomicBool,
+}
+
+/// The delivery guarantee on the cluster bus (`--bus-wire 2`, history on).
+pub struct BusHistory {
+    /// The history's bounds (`--history-size`, `--history-ttl`).
+    pub limits: crate::history::ring::Limits,
+    /// `--resume-window`.
+    pub window: Duration,
+    /// This node's copy of the recent history, which the shards replay from.
+    pub mirror: Arc<dyn crate::history::HistoryStore>,
 }
 
 /// What [`ClusterBus::create`] makes.
@@ -283,10 +295,7 @@ impl ClusterBus {
     pub fn create(
         cfg: RedisConfig,
         stats: Arc<BusStats>,
-        history: Option<(
-            crate::history::ring::Limits,
-            Arc<dyn crate::history::HistoryStore>,
-        )>,
+        history: Option<BusHistory>,
     ) -> io::Result<NewBus> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
@@ -297,8 +306,9 @@ impl ClusterBus {
         } else {
             &CLASSIC
         };
+        let window = history.as_ref().map_or(Duration::ZERO, |h| h.window);
         let v2 = match (&history, cfg.wire) {
-            (Some((limits, _)), 2) => Some(wire::V2Call {
+            (Some(BusHistory { limits, .. }), 2) => Some(wire::V2Call {
                 function: if cfg.redis_cluster {
                     b"causeloop_spublish"
                 } else {
@@ -311,7 +321,8 @@ impl ClusterBus {
         };
         let bus = Arc::new(ClusterBus {
             dialect,
-            mirror: v2.and(history.map(|(_, h)| h)),
+            mirror: v2.and(history.map(|h| h.mirror)),
+            window,
             v2,
             stats,
             waker,

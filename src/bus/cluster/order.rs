@@ -271,6 +271,16 @@ impl<T> Streams<T> {
         self.map.is_empty()
     }
 
+    /// Where `ws` stands: its epoch and the newest offset handed on (`None` while not known;
+    /// epoch 0 and offset 0 for a stream that has not begun).
+    pub fn head(&self, ws: &str) -> Option<Position> {
+        let c = self.map.get(ws)?;
+        (c.next > 0).then(|| Position {
+            epoch: c.epoch,
+            offset: c.next - 1,
+        })
+    }
+
     /// Messages held for every workspace.
     pub fn held(&self) -> usize {
         self.map.values().map(|c| c.held.len()).sum()

@@ -17,10 +17,13 @@ use crate::bus::resp::{self, Reply};
 use crate::bus::topology::{self, Topology};
 use crate::bus::wire::{self, WireLimits};
 use crate::config::{RedisConfig, RedisNode};
+use crate::dispatch::inbox::RecordAnswer;
 use crate::dispatch::inbox::{ShardMsg, TrySend, Waiter};
 use crate::dispatch::interest::ShardSet;
+use crate::dispatch::RecordOp;
 use crate::dispatch::{BusInterest, Links, PendingBatch, Progress};
 use crate::event::{Event, GapReason};
+use crate::history::records::Record;
 use crate::history::{HistoryStore, Position};
 use crate::metrics::{BusStats, ShardStats};
 use crossbeam_channel::Receiver;
@@ -60,6 +63,8 @@ const INTEREST_PER_TURN: usize = 4096;
 /// Batches waiting for room in a shard's inbox above which no subscriber connection is read:
 /// the back-pressure reaches Redis, which buffers for this node up to its own limit.
 pub const SHARD_BACKLOG: usize = 64;
+/// How long a stopping bus thread takes at most to hand Redis the last resume records.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// The longest the loop sleeps while a connect, a handshake or a publish is outstanding (their
 /// deadlines are checked on each turn).
 const DEADLINE_TICK: Duration = Duration::from_millis(50);
@@ -70,8 +75,38 @@ enum Pending {
     Publish(Msg),
     /// A read of a workspace's stream ([`order::Read`]), with its id.
     Read(Arc<str>, u64, Read),
-    /// `causeloop_fence`.
-    Fence,
+    /// `causeloop_fence`, or a resume record kept or dropped: the answer only logged if an
+    /// error.
+    Quiet(&'static str),
+    /// `LPOP` of a resume record for a connection.
+    Take(TakeAsk),
+    /// The events a resume needs that this node's history copy lacks (`XRANGE`), read
+    /// before the record is handed over.
+    Backfill(TakeAsk, Record, Position),
+}
+
+/// A shard's connection waiting for its resume record.
+#[derive(Clone, Debug)]
+struct TakeAsk {
+    ws: Arc<str>,
+    shard: usize,
+    conn: u32,
+    gen: u32,
+}
+
+/// The message field of a history stream entry (`[id, [field, value, ...]]`, field `m`).
+fn entry_message(entry: &Reply) -> Option<&[u8]> {
+    let Reply::Array(Some(parts)) = entry else {
+        return None;
+    };
+    let Some(Reply::Array(Some(fields))) = parts.get(1) else {
+        return None;
+    };
+    fields
+        .chunks(2)
+        .find(|f| f[0].as_bytes() == Some(b"m"))
+        .and_then(|f| f.get(1))
+        .and_then(Reply::as_bytes)
 }
 
 /// What a connection is for.
@@ -102,15 +137,17 @@ enum Outgoing {
 /// The per-workspace messages the bus sends its shards.
 #[derive(Clone)]
 enum ShardMsgKind {
-    Live(Arc<str>),
+    Live(Arc<str>, Option<Position>),
     Gap(Arc<str>, GapReason, Option<u64>),
+    Record(RecordAnswer),
 }
 
 impl ShardMsgKind {
     fn message(&self) -> ShardMsg {
         match self {
-            ShardMsgKind::Live(ws) => ShardMsg::Live(ws.clone()),
+            ShardMsgKind::Live(ws, head) => ShardMsg::Live(ws.clone(), *head),
             ShardMsgKind::Gap(ws, reason, since) => ShardMsg::Gap(ws.clone(), *reason, *since),
+            ShardMsgKind::Record(a) => ShardMsg::Record(a.clone()),
         }
     }
 }
@@ -236,6 +273,7 @@ impl BusThread {
             mirror,
             retry_reads: Vec::new(),
             retry_reads_at: Instant::now(),
+            live_waits: HashMap::new(),
             failed: Vec::new(),
             more: false,
             paused: false,
@@ -287,6 +325,8 @@ struct Runner {
     /// Stream reads that found no connection to go out on, asked again on a later turn.
     retry_reads: Vec<(Arc<str>, u64)>,
     retry_reads_at: Instant,
+    /// Shards to tell that a workspace is live once its stream is located.
+    live_waits: HashMap<Arc<str>, ShardSet>,
     /// Connections to drop at the end of the step that found them failed.
     failed: Vec<(usize, String)>,
     /// A budget ran out: poll again without waiting.
@@ -390,6 +430,7 @@ impl Runner {
     }
 
     fn shutdown(&mut self) {
+        self.keep_last_records();
         self.bus.up.store(false, Ordering::Release);
         self.publishing.fail_all(BusUnavailable::Stopped);
         while let Ok(s) = self.inputs.publishes.try_recv() {
@@ -397,6 +438,47 @@ impl Runner {
         }
         for (_, c) in std::mem::take(&mut self.conns) {
             c.link.close(self.poll.registry());
+        }
+    }
+
+    /// The resume records of the connections a drain just ended are kept in Redis before
+    /// the connections to it close (for up to [`FINAL_FLUSH`]): their clients reconnect to
+    /// another node, which resumes them from these.
+    fn keep_last_records(&mut self) {
+        if self.streams.is_none() {
+            return;
+        }
+        let until = Instant::now() + FINAL_FLUSH;
+        let mut events = Events::with_capacity(64);
+        loop {
+            self.take_interest();
+            self.flush_all();
+            self.drop_failed();
+            let waiting = self.conns.iter().any(|(_, c)| {
+                c.link.unsent() > 0 || matches!(&c.role, Role::Publisher(q) if !q.is_empty())
+            });
+            let now = Instant::now();
+            if (!waiting && self.inputs.interest.is_empty()) || now >= until {
+                return;
+            }
+            let _ = self
+                .poll
+                .poll(&mut events, Some((until - now).min(DEADLINE_TICK)));
+            for ev in events.iter() {
+                let Some(key) = ev.token().0.checked_sub(LINK_BASE) else {
+                    continue;
+                };
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.link.readable = true;
+                    if ev.is_writable() {
+                        if let Err(e) = c.link.on_writable() {
+                            self.failed.push((key, e.to_string()));
+                        }
+                    }
+                }
+            }
+            self.read_all();
+            self.drop_failed();
         }
     }
 
@@ -546,8 +628,210 @@ impl Runner {
             self.failed.push((key, e.to_string()));
         }
         if let Role::Publisher(q) = &mut c.role {
-            q.push_back((Pending::Fence, now));
+            q.push_back((Pending::Quiet("fencing an epoch"), now));
         }
+    }
+
+    /// A shard's request about a resume record.
+    fn on_record_op(&mut self, op: RecordOp, now: Instant) {
+        match op {
+            RecordOp::Put {
+                workspace,
+                key,
+                value,
+            } => {
+                let Some(k) = self.command_conn_for(&workspace, now) else {
+                    ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                    return;
+                };
+                let rk = wire::record_key(&workspace, &key);
+                let window = self.bus.window.as_millis().max(1).to_string();
+                let c = &mut self.conns[k];
+                let sent = c
+                    .link
+                    .command(&[b"RPUSH", rk.as_bytes(), value.as_bytes()])
+                    .and_then(|()| {
+                        c.link
+                            .command(&[b"PEXPIRE", rk.as_bytes(), window.as_bytes()])
+                    });
+                if let Err(e) = sent {
+                    self.failed.push((k, e.to_string()));
+                }
+                if let Role::Publisher(q) = &mut c.role {
+                    q.push_back((Pending::Quiet("keeping a resume record"), now));
+                    q.push_back((Pending::Quiet("setting a resume record's expiry"), now));
+                }
+            }
+            RecordOp::Drop {
+                workspace,
+                key,
+                value,
+            } => {
+                let Some(k) = self.command_conn_for(&workspace, now) else {
+                    return;
+                };
+                let rk = wire::record_key(&workspace, &key);
+                let c = &mut self.conns[k];
+                if let Err(e) = c
+                    .link
+                    .command(&[b"LREM", rk.as_bytes(), b"1", value.as_bytes()])
+                {
+                    self.failed.push((k, e.to_string()));
+                }
+                if let Role::Publisher(q) = &mut c.role {
+                    q.push_back((Pending::Quiet("dropping a resume record"), now));
+                }
+            }
+            RecordOp::Take {
+                workspace,
+                key,
+                shard,
+                conn,
+                gen,
+            } => {
+                let ask = TakeAsk {
+                    ws: workspace,
+                    shard,
+                    conn,
+                    gen,
+                };
+                let Some(k) = self.command_conn_for(&ask.ws, now) else {
+                    return self.answer_take(ask, Err(()));
+                };
+                let rk = wire::record_key(&ask.ws, &key);
+                let c = &mut self.conns[k];
+                if let Err(e) = c.link.command(&[b"LPOP", rk.as_bytes()]) {
+                    self.failed.push((k, e.to_string()));
+                }
+                if let Role::Publisher(q) = &mut c.role {
+                    q.push_back((Pending::Take(ask), now));
+                }
+            }
+        }
+    }
+
+    /// Redis answered the `LPOP` of a resume record. A record behind what this node's history
+    /// copy holds has the missing events read first (the client was served by another node).
+    fn on_take_reply(&mut self, ask: TakeAsk, reply: Reply, now: Instant) {
+        let record = match &reply {
+            Reply::Bulk(None) => return self.answer_take(ask, Ok(None)),
+            Reply::Bulk(Some(v)) => match Record::decode(v, now) {
+                Some(r) => r,
+                None => {
+                    log::warn!(workspace = &*ask.ws; "cluster bus: an unreadable resume record in Redis; the client is told of a gap");
+                    return self.answer_take(ask, Err(()));
+                }
+            },
+            _ => {
+                log::warn!(workspace = &*ask.ws; "cluster bus: taking a resume record failed; the client is told of a gap");
+                return self.answer_take(ask, Err(()));
+            }
+        };
+        let head = self.stream_head(&ask.ws);
+        let after = record.at;
+        let needs = head.epoch != 0 && after.epoch == head.epoch && after.offset < head.offset;
+        let held = self.mirror.as_ref().and_then(|m| m.oldest(&ask.ws));
+        let covered = held.is_some_and(|o| o.epoch == head.epoch && o.offset <= after.offset + 1);
+        if !needs || covered {
+            return self.answer_take(ask, Ok(Some(record)));
+        }
+        let Some(k) = self.command_conn_for(&ask.ws, now) else {
+            return self.answer_take(ask, Ok(Some(record)));
+        };
+        let size = self.bus.v2.map_or(1, |v| v.size) as u64;
+        let from = (after.offset + 1).max((head.offset + 1).saturating_sub(size));
+        let hist = format!("{}{}", wire::key_base(&ask.ws), wire::HISTORY_SUFFIX);
+        let c = &mut self.conns[k];
+        if let Err(e) = c.link.command(&[
+            b"XRANGE",
+            hist.as_bytes(),
+            format!("{from}-0").as_bytes(),
+            format!("{}-0", head.offset).as_bytes(),
+            b"COUNT",
+            size.to_string().as_bytes(),
+        ]) {
+            self.failed.push((k, e.to_string()));
+        }
+        ShardStats::add(&self.bus.stats.bus_stream_reads, 1);
+        if let Role::Publisher(q) = &mut c.role {
+            q.push_back((Pending::Backfill(ask, record, head), now));
+        }
+    }
+
+    /// The events a resume needed, read: kept in front of this node's history copy, then the
+    /// record handed over.
+    fn on_backfill_reply(
+        &mut self,
+        ask: TakeAsk,
+        record: Record,
+        head: Position,
+        reply: Reply,
+        now: Instant,
+    ) {
+        if let (Some(m), Reply::Array(Some(entries))) = (&self.mirror, &reply) {
+            let mut older = Vec::with_capacity(entries.len());
+            for msg in entries.iter().filter_map(entry_message) {
+                if let Ok(r) = wire::decode(msg, self.limits) {
+                    if let Some(pos) = r.pos.filter(|p| p.epoch == head.epoch) {
+                        older.push(crate::history::ring::Older {
+                            offset: pos.offset,
+                            ts_ms: r.ts_ms,
+                            user: r.user_id,
+                            frame: r.frame,
+                        });
+                    }
+                }
+            }
+            // Whatever was not there any more shows as a gap when the replay reaches it.
+            m.rebase(&ask.ws, head.epoch, older, now);
+        }
+        self.answer_take(ask, Ok(Some(record)));
+    }
+
+    /// Tells `shards` that `ws` is live, with where its stream stands (history on) once that
+    /// is known: a new subscription waits for it (one more Redis round trip), so that the
+    /// shards start their stream there and `connected` keeps its promise.
+    fn tell_live(&mut self, ws: Arc<str>, shards: ShardSet) {
+        let head = match &self.streams {
+            None => None,
+            Some(s) => match s.head(&ws) {
+                Some(h) => Some(h),
+                None => {
+                    self.live_waits.entry(ws).or_default().union(shards);
+                    return;
+                }
+            },
+        };
+        self.flush_batch();
+        self.outgoing
+            .push_back(Outgoing::One(ShardMsgKind::Live(ws, head), shards));
+    }
+
+    /// Where this node's stream of `ws` stands: its epoch and the newest offset handed to the
+    /// shards (epoch 0 while not known).
+    fn stream_head(&self, ws: &str) -> Position {
+        self.streams
+            .as_ref()
+            .and_then(|s| s.head(ws))
+            .unwrap_or_default()
+    }
+
+    /// Answers a shard's `Take`, after every event gathered so far (so that the head it
+    /// carries is what the shard has been sent before the answer).
+    fn answer_take(&mut self, ask: TakeAsk, record: Result<Option<Record>, ()>) {
+        self.flush_batch();
+        let head = self.stream_head(&ask.ws);
+        let mut to = ShardSet::default();
+        to.insert(ask.shard);
+        self.outgoing.push_back(Outgoing::One(
+            ShardMsgKind::Record(RecordAnswer {
+                conn: ask.conn,
+                gen: ask.gen,
+                record,
+                head,
+            }),
+            to,
+        ));
     }
 
     /// Redis answered a stream read.
@@ -567,27 +851,16 @@ impl Runner {
                     _ => None,
                 };
                 streams.located(&ws, id, head, now, &mut self.outs);
+                self.apply_outs(now);
+                if let Some(shards) = self.live_waits.remove(&ws) {
+                    self.tell_live(ws, shards);
+                }
             }
             (Read::After { .. }, Reply::Array(entries)) => {
                 let entries = entries.unwrap_or_default();
                 let complete = entries.len() < order::READ_PAGE;
                 let mut got = Vec::with_capacity(entries.len());
-                for e in &entries {
-                    // [id, [field, value, ...]]: the message is field `m`.
-                    let Reply::Array(Some(parts)) = e else {
-                        continue;
-                    };
-                    let Some(Reply::Array(Some(fields))) = parts.get(1) else {
-                        continue;
-                    };
-                    let Some(m) = fields
-                        .chunks(2)
-                        .find(|f| f[0].as_bytes() == Some(b"m"))
-                        .and_then(|f| f.get(1))
-                        .and_then(Reply::as_bytes)
-                    else {
-                        continue;
-                    };
+                for m in entries.iter().filter_map(entry_message) {
                     match wire::decode(m, self.limits) {
                         Ok(r) => match r.pos {
                             Some(pos) => got.push((pos, r.ts_ms, r)),
@@ -813,7 +1086,16 @@ impl Runner {
                             self.retry_reads.push((ws, id));
                             continue;
                         }
-                        Pending::Fence => continue,
+                        Pending::Take(ask) | Pending::Backfill(ask, ..) => {
+                            self.answer_take(ask, Err(()));
+                            continue;
+                        }
+                        Pending::Quiet(what) => {
+                            if what.starts_with("keeping") {
+                                ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                            }
+                            continue;
+                        }
                     };
                     let why = match (&failure, self.publishing.slot(msg)) {
                         (BusUnavailable::Unreachable { node, why, .. }, Some(slot)) => {
@@ -1090,6 +1372,13 @@ impl Runner {
         };
         if let Some(ws) = wire::workspace_of(channel) {
             self.subs.confirmed(key, kind, ws, &mut self.actions);
+            if kind == Confirmation::Subscribed && self.subs.is_live(ws) {
+                if let (Some(streams), Some(name)) = (self.streams.as_mut(), self.subs.name(ws)) {
+                    // Made or made again: where the stream stands, or what this node missed
+                    // while it was away, is read first.
+                    streams.subscribed(&name, &mut self.outs);
+                }
+            }
         }
         Ok(())
     }
@@ -1103,13 +1392,21 @@ impl Runner {
         };
         let msg = match pending {
             Pending::Publish(msg) => msg,
-            Pending::Fence => {
+            Pending::Quiet(what) => {
                 if let Reply::Error(e) = &reply {
-                    log::warn!(
-                        "cluster bus: fencing an epoch failed: {}",
-                        String::from_utf8_lossy(e)
-                    );
+                    log::warn!("cluster bus: {what} failed: {}", String::from_utf8_lossy(e));
+                    if what.starts_with("keeping") {
+                        ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                    }
                 }
+                return Ok(());
+            }
+            Pending::Take(ask) => {
+                self.on_take_reply(ask, reply, now);
+                return Ok(());
+            }
+            Pending::Backfill(ask, record, head) => {
+                self.on_backfill_reply(ask, record, head, reply, now);
                 return Ok(());
             }
             Pending::Read(ws, id, read) => {
@@ -1193,12 +1490,17 @@ impl Runner {
         for _ in 0..INTEREST_PER_TURN {
             match self.inputs.interest.try_recv() {
                 Ok(BusInterest::Add(ws, shard)) => self.subs.add(ws, shard, &mut self.actions),
+                Ok(BusInterest::Record(op)) => {
+                    self.on_record_op(op, Instant::now());
+                    self.apply_outs(Instant::now());
+                }
                 Ok(BusInterest::Remove(ws, shard)) => {
                     self.subs.remove(&ws, shard, &mut self.actions);
                     if !self.subs.is_wanted(&ws) {
                         if let Some(streams) = self.streams.as_mut() {
                             streams.forget(&ws);
                         }
+                        self.live_waits.remove(&ws);
                     }
                 }
                 Err(_) => {
@@ -1239,14 +1541,7 @@ impl Runner {
                         }
                     }
                 }
-                Action::Live(ws, shards) => {
-                    if let Some(streams) = self.streams.as_mut() {
-                        // Where the node stands, or what it missed while away, first.
-                        streams.subscribed(&ws, &mut self.outs);
-                    }
-                    self.outgoing
-                        .push_back(Outgoing::One(ShardMsgKind::Live(ws), shards));
-                }
+                Action::Live(ws, shards) => self.tell_live(ws, shards),
                 Action::Ended(key, ws) => {
                     let slot = topology::slot(&wire::channel(&ws));
                     log::info!(
