@@ -6,16 +6,13 @@
 
 mod common;
 
-use common::redis::Redis;
+use common::redis::{Redis, RedisCluster};
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How long any single wait in these tests may take.
-const WAIT: Duration = Duration::from_secs(20);
 
 fn node_v2(redis: &Redis) -> TestServer {
     let mut bus = redis.bus();
@@ -36,23 +33,38 @@ struct Backend {
 
 impl Backend {
     fn connect(redis: &Redis) -> Backend {
-        let s = TcpStream::connect(("127.0.0.1", redis.port)).expect("connect to redis");
+        Backend::at(redis.port)
+    }
+
+    fn at(port: u16) -> Backend {
+        Backend::try_at(port).expect("connect to redis")
+    }
+
+    fn try_at(port: u16) -> Option<Backend> {
+        let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(WAIT)).unwrap();
-        Backend {
+        Some(Backend {
             reader: BufReader::new(s.try_clone().unwrap()),
             writer: s,
-        }
+        })
     }
 
     fn command(&mut self, args: &[&str]) -> String {
+        self.try_command(args).expect("redis answers")
+    }
+
+    /// The answer's first line, or `None` if the connection failed.
+    fn try_command(&mut self, args: &[&str]) -> Option<String> {
         let mut out = format!("*{}\r\n", args.len());
         for a in args {
             out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
-        self.writer.write_all(out.as_bytes()).unwrap();
+        self.writer.write_all(out.as_bytes()).ok()?;
         let mut line = String::new();
-        self.reader.read_line(&mut line).expect("redis answers");
-        line.trim_end().to_string()
+        match self.reader.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(line.trim_end().to_string()),
+            _ => None,
+        }
     }
 
     /// `FCALL causeloop_publish` of one event of `ws`; returns Redis's answer (`:offset`),
@@ -401,4 +413,342 @@ fn a_client_drained_from_one_node_resumes_on_another_with_nothing_lost() {
         published_while_away > *before.last().unwrap() + 1 || after.len() > 50,
         "the client missed events while it moved"
     );
+}
+
+/// A backend on a Redis Cluster, as a cluster-aware client behaves: it follows `MOVED`, sends
+/// `ASKING` before a command an `ASK` sends elsewhere, and asks again after `TRYAGAIN` (a slot
+/// whose keys are moving), until the function has taken the event.
+struct ClusterBackend {
+    conns: std::collections::HashMap<u16, Backend>,
+    seed: u16,
+    /// Numbers whose call was cut off before Redis answered: published again, so possibly
+    /// twice (the at-least-once of any client that retries).
+    ambiguous: Vec<u64>,
+}
+
+impl ClusterBackend {
+    fn new(cluster: &RedisCluster) -> ClusterBackend {
+        ClusterBackend {
+            conns: std::collections::HashMap::new(),
+            seed: cluster.nodes[0].port,
+            ambiguous: Vec::new(),
+        }
+    }
+
+    /// Publishes `{"src":src,"n":n}` to `ws` through `causeloop_spublish`; returns the offset.
+    fn publish(&mut self, ws: &str, src: &str, n: u64) -> u64 {
+        let base = key_base(ws);
+        let event = format!(
+            r#"{{"type":"test.seq","ts":{},"payload":{{"src":"{src}","n":{n}}}}}"#,
+            now() * 1000
+        );
+        let args = [
+            "FCALL".to_string(),
+            "causeloop_spublish".into(),
+            "2".into(),
+            format!("{base}:meta"),
+            format!("{base}:history"),
+            format!("causeloop:v1:ws:{ws}"),
+            "1000".into(),
+            "120000".into(),
+            event,
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut port, mut asking) = (self.seed, false);
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < WAIT,
+                "the cluster kept refusing the publish"
+            );
+            if let std::collections::hash_map::Entry::Vacant(e) = self.conns.entry(port) {
+                match Backend::try_at(port) {
+                    Some(b) => {
+                        e.insert(b);
+                    }
+                    None => {
+                        // A master that is down: ask again, as a client retries.
+                        std::thread::sleep(Duration::from_millis(10));
+                        port = self.seed;
+                        continue;
+                    }
+                }
+            }
+            let c = self.conns.get_mut(&port).expect("inserted above");
+            if asking && c.try_command(&["ASKING"]).as_deref() != Some("+OK") {
+                self.conns.remove(&port);
+                continue;
+            }
+            let Some(answer) = c.try_command(&args) else {
+                self.conns.remove(&port);
+                self.ambiguous.push(n);
+                continue;
+            };
+            if let Some(offset) = answer.strip_prefix(':') {
+                return offset.parse().unwrap();
+            }
+            let words: Vec<&str> = answer.split_whitespace().collect();
+            asking = false;
+            match words.first().copied() {
+                Some("-MOVED") | Some("-ASK") => {
+                    asking = words[0] == "-ASK";
+                    port = words[2].rsplit(':').next().unwrap().parse().unwrap();
+                }
+                // A slot whose keys are moving, or one whose master is down: again shortly.
+                Some("-TRYAGAIN") | Some("-CLUSTERDOWN") => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => panic!("{answer}"),
+            }
+        }
+    }
+}
+
+/// Publishes `{"src":"backend","n":n}` to every workspace of `spaces` (n the same for each),
+/// one round every `every`, straight to the cluster, until `stop`; the thread returns how many
+/// rounds it published and the numbers that may have gone out twice.
+fn backend_rounds(
+    cluster: &RedisCluster,
+    spaces: Vec<String>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<u64>)> {
+    let mut backend = ClusterBackend::new(cluster);
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            for ws in &spaces {
+                backend.publish(ws, "backend", n);
+            }
+            n += 1;
+            std::thread::sleep(every);
+        }
+        (n, backend.ambiguous)
+    })
+}
+
+/// The keys' hash tag of a workspace (its channel, which has no braces here).
+fn key_base(ws: &str) -> String {
+    format!("{{causeloop:v1:ws:{ws}}}")
+}
+
+/// Reads events until every source in `want` has reached its count; checks that each
+/// source's numbers come once and in order (a number its publisher may have published twice,
+/// in `repeats`, may come twice).
+fn read_sources_allowing(ws: &mut Ws, want: &[(&str, u64)], repeats: &[u64]) {
+    let mut next: std::collections::HashMap<String, u64> =
+        want.iter().map(|(s, _)| (s.to_string(), 0)).collect();
+    let start = Instant::now();
+    while want.iter().any(|(s, n)| next[*s] < *n) {
+        assert!(start.elapsed() < WAIT, "only {next:?} of {want:?}");
+        let f = next_frame(ws);
+        assert_ne!(f["type"], "stream.gap", "{f}");
+        if f["type"] != "test.seq" {
+            continue;
+        }
+        let src = f["payload"]["src"].as_str().unwrap().to_string();
+        let n = f["payload"]["n"].as_u64().unwrap();
+        let expected = next.get_mut(&src).unwrap();
+        if *expected > 0 && n == *expected - 1 && repeats.contains(&n) {
+            continue;
+        }
+        assert_eq!(n, *expected, "{src}: once each, in order");
+        *expected += 1;
+    }
+}
+
+fn cluster_node_v2(cluster: &RedisCluster) -> TestServer {
+    let mut bus = cluster.bus();
+    if let causeloop_stream::config::BusConfig::Redis(r) = &mut bus {
+        r.wire = 2;
+    }
+    TestServer::with(move |c| {
+        c.bus = bus;
+        c.heartbeat_interval = Duration::from_millis(200);
+    })
+}
+
+#[test]
+fn slots_moved_with_their_keys_under_steady_publishing_lose_nothing() {
+    let Some(cluster) = RedisCluster::start(
+        "slots_moved_with_their_keys_under_steady_publishing_lose_nothing",
+        3,
+    ) else {
+        return;
+    };
+    let (a, b) = (cluster_node_v2(&cluster), cluster_node_v2(&cluster));
+    let ws = cluster.one_workspace_per_master()[0].clone();
+    let slot = cluster.slot(&format!("causeloop:v1:ws:{ws}"));
+    let mut subs = [a.subscribe(&ws, "u"), b.subscribe(&ws, "u")];
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two publishers at once: a node (HTTP, retrying a 503 as a backend would) and a backend
+    // calling the function straight on the cluster.
+    let via_node = {
+        let (stop, url) = (stop.clone(), a.internal);
+        let ws = ws.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!(
+                    r#"{{"workspace_id":"{ws}","type":"test.seq","payload":{{"src":"node","n":{n}}}}}"#
+                );
+                let (status, _) = publish_with_key(url, Some(PUBLISH_KEY), &body);
+                if status == 202 {
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let direct = backend_rounds(
+        &cluster,
+        vec![ws.clone()],
+        Duration::from_millis(2),
+        stop.clone(),
+    );
+    let from = cluster.owner(slot);
+    for step in 1..=4 {
+        std::thread::sleep(Duration::from_millis(150));
+        cluster.move_slot(slot, (from + step) % 3);
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    stop.store(true, Ordering::Relaxed);
+    let (sent_node, (sent_direct, repeats)) = (via_node.join().unwrap(), direct.join().unwrap());
+    assert!(
+        sent_node > 20 && sent_direct > 20,
+        "{sent_node} {sent_direct}"
+    );
+    for s in subs.iter_mut() {
+        read_sources_allowing(
+            s,
+            &[("node", sent_node), ("backend", sent_direct)],
+            &repeats,
+        );
+    }
+    // The history moved with the slot, and its positions went on without a new epoch.
+    let owner = cluster.owner(slot);
+    let meta = cluster.nodes[owner].cli(&["HGET", &format!("{}:meta", key_base(&ws)), "offset"]);
+    assert_eq!(
+        meta.trim().parse::<u64>().unwrap(),
+        sent_node + sent_direct + repeats.len() as u64
+    );
+}
+
+#[test]
+fn a_master_killed_and_restarted_loses_nothing_it_took() {
+    let Some(mut cluster) =
+        RedisCluster::start("a_master_killed_and_restarted_loses_nothing_it_took", 3)
+    else {
+        return;
+    };
+    let (a, b) = (cluster_node_v2(&cluster), cluster_node_v2(&cluster));
+    let spaces = cluster.one_workspace_per_master();
+    let ws = spaces[0].clone();
+    let owner = cluster.owner(cluster.slot(&format!("causeloop:v1:ws:{ws}")));
+    let mut subs = [a.subscribe(&ws, "u"), b.subscribe(&ws, "u")];
+    let stop = Arc::new(AtomicBool::new(false));
+    // A backend publishing straight to the cluster: it gets through the moment the master is
+    // back, before any node has subscribed there again.
+    let publisher = backend_rounds(
+        &cluster,
+        vec![ws.clone()],
+        Duration::from_millis(2),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.kill(owner);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.restart(owner);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, repeats) = publisher.join().unwrap();
+    for s in subs.iter_mut() {
+        read_sources_allowing(s, &[("backend", sent)], &repeats);
+    }
+}
+
+#[test]
+fn a_rolling_restart_of_three_nodes_loses_nothing_for_any_client() {
+    let Some(cluster) = RedisCluster::start(
+        "a_rolling_restart_of_three_nodes_loses_nothing_for_any_client",
+        3,
+    ) else {
+        return;
+    };
+    let spaces = cluster.one_workspace_per_master();
+    let mut nodes: Vec<TestServer> = (0..3).map(|_| cluster_node_v2(&cluster)).collect();
+    // Six clients, two per node, on workspaces of every master; each keeps its token.
+    let clients: Vec<(String, String)> = (0..6)
+        .map(|i| {
+            (
+                spaces[i % 3].clone(),
+                token(&spaces[i % 3], &format!("u{i}"), 3600),
+            )
+        })
+        .collect();
+    let mut at: Vec<usize> = (0..6).map(|i| i % 3).collect();
+    let mut socks: Vec<Ws> = clients
+        .iter()
+        .zip(&at)
+        .map(|((ws, t), &n)| {
+            let mut s = connect(&nodes[n].url(t, ws));
+            assert_eq!(next_frame(&mut s)["type"], "connected");
+            s
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = backend_rounds(
+        &cluster,
+        spaces.clone(),
+        Duration::from_millis(3),
+        stop.clone(),
+    );
+    let mut got: Vec<Vec<u64>> = vec![Vec::new(); 6];
+    for restarting in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        // SIGTERM: the node drains (1001 to each connection); its clients reconnect, with
+        // the same token, to the next node, as the seed's client does through a balancer.
+        nodes[restarting].server().shutdown();
+        for c in 0..6 {
+            if at[c] != restarting {
+                continue;
+            }
+            let mut numbers = Vec::new();
+            assert_eq!(read_to_close(&mut socks[c], &mut numbers), 1001);
+            got[c].extend(numbers);
+            at[c] = (restarting + 1) % 3;
+            let (ws, t) = &clients[c];
+            socks[c] = connect(&nodes[at[c]].url(t, ws));
+            assert_eq!(next_frame(&mut socks[c])["type"], "connected");
+        }
+        // The node comes back (a new process: new ports, nothing kept in memory).
+        nodes[restarting] = cluster_node_v2(&cluster);
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, repeats) = publisher.join().unwrap();
+    assert!(repeats.is_empty(), "no master failed: {repeats:?}");
+    for c in 0..6 {
+        let mut rest = Vec::new();
+        let start = Instant::now();
+        while got[c].len() + rest.len() < sent as usize {
+            assert!(
+                start.elapsed() < WAIT,
+                "client {c}: {} of {sent}",
+                got[c].len() + rest.len()
+            );
+            let f = next_frame(&mut socks[c]);
+            assert_ne!(f["type"], "stream.gap", "client {c}: {f}");
+            if f["type"] == "test.seq" {
+                rest.push(f["payload"]["n"].as_u64().unwrap());
+            }
+        }
+        got[c].extend(rest);
+        assert_eq!(
+            got[c],
+            (0..sent).collect::<Vec<_>>(),
+            "client {c}: every event once, in order"
+        );
+    }
 }

@@ -11,6 +11,8 @@ pub struct Redis {
     pub port: u16,
     /// `--requirepass`, when set.
     pub password: Option<String>,
+    /// Where it keeps an append-only file written on every write, when it persists.
+    persist: Option<std::path::PathBuf>,
 }
 
 /// A port nobody listens on right now, below the kernel's ephemeral range (32768 and up), with
@@ -98,6 +100,27 @@ impl Redis {
             child: None,
             port: free_port(),
             password: password.map(str::to_string),
+            persist: None,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    /// Like [`Redis::start`], persisting every write (`appendfsync always`), so that a kill
+    /// and a restart lose nothing it acknowledged.
+    pub fn start_persistent(test: &str) -> Option<Redis> {
+        if !redis_available(test) {
+            return None;
+        }
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("causeloop-redis-aof-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Redis {
+            child: None,
+            port,
+            password: None,
+            persist: Some(dir),
         };
         r.restart();
         Some(r)
@@ -128,6 +151,16 @@ impl Redis {
                 "no",
             ])
             .args(extra)
+            .args(self.persist.iter().flat_map(|d| {
+                [
+                    "--appendonly".to_string(),
+                    "yes".to_string(),
+                    "--appendfsync".to_string(),
+                    "always".to_string(),
+                    "--dir".to_string(),
+                    d.display().to_string(),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -194,6 +227,9 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        if let Some(d) = &self.persist {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -234,10 +270,12 @@ impl RedisCluster {
             password: password.map(str::to_string),
         };
         for _ in 0..masters {
+            let port = free_port();
             let mut r = Redis {
                 child: None,
-                port: free_port(),
+                port,
                 password: c.password.clone(),
+                persist: None,
             };
             c.spawn(&mut r);
             c.nodes.push(r);
@@ -270,6 +308,10 @@ impl RedisCluster {
 
     fn spawn(&self, r: &mut Redis) {
         let conf = self.dir.join(format!("nodes-{}.conf", r.port));
+        // Every write persisted: a master killed and started again has what it acknowledged.
+        let data = self.dir.join(format!("data-{}", r.port));
+        std::fs::create_dir_all(&data).unwrap();
+        r.persist = Some(data);
         r.launch(&[
             "--cluster-enabled",
             "yes",
@@ -413,6 +455,26 @@ impl RedisCluster {
         let s = slot.to_string();
         self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]);
         self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]);
+        // Its keys go over first, as a resharding moves them (MIGRATE, a few at a time).
+        let to_port = self.nodes[to].port.to_string();
+        loop {
+            let keys = self.nodes[from].cli(&["CLUSTER", "GETKEYSINSLOT", &s, "10"]);
+            let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000"];
+            if self.password.is_some() {
+                args.extend(["AUTH", self.password.as_deref().unwrap()]);
+            }
+            args.push("KEYS");
+            args.extend(keys);
+            let out = self.nodes[from].cli(&args);
+            assert!(
+                out.trim() == "OK" || out.trim() == "NOKEY",
+                "MIGRATE: {out}"
+            );
+        }
         for (i, r) in self.nodes.iter().enumerate() {
             if i != from {
                 let out = r.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
@@ -452,8 +514,11 @@ impl RedisCluster {
             child: None,
             port: self.nodes[i].port,
             password: self.password.clone(),
+            persist: None,
         };
         self.spawn(&mut r);
+        // The old handle must not remove the data directory the new process uses.
+        self.nodes[i].persist = None;
         self.nodes[i] = r;
     }
 }

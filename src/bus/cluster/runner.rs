@@ -23,7 +23,7 @@ use crate::dispatch::interest::ShardSet;
 use crate::dispatch::RecordOp;
 use crate::dispatch::{BusInterest, Links, PendingBatch, Progress};
 use crate::event::{Event, GapReason};
-use crate::history::records::Record;
+use crate::history::records::{Record, RecordKey};
 use crate::history::{HistoryStore, Position};
 use crate::metrics::{BusStats, ShardStats};
 use crossbeam_channel::Receiver;
@@ -89,9 +89,12 @@ enum Pending {
 #[derive(Clone, Debug)]
 struct TakeAsk {
     ws: Arc<str>,
+    key: RecordKey,
     shard: usize,
     conn: u32,
     gen: u32,
+    /// Times Redis redirected it (a slot moving).
+    redirects: u8,
 }
 
 /// The message field of a history stream entry (`[id, [field, value, ...]]`, field `m`).
@@ -691,22 +694,29 @@ impl Runner {
             } => {
                 let ask = TakeAsk {
                     ws: workspace,
+                    key,
                     shard,
                     conn,
                     gen,
+                    redirects: 0,
                 };
-                let Some(k) = self.command_conn_for(&ask.ws, now) else {
-                    return self.answer_take(ask, Err(()));
-                };
-                let rk = wire::record_key(&ask.ws, &key);
-                let c = &mut self.conns[k];
-                if let Err(e) = c.link.command(&[b"LPOP", rk.as_bytes()]) {
-                    self.failed.push((k, e.to_string()));
-                }
-                if let Role::Publisher(q) = &mut c.role {
-                    q.push_back((Pending::Take(ask), now));
-                }
+                self.send_take(ask, now);
             }
+        }
+    }
+
+    /// Sends the `LPOP` of `ask`'s record to its workspace's master.
+    fn send_take(&mut self, ask: TakeAsk, now: Instant) {
+        let Some(k) = self.command_conn_for(&ask.ws, now) else {
+            return self.answer_take(ask, Err(()));
+        };
+        let rk = wire::record_key(&ask.ws, &ask.key);
+        let c = &mut self.conns[k];
+        if let Err(e) = c.link.command(&[b"LPOP", rk.as_bytes()]) {
+            self.failed.push((k, e.to_string()));
+        }
+        if let Role::Publisher(q) = &mut c.role {
+            q.push_back((Pending::Take(ask), now));
         }
     }
 
@@ -722,6 +732,11 @@ impl Runner {
                     return self.answer_take(ask, Err(()));
                 }
             },
+            Reply::Error(e) if ask.redirects < 3 && self.note_redirect(e, now) => {
+                let mut ask = ask;
+                ask.redirects += 1;
+                return self.send_take(ask, now);
+            }
             _ => {
                 log::warn!(workspace = &*ask.ws; "cluster bus: taking a resume record failed; the client is told of a gap");
                 return self.answer_take(ask, Err(()));
@@ -786,6 +801,32 @@ impl Runner {
             m.rebase(&ask.ws, head.epoch, older, now);
         }
         self.answer_take(ask, Ok(Some(record)));
+    }
+
+    /// A command other than a publish was answered `MOVED`, `ASK` or `TRYAGAIN` (a slot on the
+    /// move): the layout is noted and read again. Returns whether it was one of those.
+    fn note_redirect(&mut self, error: &[u8], now: Instant) -> bool {
+        if error.starts_with(b"TRYAGAIN") {
+            return true;
+        }
+        let Some((slot, owner)) = topology::redirect(error) else {
+            return false;
+        };
+        ShardStats::add(&self.bus.stats.bus_redirects, 1);
+        self.topo.moved(slot, owner.clone());
+        self.layout_hint = Some(owner);
+        self.stale = true;
+        self.hold_moved_slot(slot, now);
+        true
+    }
+
+    /// Holds publishes to a slot that just changed masters (wire format 1 only: with version 2
+    /// a node that subscribes at the new master late reads what it missed from the stream, so
+    /// holding would only delay).
+    fn hold_moved_slot(&mut self, slot: u16, now: Instant) {
+        if self.bus.v2.is_none() {
+            self.publishing.hold_slot(slot, now);
+        }
     }
 
     /// Tells `shards` that `ws` is live, with where its stream stands (history on) once that
@@ -875,6 +916,9 @@ impl Runner {
                     }
                 }
                 streams.filled(&ws, id, got, complete, now, &mut self.outs);
+            }
+            (_, Reply::Error(e)) if self.note_redirect(&e, now) => {
+                self.retry_reads.push((ws, id));
             }
             (_, Reply::Error(e)) => {
                 log::warn!(
@@ -989,7 +1033,9 @@ impl Runner {
                 continue;
             }
             let node = c.link.node.clone();
-            let from = if self.lost { now + PUBLISH_SETTLE } else { now };
+            // Wire format 2 needs no settling: a node back on Redis reads what it missed.
+            let settle = self.lost && self.bus.v2.is_none();
+            let from = if settle { now + PUBLISH_SETTLE } else { now };
             self.publish_from.insert(node.clone(), from);
             if self.lost {
                 ShardStats::add(&self.bus.stats.bus_reconnects, 1);
@@ -1344,7 +1390,7 @@ impl Runner {
                 ));
             };
             ShardStats::add(&self.bus.stats.bus_redirects, 1);
-            self.publishing.hold_slot(slot, now);
+            self.hold_moved_slot(slot, now);
             self.layout_hint = Some(owner.clone());
             self.topo.moved(slot, owner);
             self.stale = true;
@@ -1418,6 +1464,12 @@ impl Runner {
             self.publishing.accepted(msg);
             return Ok(());
         };
+        if e.starts_with(b"TRYAGAIN") {
+            // A Redis Cluster moving the slot's keys has some of the function's keys on
+            // either side: asked again shortly, until the move is done (or the deadline).
+            self.publishing.redirected(msg, now);
+            return Ok(());
+        }
         match topology::redirect(&e) {
             Some((slot, owner)) => {
                 ShardStats::add(&self.bus.stats.bus_redirects, 1);
@@ -1460,7 +1512,7 @@ impl Runner {
         ShardStats::add(&self.bus.stats.bus_layout_reads, 1);
         let now = Instant::now();
         for slot in self.topo.changed_slots(&topo) {
-            self.publishing.hold_slot(slot, now);
+            self.hold_moved_slot(slot, now);
         }
         // Connections to servers that no longer own slots (a failed master that came back as a
         // replica) go; their subscriptions are made again where they belong.
@@ -1550,7 +1602,7 @@ impl Runner {
                     );
                     self.stale = true;
                     self.layout_hint = self.conns.get(key).map(|c| c.link.node.clone());
-                    self.publishing.hold_slot(slot, now);
+                    self.hold_moved_slot(slot, now);
                 }
             }
         }
