@@ -125,3 +125,19 @@ fn the_http_status_tables_are_the_statuses() {
         "docs/protocol.md lists statuses {extra:?}, which the server never answers"
     );
 }
+
+#[test]
+fn the_function_library_in_cluster_md_is_the_one_the_nodes_load() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cluster.md"))
+        .expect("docs/cluster.md");
+    let start = doc
+        .find("```lua\n")
+        .expect("cluster.md shows the library in a lua block")
+        + "```lua\n".len();
+    let end = start + doc[start..].find("\n```").expect("the block ends");
+    assert_eq!(
+        &doc[start..end],
+        causeloop_stream::bus::cluster::FUNCTIONS.trim_end(),
+        "docs/cluster.md's copy of src/bus/cluster/causeloop.lua differs from the file"
+    );
+}

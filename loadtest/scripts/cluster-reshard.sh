@@ -10,8 +10,13 @@
 # subscription, and redirect its publishes. Prints the load tester's figures (lost counts events
 # accepted and never delivered), each node's bus metrics, and every WARN/ERROR line of the nodes.
 #
-# Usage: loadtest/scripts/cluster-reshard.sh   (DUR=4m, MOVE_EVERY=2 by default; needs redis-server,
-#        redis-cli)
+# The nodes run with --bus-wire $WIRE (2 by default): a slot's keys (the workspace's position,
+# history and resume records) move with it (MIGRATE, between MIGRATING and the new owner's
+# announcement), and the load tester reconnects with the same token and counts loss across
+# reconnects (--continuity).
+#
+# Usage: loadtest/scripts/cluster-reshard.sh   (DUR=4m, MOVE_EVERY=2, WIRE=2 by default; needs
+#        redis-server, redis-cli)
 # Output: markdown on stdout; JSON report and logs in target/cluster-reshard/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +28,7 @@ OUT=target/cluster-reshard
 rm -rf "$OUT" && mkdir -p "$OUT"
 DUR=${DUR:-4m}
 MOVE_EVERY=${MOVE_EVERY:-2}
+WIRE=${WIRE:-2}
 WORKSPACES=100
 PORTS=(6397 6398 6399)
 PIDS=()
@@ -44,7 +50,7 @@ until redis-cli -p "${PORTS[0]}" CLUSTER INFO | grep -q cluster_state:ok; do sle
 BUS="redis-cluster://127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]}"
 for i in 0 1 2; do
   "$BIN/causeloop-stream" --listen 127.0.0.1:$((4960 + i * 2)) --internal-listen 127.0.0.1:$((4961 + i * 2)) --shards 2 \
-    --bus "$BUS" >"$OUT/node$i.log" 2>&1 &
+    --bus "$BUS" --bus-wire "$WIRE" >"$OUT/node$i.log" 2>&1 &
   PIDS+=($!)
 done
 sleep 1
@@ -67,6 +73,12 @@ owner_of() { # slot -> index of the master that owns it (master 0's view)
     to=$(((from + 1 + n % 2) % 3))
     redis-cli -p "${PORTS[$to]}" CLUSTER SETSLOT "$slot" IMPORTING "${ids[$from]}" >/dev/null
     redis-cli -p "${PORTS[$from]}" CLUSTER SETSLOT "$slot" MIGRATING "${ids[$to]}" >/dev/null
+    while :; do
+      keys=$(redis-cli -p "${PORTS[$from]}" CLUSTER GETKEYSINSLOT "$slot" 10)
+      [ -z "$keys" ] && break
+      # shellcheck disable=SC2086
+      redis-cli -p "${PORTS[$from]}" MIGRATE 127.0.0.1 "${PORTS[$to]}" "" 0 5000 KEYS $keys >/dev/null
+    done
     for i in "$to" "$from" $(((3 - to - from) % 3)); do
       redis-cli -p "${PORTS[$i]}" CLUSTER SETSLOT "$slot" NODE "${ids[$to]}" >/dev/null
     done
@@ -79,19 +91,19 @@ MOVER=$!
 PIDS+=($MOVER)
 
 "$BIN/causeloop-loadtest" slow --url ws://127.0.0.1:4960 --url ws://127.0.0.1:4962 --url ws://127.0.0.1:4964 \
-  --internal http://127.0.0.1:4961 --connections 3000 --workspaces $WORKSPACES --rate 5 --slow-fraction 0 --churn 30 \
+  --internal http://127.0.0.1:4961 --connections 3000 --workspaces $WORKSPACES --rate 5 --slow-fraction 0 --churn 30 --continuity \
   --processes 2 --source-ips 127.0.0.2-127.0.0.9 --duration "$DUR" --json "$OUT/soak.json" >"$OUT/loadtest.txt" 2>"$OUT/loadtest.log"
 kill $MOVER 2>/dev/null || true
 
 echo "slots moved: $(cat "$OUT/moves" 2>/dev/null || echo 0)"
 for i in 0 1 2; do
   echo "node $i: $(curl -s 127.0.0.1:$((4961 + i * 2))/metrics |
-    grep -E '^causeloop_bus_(up|reconnects_total|messages_total|redirects_total|layout_reads_total)' | tr '\n' ' ')"
+    grep -E '^causeloop_(bus_(up|reconnects_total|messages_total|redirects_total|layout_reads_total|stream_reads_total|stream_gaps_total|records_lost_total)|stream_starts_total)' | tr '\n' ' ')"
 done
 python3 - "$OUT/soak.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); f = r["fanout"]
-print(f"published {f['published_events']}, delivered {f['delivered_frames']}, lost {f['lost']}, reordered {f['reordered']}, churned {f['churned']}")
+print(f"published {f['published_events']}, delivered {f['delivered_frames']}, lost {f['lost']}, reordered {f['reordered']}, repeated {f['repeated']}, stream.gap {f['gaps']}, churned {f['churned']}")
 print(f"publish errors {f['publish_errors']}; connect failures {r['connect']['failures']}; closes {r['closes']}")
 print(f"latency p50 {f['latency_us']['p50']} µs, p99 {f['latency_us']['p99']} µs; heartbeat lateness p99 {r['heartbeat_lateness_us']['p99']} µs")
 PY
