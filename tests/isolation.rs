@@ -8,8 +8,9 @@
 //! publishes spread over both nodes and a workspace's hash slot moving to another master between
 //! rounds: the cluster bus's subscription bookkeeping must keep every connection whole.
 //!
-//! On one node (history on), some connections that left come back with the same token, as the
-//! seed's client does, and resume: they must receive every event addressed to them while they
+//! On one node (history on), and on the Redis Cluster with wire format 2, some connections that
+//! left come back with the same token (on the cluster, to either node), as the seed's client
+//! does, and resume: they must receive every event addressed to them while they
 //! were gone, in order, then the live stream; the only extra frames allowed are a repeat of the
 //! last events they had read before leaving (events written after their last acknowledgement,
 //! the contract's one case of duplicates).
@@ -162,7 +163,9 @@ fn churn(
                     break;
                 }
                 let mut c = gone.swap_remove(rng.below(gone.len()));
-                let mut ws = connect(&nodes[0].url(&c.token, c.workspace));
+                // On any node: on the cluster bus its record is in Redis.
+                let node = &nodes[rng.below(nodes.len())];
+                let mut ws = connect(&node.url(&c.token, c.workspace));
                 let first = read_text(&mut ws);
                 assert!(first.starts_with(r#"{"type":"connected""#), "{first}");
                 c.ws = ws;
@@ -388,4 +391,60 @@ fn every_connection_gets_exactly_its_events_across_a_redis_cluster_while_slots_m
         "connections landed on (node, shard) {:?} only",
         run.shards_seen
     );
+}
+
+#[test]
+fn every_connection_gets_exactly_its_events_and_resumes_on_any_node_with_wire_format_2() {
+    let Some(cluster) = RedisCluster::start(
+        "every_connection_gets_exactly_its_events_and_resumes_on_any_node_with_wire_format_2",
+        3,
+    ) else {
+        return;
+    };
+    let seed = seed("isolation on a Redis Cluster, wire format 2");
+    let nodes = [0, 1].map(|_| {
+        let mut bus = cluster.bus();
+        if let causeloop_stream::config::BusConfig::Redis(r) = &mut bus {
+            r.wire = 2;
+        }
+        TestServer::with(move |c| {
+            c.shards = 2;
+            c.bus = bus;
+            c.ack_interval = std::time::Duration::from_millis(50);
+        })
+    });
+    for node in &nodes {
+        assert!(
+            eventually(WAIT, || node
+                .server()
+                .stats()
+                .bus
+                .bus_up
+                .load(Ordering::Relaxed)
+                == 1),
+            "a node's cluster bus never came up"
+        );
+    }
+    let mut moves = 0;
+    let run = churn(seed, &nodes, 40, true, |rng| {
+        // Every other round one workspace's slot moves, its keys with it.
+        if rng.below(2) == 0 {
+            let ws = WORKSPACES[rng.below(WORKSPACES.len())];
+            let slot = cluster.slot(&format!("causeloop:v1:ws:{ws}"));
+            let to = (cluster.owner(slot) + 1 + rng.below(2)) % 3;
+            cluster.move_slot(slot, to);
+            moves += 1;
+        }
+    });
+    eprintln!(
+        "isolation on a Redis Cluster, wire format 2: {} deliveries checked over {} events, {} resumes, {} repeated, {moves} slot moves",
+        run.deliveries, run.events, run.resumes, run.repeats
+    );
+    assert!(run.resumes > 5, "only {} resumes", run.resumes);
+    assert!(
+        run.deliveries > 200,
+        "only {} deliveries checked",
+        run.deliveries
+    );
+    assert!(moves > 5, "only {moves} slot moves");
 }

@@ -49,6 +49,9 @@ pub enum ShardMsg {
     /// workspace stood when the answer was sent, and the history copy holds what a replay
     /// from the record needs (as far as Redis still had it).
     Record(RecordAnswer),
+    /// Redis has the resume record of connection (key, generation), or could not take it: its
+    /// socket may close.
+    RecordKept(u32, u32),
 }
 
 /// See [`ShardMsg::Record`].

@@ -178,6 +178,10 @@ pub enum BusInterest {
 pub enum RecordOp {
     /// Keep a record (a connection ended).
     Put {
+        /// The connection waiting for it to be kept before its socket closes, as (shard,
+        /// connection, generation); answered with
+        /// [`crate::dispatch::inbox::ShardMsg::RecordKept`].
+        waiting: Option<(usize, u32, u32)>,
         /// Its workspace (whose hash slot the record's key shares).
         workspace: Arc<str>,
         /// The hash of the token and the workspace.

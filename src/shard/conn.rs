@@ -87,6 +87,10 @@ pub struct Conn {
     pub dead: bool,
     /// Shut down once the outbox is flushed.
     pub close_when_flushed: bool,
+    /// Its resume record is on its way to Redis (cluster bus): the socket is shut only once
+    /// Redis has it (or the close deadline passes), so that a client reconnecting the moment
+    /// its connection closes finds it on any node.
+    pub record_pending: bool,
     /// Accepted while `--max-connections` was reached: answered 1013 after the upgrade.
     pub over_limit: bool,
     /// Was subscribed at some point (its close line was logged when it unsubscribed).
@@ -117,6 +121,7 @@ impl Conn {
             want_write: false,
             dead: false,
             close_when_flushed: false,
+            record_pending: false,
             over_limit,
             was_open: false,
             close_code: 0,

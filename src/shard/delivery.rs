@@ -47,6 +47,12 @@ impl Shard {
             ShardMsg::TwinAlive(key) => self.on_twin_alive(&key),
             ShardMsg::Gap(ws, reason, since) => self.on_bus_gap(&ws, reason, since, turn),
             ShardMsg::Record(answer) => self.on_record_answer(answer, turn),
+            ShardMsg::RecordKept(key, gen) => {
+                if let Some(c) = self.conns.get_mut(key as usize).filter(|c| c.gen == gen) {
+                    c.record_pending = false;
+                    self.mark_dirty(key as usize);
+                }
+            }
         }
     }
 

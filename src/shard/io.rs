@@ -242,7 +242,7 @@ impl Shard {
             }
             conn.want_write = blocked;
         }
-        if !blocked && conn.close_when_flushed {
+        if !blocked && conn.close_when_flushed && !conn.record_pending {
             return self.linger(key, turn);
         }
         Next::Continue

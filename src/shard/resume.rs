@@ -77,6 +77,8 @@ pub(super) struct Replay {
     answered: u32,
     /// Twins open when the wait began (this connection not counted).
     twins: u32,
+    /// No record: it starts from where the stream stood at connect (counted fresh).
+    fresh: bool,
 }
 
 /// A connection waiting for its resume record from Redis (cluster bus).
@@ -160,6 +162,7 @@ impl Shard {
                         iat,
                         answered: 0,
                         twins,
+                        fresh: false,
                     },
                 );
                 for i in 0..self.links.len() {
@@ -223,6 +226,7 @@ impl Shard {
                         iat,
                         answered: 0,
                         twins: 0,
+                        fresh: false,
                     },
                 );
                 self.pump(key, turn)
@@ -353,6 +357,7 @@ impl Shard {
                         iat,
                         answered: 0,
                         twins: 0,
+                        fresh: true,
                     },
                 );
                 self.guarded(key, turn, |s| s.pump(key, turn));
@@ -527,8 +532,12 @@ impl Shard {
 
     /// The replay is done: the connection receives the live stream from here.
     fn join_live(&mut self, key: usize, turn: &Turn) {
-        self.outcome(Outcome::Replayed);
-        self.replays.remove(&(key as u32));
+        let fresh = self.replays.remove(&(key as u32)).is_some_and(|r| r.fresh);
+        self.outcome(if fresh {
+            Outcome::Fresh
+        } else {
+            Outcome::Replayed
+        });
         if let Some(t) = self.tracked(key) {
             // An acknowledgement goes with the next heartbeat.
             t.next_ack_tick = turn.tick;
@@ -593,6 +602,7 @@ impl Shard {
             }
             if let Some(r) = self.replays.get_mut(&(key as u32)) {
                 r.wait_until = None;
+                r.fresh = true;
             }
         }
         let fill = self.limits.max_outbound / 2;
@@ -903,15 +913,25 @@ impl Shard {
         let from_bus = d.from_bus;
         let record = d.record(t.record_key, &t.workspace, at, from_ack, turn.now);
         if from_bus {
+            // A connection still here (it answered a close, or closed first) keeps its socket
+            // until Redis has the record.
+            let waiting = self
+                .conns
+                .get(key)
+                .filter(|c| !c.dead)
+                .map(|c| (self.index, key as u32, c.gen));
             let put = crate::dispatch::RecordOp::Put {
+                waiting,
                 workspace: t.workspace,
                 key: t.record_key,
                 value: record.encode(),
             };
-            if !self.ask_bus(put) {
-                if let Some(d) = &self.delivery {
-                    DeliveryStats::add(&d.stats.records_not_kept, 1);
+            if self.ask_bus(put) {
+                if waiting.is_some() {
+                    self.conns[key].record_pending = true;
                 }
+            } else if let Some(d) = &self.delivery {
+                DeliveryStats::add(&d.stats.records_not_kept, 1);
             }
         }
     }

@@ -80,6 +80,9 @@ enum Pending {
     Quiet(&'static str),
     /// `LPOP` of a resume record for a connection.
     Take(TakeAsk),
+    /// The last command of keeping a resume record: its answer lets the connection that
+    /// waits for it (shard, connection, generation) close.
+    Kept(Option<(usize, u32, u32)>),
     /// The events a resume needs that this node's history copy lacks (`XRANGE`), read
     /// before the record is handed over.
     Backfill(TakeAsk, Record, Position),
@@ -143,6 +146,7 @@ enum ShardMsgKind {
     Live(Arc<str>, Option<Position>),
     Gap(Arc<str>, GapReason, Option<u64>),
     Record(RecordAnswer),
+    Kept(u32, u32),
 }
 
 impl ShardMsgKind {
@@ -151,6 +155,7 @@ impl ShardMsgKind {
             ShardMsgKind::Live(ws, head) => ShardMsg::Live(ws.clone(), *head),
             ShardMsgKind::Gap(ws, reason, since) => ShardMsg::Gap(ws.clone(), *reason, *since),
             ShardMsgKind::Record(a) => ShardMsg::Record(a.clone()),
+            ShardMsgKind::Kept(k, g) => ShardMsg::RecordKept(*k, *g),
         }
     }
 }
@@ -639,13 +644,14 @@ impl Runner {
     fn on_record_op(&mut self, op: RecordOp, now: Instant) {
         match op {
             RecordOp::Put {
+                waiting,
                 workspace,
                 key,
                 value,
             } => {
                 let Some(k) = self.command_conn_for(&workspace, now) else {
                     ShardStats::add(&self.bus.stats.bus_records_lost, 1);
-                    return;
+                    return self.record_kept(waiting);
                 };
                 let rk = wire::record_key(&workspace, &key);
                 let window = self.bus.window.as_millis().max(1).to_string();
@@ -662,7 +668,7 @@ impl Runner {
                 }
                 if let Role::Publisher(q) = &mut c.role {
                     q.push_back((Pending::Quiet("keeping a resume record"), now));
-                    q.push_back((Pending::Quiet("setting a resume record's expiry"), now));
+                    q.push_back((Pending::Kept(waiting), now));
                 }
             }
             RecordOp::Drop {
@@ -743,7 +749,15 @@ impl Runner {
             }
         };
         let head = self.stream_head(&ask.ws);
-        let after = record.at;
+        // A record from before any event of the stream (epoch 0) resumes from its start.
+        let after = if record.at.epoch == 0 {
+            Position {
+                epoch: head.epoch,
+                offset: 0,
+            }
+        } else {
+            record.at
+        };
         let needs = head.epoch != 0 && after.epoch == head.epoch && after.offset < head.offset;
         let held = self.mirror.as_ref().and_then(|m| m.oldest(&ask.ws));
         let covered = held.is_some_and(|o| o.epoch == head.epoch && o.offset <= after.offset + 1);
@@ -855,6 +869,17 @@ impl Runner {
             .as_ref()
             .and_then(|s| s.head(ws))
             .unwrap_or_default()
+    }
+
+    /// Lets the connection waiting for its record to be kept close (kept or not: the wait
+    /// must end).
+    fn record_kept(&mut self, waiting: Option<(usize, u32, u32)>) {
+        if let Some((shard, conn, gen)) = waiting {
+            let mut to = ShardSet::default();
+            to.insert(shard);
+            self.outgoing
+                .push_back(Outgoing::One(ShardMsgKind::Kept(conn, gen), to));
+        }
     }
 
     /// Answers a shard's `Take`, after every event gathered so far (so that the head it
@@ -1134,6 +1159,11 @@ impl Runner {
                         }
                         Pending::Take(ask) | Pending::Backfill(ask, ..) => {
                             self.answer_take(ask, Err(()));
+                            continue;
+                        }
+                        Pending::Kept(waiting) => {
+                            ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                            self.record_kept(waiting);
                             continue;
                         }
                         Pending::Quiet(what) => {
@@ -1451,6 +1481,16 @@ impl Runner {
                 self.on_take_reply(ask, reply, now);
                 return Ok(());
             }
+            Pending::Kept(waiting) => {
+                if let Reply::Error(e) = &reply {
+                    log::warn!(
+                        "cluster bus: setting a resume record's expiry failed: {}",
+                        String::from_utf8_lossy(e)
+                    );
+                }
+                self.record_kept(waiting);
+                return Ok(());
+            }
             Pending::Backfill(ask, record, head) => {
                 self.on_backfill_reply(ask, record, head, reply, now);
                 return Ok(());
@@ -1550,7 +1590,12 @@ impl Runner {
                     self.subs.remove(&ws, shard, &mut self.actions);
                     if !self.subs.is_wanted(&ws) {
                         if let Some(streams) = self.streams.as_mut() {
+                            // Nothing of it reaches this node from now on: its copy of the
+                            // history would fall behind unseen.
                             streams.forget(&ws);
+                            if let Some(m) = &self.mirror {
+                                m.forget(&ws);
+                            }
                         }
                         self.live_waits.remove(&ws);
                     }
