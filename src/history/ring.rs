@@ -581,6 +581,81 @@ mod tests {
         .map(|_| got)
     }
 
+    fn at(epoch: u64, offset: u64) -> Position {
+        Position { epoch, offset }
+    }
+
+    #[test]
+    fn events_placed_at_given_positions_start_over_after_a_hole_or_another_epoch() {
+        let now = Instant::now();
+        let mut h = History::new(limits(10, 1 << 20), 1);
+        let f = frame(1, 50);
+        assert!(h.place("a", at(9, 41), None, &f, 1, now));
+        assert!(h.place("a", at(9, 42), None, &f, 1, now));
+        assert!(!h.place("a", at(9, 42), None, &f, 1, now), "a repeat is ignored");
+        assert_eq!(h.head("a", now), at(9, 42));
+        assert_eq!(h.oldest("a"), Some(at(9, 41)));
+        assert_eq!(offsets(&mut h, "a", at(9, 40), now), Ok(vec![41, 42]));
+        assert_eq!(offsets(&mut h, "a", at(9, 39), now), Err(Miss::Trimmed));
+        // A hole: what was kept cannot be read across it.
+        assert!(h.place("a", at(9, 50), None, &f, 1, now));
+        assert_eq!(h.oldest("a"), Some(at(9, 50)));
+        assert_eq!(offsets(&mut h, "a", at(9, 42), now), Err(Miss::Trimmed));
+        // Another epoch starts the stream over.
+        assert!(h.place("a", at(11, 1), None, &f, 1, now));
+        assert_eq!(h.head("a", now), at(11, 1));
+        assert_eq!(h.evictions(), [0, 0, 0], "starting over evicts nothing by a bound");
+        h.check();
+        h.forget("a");
+        assert_eq!(h.oldest("a"), None);
+        assert_eq!(h.head("a", now), Position::default());
+        assert_eq!((h.events(), h.spaces()), (0, 0));
+        h.check();
+    }
+
+    #[test]
+    fn older_events_read_back_go_in_front_of_those_kept() {
+        let now = Instant::now();
+        let mut h = History::new(limits(100, 1 << 20), 1);
+        let f = frame(2, 50);
+        let older = |range: std::ops::RangeInclusive<u64>| -> Vec<Older> {
+            range
+                .map(|offset| Older {
+                    offset,
+                    ts_ms: offset,
+                    user: None,
+                    frame: frame(3, 40),
+                })
+                .collect()
+        };
+        for o in 20..=25 {
+            h.place("a", at(9, o), None, &f, o, now);
+        }
+        // Read back 10..=22 (overlapping what is kept): 10..=25 then.
+        assert!(h.rebase("a", 9, older(10..=22), now));
+        assert_eq!(h.oldest("a"), Some(at(9, 10)));
+        assert_eq!(
+            offsets(&mut h, "a", at(9, 9), now),
+            Ok((10..=25).collect::<Vec<_>>())
+        );
+        assert_eq!(h.ts_at("a", at(9, 12)), Some(12));
+        h.check();
+        // Nothing to do when they are held already, or when they would leave a hole, or when
+        // they are not contiguous.
+        assert!(!h.rebase("a", 9, older(12..=14), now));
+        assert!(!h.rebase("a", 9, older(1..=5), now));
+        let mut broken = older(1..=9);
+        broken.remove(3);
+        assert!(!h.rebase("a", 9, broken, now));
+        // A workspace not kept here gets its stream from what was read.
+        assert!(h.rebase("b", 4, older(3..=5), now));
+        assert_eq!(h.head("b", now), at(4, 5));
+        // Another epoch replaces what was kept.
+        assert!(h.rebase("a", 10, older(1..=2), now));
+        assert_eq!(h.head("a", now), at(10, 2));
+        h.check();
+    }
+
     #[test]
     fn positions_grow_by_one_per_workspace_and_frames_are_shared() {
         let now = Instant::now();
