@@ -592,7 +592,10 @@ mod tests {
         let f = frame(1, 50);
         assert!(h.place("a", at(9, 41), None, &f, 1, now));
         assert!(h.place("a", at(9, 42), None, &f, 1, now));
-        assert!(!h.place("a", at(9, 42), None, &f, 1, now), "a repeat is ignored");
+        assert!(
+            !h.place("a", at(9, 42), None, &f, 1, now),
+            "a repeat is ignored"
+        );
         assert_eq!(h.head("a", now), at(9, 42));
         assert_eq!(h.oldest("a"), Some(at(9, 41)));
         assert_eq!(offsets(&mut h, "a", at(9, 40), now), Ok(vec![41, 42]));
@@ -604,7 +607,11 @@ mod tests {
         // Another epoch starts the stream over.
         assert!(h.place("a", at(11, 1), None, &f, 1, now));
         assert_eq!(h.head("a", now), at(11, 1));
-        assert_eq!(h.evictions(), [0, 0, 0], "starting over evicts nothing by a bound");
+        assert_eq!(
+            h.evictions(),
+            [0, 0, 0],
+            "starting over evicts nothing by a bound"
+        );
         h.check();
         h.forget("a");
         assert_eq!(h.oldest("a"), None);
