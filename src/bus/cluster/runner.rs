@@ -98,7 +98,13 @@ struct TakeAsk {
     gen: u32,
     /// Times Redis redirected it (a slot moving).
     redirects: u8,
+    /// When the shard asked: it is asked again (a cluster settling) until [`TAKE_DEADLINE`].
+    asked: Instant,
 }
+
+/// How long a resume record's take is asked again while its master is settling (the shard
+/// waits up to `--handshake-timeout`).
+const TAKE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The message field of a history stream entry (`[id, [field, value, ...]]`, field `m`).
 fn entry_message(entry: &Reply) -> Option<&[u8]> {
@@ -282,6 +288,7 @@ impl BusThread {
             retry_reads: Vec::new(),
             retry_reads_at: Instant::now(),
             live_waits: HashMap::new(),
+            retry_takes: Vec::new(),
             failed: Vec::new(),
             more: false,
             paused: false,
@@ -333,6 +340,8 @@ struct Runner {
     /// Stream reads that found no connection to go out on, asked again on a later turn.
     retry_reads: Vec<(Arc<str>, u64)>,
     retry_reads_at: Instant,
+    /// Record takes asked again on a later turn.
+    retry_takes: Vec<TakeAsk>,
     /// Shards to tell that a workspace is live once its stream is located.
     live_waits: HashMap<Arc<str>, ShardSet>,
     /// Connections to drop at the end of the step that found them failed.
@@ -368,7 +377,6 @@ impl Runner {
             }
             self.publishing.expire(now);
             self.retry_stream_reads(now);
-            self.check_deadlines(now);
             self.advance_outgoing();
             self.flush_all();
             self.drop_failed();
@@ -405,6 +413,10 @@ impl Runner {
             }
             self.drop_failed();
             self.read_all();
+            // Deadlines are checked after reading, so that answers that arrived while this
+            // thread was not running (a busy machine) count before a connection is given up
+            // as silent: giving up a live one answers 503 to publishes Redis did take.
+            self.check_deadlines(Instant::now());
             self.drop_failed();
         }
     }
@@ -431,7 +443,11 @@ impl Runner {
         let outstanding = self.conns.iter().any(|(_, c)| {
             !c.link.is_ready() || matches!(&c.role, Role::Publisher(sent) if !sent.is_empty())
         });
-        if outstanding || self.layout.is_some() || !self.retry_reads.is_empty() {
+        if outstanding
+            || self.layout.is_some()
+            || !self.retry_reads.is_empty()
+            || !self.retry_takes.is_empty()
+        {
             until = until.min(now + DEADLINE_TICK);
         }
         until.saturating_duration_since(now)
@@ -705,6 +721,7 @@ impl Runner {
                     conn,
                     gen,
                     redirects: 0,
+                    asked: now,
                 };
                 self.send_take(ask, now);
             }
@@ -742,6 +759,11 @@ impl Runner {
                 let mut ask = ask;
                 ask.redirects += 1;
                 return self.send_take(ask, now);
+            }
+            Reply::Error(e) if e.starts_with(b"CLUSTERDOWN") && now < ask.asked + TAKE_DEADLINE => {
+                // A master back, the cluster not settled yet: asked again shortly.
+                self.retry_takes.push(ask);
+                return;
             }
             _ => {
                 log::warn!(workspace = &*ask.ws; "cluster bus: taking a resume record failed; the client is told of a gap");
@@ -942,7 +964,12 @@ impl Runner {
                 }
                 streams.filled(&ws, id, got, complete, now, &mut self.outs);
             }
-            (_, Reply::Error(e)) if self.note_redirect(&e, now) => {
+            (_, Reply::Error(e))
+                if self.note_redirect(&e, now) || e.starts_with(b"CLUSTERDOWN") =>
+            {
+                // A slot on the move, or a cluster still settling after a master came back:
+                // asked again shortly, quietly.
+                log::debug!(workspace = &*ws; "cluster bus: reading the workspace's stream: {}; asking again", String::from_utf8_lossy(&e));
                 self.retry_reads.push((ws, id));
             }
             (_, Reply::Error(e)) => {
@@ -963,10 +990,14 @@ impl Runner {
     /// Asks again the stream reads that failed or found no connection (at most every
     /// [`DEADLINE_TICK`], so that a master that is away is not asked in a loop).
     fn retry_stream_reads(&mut self, now: Instant) {
-        if self.retry_reads.is_empty() || now < self.retry_reads_at {
+        if (self.retry_reads.is_empty() && self.retry_takes.is_empty()) || now < self.retry_reads_at
+        {
             return;
         }
         self.retry_reads_at = now + DEADLINE_TICK;
+        for ask in std::mem::take(&mut self.retry_takes) {
+            self.send_take(ask, now);
+        }
         let Some(streams) = self.streams.as_mut() else {
             self.retry_reads.clear();
             return;
