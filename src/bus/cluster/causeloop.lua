@@ -10,7 +10,7 @@
 --
 -- In one atomic step: take the workspace's next offset (a new epoch when its meta is missing),
 -- append the message to the workspace's history stream (entry id <offset>-0; trimmed to <size>
--- entries and, a few entries per call, to those younger than <ttl_ms>), and PUBLISH (SPUBLISH on
+-- entries and, 8 entries every 8 events, to those younger than <ttl_ms>), and PUBLISH (SPUBLISH on
 -- a Redis Cluster) the message carrying its position. <event> is one JSON object without a
 -- position: {"type":...,"ts":...,["user_id":...,]"payload":{...}}. Returns the offset.
 --
@@ -23,7 +23,8 @@
 -- An idle workspace's epoch and offset are kept this long after its last event (then a new epoch
 -- begins). Nodes take an epoch change after such an idle time as harmless.
 local META_IDLE_MS = 86400000
--- Entries aged out per call at most, so that one call's work stays bounded.
+-- Entries aged out at most per check, one check every this many events: a bounded cost per call
+-- that keeps up with a stream whose entries age out one per event.
 local AGE_TRIM_PER_CALL = 8
 
 local function now_ms()
@@ -67,9 +68,14 @@ local function publish(keys, args, verb)
     .. string.sub(event, 2)
   redis.call('XADD', hist, 'MAXLEN', string.format('%d', size), string.format('%d-0', offset),
     'm', message, 't', string.format('%d', now))
-  -- Age: the oldest few entries older than the TTL go.
+  -- Age: every AGE_TRIM_PER_CALL events, the oldest that many entries go if older than the TTL
+  -- (checking on every call would cost more than the rest of the call; a stream with nothing
+  -- younger than the TTL expires as a whole below).
   local cutoff = now - ttl
-  local oldest = redis.call('XRANGE', hist, '-', '+', 'COUNT', AGE_TRIM_PER_CALL)
+  local oldest = {}
+  if offset % AGE_TRIM_PER_CALL == 0 then
+    oldest = redis.call('XRANGE', hist, '-', '+', 'COUNT', AGE_TRIM_PER_CALL)
+  end
   local keep_from = nil
   for _, entry in ipairs(oldest) do
     local fields = entry[2]
