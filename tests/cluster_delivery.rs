@@ -799,3 +799,57 @@ fn redis_killed_and_restarted_with_persistence_loses_nothing() {
     let offset = redis.cli(&["HGET", "{causeloop:v1:ws:ws_aof}:meta", "offset"]);
     assert!(offset.trim().parse::<u64>().unwrap() >= sent, "{offset}");
 }
+
+#[test]
+fn a_record_made_while_redis_was_away_is_kept_once_it_is_back() {
+    let Some(mut redis) =
+        Redis::start_persistent("a_record_made_while_redis_was_away_is_kept_once_it_is_back")
+    else {
+        return;
+    };
+    let (a, b) = (node_v2(&redis), node_v2(&redis));
+    let token = token("ws_away", "u", 3600);
+    let mut first = connect(&a.url(&token, "ws_away"));
+    assert_eq!(next_frame(&mut first)["type"], "connected");
+    let mut backend = Backend::connect(&redis);
+    for n in 0..5 {
+        backend.publish("ws_away", n);
+    }
+    assert_eq!(read_numbers(&mut first, 5).0, [0, 1, 2, 3, 4]);
+    redis.kill();
+    // The client leaves while node A cannot reach Redis: its record waits on the node.
+    first.close(None).unwrap();
+    let start = Instant::now();
+    while first.read().is_ok() {
+        assert!(start.elapsed() < WAIT);
+    }
+    redis.restart();
+    let up = |n: &TestServer| n.server().stats().bus.bus_up.load(Ordering::Relaxed) == 1;
+    assert!(eventually(WAIT, || up(&a) && up(&b)));
+    let mut backend = Backend::connect(&redis);
+    for n in 5..10 {
+        backend.publish("ws_away", n);
+    }
+    // Node A hands the record to Redis as soon as it is back.
+    let key = format!(
+        "{{causeloop:v1:ws:ws_away}}:resume:{}",
+        causeloop_stream::history::records::record_key(token.as_bytes(), "ws_away")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    assert!(eventually(WAIT, || redis.cli(&["LLEN", &key]).trim() == "1"));
+    let mut again = connect(&b.url(&token, "ws_away"));
+    assert_eq!(next_frame(&mut again)["type"], "connected");
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.last() != Some(&9) {
+        assert!(start.elapsed() < WAIT, "{got:?}");
+        let f = next_frame(&mut again);
+        assert_eq!(f["type"], "test.seq", "{f}");
+        got.push(f["payload"]["n"].as_u64().unwrap());
+    }
+    // Its record came from its acknowledgement: what it had may come again, then 5..9, once.
+    let from = got.iter().position(|&n| n == 5).expect("5 replayed");
+    assert_eq!(&got[from..], [5, 6, 7, 8, 9]);
+}

@@ -102,6 +102,10 @@ struct TakeAsk {
     asked: Instant,
 }
 
+/// Resume records kept on the node while Redis is away, at most (beyond: counted in
+/// `causeloop_bus_records_lost_total`).
+const DEFERRED_RECORDS: usize = 65_536;
+
 /// How long a resume record's take is asked again while its master is settling (the shard
 /// waits up to `--handshake-timeout`).
 const TAKE_DEADLINE: Duration = Duration::from_secs(5);
@@ -289,6 +293,7 @@ impl BusThread {
             retry_reads_at: Instant::now(),
             live_waits: HashMap::new(),
             retry_takes: Vec::new(),
+            deferred_records: Vec::new(),
             failed: Vec::new(),
             more: false,
             paused: false,
@@ -342,6 +347,9 @@ struct Runner {
     retry_reads_at: Instant,
     /// Record takes asked again on a later turn.
     retry_takes: Vec<TakeAsk>,
+    /// Resume records made while their master was unreachable, with when: kept in Redis once
+    /// it is back, if their resume window has not passed.
+    deferred_records: Vec<(Instant, Arc<str>, RecordKey, String)>,
     /// Shards to tell that a workspace is live once its stream is located.
     live_waits: HashMap<Arc<str>, ShardSet>,
     /// Connections to drop at the end of the step that found them failed.
@@ -447,6 +455,7 @@ impl Runner {
             || self.layout.is_some()
             || !self.retry_reads.is_empty()
             || !self.retry_takes.is_empty()
+            || !self.deferred_records.is_empty()
         {
             until = until.min(now + DEADLINE_TICK);
         }
@@ -666,8 +675,15 @@ impl Runner {
                 value,
             } => {
                 let Some(k) = self.command_conn_for(&workspace, now) else {
-                    ShardStats::add(&self.bus.stats.bus_records_lost, 1);
-                    return self.record_kept(waiting);
+                    // Redis is away: kept here until it is back (within the resume window),
+                    // for a client that returns after it; the socket need not wait for it.
+                    self.record_kept(waiting);
+                    if self.deferred_records.len() >= DEFERRED_RECORDS {
+                        ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                        return;
+                    }
+                    self.deferred_records.push((now, workspace, key, value));
+                    return;
                 };
                 let rk = wire::record_key(&workspace, &key);
                 let window = self.bus.window.as_millis().max(1).to_string();
@@ -990,13 +1006,41 @@ impl Runner {
     /// Asks again the stream reads that failed or found no connection (at most every
     /// [`DEADLINE_TICK`], so that a master that is away is not asked in a loop).
     fn retry_stream_reads(&mut self, now: Instant) {
-        if (self.retry_reads.is_empty() && self.retry_takes.is_empty()) || now < self.retry_reads_at
+        if (self.retry_reads.is_empty()
+            && self.retry_takes.is_empty()
+            && self.deferred_records.is_empty())
+            || now < self.retry_reads_at
         {
             return;
         }
         self.retry_reads_at = now + DEADLINE_TICK;
         for ask in std::mem::take(&mut self.retry_takes) {
             self.send_take(ask, now);
+        }
+        let window = self.bus.window;
+        let deferred = if self.publish_from.is_empty() {
+            Vec::new() // Redis still away: nothing to try yet
+        } else {
+            std::mem::take(&mut self.deferred_records)
+        };
+        for (made, workspace, key, value) in deferred {
+            if now.saturating_duration_since(made) >= window {
+                ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                continue;
+            }
+            if self.command_conn_for(&workspace, now).is_none() {
+                self.deferred_records.push((made, workspace, key, value));
+                continue;
+            }
+            self.on_record_op(
+                RecordOp::Put {
+                    waiting: None,
+                    workspace,
+                    key,
+                    value,
+                },
+                now,
+            );
         }
         let Some(streams) = self.streams.as_mut() else {
             self.retry_reads.clear();
