@@ -106,6 +106,9 @@ struct TakeAsk {
 /// `causeloop_bus_records_lost_total`).
 const DEFERRED_RECORDS: usize = 65_536;
 
+/// How long a master that answered `CLUSTERDOWN` is given before publishes go to it again.
+const CLUSTER_SETTLE: Duration = Duration::from_millis(250);
+
 /// How long a resume record's take is asked again while its master is settling (the shard
 /// waits up to `--handshake-timeout`).
 const TAKE_DEADLINE: Duration = Duration::from_secs(5);
@@ -1582,6 +1585,15 @@ impl Runner {
         if e.starts_with(b"TRYAGAIN") {
             // A Redis Cluster moving the slot's keys has some of the function's keys on
             // either side: asked again shortly, until the move is done (or the deadline).
+            self.publishing.redirected(msg, now);
+            return Ok(());
+        }
+        if e.starts_with(b"CLUSTERDOWN") {
+            // A master that came back before its cluster has settled: new publishes to it are
+            // refused before anything of them is sent (so that a request is never half
+            // published) until it stops saying so, and this one is asked again shortly.
+            let node = self.conns[key].link.node.clone();
+            self.publish_from.insert(node, now + CLUSTER_SETTLE);
             self.publishing.redirected(msg, now);
             return Ok(());
         }
