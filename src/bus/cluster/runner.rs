@@ -78,6 +78,9 @@ enum Pending {
     /// `causeloop_fence`, or a resume record kept or dropped: the answer only logged if an
     /// error.
     Quiet(&'static str),
+    /// `RPUSH` of a resume record (its workspace, key and value, to keep it again should the
+    /// cluster not be ready for it).
+    Keep(Arc<str>, RecordKey, String),
     /// `LPOP` of a resume record for a connection.
     Take(TakeAsk),
     /// The last command of keeping a resume record: its answer lets the connection that
@@ -702,7 +705,7 @@ impl Runner {
                     self.failed.push((k, e.to_string()));
                 }
                 if let Role::Publisher(q) = &mut c.role {
-                    q.push_back((Pending::Quiet("keeping a resume record"), now));
+                    q.push_back((Pending::Keep(workspace, key, value), now));
                     q.push_back((Pending::Kept(waiting), now));
                 }
             }
@@ -1244,12 +1247,14 @@ impl Runner {
                             self.record_kept(waiting);
                             continue;
                         }
-                        Pending::Quiet(what) => {
-                            if what.starts_with("keeping") {
-                                ShardStats::add(&self.bus.stats.bus_records_lost, 1);
-                            }
+                        Pending::Keep(workspace, key, value) => {
+                            // Its connection failed before the answer: kept again later (a
+                            // repeat in the list is harmless: a resume takes one).
+                            self.deferred_records
+                                .push((Instant::now(), workspace, key, value));
                             continue;
                         }
+                        Pending::Quiet(_) => continue,
                     };
                     let why = match (&failure, self.publishing.slot(msg)) {
                         (BusUnavailable::Unreachable { node, why, .. }, Some(slot)) => {
@@ -1549,9 +1554,6 @@ impl Runner {
             Pending::Quiet(what) => {
                 if let Reply::Error(e) = &reply {
                     log::warn!("cluster bus: {what} failed: {}", String::from_utf8_lossy(e));
-                    if what.starts_with("keeping") {
-                        ShardStats::add(&self.bus.stats.bus_records_lost, 1);
-                    }
                 }
                 return Ok(());
             }
@@ -1559,8 +1561,28 @@ impl Runner {
                 self.on_take_reply(ask, reply, now);
                 return Ok(());
             }
-            Pending::Kept(waiting) => {
+            Pending::Keep(workspace, key, value) => {
                 if let Reply::Error(e) = &reply {
+                    if e.starts_with(b"CLUSTERDOWN") || self.note_redirect(e, now) {
+                        // Kept again once the slot's master is ready.
+                        self.deferred_records.push((now, workspace, key, value));
+                    } else {
+                        log::warn!(
+                            "cluster bus: keeping a resume record failed: {}",
+                            String::from_utf8_lossy(e)
+                        );
+                        ShardStats::add(&self.bus.stats.bus_records_lost, 1);
+                    }
+                }
+                return Ok(());
+            }
+            Pending::Kept(waiting) => {
+                // (A cluster not ready answers the RPUSH before it the same way: kept again.)
+                let failed = match &reply {
+                    Reply::Error(e) if !e.starts_with(b"CLUSTERDOWN") => Some(e),
+                    _ => None,
+                };
+                if let Some(e) = failed {
                     log::warn!(
                         "cluster bus: setting a resume record's expiry failed: {}",
                         String::from_utf8_lossy(e)
