@@ -853,3 +853,58 @@ fn a_record_made_while_redis_was_away_is_kept_once_it_is_back() {
     let from = got.iter().position(|&n| n == 5).expect("5 replayed");
     assert_eq!(&got[from..], [5, 6, 7, 8, 9]);
 }
+
+#[test]
+fn a_node_away_longer_than_the_history_reaches_tells_its_clients_where_events_are_missing() {
+    let Some(redis) = Redis::start(
+        "a_node_away_longer_than_the_history_reaches_tells_its_clients_where_events_are_missing",
+    ) else {
+        return;
+    };
+    let node = node_v2(&redis);
+    let mut sub = node.subscribe("ws_short", "u");
+    let mut backend = Backend::connect(&redis);
+    let publish = |b: &mut Backend, n: u64| {
+        // The history the function keeps for this workspace: the last 5 events.
+        let base = "{causeloop:v1:ws:ws_short}";
+        let event = format!(
+            r#"{{"type":"test.seq","ts":{},"payload":{{"n":{n}}}}}"#,
+            now() * 1000
+        );
+        let answer = b.command(&[
+            "FCALL",
+            "causeloop_publish",
+            "2",
+            &format!("{base}:meta"),
+            &format!("{base}:history"),
+            "causeloop:v1:ws:ws_short",
+            "5",
+            "120000",
+            &event,
+        ]);
+        assert!(answer.starts_with(':'), "{answer}");
+    };
+    for n in 0..3 {
+        publish(&mut backend, n);
+    }
+    assert_eq!(read_numbers(&mut sub, 3).0, [0, 1, 2]);
+    // The node loses its subscription; 30 events go out before it is back (its reconnect
+    // backoff is 100 ms at least), and the stream keeps only the last 5 of them.
+    assert_eq!(redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).trim(), "1");
+    for n in 3..33 {
+        publish(&mut backend, n);
+    }
+    let gap = next_frame(&mut sub);
+    assert_eq!(gap["type"], "stream.gap", "{gap}");
+    assert_eq!(gap["payload"]["reason"], "history_trimmed", "{gap}");
+    assert!(
+        gap["payload"]["since"].is_string(),
+        "the ts of event 2: {gap}"
+    );
+    // Then what the stream still had, in order, and the live stream.
+    assert_eq!(read_numbers(&mut sub, 5).0, [28, 29, 30, 31, 32]);
+    publish(&mut backend, 33);
+    assert_eq!(read_numbers(&mut sub, 1).0, [33]);
+    let gaps = common::process::metric(node.internal, "causeloop_bus_stream_gaps_total ");
+    assert_eq!(gaps, Some(1));
+}
