@@ -230,6 +230,16 @@ pub fn wire_message(data: &[u8]) {
     let sent: serde_json::Value = serde_json::from_slice(data).expect("the message is JSON");
     assert_eq!(frame["payload"], sent["payload"]);
     assert_eq!(frame["type"], sent["type"]);
+    // Version 2 carries its position, version 1 none.
+    match got.pos {
+        Some(p) => {
+            assert_eq!(sent["v"], 2);
+            assert_eq!(sent["epoch"].as_u64(), Some(p.epoch));
+            assert_eq!(sent["offset"].as_u64(), Some(p.offset));
+            assert!(p.epoch > 0 && p.offset > 0);
+        }
+        None => assert_eq!(sent["v"], 1),
+    }
 }
 
 /// A Redis Cluster layout (`CLUSTER SLOTS`) and a redirect (`MOVED`), both from Redis: never
