@@ -14,8 +14,11 @@
 //! events reach it out of order (two publishers racing): no lock is taken per delivered frame.
 //! Records are put when a connection ends and taken when one opens.
 //!
-//! The cluster bus keeps positions, history and records in Redis instead; the interfaces are
-//! what such a store implements. Until it does, `--bus redis://` runs without history.
+//! On the cluster bus with wire format 2 (`--bus-wire 2`) the positions, the history and the
+//! records live in Redis: the bus thread keeps this process's history as a copy of what it
+//! delivers ([`HistoryStore::place`], positions from Redis), and the records go to Redis through
+//! it; the local record store then only counts each token's open connections. With wire format
+//! 1 the cluster bus runs without history.
 
 pub mod ack;
 pub mod records;

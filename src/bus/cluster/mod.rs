@@ -18,7 +18,11 @@
 //!   server on a command connection of its own, each with a deadline, `MOVED` followed by
 //!   holding the message (a timer, not a sleep) and sending it to the new master;
 //! - [`layout`]: reading a Redis Cluster's layout (`CLUSTER SLOTS`) and resolving host names on
-//!   one helper thread, so a slow DNS answer never stalls the loop.
+//!   one helper thread, so a slow DNS answer never stalls the loop;
+//! - [`order`] (wire format 2): each workspace's stream on this node as a pure state machine,
+//!   delivering in position order, reading what was missed from the workspace's history stream,
+//!   and reporting what cannot be read back; the Redis side is the function library
+//!   [`FUNCTIONS`] (`causeloop.lua`), which gives each event its position.
 //!
 //! Shards tell the thread when a workspace gets its first subscriber on that shard and when it
 //! loses its last ([`BusInterest`]); the thread subscribes on the
