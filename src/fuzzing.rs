@@ -284,3 +284,22 @@ pub fn cluster_layout(data: &[u8]) {
 pub fn bus_subscriptions(data: &[u8]) {
     crate::bus::cluster::subscriptions::exercise(&data[..data.len().min(4096)]);
 }
+
+/// `Sec-WebSocket-Extensions` header values (one per line): the `permessage-deflate`
+/// negotiation never panics, takes an offer only from a header that names the extension, with a
+/// window the RFC allows, and decides the same way again.
+pub fn ws_extensions(data: &[u8]) {
+    let headers: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    let agreed = crate::ws::extensions::negotiate(headers.iter().copied());
+    assert_eq!(
+        agreed,
+        crate::ws::extensions::negotiate(headers.iter().copied())
+    );
+    if let Some(a) = agreed {
+        assert!((8..=15).contains(&a.client_window_bits));
+        assert!(headers.iter().any(|h| h
+            .to_ascii_lowercase()
+            .windows(crate::ws::extensions::PERMESSAGE_DEFLATE.len())
+            .any(|w| w == crate::ws::extensions::PERMESSAGE_DEFLATE.as_bytes())));
+    }
+}

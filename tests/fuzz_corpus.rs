@@ -9,7 +9,7 @@ use std::path::Path;
 /// A fuzz target's entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 10] = [
+const TARGETS: [(&str, Target); 11] = [
     ("http_head", fuzzing::http_head),
     ("client_frames", fuzzing::client_frames),
     ("jwt_verify", fuzzing::jwt_verify),
@@ -20,6 +20,7 @@ const TARGETS: [(&str, Target); 10] = [
     ("cluster_layout", fuzzing::cluster_layout),
     ("bus_subscriptions", fuzzing::bus_subscriptions),
     ("ack_pong", fuzzing::ack_pong),
+    ("ws_extensions", fuzzing::ws_extensions),
 ];
 
 fn replay(dir: &Path, run: Target) -> usize {
