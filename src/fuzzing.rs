@@ -303,3 +303,26 @@ pub fn ws_extensions(data: &[u8]) {
             .any(|w| w == crate::ws::extensions::PERMESSAGE_DEFLATE.as_bytes())));
     }
 }
+
+/// `permessage-deflate` on frames: any text payload the server compresses inflates back to
+/// exactly itself, and inflating arbitrary bytes (a client's compressed message) never panics
+/// and never produces more than the bound.
+pub fn ws_deflate(data: &[u8]) {
+    use crate::ws::deflate::{Deflater, InflateError, Inflater};
+    use crate::ws::frame::{encode, header_len_of, OpCode};
+    let plain = encode(OpCode::Text, data);
+    if let Some(c) = Deflater::default().compress_frame(&plain, 1) {
+        let body = &c[header_len_of(&c)..];
+        assert!(body.len() < data.len());
+        let back = Inflater::new(true).inflate_message(body, data.len());
+        assert_eq!(back.as_deref(), Ok(data));
+        if !data.is_empty() {
+            let short = Inflater::new(true).inflate_message(body, data.len() - 1);
+            assert_eq!(short, Err(InflateError::TooLarge));
+        }
+    }
+    let max = 4096;
+    if let Ok(out) = Inflater::new(false).inflate_message(data, max) {
+        assert!(out.len() <= max);
+    }
+}

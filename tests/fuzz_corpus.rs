@@ -9,7 +9,7 @@ use std::path::Path;
 /// A fuzz target's entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 11] = [
+const TARGETS: [(&str, Target); 12] = [
     ("http_head", fuzzing::http_head),
     ("client_frames", fuzzing::client_frames),
     ("jwt_verify", fuzzing::jwt_verify),
@@ -21,6 +21,7 @@ const TARGETS: [(&str, Target); 11] = [
     ("bus_subscriptions", fuzzing::bus_subscriptions),
     ("ack_pong", fuzzing::ack_pong),
     ("ws_extensions", fuzzing::ws_extensions),
+    ("ws_deflate", fuzzing::ws_deflate),
 ];
 
 fn replay(dir: &Path, run: Target) -> usize {

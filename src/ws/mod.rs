@@ -7,6 +7,7 @@
 
 pub mod close;
 pub mod decoder;
+pub mod deflate;
 pub mod extensions;
 pub mod frame;
 pub mod upgrade;

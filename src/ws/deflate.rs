@@ -1,0 +1,292 @@
+//! `permessage-deflate` (RFC 7692) on frames: an event frame compressed once into a frame every
+//! subscriber that negotiated the extension can be sent, and a client's compressed message
+//! inflated within a bound.
+//!
+//! With `server_no_context_takeover` every compressed message stands alone, so one compressor
+//! per shard serves every connection: it is reset after each message, and the frame it makes is
+//! shared by reference like the plain one. A message is compressed only when it is at least
+//! `min_bytes` and compressing makes it smaller (the caller then sends the plain frame).
+//!
+//! Inflating refuses a message the moment its output passes the bound, before more is produced:
+//! a small compressed frame that would inflate to gigabytes costs at most the bound.
+
+use super::frame::{encode_header, header_len_of, OpCode, MAX_HEADER_LEN};
+use super::SharedFrame;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// The four bytes a sync flush ends with, removed from a message and added back to inflate it.
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// The RSV1 bit: this message is compressed.
+pub const RSV1: u8 = 0x40;
+
+/// One shard's compressor.
+pub struct Deflater {
+    c: Compress,
+    out: Vec<u8>,
+}
+
+impl Default for Deflater {
+    fn default() -> Self {
+        Deflater {
+            c: Compress::new(Compression::default(), false),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl Deflater {
+    /// The compressed form of a plain, unfragmented server frame (`frame`: header and payload),
+    /// or `None` when its payload is under `min_bytes` or would not get smaller.
+    pub fn compress_frame(&mut self, frame: &[u8], min_bytes: usize) -> Option<SharedFrame> {
+        let h = header_len_of(frame);
+        if h == 0 || frame[0] & 0x70 != 0 {
+            return None; // not a frame this server built, or compressed already
+        }
+        if frame[0] & 0x0f != OpCode::Text as u8 {
+            return None; // the server sends only text messages; control frames stay plain
+        }
+        let opcode = OpCode::Text;
+        let payload = &frame[h..];
+        if payload.len() < min_bytes.max(1) {
+            return None;
+        }
+        self.out.clear();
+        self.out.reserve(payload.len() + 64);
+        self.c.reset();
+        let mut input = payload;
+        loop {
+            let before = self.c.total_in();
+            self.out.reserve(256);
+            if self
+                .c
+                .compress_vec(input, &mut self.out, FlushCompress::Sync)
+                .is_err()
+            {
+                return None;
+            }
+            input = &input[(self.c.total_in() - before) as usize..];
+            // Done when every byte is in and the flush is whole (it left spare room).
+            if input.is_empty() && self.out.len() < self.out.capacity() {
+                break;
+            }
+            if self.out.len() > payload.len() + 64 {
+                return None; // growing: not worth it
+            }
+        }
+        self.c.reset();
+        let body = self.out.strip_suffix(&TAIL).unwrap_or(&self.out);
+        if body.len() >= payload.len() {
+            return None;
+        }
+        let mut hdr = [0u8; MAX_HEADER_LEN];
+        let n = encode_header(opcode, body.len(), &mut hdr);
+        hdr[0] |= RSV1;
+        let mut buf = Vec::with_capacity(n + body.len());
+        buf.extend_from_slice(&hdr[..n]);
+        buf.extend_from_slice(body);
+        Some(SharedFrame::from(buf))
+    }
+}
+
+/// Why a compressed client message was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InflateError {
+    /// It inflates past the bound (close 1009).
+    TooLarge,
+    /// It is not valid DEFLATE data (close 1007).
+    Invalid,
+}
+
+/// A connection's inflater (made only for a client that sends a compressed message: most never
+/// do). It keeps the LZ77 window across messages unless the client gave up context takeover.
+pub struct Inflater {
+    d: Decompress,
+    reset_each: bool,
+}
+
+impl Inflater {
+    /// For a client that negotiated `client_no_context_takeover` (`reset_each`) or not.
+    pub fn new(reset_each: bool) -> Inflater {
+        Inflater {
+            d: Decompress::new(false),
+            reset_each,
+        }
+    }
+
+    /// Inflates one whole message (`data`: the payloads of its frames, concatenated), refusing
+    /// it as soon as the output passes `max` bytes.
+    pub fn inflate_message(&mut self, data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+        let mut out = Vec::with_capacity((data.len() * 3).min(max.saturating_add(1)).max(64));
+        let result = self
+            .feed(data, max, &mut out)
+            .and_then(|()| self.feed(&TAIL, max, &mut out));
+        if self.reset_each || result.is_err() {
+            self.d.reset(false);
+        }
+        result.map(|()| out)
+    }
+
+    fn feed(
+        &mut self,
+        mut input: &[u8],
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InflateError> {
+        loop {
+            if out.len() == out.capacity() {
+                // Grow within the bound only (one byte past it proves the message too large).
+                let room = (out.capacity().max(64)).min(max.saturating_add(1) - out.len());
+                if room == 0 {
+                    return Err(InflateError::TooLarge);
+                }
+                out.reserve_exact(room);
+            }
+            let (before, produced) = (self.d.total_in(), out.len());
+            let status = self
+                .d
+                .decompress_vec(input, out, FlushDecompress::Sync)
+                .map_err(|_| InflateError::Invalid)?;
+            input = &input[(self.d.total_in() - before) as usize..];
+            if self.d.total_in() == before && out.len() == produced && out.len() < out.capacity() {
+                // No progress with room to spare: the data goes nowhere.
+                return if input.is_empty() {
+                    Ok(())
+                } else {
+                    Err(InflateError::Invalid)
+                };
+            }
+            if out.len() > max {
+                return Err(InflateError::TooLarge);
+            }
+            match status {
+                Status::StreamEnd => return Ok(()),
+                _ if input.is_empty() && out.len() < out.capacity() => return Ok(()),
+                Status::BufError if input.is_empty() && out.len() == out.capacity() => {}
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::encode;
+
+    fn payload_of(frame: &[u8]) -> &[u8] {
+        &frame[header_len_of(frame)..]
+    }
+
+    /// What any RFC 7692 client does with a compressed message.
+    fn inflate(body: &[u8]) -> Vec<u8> {
+        Inflater::new(true).inflate_message(body, 1 << 24).unwrap()
+    }
+
+    #[test]
+    fn an_event_frame_compresses_to_a_frame_that_inflates_back_exactly() {
+        let text = br#"{"type":"issue.created","payload":{"id":"iss_123","title":"Checkout fails on Safari","severity":"high","service":"web-checkout","count":42,"note":"checkout checkout checkout"},"ts":"2026-12-05T16:00:00.000Z"}"#;
+        let plain = encode(OpCode::Text, text);
+        let mut d = Deflater::default();
+        let c = d.compress_frame(&plain, 128).expect("smaller");
+        assert_eq!(c[0], 0x80 | RSV1 | 0x1, "FIN, RSV1, text");
+        assert!(c.len() < plain.len(), "{} >= {}", c.len(), plain.len());
+        assert_eq!(inflate(payload_of(&c)), text);
+        // The compressor starts afresh each time: the same frame compresses to the same bytes.
+        let again = d.compress_frame(&plain, 128).unwrap();
+        assert_eq!(again, c);
+        // Large frames too (16- and 64-bit lengths).
+        for n in [200usize, 70_000] {
+            let big: Vec<u8> = (0..n).map(|i| b"abcdefgh"[(i * 7 + i / 13) % 8]).collect();
+            let plain = encode(OpCode::Text, &big);
+            let c = d.compress_frame(&plain, 128).unwrap();
+            assert_eq!(inflate(payload_of(&c)), big);
+        }
+    }
+
+    #[test]
+    fn small_incompressible_and_control_frames_stay_plain() {
+        let mut d = Deflater::default();
+        assert!(d
+            .compress_frame(&encode(OpCode::Text, b"{\"a\":1}"), 128)
+            .is_none());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..600)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        assert!(d
+            .compress_frame(&encode(OpCode::Text, &noise), 128)
+            .is_none());
+        assert!(d
+            .compress_frame(&encode(OpCode::Ping, &[b'x'; 100]), 1)
+            .is_none());
+        let compressed = d
+            .compress_frame(&encode(OpCode::Text, &[b'x'; 300]), 1)
+            .unwrap();
+        assert!(
+            d.compress_frame(&compressed, 1).is_none(),
+            "compressed already"
+        );
+        assert!(d.compress_frame(&[], 1).is_none());
+    }
+
+    #[test]
+    fn a_bomb_is_refused_at_the_bound_and_garbage_as_invalid() {
+        let mut d = Deflater::default();
+        let huge = vec![b'a'; 4 << 20];
+        let c = d.compress_frame(&encode(OpCode::Text, &huge), 1).unwrap();
+        let body = payload_of(&c);
+        assert!(body.len() < 8 << 10, "{}", body.len());
+        let mut i = Inflater::new(false);
+        assert_eq!(
+            i.inflate_message(body, 64 << 10),
+            Err(InflateError::TooLarge)
+        );
+        // The inflater is usable again afterwards.
+        let small = d
+            .compress_frame(&encode(OpCode::Text, &[b'b'; 500]), 1)
+            .unwrap();
+        assert_eq!(
+            i.inflate_message(payload_of(&small), 64 << 10).unwrap(),
+            vec![b'b'; 500]
+        );
+        assert_eq!(
+            Inflater::new(true).inflate_message(&[0xff, 0xff, 0xff, 0x00, 0x12], 1 << 20),
+            Err(InflateError::Invalid)
+        );
+        // Exactly at the bound is fine.
+        assert_eq!(
+            Inflater::new(true)
+                .inflate_message(payload_of(&small), 500)
+                .map(|v| v.len()),
+            Ok(500)
+        );
+    }
+
+    #[test]
+    fn a_client_keeping_its_context_is_followed_across_messages() {
+        // A client compressing with context takeover: its second message refers to the first.
+        let mut c = Compress::new(Compression::default(), false);
+        let mut m1 = Vec::with_capacity(1024);
+        c.compress_vec(b"hello hello hello world", &mut m1, FlushCompress::Sync)
+            .unwrap();
+        let mut m2 = Vec::with_capacity(1024);
+        c.compress_vec(b"hello hello hello world", &mut m2, FlushCompress::Sync)
+            .unwrap();
+        let strip = |m: &[u8]| m.strip_suffix(&TAIL).unwrap().to_vec();
+        let mut i = Inflater::new(false);
+        assert_eq!(
+            i.inflate_message(&strip(&m1), 1024).unwrap(),
+            b"hello hello hello world"
+        );
+        assert_eq!(
+            i.inflate_message(&strip(&m2), 1024).unwrap(),
+            b"hello hello hello world"
+        );
+    }
+}
