@@ -180,6 +180,14 @@ pub struct RunArgs {
     /// Publish batches queued per shard before publishers wait.
     #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = defaults().shard_inbox)]
     pub shard_inbox: usize,
+    /// permessage-deflate: `auto` takes a client's offer (with server_no_context_takeover: each
+    /// event is compressed once for every subscriber), `off` declines every offer.
+    #[arg(long, env = "CAUSELOOP_COMPRESSION", default_value = "auto")]
+    pub compression: Compression,
+    /// Event frames smaller than this are sent uncompressed (so are those compression would not
+    /// shrink, and heartbeats).
+    #[arg(long, env = "CAUSELOOP_COMPRESSION_MIN_BYTES", default_value_t = ByteSize(defaults().compression_min_bytes))]
+    pub compression_min_bytes: ByteSize,
     /// Events kept per workspace for resumes (0: no history, no resume).
     #[arg(long, env = "CAUSELOOP_HISTORY_SIZE", default_value_t = defaults().history_size)]
     pub history_size: usize,
@@ -261,6 +269,35 @@ fn parse_cpus(s: &str) -> Result<CpuList, String> {
     parse_cpu_list(s).map(CpuList)
 }
 
+/// `--compression`: `auto` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Take a client's `permessage-deflate` offer.
+    Auto,
+    /// Decline every offer.
+    Off,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compression::Auto),
+            "off" => Ok(Compression::Off),
+            _ => Err(format!("invalid compression {s:?}: use auto or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::Auto => "auto",
+            Compression::Off => "off",
+        })
+    }
+}
+
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
         .map_err(|_| format!("invalid log level {s:?}: use error, warn, info, debug or trace"))
@@ -338,6 +375,8 @@ impl RunArgs {
             max_client_frames_per_sec: self.max_client_frames_per_sec,
             shard_inbox: self.shard_inbox,
             history_size: self.history_size,
+            compression: self.compression == Compression::Auto,
+            compression_min_bytes: self.compression_min_bytes.0,
             history_ttl: self.history_ttl.0,
             history_max_bytes: self.history_max_bytes.0,
             resume_window: self.resume_window.0,

@@ -273,6 +273,10 @@ pub struct Config {
     pub shard_inbox: usize,
     /// `--history-size`: events kept per workspace for resumes; 0 turns history and resume off.
     pub history_size: usize,
+    /// `--compression auto|off`: take a client's `permessage-deflate` offer (`auto`).
+    pub compression: bool,
+    /// `--compression-min-bytes`: event frames smaller than this are sent uncompressed.
+    pub compression_min_bytes: usize,
     /// `--history-ttl`: age past which an event leaves the history.
     pub history_ttl: Duration,
     /// `--history-max-bytes`: the history of every workspace together, oldest events first out.
@@ -334,6 +338,8 @@ impl Default for Config {
             max_client_frames_per_sec: 100,
             shard_inbox: 256,
             history_size: 1000,
+            compression: true,
+            compression_min_bytes: 128,
             history_ttl: Duration::from_secs(120),
             history_max_bytes: 64 << 20,
             resume_window: Duration::from_secs(120),

@@ -28,6 +28,9 @@ pub struct Event {
     pub ts_ms: u64,
     /// Its position in the workspace's stream ([`Position::default`] without history).
     pub pos: Position,
+    /// Its frame compressed (`permessage-deflate`), made once, by the first shard that has a
+    /// recipient which negotiated it; `None` inside when compressing would not pay.
+    pub deflated: std::sync::OnceLock<Option<SharedFrame>>,
 }
 
 /// Why an event's fields are unacceptable.

@@ -73,6 +73,12 @@ pub struct ShardStats {
     pub accept_pauses: AtomicU64,
     /// Changes of interest waiting for room in the cluster bus's channel (sampled each second).
     pub bus_interest_backlog: AtomicU64,
+    /// Event frames compressed (`permessage-deflate`): bytes before.
+    pub deflate_in: AtomicU64,
+    /// Event frames compressed: bytes after (the plain size when compressing did not pay).
+    pub deflate_out: AtomicU64,
+    /// Compressed event frames queued to connections.
+    pub deflate_frames: AtomicU64,
 }
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
@@ -418,6 +424,27 @@ impl Collector for StatsCollector {
             "causeloop_frames_written",
             "Frames completely written to sockets.",
             &one(sum(shards, |s| &s.frames_written)),
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_compression_bytes",
+            "Event frames compressed once for permessage-deflate subscribers: bytes before and after (the plain size when compressing did not pay).",
+            &[
+                (
+                    vec![("stage", "before".to_string())],
+                    sum(shards, |s| &s.deflate_in),
+                ),
+                (
+                    vec![("stage", "after".to_string())],
+                    sum(shards, |s| &s.deflate_out),
+                ),
+            ],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_compressed_frames",
+            "Compressed event frames queued to connections.",
+            &one(sum(shards, |s| &s.deflate_frames)),
         )?;
         counters(
             &mut enc,

@@ -231,6 +231,7 @@ impl Publisher {
                     accepted_at: Instant::now(),
                     ts_ms: ts,
                     pos: Position::default(),
+                    deflated: Default::default(),
                 };
                 self.local(vec![event])
             }
@@ -299,6 +300,7 @@ impl Publisher {
                         accepted_at: now,
                         ts_ms: ts,
                         pos: Position::default(),
+                        deflated: Default::default(),
                     })
                     .collect();
                 Ok(self.local(events))

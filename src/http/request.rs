@@ -51,6 +51,9 @@ pub struct Head<'a> {
     pub ws_key: Option<&'a [u8]>,
     /// `Sec-WebSocket-Version`.
     pub ws_version: Option<&'a [u8]>,
+    /// The first acceptable `permessage-deflate` offer of the `Sec-WebSocket-Extensions`
+    /// headers, in order.
+    pub deflate: Option<crate::ws::extensions::Agreed>,
     /// `Content-Length`, `Some(None)` when present but not a number.
     pub content_length: Option<Option<u64>>,
     /// `Transfer-Encoding` present.
@@ -131,6 +134,10 @@ pub fn parse_head(
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             once(head.ws_key.is_some(), "Sec-WebSocket-Key");
             head.ws_key = head.ws_key.or(Some(trim(h.value)));
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            if head.deflate.is_none() {
+                head.deflate = crate::ws::extensions::negotiate([h.value]);
+            }
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             once(head.ws_version.is_some(), "Sec-WebSocket-Version");
             head.ws_version = head.ws_version.or(Some(trim(h.value)));
@@ -191,6 +198,8 @@ pub enum PublicRoute<'a> {
         key: &'a [u8],
         /// The decoded query (token and workspace).
         query: StreamQuery<'a>,
+        /// The `permessage-deflate` offer taken, if any.
+        deflate: Option<crate::ws::extensions::Agreed>,
     },
     /// `GET /healthz` (`head`: a `HEAD`, answered without the body).
     Health {
@@ -224,6 +233,7 @@ pub fn route_public<'a>(head: &Head<'a>) -> PublicRoute<'a> {
                 Some(key) if valid_ws_key(key) => PublicRoute::Stream {
                     key,
                     query: parse_stream_query(head.query),
+                    deflate: head.deflate,
                 },
                 _ => PublicRoute::Reject(Status::BadRequest),
             }
@@ -272,7 +282,12 @@ mod tests {
     fn routes_a_browser_upgrade() {
         let head = parse_head(UPGRADE, 8192, 64).unwrap().unwrap();
         match route_public(&head) {
-            PublicRoute::Stream { key, query } => {
+            PublicRoute::Stream {
+                key,
+                query,
+                deflate,
+            } => {
+                assert_eq!(deflate, None, "nothing offered");
                 assert_eq!(key, b"dGhlIHNhbXBsZSBub25jZQ==");
                 assert_eq!(query.workspace.as_deref(), Some("ws_1"));
                 assert_eq!(query.token.as_deref(), Some(&b"t.o.k"[..]));

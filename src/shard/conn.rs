@@ -85,6 +85,9 @@ pub struct Conn {
     pub want_write: bool,
     /// Scheduled for removal at the end of the loop iteration.
     pub dead: bool,
+    /// Negotiated `permessage-deflate`: event frames go compressed when that pays, and its
+    /// data messages may come compressed (RSV1).
+    pub deflate: bool,
     /// Shut down once the outbox is flushed.
     pub close_when_flushed: bool,
     /// Its resume record is on its way to Redis (cluster bus): the socket is shut only once
@@ -122,6 +125,7 @@ impl Conn {
             dead: false,
             close_when_flushed: false,
             record_pending: false,
+            deflate: false,
             over_limit,
             was_open: false,
             close_code: 0,
@@ -161,6 +165,11 @@ impl crate::shard::fanout::Subscriber for Conn {
     #[inline]
     fn mark_dirty(&mut self) -> bool {
         !std::mem::replace(&mut self.dirty, true)
+    }
+
+    #[inline]
+    fn deflate(&self) -> bool {
+        self.deflate
     }
 }
 

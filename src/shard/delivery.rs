@@ -85,8 +85,30 @@ impl Shard {
                         slow: &mut self.slow.now,
                         max_outbound: self.limits.max_outbound,
                     };
-                    fanout::fan_out(
+                    let min = self.limits.compression_min;
+                    let stats = &self.stats_all[self.index];
+                    let sent_deflated = std::cell::Cell::new(0u64);
+                    let deflated = || {
+                        let f = event
+                            .deflated
+                            .get_or_init(|| {
+                                let c = crate::ws::deflate::compress_shared(&event.frame, min);
+                                ShardStats::add(&stats.deflate_in, event.frame.len() as u64);
+                                ShardStats::add(
+                                    &stats.deflate_out,
+                                    c.as_ref().map_or(event.frame.len(), |c| c.len()) as u64,
+                                );
+                                c
+                            })
+                            .as_ref();
+                        if f.is_some() {
+                            sent_deflated.set(sent_deflated.get() + 1);
+                        }
+                        f
+                    };
+                    fanout::fan_out_with(
                         &event.frame,
+                        &deflated,
                         rest,
                         &mut self.conns,
                         &mut q,
@@ -97,6 +119,9 @@ impl Shard {
                             })
                         },
                     );
+                    if sent_deflated.get() > 0 {
+                        ShardStats::add(&stats.deflate_frames, sent_deflated.get());
+                    }
                 }));
                 if result.is_ok() {
                     break;

@@ -17,6 +17,10 @@ pub trait Subscriber {
     fn outbox(&mut self) -> &mut Outbox;
     /// Marks the connection as having queued frames; returns true if it was not marked yet.
     fn mark_dirty(&mut self) -> bool;
+    /// The connection negotiated `permessage-deflate`.
+    fn deflate(&self) -> bool {
+        false
+    }
 }
 
 /// Where fan-out leaves its results: connections that became dirty (once each), and those
@@ -40,13 +44,33 @@ pub fn fan_out<C: Subscriber>(
     conns: &mut Slab<C>,
     q: &mut Queues<'_>,
     done: &mut usize,
+    before: impl FnMut(u32),
+) {
+    fan_out_with(frame, &|| None, recipients, conns, q, done, before)
+}
+
+/// [`fan_out`], queueing `deflated()` instead of `frame` on the recipients that negotiated
+/// `permessage-deflate` when it gives a frame (it is asked only when one of them is met, so an
+/// event no such recipient receives is never compressed).
+pub fn fan_out_with<'f, C: Subscriber>(
+    frame: &'f SharedFrame,
+    deflated: &dyn Fn() -> Option<&'f SharedFrame>,
+    recipients: &[u32],
+    conns: &mut Slab<C>,
+    q: &mut Queues<'_>,
+    done: &mut usize,
     mut before: impl FnMut(u32),
 ) {
     for &k in recipients {
         before(k);
         let conn = &mut conns[k as usize];
+        let f = if conn.deflate() {
+            deflated().unwrap_or(frame)
+        } else {
+            frame
+        };
         let out = conn.outbox();
-        out.push(frame.clone());
+        out.push(f.clone());
         let over = out.pending_bytes() > q.max_outbound;
         if conn.mark_dirty() {
             q.dirty.push(k);

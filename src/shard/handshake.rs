@@ -166,7 +166,13 @@ impl Shard {
             PublicRoute::Ready { head } => {
                 self.respond_http(key, probe(b"draining\n", Status::Unavailable, head))
             }
-            PublicRoute::Stream { key: ws_key, query } => {
+            PublicRoute::Stream {
+                key: ws_key,
+                query,
+                deflate,
+            } => {
+                let deflate = deflate.is_some() && self.limits.compression;
+                self.conns[key].deflate = deflate;
                 let next = self.upgrade(
                     key,
                     ws_key,
@@ -203,7 +209,7 @@ impl Shard {
     ) -> Next {
         self.cancel_timer(key);
         let mut out = Vec::with_capacity(upgrade::RESPONSE_LEN + 160);
-        upgrade::write_response(&mut out, ws_key);
+        upgrade::write_response_with(&mut out, ws_key, self.conns[key].deflate);
         if self.drain_deadline.is_some() {
             return self.refuse(key, out, CloseReason::GoingAway, turn);
         }

@@ -79,8 +79,10 @@ impl Shard {
             out,
             inbuf,
             phase,
+            deflate,
             ..
         } = conn;
+        let deflate = *deflate;
         // A closing connection answers nothing and counts nothing: only its close matters.
         let mut closing_frames = 0u16;
         let (frames, may_reply) = match phase {
@@ -93,7 +95,7 @@ impl Shard {
         // Acknowledgements in this read, in order (the last kept if a peer sends more).
         let mut claims = [crate::history::Position::default(); 4];
         let mut nclaims = 0;
-        let result = decoder.feed(inbuf, data, max, &mut |c| {
+        let result = decoder.feed_with(inbuf, data, max, deflate, &mut |c| {
             // Every frame counts against the allowance; past it nothing more is answered, and
             // the connection closes once this read is decoded.
             *frames = frames.saturating_add(1);

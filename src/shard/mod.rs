@@ -127,6 +127,10 @@ struct Limits {
     /// `--handshake-timeout`: also how long a connection waits for its resume record from
     /// Redis (cluster bus).
     handshake_timeout: Duration,
+    /// `--compression auto`.
+    compression: bool,
+    /// `--compression-min-bytes`.
+    compression_min: usize,
 }
 
 impl Limits {
@@ -153,6 +157,8 @@ impl Limits {
             ack_ticks: ticks(cfg.ack_interval, tick),
             probe_timeout: cfg.resume_probe_timeout,
             handshake_timeout: cfg.handshake_timeout,
+            compression: cfg.compression,
+            compression_min: cfg.compression_min_bytes,
         }
     }
 }

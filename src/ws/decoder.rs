@@ -130,8 +130,22 @@ impl Decoder {
     pub fn feed(
         &mut self,
         pending: &mut Vec<u8>,
+        input: &[u8],
+        max_message: u64,
+        on_control: &mut dyn FnMut(Control<'_>),
+    ) -> Result<(), DecodeError> {
+        self.feed_with(pending, input, max_message, false, on_control)
+    }
+
+    /// [`Decoder::feed`] for a connection that negotiated `permessage-deflate` (`deflate`): the
+    /// first frame of a data message may carry RSV1 (compressed). Data messages are skipped
+    /// unread, so a compressed one is never inflated (it costs no more than its bounded size).
+    pub fn feed_with(
+        &mut self,
+        pending: &mut Vec<u8>,
         mut input: &[u8],
         max_message: u64,
+        deflate: bool,
         on_control: &mut dyn FnMut(Control<'_>),
     ) -> Result<(), DecodeError> {
         loop {
@@ -147,7 +161,7 @@ impl Decoder {
                 return Ok(());
             }
             if pending.is_empty() {
-                match self.step(input, max_message, on_control)? {
+                match self.step(input, max_message, deflate, on_control)? {
                     Some(used) => input = &input[used..],
                     None => {
                         // The start of a frame that did not arrive whole: keep it (bounded by
@@ -176,7 +190,7 @@ impl Decoder {
                     continue;
                 }
                 let frame = std::mem::take(pending);
-                match self.step(&frame, max_message, on_control)? {
+                match self.step(&frame, max_message, deflate, on_control)? {
                     Some(used) => {
                         debug_assert_eq!(used, frame.len());
                         // Keep the allocation for the next partial frame.
@@ -199,13 +213,19 @@ impl Decoder {
         &mut self,
         buf: &[u8],
         max_message: u64,
+        deflate: bool,
         on_control: &mut dyn FnMut(Control<'_>),
     ) -> Result<Option<usize>, DecodeError> {
+        // RSV1 marks a compressed message: allowed only on a message's first frame, and only
+        // once `permessage-deflate` was negotiated (RFC 7692 §6).
+        let rsv_ok = |rsv: u8, opcode: u8| {
+            rsv == 0 || (deflate && rsv == 0b100 && (opcode == 1 || opcode == 2))
+        };
         let h = match parse_header(buf) {
             Parsed::NeedMore(_) => {
                 // Validate what we can already see so that junk is rejected without waiting.
                 if let Some(&b0) = buf.first() {
-                    if (b0 >> 4) & 0x7 != 0 {
+                    if !rsv_ok((b0 >> 4) & 0x7, b0 & 0x0f) {
                         return Err(DecodeError::Protocol("reserved bits set"));
                     }
                 }
@@ -213,7 +233,7 @@ impl Decoder {
             }
             Parsed::Header(h) => h,
         };
-        if h.rsv != 0 {
+        if !rsv_ok(h.rsv, h.opcode) {
             return Err(DecodeError::Protocol("reserved bits set"));
         }
         let Some(mask) = h.mask else {

@@ -89,6 +89,16 @@ impl Deflater {
     }
 }
 
+thread_local! {
+    /// Each thread's compressor (a shard's: one per shard, never per connection).
+    static DEFLATER: std::cell::RefCell<Deflater> = std::cell::RefCell::new(Deflater::default());
+}
+
+/// [`Deflater::compress_frame`] with this thread's compressor.
+pub fn compress_shared(frame: &[u8], min_bytes: usize) -> Option<SharedFrame> {
+    DEFLATER.with(|d| d.borrow_mut().compress_frame(frame, min_bytes))
+}
+
 /// Why a compressed client message was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InflateError {

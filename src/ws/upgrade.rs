@@ -26,9 +26,18 @@ pub fn accept_key(sec_websocket_key: &[u8]) -> [u8; 28] {
 
 /// Appends the upgrade response for a validated `Sec-WebSocket-Key` to `out`.
 pub fn write_response(out: &mut Vec<u8>, sec_websocket_key: &[u8]) {
+    write_response_with(out, sec_websocket_key, false)
+}
+
+/// [`write_response`], answering a `permessage-deflate` offer when `deflate`.
+pub fn write_response_with(out: &mut Vec<u8>, sec_websocket_key: &[u8], deflate: bool) {
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
     out.extend_from_slice(&accept_key(sec_websocket_key));
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
+    if deflate {
+        out.extend_from_slice(super::extensions::RESPONSE_HEADER.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The length of the response [`write_response`] writes.

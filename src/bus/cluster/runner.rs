@@ -213,6 +213,7 @@ impl Intake<'_> {
                     accepted_at: now,
                     ts_ms: got.ts_ms,
                     pos: Position::default(),
+                    deflated: Default::default(),
                 }),
             },
             Err(why) => {
@@ -1431,6 +1432,7 @@ impl Runner {
                         accepted_at: now,
                         ts_ms: got.ts_ms,
                         pos,
+                        deflated: Default::default(),
                     }),
                     Out::Gap(ws, reason, since) => {
                         self.flush_batch();

@@ -1,0 +1,222 @@
+//! `permessage-deflate` (RFC 7692) end to end, through real sockets with a raw client that
+//! checks the bytes: the answer header, RSV1 on large event frames and not on heartbeats or small
+//! events, the same compressed bytes on every connection, and that inflating them gives exactly
+//! the frame a client without compression receives. A client that offers nothing, or a server
+//! with `--compression off`, gets exactly the uncompressed bytes.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// A raw WebSocket client: the upgrade with `extensions` offered, then server frames as read.
+struct Raw {
+    sock: TcpStream,
+    head: String,
+}
+
+/// A server frame: its first byte (FIN, RSV, opcode) and payload.
+struct Frame {
+    b0: u8,
+    payload: Vec<u8>,
+}
+
+impl Raw {
+    fn open(s: &TestServer, workspace: &str, extensions: Option<&str>) -> Raw {
+        let mut sock = TcpStream::connect(s.public).unwrap();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let offer = extensions.map_or(String::new(), |e| {
+            format!("Sec-WebSocket-Extensions: {e}\r\n")
+        });
+        let req = format!(
+            "GET /v1/stream?token={}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
+            token(workspace, "u", 600)
+        );
+        sock.write_all(req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            sock.read_exact(&mut b).unwrap();
+            got.push(b[0]);
+        }
+        let head = String::from_utf8(got).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        let mut raw = Raw { sock, head };
+        let connected = raw.frame();
+        assert_eq!(connected.b0, 0x81, "connected is plain");
+        assert!(connected.payload.starts_with(br#"{"type":"connected""#));
+        raw
+    }
+
+    fn frame(&mut self) -> Frame {
+        let mut hdr = [0u8; 2];
+        self.sock.read_exact(&mut hdr).unwrap();
+        let len = match hdr[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.sock.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.sock.read_exact(&mut l).unwrap();
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        self.sock.read_exact(&mut payload).unwrap();
+        Frame {
+            b0: hdr[0],
+            payload,
+        }
+    }
+
+    /// The next frame that is not a heartbeat (heartbeats are checked to be plain).
+    fn event(&mut self) -> Frame {
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < WAIT, "no event");
+            let f = self.frame();
+            if f.b0 == 0x81 && f.payload.starts_with(br#"{"type":"heartbeat""#) {
+                continue;
+            }
+            if f.b0 & 0x0f == 0x9 {
+                continue; // a ping
+            }
+            return f;
+        }
+    }
+}
+
+/// What any RFC 7692 client does with a compressed message.
+fn inflate(body: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut input = body.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(1 << 20);
+    d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .unwrap();
+    out
+}
+
+fn server(compression: bool) -> TestServer {
+    TestServer::with(move |c| {
+        c.compression = compression;
+        c.heartbeat_interval = Duration::from_millis(100);
+    })
+}
+
+/// An event whose frame is well over `--compression-min-bytes` and compresses well.
+fn big_event(ws: &str) -> String {
+    let text = "the checkout page fails on Safari when the cart holds a gift card; ".repeat(12);
+    format!(
+        r#"{{"workspace_id":"{ws}","type":"issue.created","payload":{{"id":"iss_1","text":"{text}"}}}}"#
+    )
+}
+
+#[test]
+fn an_event_is_compressed_once_for_every_subscriber_that_offered_it() {
+    let s = server(true);
+    let mut a = Raw::open(
+        &s,
+        "ws_z",
+        Some("permessage-deflate; client_max_window_bits"),
+    );
+    let mut b = Raw::open(&s, "ws_z", Some("permessage-deflate"));
+    let mut plain = Raw::open(&s, "ws_z", None);
+    assert!(a
+        .head
+        .contains("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"));
+    assert!(
+        !plain.head.contains("Sec-WebSocket-Extensions"),
+        "{}",
+        plain.head
+    );
+    let (status, body) = s.publish(&big_event("ws_z"));
+    assert_eq!(status, 202, "{body}");
+    let (fa, fb, fp) = (a.event(), b.event(), plain.event());
+    assert_eq!(fa.b0, 0x80 | 0x40 | 0x1, "FIN, RSV1, text");
+    assert_eq!(fp.b0, 0x81);
+    assert_eq!(
+        fa.payload, fb.payload,
+        "the same compressed bytes on every connection"
+    );
+    assert!(
+        fa.payload.len() < fp.payload.len() / 2,
+        "{} vs {}",
+        fa.payload.len(),
+        fp.payload.len()
+    );
+    assert_eq!(
+        inflate(&fa.payload),
+        fp.payload,
+        "inflates to exactly the plain frame"
+    );
+    // A small event stays plain for everyone; heartbeats are plain (checked by `event`).
+    let (status, _) = s.publish(r#"{"workspace_id":"ws_z","type":"tiny","payload":{}}"#);
+    assert_eq!(status, 202);
+    let small = a.event();
+    assert_eq!(small.b0, 0x81);
+    assert!(small.payload.starts_with(br#"{"type":"tiny""#));
+    // A client's compressed message (RSV1 on its first frame) is accepted, not a protocol
+    // error: the connection goes on.
+    let mut frame = vec![0x80 | 0x40 | 0x1, 0x80 | 5, 1, 2, 3, 4];
+    frame.extend([0x4a ^ 1, 0xcd ^ 2, 0xc9 ^ 3, 0xc9 ^ 4, 0x07 ^ 1]);
+    a.sock.write_all(&frame).unwrap();
+    let (status, _) = s.publish(&big_event("ws_z"));
+    assert_eq!(status, 202);
+    assert_eq!(a.event().b0, 0xc1);
+    let text = std::str::from_utf8(&body_of_metrics(&s))
+        .unwrap()
+        .to_string();
+    assert!(
+        metric_at_least(&text, "causeloop_compressed_frames_total ", 3),
+        "{text}"
+    );
+    assert!(metric_at_least(
+        &text,
+        "causeloop_compression_bytes_total{stage=\"before\"} ",
+        1
+    ));
+}
+
+#[test]
+fn without_an_offer_or_with_compression_off_the_bytes_are_the_plain_ones() {
+    let s = server(false);
+    let mut a = Raw::open(&s, "ws_off", Some("permessage-deflate"));
+    assert!(!a.head.contains("Sec-WebSocket-Extensions"), "{}", a.head);
+    let (status, _) = s.publish(&big_event("ws_off"));
+    assert_eq!(status, 202);
+    let f = a.event();
+    assert_eq!(f.b0, 0x81);
+    // A client that did not negotiate it may not send RSV1: a protocol error, as before.
+    let frame = [0x80 | 0x40 | 0x1, 0x80, 1, 2, 3, 4];
+    a.sock.write_all(&frame).unwrap();
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < WAIT);
+        let f = a.frame();
+        if f.b0 == 0x88 {
+            assert_eq!(u16::from_be_bytes([f.payload[0], f.payload[1]]), 1002);
+            break;
+        }
+    }
+}
+
+fn body_of_metrics(s: &TestServer) -> Vec<u8> {
+    let response = raw_http(
+        s.internal,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    response.into_bytes()
+}
+
+fn metric_at_least(text: &str, line_start: &str, n: u64) -> bool {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|v| v >= n)
+}
