@@ -864,18 +864,33 @@ impl Shard {
         }
         let ws = t.workspace.clone();
         let mut at = Some(position(stream));
-        if let Some(f) = self.conns[key].out.unstarted().find(|f| is_event_frame(f)) {
-            at = d.history.offset_of(&ws, stream.epoch, f).map(|o| Position {
-                epoch: stream.epoch,
-                offset: o - 1,
-            });
+        // A compressed frame (RSV1: only event frames are compressed) cannot be placed in the
+        // history by identity: the record then falls back to the acknowledgement.
+        let compressed =
+            |f: &SharedFrame| f.first() == Some(&(0x80 | crate::ws::deflate::RSV1 | 0x1));
+        if let Some(f) = self.conns[key]
+            .out
+            .unstarted()
+            .find(|f| is_event_frame(f) || compressed(f))
+        {
+            at = if compressed(f) {
+                None
+            } else {
+                d.history.offset_of(&ws, stream.epoch, f).map(|o| Position {
+                    epoch: stream.epoch,
+                    offset: o - 1,
+                })
+            };
         }
         if let Some(t) = self.tracked(key) {
             if !t.unsure {
-                // None: the record falls back to the acknowledgement.
+                // None: the record falls back to the acknowledgement, whatever the close that
+                // follows (the server close queued next must not set its own position: frames
+                // before it are being dropped).
                 t.close_at = at.unwrap_or_default();
                 t.close_set = at.is_some();
                 t.close_done = false;
+                t.unsure = at.is_none();
             }
         }
     }
