@@ -29,9 +29,13 @@ pub struct Event {
     /// Its position in the workspace's stream ([`Position::default`] without history).
     pub pos: Position,
     /// Its frame compressed (`permessage-deflate`), made once, by the first shard that has a
-    /// recipient which negotiated it; `None` inside when compressing would not pay.
-    pub deflated: std::sync::OnceLock<Option<SharedFrame>>,
+    /// recipient which negotiated it; `None` inside when compressing would not pay. The history
+    /// keeps the same cell, so a replay sends the same compressed bytes.
+    pub deflated: Deflated,
 }
+
+/// An event frame's compressed form, made at most once and shared.
+pub type Deflated = std::sync::Arc<std::sync::OnceLock<Option<SharedFrame>>>;
 
 /// Why an event's fields are unacceptable.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -144,10 +144,11 @@ impl HistoryStore for LocalHistory {
     fn append(&self, events: &mut [Event], now: Instant) {
         let mut h = lock(&self.0);
         for e in events {
-            e.pos = h.append(
+            e.pos = h.append_with(
                 &e.workspace_id,
                 e.user_id.as_deref(),
                 &e.frame,
+                Some(&e.deflated),
                 e.ts_ms,
                 now,
             );
@@ -157,11 +158,12 @@ impl HistoryStore for LocalHistory {
     fn place(&self, events: &[Event], now: Instant) {
         let mut h = lock(&self.0);
         for e in events.iter().filter(|e| e.pos.epoch != 0) {
-            h.place(
+            h.place_with(
                 &e.workspace_id,
                 e.pos,
                 e.user_id.as_deref(),
                 &e.frame,
+                Some(&e.deflated),
                 e.ts_ms,
                 now,
             );

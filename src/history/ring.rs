@@ -51,6 +51,8 @@ pub struct Entry {
     pub user: Option<Box<str>>,
     /// The frame every subscriber was sent.
     pub frame: SharedFrame,
+    /// Its compressed form, shared with the event (`permessage-deflate`), when kept.
+    pub deflated: Option<crate::event::Deflated>,
     at: Instant,
     seq: u64,
 }
@@ -165,6 +167,19 @@ impl History {
         ts_ms: u64,
         now: Instant,
     ) -> Position {
+        self.append_with(workspace, user, frame, None, ts_ms, now)
+    }
+
+    /// [`History::append`], keeping the event's compressed form with it.
+    pub fn append_with(
+        &mut self,
+        workspace: &str,
+        user: Option<&str>,
+        frame: &SharedFrame,
+        deflated: Option<&crate::event::Deflated>,
+        ts_ms: u64,
+        now: Instant,
+    ) -> Position {
         let slot = match self.by_name.get(workspace) {
             Some(&s) => s,
             None => {
@@ -173,7 +188,7 @@ impl History {
                 self.new_space(workspace, epoch, 1, now)
             }
         };
-        self.push(slot, user, frame, ts_ms, now)
+        self.push(slot, user, frame, deflated, ts_ms, now)
     }
 
     /// Keeps an event whose position was assigned elsewhere (by Redis, on the cluster bus).
@@ -187,6 +202,21 @@ impl History {
         pos: Position,
         user: Option<&str>,
         frame: &SharedFrame,
+        ts_ms: u64,
+        now: Instant,
+    ) -> bool {
+        self.place_with(workspace, pos, user, frame, None, ts_ms, now)
+    }
+
+    /// [`History::place`], keeping the event's compressed form with it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn place_with(
+        &mut self,
+        workspace: &str,
+        pos: Position,
+        user: Option<&str>,
+        frame: &SharedFrame,
+        deflated: Option<&crate::event::Deflated>,
         ts_ms: u64,
         now: Instant,
     ) -> bool {
@@ -209,7 +239,7 @@ impl History {
             }
             None => self.new_space(workspace, pos.epoch, pos.offset, now),
         };
-        self.push(slot, user, frame, ts_ms, now);
+        self.push(slot, user, frame, deflated, ts_ms, now);
         true
     }
 
@@ -259,10 +289,17 @@ impl History {
         self.forget(workspace);
         let slot = self.new_space(workspace, epoch, first, now);
         for e in older {
-            self.push(slot, e.user.as_deref(), &e.frame, e.ts_ms, now);
+            self.push(slot, e.user.as_deref(), &e.frame, None, e.ts_ms, now);
         }
         for e in kept {
-            self.push(slot, e.user.as_deref(), &e.frame, e.ts_ms, now);
+            self.push(
+                slot,
+                e.user.as_deref(),
+                &e.frame,
+                e.deflated.as_ref(),
+                e.ts_ms,
+                now,
+            );
         }
         true
     }
@@ -305,6 +342,7 @@ impl History {
         slot: u32,
         user: Option<&str>,
         frame: &SharedFrame,
+        deflated: Option<&crate::event::Deflated>,
         ts_ms: u64,
         now: Instant,
     ) -> Position {
@@ -320,6 +358,7 @@ impl History {
             ts_ms,
             user: user.map(Into::into),
             frame: frame.clone(),
+            deflated: deflated.cloned(),
             at: now,
             seq,
         };
@@ -497,7 +536,14 @@ impl History {
             .ring
             .iter()
             .rev()
-            .find(|e| SharedFrame::ptr_eq(&e.frame, frame))
+            .find(|e| {
+                SharedFrame::ptr_eq(&e.frame, frame)
+                    || e.deflated
+                        .as_ref()
+                        .and_then(|d| d.get())
+                        .and_then(Option::as_ref)
+                        .is_some_and(|d| SharedFrame::ptr_eq(d, frame))
+            })
             .map(|e| e.offset)
     }
 

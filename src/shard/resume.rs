@@ -645,7 +645,8 @@ impl Shard {
         let Some((ws, user)) = self.registry.names(key) else {
             return Next::Continue;
         };
-        let out = &mut self.conns[key].out;
+        let conn = &mut self.conns[key];
+        let (out, deflate) = (&mut conn.out, conn.deflate);
         let mut queued = 0u64;
         let read = d
             .history
@@ -656,7 +657,16 @@ impl Shard {
                 if out.pending_bytes() >= fill {
                     return false;
                 }
-                out.push(e.frame.clone());
+                // The compressed bytes live subscribers were sent, when there are some (never
+                // compressed here, under the history's lock); otherwise the plain frame, which
+                // a compressed connection takes as well.
+                let compressed = e
+                    .deflated
+                    .as_ref()
+                    .filter(|_| deflate)
+                    .and_then(|c| c.get())
+                    .and_then(Option::as_ref);
+                out.push(compressed.unwrap_or(&e.frame).clone());
                 queued += 1;
                 true
             });
@@ -864,8 +874,8 @@ impl Shard {
         }
         let ws = t.workspace.clone();
         let mut at = Some(position(stream));
-        // A compressed frame (RSV1: only event frames are compressed) cannot be placed in the
-        // history by identity: the record then falls back to the acknowledgement.
+        // A compressed frame (RSV1: only event frames are compressed) is placed by the
+        // compressed form the history keeps with its event.
         let compressed =
             |f: &SharedFrame| f.first() == Some(&(0x80 | crate::ws::deflate::RSV1 | 0x1));
         if let Some(f) = self.conns[key]
@@ -873,14 +883,10 @@ impl Shard {
             .unstarted()
             .find(|f| is_event_frame(f) || compressed(f))
         {
-            at = if compressed(f) {
-                None
-            } else {
-                d.history.offset_of(&ws, stream.epoch, f).map(|o| Position {
-                    epoch: stream.epoch,
-                    offset: o - 1,
-                })
-            };
+            at = d.history.offset_of(&ws, stream.epoch, f).map(|o| Position {
+                epoch: stream.epoch,
+                offset: o - 1,
+            });
         }
         if let Some(t) = self.tracked(key) {
             if !t.unsure {
