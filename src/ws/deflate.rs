@@ -74,7 +74,6 @@ impl Deflater {
                 return None; // growing: not worth it
             }
         }
-        self.c.reset();
         let body = self.out.strip_suffix(&TAIL).unwrap_or(&self.out);
         if body.len() >= payload.len() {
             return None;
