@@ -127,6 +127,9 @@ pub fn workspace_of(i: u64, total: u64, workspaces: u32, skew: f64) -> u32 {
 /// One worker's fleet of connections.
 pub struct Fleet {
     spec: WorkerSpec,
+    /// Inflates compressed frames (`--compression`), and where they go.
+    inflater: flate2::Decompress,
+    inflated: Vec<u8>,
     poll: Poll,
     conns: Slab<Conn>,
     targets: Vec<SocketAddr>,
@@ -178,6 +181,8 @@ impl Fleet {
         Ok((
             Fleet {
                 next_index: spec.first,
+                inflater: flate2::Decompress::new(false),
+                inflated: Vec::new(),
                 spec,
                 poll,
                 conns: Slab::new(),
@@ -546,7 +551,7 @@ impl Fleet {
                 .clone();
             let host = self.targets[(index % self.targets.len() as u64) as usize].to_string();
             let c = &mut self.conns[k];
-            c.out = wire::upgrade_request(&host, &token, &ws);
+            c.out = wire::upgrade_request(&host, &token, &ws, self.spec.compression);
             c.state = State::Upgrading;
         }
         let c = &mut self.conns[k];
@@ -670,7 +675,20 @@ impl Fleet {
         }
         let now = Instant::now();
         let now_ns = unix_ns();
+        let mut inflated = std::mem::take(&mut self.inflated);
         while let Some((frame, used)) = wire::parse_frame(input) {
+            let frame = match frame {
+                Frame::Compressed(body) => {
+                    if !wire::inflate(&mut self.inflater, body, &mut inflated) {
+                        self.inflated = inflated;
+                        self.fail(k, "a compressed frame that does not inflate".into());
+                        return false;
+                    }
+                    self.report.compressed_frames += 1;
+                    Frame::Text(&inflated)
+                }
+                other => other,
+            };
             let c = &mut self.conns[k];
             match frame {
                 Frame::Text(t) if t.starts_with(br#"{"type":"connected""#) => {
@@ -734,6 +752,7 @@ impl Fleet {
                     }
                 }
                 Frame::Close(code) => {
+                    self.inflated = inflated;
                     self.ended(k, Some(code), "");
                     return false;
                 }
@@ -743,10 +762,11 @@ impl Fleet {
                         let _ = s.write(&pong);
                     }
                 }
-                Frame::Other => {}
+                Frame::Other | Frame::Compressed(_) => {} // inflated above
             }
             input = &input[used..];
         }
+        self.inflated = inflated;
         let c = &mut self.conns[k];
         if !input.is_empty() {
             c.buf = input.to_vec();
@@ -842,6 +862,7 @@ pub fn merge(
         total.lost += r.lost;
         total.reordered += r.reordered;
         total.repeated += r.repeated;
+        total.compressed_frames += r.compressed_frames;
         total.gaps += r.gaps;
         total.churned += r.churned;
         total.cpu_ns += r.cpu_ns;

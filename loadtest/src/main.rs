@@ -142,6 +142,10 @@ struct FanoutArgs {
     /// count as lost unless the server resumes it (or tells it with `stream.gap`).
     #[arg(long)]
     continuity: bool,
+    /// Offer `permessage-deflate` (as browsers do) and inflate the compressed frames the server
+    /// sends, so that compression's cost and savings can be measured.
+    #[arg(long)]
+    compression: bool,
 }
 
 #[derive(Args, Clone)]
@@ -359,6 +363,7 @@ fn run(
             heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
             churn_per_s: fanout.as_ref().map_or(0.0, |f| f.churn) / processes as f64,
             continuity: fanout.as_ref().is_some_and(|f| f.continuity),
+            compression: fanout.as_ref().is_some_and(|f| f.compression),
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -657,6 +662,7 @@ fn run(
             lost: total.lost,
             reordered: total.reordered,
             repeated: total.repeated,
+            compressed_frames: total.compressed_frames,
             gaps: total.gaps,
             latency_us: Percentiles::of(&latency_hist),
             publish_errors: published.errors.clone(),

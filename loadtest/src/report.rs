@@ -90,6 +90,9 @@ pub struct FanoutFigures {
     pub reordered: u64,
     /// Frames received again after a reconnect (resumed from the last acknowledgement).
     pub repeated: u64,
+    /// Frames that came compressed (`--compression`).
+    #[serde(default)]
+    pub compressed_frames: u64,
     /// `stream.gap` frames: reconnecting clients told they missed events.
     pub gaps: u64,
     /// Publish to receipt, microseconds.

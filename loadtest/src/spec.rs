@@ -58,6 +58,9 @@ pub struct WorkerSpec {
     /// A reconnected subscriber's sequence goes on across the reconnect (`--continuity`).
     #[serde(default)]
     pub continuity: bool,
+    /// Offer `permessage-deflate` and inflate compressed frames (`--compression`).
+    #[serde(default)]
+    pub compression: bool,
 }
 
 /// A worker's report: counters and histograms (serialized HdrHistogram V2, base64).
@@ -107,4 +110,7 @@ pub struct WorkerReport {
     pub heartbeat_hist: String,
     /// This worker's own CPU, nanoseconds.
     pub cpu_ns: u64,
+    /// Compressed frames received and inflated (`--compression`).
+    #[serde(default)]
+    pub compressed_frames: u64,
 }

@@ -6,12 +6,42 @@ pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// The `Sec-WebSocket-Accept` that answers [`KEY`] (RFC 6455's own example).
 pub const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
-/// A `GET /v1/stream` upgrade request.
-pub fn upgrade_request(host: &str, token: &str, workspace: &str) -> Vec<u8> {
+/// A `GET /v1/stream` upgrade request, offering `permessage-deflate` as a browser does when
+/// `deflate`.
+pub fn upgrade_request(host: &str, token: &str, workspace: &str, deflate: bool) -> Vec<u8> {
+    let offer = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     format!(
-        "GET /v1/stream?token={token}&workspace={workspace} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /v1/stream?token={token}&workspace={workspace} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
+}
+
+/// Inflates a compressed message (`permessage-deflate`, each message standing alone) into
+/// `out`; false if it is not valid.
+pub fn inflate(d: &mut flate2::Decompress, body: &[u8], out: &mut Vec<u8>) -> bool {
+    d.reset(false);
+    out.clear();
+    let mut input = Vec::with_capacity(body.len() + 4);
+    input.extend_from_slice(body);
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut rest: &[u8] = &input;
+    loop {
+        out.reserve(body.len() * 4 + 256);
+        let before = d.total_in();
+        if d.decompress_vec(rest, out, flate2::FlushDecompress::Sync)
+            .is_err()
+        {
+            return false;
+        }
+        rest = &rest[(d.total_in() - before) as usize..];
+        if rest.is_empty() && out.len() < out.capacity() {
+            return true;
+        }
+    }
 }
 
 /// Finds a complete response head; returns (status, head length).
@@ -28,6 +58,8 @@ pub fn response_head(buf: &[u8]) -> Option<(u16, usize)> {
 pub enum Frame<'a> {
     /// A text frame's payload.
     Text(&'a [u8]),
+    /// A compressed text frame's payload (RSV1, `permessage-deflate`).
+    Compressed(&'a [u8]),
     /// A close frame's code (1005 when it has none).
     Close(u16),
     /// A ping's payload.
@@ -61,6 +93,7 @@ pub fn parse_frame(buf: &[u8]) -> Option<(Frame<'_>, usize)> {
     let payload = &buf[off..end];
     let frame = match buf[0] & 0x0f {
         _ if masked => Frame::Other,
+        0x1 if buf[0] & 0x40 != 0 => Frame::Compressed(payload),
         0x1 => Frame::Text(payload),
         0x8 => Frame::Close(if payload.len() >= 2 {
             u16::from_be_bytes([payload[0], payload[1]])
@@ -103,6 +136,35 @@ pub fn number_after(json: &[u8], key: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_compressed_frame_is_told_apart_and_inflates_to_the_server_s_text() {
+        // The server's own compressor, as it compresses an event frame once for everyone.
+        let text = br#"{"type":"t","payload":{"seq":7,"pad":"pppppppppppppppppppppppppppppppppppppppppppppppppppppppppppp"},"ts":"2026-12-05T00:00:00.000Z"}"#;
+        let plain =
+            causeloop_stream::ws::frame::encode(causeloop_stream::ws::frame::OpCode::Text, text);
+        let frame = causeloop_stream::ws::deflate::Deflater::default()
+            .compress_frame(&plain, 1)
+            .expect("compressible");
+        let (parsed, used) = parse_frame(&frame).unwrap();
+        assert_eq!(used, frame.len());
+        let Frame::Compressed(body) = parsed else {
+            panic!("{parsed:?}")
+        };
+        let (mut d, mut out) = (flate2::Decompress::new(false), Vec::new());
+        assert!(inflate(&mut d, body, &mut out));
+        assert_eq!(out, text);
+        // Twice with the same inflater: each message stands alone.
+        assert!(inflate(&mut d, body, &mut out));
+        assert_eq!(out, text);
+        assert!(!inflate(&mut d, &[0xff, 0xfe, 0x00], &mut out));
+        assert!(upgrade_request("h", "t", "w", true)
+            .windows(24)
+            .any(|w| w == b"Sec-WebSocket-Extensions"));
+        assert!(!upgrade_request("h", "t", "w", false)
+            .windows(24)
+            .any(|w| w == b"Sec-WebSocket-Extensions"));
+    }
     use super::*;
 
     #[test]
