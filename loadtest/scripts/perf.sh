@@ -7,7 +7,7 @@
 # back to back in the same run, so their ratio is meaningful on a noisy machine.
 #
 # Usage: loadtest/scripts/perf.sh [SECTION...]   sections: frame bursts scale shards connect
-#        history (default: all). DUR=3s for a quick smoke run.
+#        history compression (default: all). DUR=3s for a quick smoke run.
 # Output: markdown on stdout; JSON and HTML reports in target/perf/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export CAUSELOOP_JWT_HS256_SECRET=perf-secret-0123456789abcdef0123456789
 export CAUSELOOP_PUBLISH_KEY=perf-publish-key
 DUR=${DUR:-10s}
-SECTIONS=${*:-frame bursts scale shards connect history}
+SECTIONS=${*:-frame bursts scale shards connect history compression}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # Client sockets end in TIME_WAIT on the load tester's side; spreading them over eight source
 # addresses keeps back-to-back runs from searching a crowded port range.
@@ -48,12 +48,13 @@ field() { # json-file python-expression
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); v=$2; print('n/a' if v is None else (f'{v:.0f}' if isinstance(v,float) else v))" "$1"
 }
 
-fanout_row() { # label kind shards conns rate tick processes
-  local name="fanout-$2-s$3-c$4-r$5-t$6"
+fanout_row() { # label kind shards conns rate tick processes; LT_EXTRA: more load tester flags
+  local name="fanout-$2-s$3-c$4-r$5-t$6${LT_NAME:-}"
   start "$2" "$3"
+  # shellcheck disable=SC2086
   "$BIN/causeloop-loadtest" fanout --url ws://$PUB --internal http://$INT --connections "$4" --workspaces 20 \
     --rate "$5" --tick "$6" --processes "$7" --source-ips $SRC --duration "$DUR" --server-pid "$SPID" \
-    --json "$OUT/$name.json" --report "$OUT/$name.html" >/dev/null 2>"$OUT/$name.log"
+    ${LT_EXTRA:-} --json "$OUT/$name.json" --report "$OUT/$name.html" >/dev/null 2>"$OUT/$name.log"
   stop
   local f="$OUT/$name.json"
   echo "| $1 | $3 | $4 | $(field "$f" "r['fanout']['delivered_per_s']") | $(field "$f" "r['server']['cpu_ns_per_frame']") | $(field "$f" "r['fanout']['latency_us']['p50']") | $(field "$f" "r['fanout']['latency_us']['p99']") | $(field "$f" "r['fanout']['lost']") | $(field "$f" "r['loadtest']['worker_max_core_share']*100") |"
@@ -148,5 +149,25 @@ echo "| target | shards | connections | connected | server CPU ns/connection | R
 echo "|---|---|---|---|---|---|---|---|"
 connect_row "--history-size 0, idle 15k" nohistory 2 15000 5000 2 12s
 connect_row "history on, idle 15k" server 2 15000 5000 2 12s
+echo
+fi
+if want compression; then
+echo "### permessage-deflate on and off (2,000 connections, 20 workspaces, events padded with 200 bytes of words)"
+echo
+echo "| subscribers | shards | connections | delivered/s | server CPU ns/frame | bytes received per frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+comp_row() { # label lt-extra rate tick
+  LT_EXTRA="--pad 200 $2" LT_NAME="-pad$([ -n "$2" ] && echo -deflate)" fanout_row "$1" server 1 2000 "$3" "$4" 1 >/dev/null
+  local f="$OUT/fanout-server-s1-c2000-r$3-t$4-pad$([ -n "$2" ] && echo -deflate).json"
+  echo "| $1 | 1 | 2000 | $(field "$f" "r['fanout']['delivered_per_s']") | $(field "$f" "r['server']['cpu_ns_per_frame']") | $(field "$f" "r['fanout']['bytes_received']/max(r['fanout']['delivered_frames'],1)") | $(field "$f" "r['fanout']['latency_us']['p50']") | $(field "$f" "r['fanout']['latency_us']['p99']") | $(field "$f" "r['fanout']['lost']") | $(field "$f" "r['loadtest']['worker_max_core_share']*100") |"
+}
+for order in "plain deflate" "deflate plain"; do
+  for k in $order; do
+    extra=$([ "$k" = deflate ] && echo "--compression" || echo "")
+    label=$([ "$k" = deflate ] && echo "offer permessage-deflate" || echo "offer nothing")
+    comp_row "$label, 20/s per workspace" "$extra" 20 10ms
+    comp_row "$label, bursts, tick 200ms" "$extra" 100 200ms
+  done
+done
 echo
 fi

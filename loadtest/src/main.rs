@@ -663,6 +663,7 @@ fn run(
             reordered: total.reordered,
             repeated: total.repeated,
             compressed_frames: total.compressed_frames,
+            bytes_received: total.bytes,
             gaps: total.gaps,
             latency_us: Percentiles::of(&latency_hist),
             publish_errors: published.errors.clone(),

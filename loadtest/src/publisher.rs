@@ -96,7 +96,7 @@ pub fn run(plan: &Plan, stop: Arc<AtomicBool>) -> Published {
     let mut sent = vec![0u64; plan.workspaces as usize];
     let start = Instant::now();
     let mut next_tick = start;
-    let pad = "p".repeat(plan.pad);
+    let pad = pad_text(plan.pad);
     let mut body = Vec::with_capacity(64 * 1024);
     while !stop.load(Ordering::Acquire) {
         let now = Instant::now();
@@ -168,5 +168,27 @@ pub fn run(plan: &Plan, stop: Arc<AtomicBool>) -> Published {
             None => {}
         }
     }
+    out
+}
+
+/// `len` bytes of plain words, so that a padded event compresses about as ordinary event text
+/// does (a run of one letter would compress many times better than anything real).
+fn pad_text(len: usize) -> String {
+    const WORDS: [&str; 16] = [
+        "checkout", "payment", "gateway", "timeout", "under", "load", "service", "latency",
+        "error", "rate", "rising", "since", "deploy", "region", "west", "customers",
+    ];
+    let mut out = String::with_capacity(len + 16);
+    let mut x = 0x2545_f491u32;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(WORDS[(x % 16) as usize]);
+    }
+    out.truncate(len);
     out
 }

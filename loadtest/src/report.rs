@@ -93,6 +93,9 @@ pub struct FanoutFigures {
     /// Frames that came compressed (`--compression`).
     #[serde(default)]
     pub compressed_frames: u64,
+    /// Bytes the subscribers received, in all (frames as on the wire).
+    #[serde(default)]
+    pub bytes_received: u64,
     /// `stream.gap` frames: reconnecting clients told they missed events.
     pub gaps: u64,
     /// Publish to receipt, microseconds.
