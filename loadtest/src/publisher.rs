@@ -175,8 +175,22 @@ pub fn run(plan: &Plan, stop: Arc<AtomicBool>) -> Published {
 /// does (a run of one letter would compress many times better than anything real).
 fn pad_text(len: usize) -> String {
     const WORDS: [&str; 16] = [
-        "checkout", "payment", "gateway", "timeout", "under", "load", "service", "latency",
-        "error", "rate", "rising", "since", "deploy", "region", "west", "customers",
+        "checkout",
+        "payment",
+        "gateway",
+        "timeout",
+        "under",
+        "load",
+        "service",
+        "latency",
+        "error",
+        "rate",
+        "rising",
+        "since",
+        "deploy",
+        "region",
+        "west",
+        "customers",
     ];
     let mut out = String::with_capacity(len + 16);
     let mut x = 0x2545_f491u32;
