@@ -228,8 +228,12 @@ pub fn gap_frame(reason: GapReason, since_ms: Option<u64>, ts_ms: u64) -> Shared
 }
 
 /// Whether `frame` is a published event's frame (a text frame whose type is not one the server
-/// itself sends), as opposed to `connected`, `heartbeat`, `stream.*` and control frames.
+/// itself sends, or a compressed text frame: only event frames are compressed), as opposed to
+/// `connected`, `heartbeat`, `stream.*` and control frames.
 pub fn is_event_frame(frame: &[u8]) -> bool {
+    if frame.first() == Some(&(0x81 | crate::ws::deflate::RSV1)) {
+        return true;
+    }
     if frame.first() != Some(&0x81) || frame.len() < 2 {
         return false;
     }
@@ -335,6 +339,10 @@ mod tests {
         assert!(!is_event_frame(&connected_frame("w", "u", 0)));
         assert!(!is_event_frame(&crate::ws::frame::ping_frame()));
         assert!(!is_event_frame(b""));
+        let compressed = crate::ws::deflate::Deflater::default()
+            .compress_frame(&big, 1)
+            .expect("compressible");
+        assert!(is_event_frame(&compressed));
     }
 
     #[test]

@@ -100,6 +100,19 @@ fn next_frame(ws: &mut Ws) -> serde_json::Value {
     json(&read_event(ws))
 }
 
+/// Reads numbered events until `last` has come; every frame but heartbeats must be one.
+fn read_through(ws: &mut Ws, last: u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.last() != Some(&last) {
+        assert!(start.elapsed() < WAIT, "{got:?}");
+        let f = next_frame(ws);
+        assert_eq!(f["type"], "test.seq", "{f}");
+        got.push(f["payload"]["n"].as_u64().unwrap());
+    }
+    got
+}
+
 /// Reads until `count` numbered events came; returns them in order with any gap frames seen.
 fn read_numbers(ws: &mut Ws, count: usize) -> (Vec<u64>, Vec<serde_json::Value>) {
     let start = Instant::now();
@@ -293,14 +306,7 @@ fn a_client_that_reconnects_to_the_same_node_is_replayed_from_the_redis_position
     assert_eq!(read_numbers(&mut keeper, 3).0, [3, 4, 5]);
     let mut again = connect(&url);
     assert_eq!(next_frame(&mut again)["type"], "connected");
-    let mut got = Vec::new();
-    let start = Instant::now();
-    while got.last() != Some(&5) {
-        assert!(start.elapsed() < WAIT, "{got:?}");
-        let f = next_frame(&mut again);
-        assert_eq!(f["type"], "test.seq", "{f}");
-        got.push(f["payload"]["n"].as_u64().unwrap());
-    }
+    let got = read_through(&mut again, 5);
     // The client closed first: its record is its last acknowledgement, so repeats are allowed
     // before 3; nothing after 2 may be missing, nothing may come twice after it.
     let from = got.iter().position(|&n| n == 3).expect("3 replayed");
@@ -841,14 +847,7 @@ fn a_record_made_while_redis_was_away_is_kept_once_it_is_back() {
     assert!(eventually(WAIT, || redis.cli(&["LLEN", &key]).trim() == "1"));
     let mut again = connect(&b.url(&token, "ws_away"));
     assert_eq!(next_frame(&mut again)["type"], "connected");
-    let mut got = Vec::new();
-    let start = Instant::now();
-    while got.last() != Some(&9) {
-        assert!(start.elapsed() < WAIT, "{got:?}");
-        let f = next_frame(&mut again);
-        assert_eq!(f["type"], "test.seq", "{f}");
-        got.push(f["payload"]["n"].as_u64().unwrap());
-    }
+    let got = read_through(&mut again, 9);
     // Its record came from its acknowledgement: what it had may come again, then 5..9, once.
     let from = got.iter().position(|&n| n == 5).expect("5 replayed");
     assert_eq!(&got[from..], [5, 6, 7, 8, 9]);

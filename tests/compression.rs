@@ -35,18 +35,7 @@ impl Raw {
         let offer = extensions.map_or(String::new(), |e| {
             format!("Sec-WebSocket-Extensions: {e}\r\n")
         });
-        let req = format!(
-            "GET /v1/stream?token={token}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
-        );
-        sock.write_all(req.as_bytes()).unwrap();
-        let mut got = Vec::new();
-        let mut b = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\n") {
-            sock.read_exact(&mut b).unwrap();
-            got.push(b[0]);
-        }
-        let head = String::from_utf8(got).unwrap();
-        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        let head = raw_upgrade(&mut sock, token, workspace, &offer);
         let mut raw = Raw { sock, head };
         let connected = raw.frame();
         assert_eq!(connected.b0, 0x81, "connected is plain");

@@ -309,6 +309,49 @@ fn churn(
     }
 }
 
+/// Two nodes (two shards each) on `cluster` with wire format `wire` (acknowledgements every
+/// 50 ms, so that resumes repeat little), started once each node's bus has reached every master
+/// (publishes answer 503 until then).
+fn cluster_nodes(cluster: &RedisCluster, wire: u8) -> [TestServer; 2] {
+    let nodes = [0, 1].map(|_| {
+        let mut bus = cluster.bus();
+        if let causeloop_stream::config::BusConfig::Redis(r) = &mut bus {
+            r.wire = wire;
+        }
+        TestServer::with(move |c| {
+            c.shards = 2;
+            c.bus = bus;
+            c.ack_interval = std::time::Duration::from_millis(50);
+        })
+    });
+    for node in &nodes {
+        assert!(
+            eventually(WAIT, || node
+                .server()
+                .stats()
+                .bus
+                .bus_up
+                .load(Ordering::Relaxed)
+                == 1),
+            "a node's cluster bus never came up"
+        );
+    }
+    nodes
+}
+
+/// Every other round, one workspace's slot (and its keys) moves to another master; returns how
+/// many moved (0 or 1).
+fn move_a_slot(cluster: &RedisCluster, rng: &mut Rng) -> usize {
+    if rng.below(2) != 0 {
+        return 0;
+    }
+    let ws = WORKSPACES[rng.below(WORKSPACES.len())];
+    let slot = cluster.slot(&format!("causeloop:v1:ws:{ws}"));
+    let to = (cluster.owner(slot) + 1 + rng.below(2)) % 3;
+    cluster.move_slot(slot, to);
+    1
+}
+
 #[test]
 fn every_connection_gets_exactly_its_events_through_churn() {
     let seed = seed("isolation");
@@ -344,36 +387,10 @@ fn every_connection_gets_exactly_its_events_across_a_redis_cluster_while_slots_m
         return;
     };
     let seed = seed("isolation on a Redis Cluster");
-    let nodes = [0, 1].map(|_| {
-        let bus = cluster.bus();
-        TestServer::with(move |c| {
-            c.shards = 2;
-            c.bus = bus;
-        })
-    });
-    // Publishes answer 503 until a node's bus has reached every master: start once it has.
-    for node in &nodes {
-        assert!(
-            eventually(WAIT, || node
-                .server()
-                .stats()
-                .bus
-                .bus_up
-                .load(Ordering::Relaxed)
-                == 1),
-            "a node's cluster bus never came up"
-        );
-    }
+    let nodes = cluster_nodes(&cluster, 1);
     let mut moves = 0;
     let run = churn(seed, &nodes, 40, false, |rng| {
-        // Every other round, one workspace's slot moves to another master.
-        if rng.below(2) == 0 {
-            let ws = WORKSPACES[rng.below(WORKSPACES.len())];
-            let slot = cluster.slot(&format!("causeloop:v1:ws:{ws}"));
-            let to = (cluster.owner(slot) + 1 + rng.below(2)) % 3;
-            cluster.move_slot(slot, to);
-            moves += 1;
-        }
+        moves += move_a_slot(&cluster, rng)
     });
     eprintln!(
         "isolation on a Redis Cluster: {} deliveries checked over {} events, {moves} slot moves",
@@ -402,39 +419,10 @@ fn every_connection_gets_exactly_its_events_and_resumes_on_any_node_with_wire_fo
         return;
     };
     let seed = seed("isolation on a Redis Cluster, wire format 2");
-    let nodes = [0, 1].map(|_| {
-        let mut bus = cluster.bus();
-        if let causeloop_stream::config::BusConfig::Redis(r) = &mut bus {
-            r.wire = 2;
-        }
-        TestServer::with(move |c| {
-            c.shards = 2;
-            c.bus = bus;
-            c.ack_interval = std::time::Duration::from_millis(50);
-        })
-    });
-    for node in &nodes {
-        assert!(
-            eventually(WAIT, || node
-                .server()
-                .stats()
-                .bus
-                .bus_up
-                .load(Ordering::Relaxed)
-                == 1),
-            "a node's cluster bus never came up"
-        );
-    }
+    let nodes = cluster_nodes(&cluster, 2);
     let mut moves = 0;
     let run = churn(seed, &nodes, 40, true, |rng| {
-        // Every other round one workspace's slot moves, its keys with it.
-        if rng.below(2) == 0 {
-            let ws = WORKSPACES[rng.below(WORKSPACES.len())];
-            let slot = cluster.slot(&format!("causeloop:v1:ws:{ws}"));
-            let to = (cluster.owner(slot) + 1 + rng.below(2)) % 3;
-            cluster.move_slot(slot, to);
-            moves += 1;
-        }
+        moves += move_a_slot(&cluster, rng)
     });
     eprintln!(
         "isolation on a Redis Cluster, wire format 2: {} deliveries checked over {} events, {} resumes, {} repeated, {moves} slot moves",

@@ -874,15 +874,9 @@ impl Shard {
         }
         let ws = t.workspace.clone();
         let mut at = Some(position(stream));
-        // A compressed frame (RSV1: only event frames are compressed) is placed by the
-        // compressed form the history keeps with its event.
-        let compressed =
-            |f: &SharedFrame| f.first() == Some(&(0x80 | crate::ws::deflate::RSV1 | 0x1));
-        if let Some(f) = self.conns[key]
-            .out
-            .unstarted()
-            .find(|f| is_event_frame(f) || compressed(f))
-        {
+        // (A compressed frame is placed by the compressed form the history keeps with its
+        // event.)
+        if let Some(f) = self.conns[key].out.unstarted().find(|f| is_event_frame(f)) {
             at = d.history.offset_of(&ws, stream.epoch, f).map(|o| Position {
                 epoch: stream.epoch,
                 offset: o - 1,

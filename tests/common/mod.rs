@@ -307,15 +307,11 @@ pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 
-/// Subscribes over a plain `TcpStream` (no WebSocket library): checks the 101 and reads the
-/// `connected` frame, then hands back the socket for a test that must control every byte.
-pub fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
-    let mut sock = TcpStream::connect(s.public).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+/// Sends the upgrade request for `workspace` with `token` (and `extra` header lines) on `sock`
+/// and reads the response head, which must be a 101; returns it.
+pub fn raw_upgrade(sock: &mut TcpStream, token: &str, workspace: &str, extra: &str) -> String {
     let req = format!(
-        "GET /v1/stream?token={}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        token(workspace, "u", 600)
+        "GET /v1/stream?token={token}&workspace={workspace} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     sock.write_all(req.as_bytes()).unwrap();
     let mut got = Vec::new();
@@ -326,6 +322,16 @@ pub fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
     }
     let head = String::from_utf8(got).unwrap();
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    head
+}
+
+/// Subscribes over a plain `TcpStream` (no WebSocket library): checks the 101 and reads the
+/// `connected` frame, then hands back the socket for a test that must control every byte.
+pub fn raw_subscribe(s: &TestServer, workspace: &str) -> TcpStream {
+    let mut sock = TcpStream::connect(s.public).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = raw_upgrade(&mut sock, &token(workspace, "u", 600), workspace, "");
     assert!(
         head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "{head}"
