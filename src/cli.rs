@@ -180,6 +180,13 @@ pub struct RunArgs {
     /// Publish batches queued per shard before publishers wait.
     #[arg(long, env = "CAUSELOOP_SHARD_INBOX", default_value_t = defaults().shard_inbox)]
     pub shard_inbox: usize,
+    /// PEM certificate chain (the server's certificate first): with --tls-key, the public
+    /// listener speaks only TLS (wss://, https:// probes). Reloaded on SIGHUP.
+    #[arg(long, env = "CAUSELOOP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). Reloaded on SIGHUP.
+    #[arg(long, env = "CAUSELOOP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// permessage-deflate: `auto` takes a client's offer (with server_no_context_takeover: each
     /// event is compressed once for every subscriber), `off` declines every offer.
     #[arg(long, env = "CAUSELOOP_COMPRESSION", default_value = "auto")]
@@ -375,6 +382,13 @@ impl RunArgs {
             max_client_frames_per_sec: self.max_client_frames_per_sec,
             shard_inbox: self.shard_inbox,
             history_size: self.history_size,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
             compression: self.compression == Compression::Auto,
             compression_min_bytes: self.compression_min_bytes.0,
             history_ttl: self.history_ttl.0,

@@ -273,6 +273,8 @@ pub struct Config {
     pub shard_inbox: usize,
     /// `--history-size`: events kept per workspace for resumes; 0 turns history and resume off.
     pub history_size: usize,
+    /// `--tls-cert` and `--tls-key`: the public listener speaks TLS.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// `--compression auto|off`: take a client's `permessage-deflate` offer (`auto`).
     pub compression: bool,
     /// `--compression-min-bytes`: event frames smaller than this are sent uncompressed.
@@ -338,6 +340,7 @@ impl Default for Config {
             max_client_frames_per_sec: 100,
             shard_inbox: 256,
             history_size: 1000,
+            tls: None,
             compression: true,
             compression_min_bytes: 128,
             history_ttl: Duration::from_secs(120),

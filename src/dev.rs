@@ -86,6 +86,11 @@ impl Dev {
         let internal = loopback_if_unspecified(server.internal_addr());
         let key = String::from_utf8_lossy(self.publish_key.expose());
         let secret = String::from_utf8_lossy(self.secret.expose());
+        let scheme = if server.config().tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
@@ -93,10 +98,10 @@ impl Dev {
 === causeloop-stream DEVELOPMENT MODE: random secrets, demo publisher. Never use in production. ===
 
 Stream URL (token valid 24h, workspace {DEV_WORKSPACE}, user {DEV_USER}):
-  ws://{public}/v1/stream?token={token}&workspace={DEV_WORKSPACE}
+  {scheme}://{public}/v1/stream?token={token}&workspace={DEV_WORKSPACE}
 
 Watch it from a terminal (Node 20+):
-  node --experimental-websocket -e 'new WebSocket(process.argv[1]).onmessage = (m) => console.log(m.data)' 'ws://{public}/v1/stream?token={token}&workspace={DEV_WORKSPACE}'
+  node --experimental-websocket -e 'new WebSocket(process.argv[1]).onmessage = (m) => console.log(m.data)' '{scheme}://{public}/v1/stream?token={token}&workspace={DEV_WORKSPACE}'
 
 Publish an event:
   curl -sS -X POST http://{internal}/v1/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"workspace_id\":\"{DEV_WORKSPACE}\",\"type\":\"issue.created\",\"payload\":{{\"id\":\"iss_1\",\"title\":\"Hello from curl\"}}}}'

@@ -45,4 +45,5 @@ pub mod secret;
 pub mod server;
 pub mod shard;
 pub mod timer;
+pub mod tls;
 pub mod ws;

@@ -1,7 +1,7 @@
 //! The `causeloop-stream` binary: flags, logging, signals, `--dev` and `token`.
 //!
 //! Everything else is the library. SIGTERM and SIGINT begin the drain (a second one exits at
-//! once); SIGHUP reloads every key file.
+//! once); SIGHUP reloads every key file and the TLS certificate pair.
 #![forbid(unsafe_code)]
 
 use causeloop_stream::auth::jwt;
@@ -225,10 +225,17 @@ fn run(cli: Cli) -> i32 {
         let mut stopping = false;
         for sig in signals.forever() {
             match sig {
-                signal_hook::consts::SIGHUP => match control.reload_keys() {
-                    Ok(()) => log::info!("SIGHUP: keys reloaded"),
-                    Err(e) => log::warn!("SIGHUP: keeping the old keys: {e}"),
-                },
+                signal_hook::consts::SIGHUP => {
+                    match control.reload_keys() {
+                        Ok(()) => log::info!("SIGHUP: keys reloaded"),
+                        Err(e) => log::warn!("SIGHUP: keeping the old keys: {e}"),
+                    }
+                    match control.reload_tls() {
+                        Ok(true) => log::info!("SIGHUP: TLS certificate reloaded"),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("SIGHUP: keeping the old TLS certificate: {e}"),
+                    }
+                }
                 _ if stopping => {
                     log::warn!("second stop signal: exiting without finishing the drain");
                     std::process::exit(1);

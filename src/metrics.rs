@@ -79,6 +79,12 @@ pub struct ShardStats {
     pub deflate_out: AtomicU64,
     /// Compressed event frames queued to connections.
     pub deflate_frames: AtomicU64,
+    /// TLS handshakes completed on the public listener.
+    pub tls_handshakes: AtomicU64,
+    /// TLS connections that failed before their handshake completed (bad ClientHello, no
+    /// shared version or cipher suite, a peer that stopped mid-handshake is counted by its
+    /// deadline instead).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
@@ -169,6 +175,12 @@ pub struct BusStats {
     pub key_reloads_ok: AtomicU64,
     /// Key reloads that failed (the old keys stayed in force).
     pub key_reloads_failed: AtomicU64,
+    /// TLS certificate reloads (SIGHUP) that took effect.
+    pub tls_reloads_ok: AtomicU64,
+    /// TLS certificate reloads refused (the old pair stayed in force).
+    pub tls_reloads_failed: AtomicU64,
+    /// The TLS certificate in force's notAfter, Unix seconds (0: no TLS, or not readable).
+    pub tls_not_after: std::sync::atomic::AtomicI64,
     /// Events accepted for fan-out.
     pub published: AtomicU64,
     /// Publish requests refused: bad body.
@@ -448,6 +460,21 @@ impl Collector for StatsCollector {
         )?;
         counters(
             &mut enc,
+            "causeloop_tls_handshakes",
+            "TLS handshakes on the public listener, by result (a peer that stops mid-handshake ends at --handshake-timeout and is counted as failed).",
+            &[
+                (
+                    vec![("result", "ok".to_string())],
+                    sum(shards, |s| &s.tls_handshakes),
+                ),
+                (
+                    vec![("result", "error".to_string())],
+                    sum(shards, |s| &s.tls_handshake_failures),
+                ),
+            ],
+        )?;
+        counters(
+            &mut enc,
             "causeloop_bytes_written",
             "Bytes written to WebSocket sockets.",
             &one(sum(shards, |s| &s.bytes_written)),
@@ -694,6 +721,31 @@ impl Collector for StatsCollector {
             "Key reloads, by result.",
             &reloads,
         )?;
+        let tls_reloads = vec![
+            (
+                vec![("result", "ok".to_string())],
+                bus.tls_reloads_ok.load(Ordering::Relaxed),
+            ),
+            (
+                vec![("result", "error".to_string())],
+                bus.tls_reloads_failed.load(Ordering::Relaxed),
+            ),
+        ];
+        counters(
+            &mut enc,
+            "causeloop_tls_reloads",
+            "TLS certificate reloads (SIGHUP), by result; on error the old certificate stays in force.",
+            &tls_reloads,
+        )?;
+        let not_after = bus.tls_not_after.load(Ordering::Relaxed);
+        if not_after != 0 {
+            gauges(
+                &mut enc,
+                "causeloop_tls_certificate_expiry_timestamp_seconds",
+                "When the public listener's TLS certificate in force expires (its notAfter), Unix seconds.",
+                &[(Labels::new(), not_after)],
+            )?;
+        }
         type Pick = fn(&ShardStats) -> &Histogram;
         let histograms: [(&str, &str, Pick); 3] = [
             (

@@ -21,6 +21,7 @@ use crate::internal::Internal;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{ShardStats, Stats};
 use crate::shard::{Shard, ShardContext, WAKER};
+use crate::tls::Tls;
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -40,6 +41,8 @@ pub enum StartError {
     Config(ConfigError),
     /// A key file could not be loaded.
     Keys(KeyError),
+    /// The TLS certificate pair could not be loaded.
+    Tls(crate::tls::TlsError),
     /// A listener could not be bound.
     Bind(SocketAddr, std::io::Error),
     /// Creating a poll, waker or thread failed.
@@ -51,6 +54,7 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Config(m) => write!(f, "invalid configuration: {m}"),
             StartError::Keys(e) => write!(f, "cannot load JWT keys: {e}"),
+            StartError::Tls(e) => write!(f, "cannot load the TLS certificate: {e}"),
             StartError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
             StartError::Io(e) => write!(f, "cannot start: {e}"),
         }
@@ -81,6 +85,7 @@ pub struct Control {
     lifecycle: Arc<Lifecycle>,
     links: Arc<Links>,
     jwt: Arc<JwtConfig>,
+    tls: Option<Arc<Tls>>,
     stats: Stats,
 }
 
@@ -115,6 +120,30 @@ impl Control {
         self.links.broadcast(|| ShardMsg::Keys(keys.clone()));
         ShardStats::add(&stats.key_reloads_ok, 1);
         Ok(())
+    }
+}
+
+impl Control {
+    /// Re-reads `--tls-cert` and `--tls-key`: new handshakes use the new pair, open connections
+    /// keep theirs. On error the old pair stays in force. Without TLS, nothing to do.
+    pub fn reload_tls(&self) -> Result<bool, crate::tls::TlsError> {
+        let Some(tls) = &self.tls else {
+            return Ok(false);
+        };
+        let stats = &self.stats.bus;
+        match tls.reload() {
+            Ok(()) => {
+                ShardStats::add(&stats.tls_reloads_ok, 1);
+                stats
+                    .tls_not_after
+                    .store(tls.not_after(), Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => {
+                ShardStats::add(&stats.tls_reloads_failed, 1);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -170,6 +199,10 @@ impl Server {
             )));
         }
         let keys = Arc::new(keys);
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(Tls::new(files.clone()).map_err(StartError::Tls)?)),
+            None => None,
+        };
 
         // One listening socket per shard, all on the same port.
         let user_timeout = config.tcp_user_timeout;
@@ -204,6 +237,12 @@ impl Server {
 
         let lifecycle = Arc::new(Lifecycle::default());
         let mut stats = Stats::new(config.shards);
+        if let Some(t) = &tls {
+            stats
+                .bus
+                .tls_not_after
+                .store(t.not_after(), Ordering::Relaxed);
+        }
         let delivery = DeliveryConfig::of(&config).map(|d| Arc::new(Delivery::local(d)));
         stats.delivery = delivery.clone();
         let room = Arc::new(Room::default());
@@ -251,6 +290,7 @@ impl Server {
                 keys: keys.clone(),
                 to_bus: to_bus.clone(),
                 delivery: delivery.clone(),
+                tls: tls.as_ref().map(|t| t.config()),
             };
             let shard = Shard::new(ctx, &config, poll, TcpListener::from_std(listener), inbox)
                 .map_err(StartError::Io)?;
@@ -312,6 +352,7 @@ impl Server {
             lifecycle,
             links,
             jwt: Arc::new(config.jwt.clone()),
+            tls,
             stats: stats.clone(),
         };
         Ok(Server {

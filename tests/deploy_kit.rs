@@ -32,8 +32,10 @@ fn referenced(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn dashboard_and_alerts_use_existing_metrics() {
-    let s = TestServer::start();
-    let _ws = s.subscribe("ws_kit", "u");
+    // With TLS on, so that the certificate's expiry is exported too.
+    let cert = common::tls::TestCert::new("deploy-kit", 2030, 1, 1);
+    let files = cert.files();
+    let s = TestServer::with(|c| c.tls = Some(files));
     let metrics = raw_http(
         s.internal,
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

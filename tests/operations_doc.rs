@@ -77,7 +77,20 @@ fn every_exported_metric_is_documented_and_every_documented_one_exported() {
         s.internal,
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
-    let body = scrape.split("\r\n\r\n").nth(1).unwrap_or("");
+    // And one with TLS, whose certificate's expiry is exported only then.
+    let cert = common::tls::TestCert::new("ops-doc", 2030, 1, 1);
+    let files = cert.files();
+    let t = common::TestServer::with(|c| c.tls = Some(files));
+    let tls_scrape = common::raw_http(
+        t.internal,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let body = format!(
+        "{}\n{}",
+        scrape.split("\r\n\r\n").nth(1).unwrap_or(""),
+        tls_scrape.split("\r\n\r\n").nth(1).unwrap_or("")
+    );
+    let body = body.as_str();
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
         .unwrap();
     let mut exported: Vec<&str> = body.lines().filter_map(family).collect();

@@ -158,6 +158,11 @@ impl Shard {
         if conn.phase != Phase::Lingering {
             ShardStats::add(&self.stats().dropped, 1);
         }
+        // A TLS connection that ends before its handshake completed failed it: garbage, no
+        // shared version or suite, or a peer that stopped (its deadline dropped it).
+        if conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            ShardStats::add(&self.stats().tls_handshake_failures, 1);
+        }
         // Every WebSocket connection (upgraded: subscribed, or refused with a close code)
         // is counted once, by the code it ended with; plain HTTP exchanges are not.
         if conn.was_open || conn.close_code != 0 {
@@ -185,7 +190,15 @@ impl Shard {
             let conn = &mut self.conns[k];
             if let Some(r) = reason {
                 if conn.is_open() && conn.out.is_empty() {
-                    let _ = std::io::Write::write(&mut conn.stream, &r.frame());
+                    match &mut conn.tls {
+                        Some(tls) => {
+                            let _ = std::io::Write::write(&mut tls.writer(), &r.frame());
+                            let _ = tls.write_tls(&mut conn.stream);
+                        }
+                        None => {
+                            let _ = std::io::Write::write(&mut conn.stream, &r.frame());
+                        }
+                    }
                     self.stats().close(r);
                 }
             }

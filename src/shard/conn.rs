@@ -75,6 +75,9 @@ impl Open {
 pub struct Conn {
     /// The socket.
     pub stream: TcpStream,
+    /// With `--tls-cert`: the TLS session over the socket. Everything above it (the request
+    /// head, frames, the outbox) is the same as on a plain connection.
+    pub tls: Option<Box<rustls::ServerConnection>>,
     /// Distinguishes this connection from earlier ones in the same slab slot.
     pub gen: u32,
     /// See [`Phase`].
@@ -115,9 +118,16 @@ pub struct Conn {
 
 impl Conn {
     /// A freshly accepted connection, reading its request head.
-    pub fn new(stream: TcpStream, gen: u32, over_limit: bool, opened_ms: u64) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        tls: Option<Box<rustls::ServerConnection>>,
+        gen: u32,
+        over_limit: bool,
+        opened_ms: u64,
+    ) -> Self {
         Conn {
             stream,
+            tls,
             gen,
             phase: Phase::Head,
             dirty: false,
@@ -181,6 +191,6 @@ mod size_probe {
         // mio's stream carries a selector id in debug builds only; count the release layout.
         let debug_extra = std::mem::size_of::<mio::net::TcpStream>() - 4;
         let size = std::mem::size_of::<super::Conn>() - debug_extra;
-        assert!(size <= 144, "Conn grew to {size} bytes");
+        assert!(size <= 152, "Conn grew to {size} bytes");
     }
 }

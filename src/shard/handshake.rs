@@ -97,6 +97,21 @@ impl Shard {
     fn add_conn(&mut self, mut stream: TcpStream, turn: &Turn) {
         fault::point(&self.faults, Point::Accept, || None);
         // TCP_NODELAY and SO_SNDBUF come from the listening socket (see server::bind).
+        let tls = match &self.tls {
+            Some(config) => match rustls::ServerConnection::new(config.clone()) {
+                Ok(mut session) => {
+                    // Encrypted bytes waiting for the socket, per connection: the outbox holds
+                    // the rest as shared frames, so a blocked connection costs this at most.
+                    session.set_buffer_limit(Some(super::io::TLS_PENDING));
+                    Some(Box::new(session))
+                }
+                Err(e) => {
+                    log::warn!("shard {}: TLS session: {e}", self.index);
+                    return;
+                }
+            },
+            None => None,
+        };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self
@@ -110,7 +125,7 @@ impl Shard {
         let over_limit = self.lifecycle.socket_opened() >= self.limits.max_connections;
         self.next_gen = self.next_gen.wrapping_add(1);
         let opened_ms = turn.now.saturating_duration_since(self.started).as_millis() as u64;
-        entry.insert(Conn::new(stream, self.next_gen, over_limit, opened_ms));
+        entry.insert(Conn::new(stream, tls, self.next_gen, over_limit, opened_ms));
         self.set_timer(key, turn.tick + self.limits.handshake_ticks);
     }
 

@@ -1,7 +1,14 @@
 //! Reading from connections (request heads and client frames) and writing to them (queueing
 //! shared frames, flushing each dirty connection once per loop turn).
+//!
+//! A TLS connection differs only at the socket: its bytes go through `read_tls`,
+//! `process_new_packets` and the session's reader before the same `on_bytes`, and its flush
+//! hands the queued shared frames to the session (one vectored write: as few records as their
+//! sizes allow, up to [`TLS_PENDING`] encrypted bytes at a time) and writes the records out.
+//! The frame is built once per event either way; what a TLS connection adds is its encryption.
 
 use super::conn::Phase;
+use super::outbox::{Flushed, Outbox};
 use super::{Next, Shard, Turn};
 use crate::fault::{self, Point};
 use crate::metrics::ShardStats;
@@ -9,12 +16,69 @@ use crate::ws::close::{close_frame, CloseReason};
 use crate::ws::decoder::Control;
 use crate::ws::frame::{encode, OpCode};
 use crate::ws::SharedFrame;
+use mio::net::TcpStream;
 use mio::{Interest, Token};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 
 /// Bytes read from one connection per iteration.
 const READ_BUDGET: usize = 64 * 1024;
+/// Encrypted bytes a TLS session may hold for its socket: four full records. Past it the
+/// frames wait in the outbox, shared, until the socket takes more.
+pub(super) const TLS_PENDING: usize = 4 * 16 * 1024 + 4 * 64;
+
+/// The plaintext side of a TLS session as a writer the outbox can flush into: a session whose
+/// buffer is full takes nothing, which the outbox must see as `WouldBlock`, not as a zero-length
+/// write.
+struct Plaintext<'a>(&'a mut rustls::ServerConnection);
+
+impl Write for Plaintext<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.writer().write(buf)? {
+            0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self.0.writer().write_vectored(bufs)? {
+            0 if bufs.iter().any(|b| !b.is_empty()) => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Flushes a TLS connection: queued frames into the session, records onto the socket, until
+/// both are empty or the socket would block. Returns what was done and whether the socket
+/// blocked (bytes still wait).
+fn flush_tls(
+    out: &mut Outbox,
+    tls: &mut rustls::ServerConnection,
+    socket: &mut TcpStream,
+) -> io::Result<(Flushed, bool)> {
+    let mut done = Flushed::default();
+    loop {
+        // Frames wait for the handshake (the session would hold them as plaintext meanwhile).
+        if !out.is_empty() && !tls.is_handshaking() {
+            done.frames += out.write_to(&mut Plaintext(tls))?.frames;
+        }
+        while tls.wants_write() {
+            match tls.write_tls(socket) {
+                Ok(n) => done.bytes += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((done, true)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if out.is_empty() || tls.is_handshaking() {
+            return Ok((done, false));
+        }
+    }
+}
 
 impl Shard {
     /// Reads what the socket holds. `peer_closed` (the event carried RDHUP or an error) reads on
@@ -22,6 +86,9 @@ impl Shard {
     /// is applied as it comes; a connection that is closing is still read (the peer's close
     /// frame, or its end of stream, may follow).
     pub(super) fn on_readable(&mut self, key: usize, turn: &Turn, peer_closed: bool) -> Next {
+        if self.conns.get(key).is_some_and(|c| c.tls.is_some()) {
+            return self.on_readable_tls(key, turn);
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
         while let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) {
@@ -54,6 +121,80 @@ impl Shard {
         }
         self.scratch = scratch;
         Next::Continue
+    }
+
+    /// Reads a TLS connection: records from the socket until it would block (a TLS reader
+    /// cannot tell a short read from a full one, so it always reads to `WouldBlock`), each
+    /// batch decrypted and its plaintext handed to `on_bytes` as a plain connection's would be.
+    /// A TLS error (garbage instead of a ClientHello, a bad record) sends rustls' alert and drops
+    /// the connection.
+    fn on_readable_tls(&mut self, key: usize, turn: &Turn) -> Next {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut total = 0;
+        while let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) {
+            let (stream, Some(tls)) = (&mut conn.stream, conn.tls.as_mut()) else {
+                break;
+            };
+            let next = match tls.read_tls(stream) {
+                Ok(0) => Next::Drop,
+                Ok(n) => {
+                    total += n;
+                    let handshaking = tls.is_handshaking();
+                    match tls.process_new_packets() {
+                        Ok(_) => {
+                            if handshaking && !tls.is_handshaking() {
+                                ShardStats::add(&self.stats_all[self.index].tls_handshakes, 1);
+                            }
+                            self.on_plaintext(key, &mut scratch, turn)
+                        }
+                        Err(e) => {
+                            log::debug!("shard {}: connection {key}: TLS: {e}", self.index);
+                            // The alert rustls queued for it, best effort.
+                            let _ = tls.write_tls(stream);
+                            Next::Drop
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => Next::Drop,
+            };
+            let more = next == Next::Continue;
+            self.apply(key, next, turn);
+            if more && total >= READ_BUDGET {
+                self.read_again.push(key as u32);
+                break;
+            }
+        }
+        self.scratch = scratch;
+        Next::Continue
+    }
+
+    /// Hands a TLS connection's decrypted bytes to `on_bytes`, and has its flush send whatever
+    /// the session wants to write (handshake messages, alerts, key updates).
+    fn on_plaintext(&mut self, key: usize, scratch: &mut [u8], turn: &Turn) -> Next {
+        loop {
+            let Some(tls) = self.conns[key].tls.as_mut() else {
+                return Next::Continue;
+            };
+            let wants_write = tls.wants_write();
+            let n = match tls.reader().read(scratch) {
+                // The peer's close_notify: nothing more will come.
+                Ok(0) => return Next::Drop,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if wants_write || !self.conns[key].out.is_empty() {
+                        self.mark_dirty(key);
+                    }
+                    return Next::Continue;
+                }
+                Err(_) => return Next::Drop,
+            };
+            let next = self.on_bytes(key, &scratch[..n], turn);
+            if next != Next::Continue || !matches!(self.conns.get(key), Some(c) if !c.dead) {
+                return next;
+            }
+        }
     }
 
     fn on_bytes(&mut self, key: usize, data: &[u8], turn: &Turn) -> Next {
@@ -219,15 +360,20 @@ impl Shard {
         fault::point(faults, Point::Flush, || registry.names(key).map(|(_, u)| u));
         let stats = &self.stats_all[self.index];
         let conn = &mut self.conns[key];
-        let done = match conn.out.write_to(&mut conn.stream) {
-            Ok(done) => done,
-            Err(_) => return Next::Drop,
+        let (done, blocked) = match &mut conn.tls {
+            Some(tls) => match flush_tls(&mut conn.out, tls, &mut conn.stream) {
+                Ok(d) => d,
+                Err(_) => return Next::Drop,
+            },
+            None => match conn.out.write_to(&mut conn.stream) {
+                Ok(done) => (done, !conn.out.is_empty()),
+                Err(_) => return Next::Drop,
+            },
         };
         ShardStats::add(&stats.frames_written, done.frames as u64);
         ShardStats::add(&stats.bytes_written, done.bytes as u64);
         // Write readiness is watched only while bytes wait: registering it for good would
         // deliver an EPOLLOUT wake-up for nearly every ACK.
-        let blocked = !conn.out.is_empty();
         if blocked != conn.want_write {
             let interest = if blocked {
                 Interest::READABLE | Interest::WRITABLE
@@ -244,7 +390,7 @@ impl Shard {
             }
             conn.want_write = blocked;
         }
-        if !blocked && conn.close_when_flushed && !conn.record_pending {
+        if !blocked && conn.out.is_empty() && conn.close_when_flushed && !conn.record_pending {
             return self.linger(key, turn);
         }
         Next::Continue
@@ -254,6 +400,12 @@ impl Shard {
     fn linger(&mut self, key: usize, turn: &Turn) -> Next {
         let conn = &mut self.conns[key];
         conn.close_when_flushed = false;
+        if let Some(tls) = &mut conn.tls {
+            // close_notify, into a socket that has just taken everything else: best effort (a
+            // WebSocket peer has the close frame already).
+            tls.send_close_notify();
+            let _ = tls.write_tls(&mut conn.stream);
+        }
         if conn.stream.shutdown(Shutdown::Write).is_err() {
             return Next::Drop;
         }

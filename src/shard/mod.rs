@@ -188,6 +188,8 @@ pub struct ShardContext {
     pub to_bus: Option<ToBus>,
     /// The history and resume records, with history on.
     pub delivery: Option<Arc<Delivery>>,
+    /// With `--tls-cert`: every accepted connection starts a TLS handshake with this.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A shard and everything it owns. Built on the starting thread, then moved to its own.
@@ -236,6 +238,8 @@ pub struct Shard {
     next_sample: Instant,
     /// The history and resume records (history on only).
     delivery: Option<Arc<Delivery>>,
+    /// `--tls-cert`: the configuration of every handshake.
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// Per connection (by slab key), what the delivery guarantee keeps; empty with history off.
     tracked: Vec<Option<resume::Tracked>>,
     /// Connections being replayed what they missed (or waiting for a twin's record), by key.
@@ -331,6 +335,7 @@ impl Shard {
             fanout_started: Vec::new(),
             next_sample: started,
             delivery: ctx.delivery,
+            tls: ctx.tls,
             tracked: Vec::new(),
             replays: HashMap::new(),
             probe_keys: Vec::new(),

@@ -5,6 +5,7 @@
 pub mod deps;
 pub mod process;
 pub mod redis;
+pub mod tls;
 
 use causeloop_stream::auth::jwt;
 use causeloop_stream::config::{Config, Secret};
@@ -140,6 +141,14 @@ pub fn try_connect_within(url: &str, timeout: Duration) -> Result<Ws, Box<tungst
     let stream = TcpStream::connect(addr).expect("tcp connect");
     stream.set_read_timeout(Some(timeout)).unwrap();
     stream.set_nodelay(true).unwrap();
+    ws_client(url, stream)
+}
+
+/// The WebSocket upgrade over `stream` (plain or TLS), its failure as the client's error.
+pub fn ws_client<S: Read + Write>(
+    url: &str,
+    stream: S,
+) -> Result<WebSocket<S>, Box<tungstenite::Error>> {
     tungstenite::client(url, stream)
         .map(|(ws, _)| ws)
         .map_err(|e| {
@@ -151,7 +160,7 @@ pub fn try_connect_within(url: &str, timeout: Duration) -> Result<Ws, Box<tungst
 }
 
 /// Reads the next text frame (answering pings as tungstenite does). Panics on anything else.
-pub fn read_text(ws: &mut Ws) -> String {
+pub fn read_text<S: Read + Write>(ws: &mut WebSocket<S>) -> String {
     loop {
         match ws.read().expect("read frame") {
             Message::Text(t) => return t.to_string(),
@@ -163,7 +172,7 @@ pub fn read_text(ws: &mut Ws) -> String {
 
 /// Reads the next text frame that is not a heartbeat. Heartbeats keep a socket's read timeout
 /// from ever firing, so a lost event fails here after 20 s instead of hanging the test.
-pub fn read_event(ws: &mut Ws) -> String {
+pub fn read_event<S: Read + Write>(ws: &mut WebSocket<S>) -> String {
     let start = std::time::Instant::now();
     loop {
         let t = read_text(ws);
@@ -184,7 +193,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// Reads until the server's close frame; returns (code, reason). Any text frame before it fails
 /// the test when `no_frames` is set. Heartbeats keep a read timeout from firing, so the wait has
 /// a deadline of its own ([`WAIT`]).
-pub fn expect_close(ws: &mut Ws, no_frames: bool) -> (u16, String) {
+pub fn expect_close<S: Read + Write>(ws: &mut WebSocket<S>, no_frames: bool) -> (u16, String) {
     let start = Instant::now();
     loop {
         assert!(start.elapsed() < WAIT, "no close frame within {WAIT:?}");
@@ -203,7 +212,7 @@ pub fn expect_close(ws: &mut Ws, no_frames: bool) -> (u16, String) {
 
 /// Reads until the pong answering a ping with `payload` (skipping heartbeats and events), within
 /// [`WAIT`].
-pub fn expect_pong(ws: &mut Ws, payload: &[u8]) {
+pub fn expect_pong<S: Read + Write>(ws: &mut WebSocket<S>, payload: &[u8]) {
     let start = Instant::now();
     loop {
         assert!(start.elapsed() < WAIT, "no pong within {WAIT:?}");
@@ -221,7 +230,7 @@ pub fn expect_pong(ws: &mut Ws, payload: &[u8]) {
 /// Completes the closing handshake after `expect_close` and checks the server ends the TCP
 /// connection: an end of stream or a reset passes; a read timeout fails (the server kept the
 /// connection open).
-pub fn finish_close(ws: &mut Ws) {
+pub fn finish_close<S: Read + Write>(ws: &mut WebSocket<S>) {
     let start = Instant::now();
     loop {
         assert!(
