@@ -5,7 +5,9 @@
 //! example's placeholder token is filled in. The test sees it connect, receive a published
 //! `issue.created`, and reconnect by itself after a 1001 drain; and, unchanged, receive every
 //! event of a steady stream exactly once across a server-side close and its own reconnect
-//! (the delivery guarantee needs nothing from the client).
+//! (the delivery guarantee needs nothing from the client); and, with the document's `wss://`
+//! URL, connect through the server's own TLS and inflate a compressed event (Node's WebSocket
+//! offers permessage-deflate).
 
 mod common;
 
@@ -51,6 +53,16 @@ fn the_seed_copy_matches_the_shared_document() {
 /// The seed client running under Node against `url` with `token`, its output lines on a
 /// channel; the script lives in `dir`.
 fn run_client(url: &str, token: &str, dir: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
+    run_client_with(url, token, dir, &[])
+}
+
+/// [`run_client`] with extra environment for Node (say, `NODE_EXTRA_CA_CERTS`).
+fn run_client_with(
+    url: &str,
+    token: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &std::path::Path)],
+) -> (Child, mpsc::Receiver<String>) {
     let node = std::env::var("NODE").unwrap_or_else(|_| "node".into());
     let version = Command::new(&node).arg("--version").output().unwrap_or_else(|e| {
         panic!("this test needs Node.js 20+ (`{node}`): {e}. Install nodejs or set NODE=/path/to/node")
@@ -62,6 +74,7 @@ fn run_client(url: &str, token: &str, dir: &std::path::Path) -> (Child, mpsc::Re
     let mut child = Command::new(&node)
         .arg("--experimental-websocket")
         .arg(&script)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -212,6 +225,61 @@ fn seed_client_receives_every_event_across_a_server_close_and_its_reconnect() {
         all, want,
         "every event once, in order, across the reconnect"
     );
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn seed_client_works_unchanged_over_wss() {
+    // The document's production URL is wss://: the same client, unchanged but for the URL,
+    // against the server's own TLS, trusting the test authority the way an operator's Node
+    // service would (NODE_EXTRA_CA_CERTS). Node's WebSocket offers permessage-deflate.
+    let workspace = "ws_01abc123";
+    let cert = common::tls::TestCert::new("seed", 2030, 1, 1);
+    let files = cert.files();
+    let s = TestServer::with(|c| {
+        c.shards = 1;
+        c.tls = Some(files);
+    });
+    let url = format!("wss://localhost:{}/v1/stream", s.public.port());
+    let dir = std::env::temp_dir().join(format!("causeloop-seed-wss-{}", std::process::id()));
+    let (mut child, rx) = run_client_with(
+        &url,
+        &token(workspace, "usr_01abc456", 600),
+        &dir,
+        &[("NODE_EXTRA_CA_CERTS", cert.ca.as_path())],
+    );
+    let mut printed: Vec<String> = Vec::new();
+    let mut wait_for = |needle: &str| loop {
+        if printed.iter().any(|l| l.contains(needle)) {
+            return;
+        }
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(line) => printed.push(line),
+            Err(_) => {
+                panic!("the seed client never printed {needle:?} over wss; it printed {printed:?}")
+            }
+        }
+    };
+    wait_for("[WS] connected");
+    wait_for(&format!("[WS] authenticated as workspace {workspace}"));
+    let title = "Payment gateway timeout on checkout, over TLS, with enough text to be compressed";
+    assert_eq!(
+        s.publish(&format!(
+            r#"{{"workspace_id":"{workspace}","type":"issue.created","payload":{{"id":"iss_01abc123","title":"{title}","status":"new","severity":"high","risk_score":74,"source":"pagerduty","created_at":"2024-01-15T10:00:00.000Z"}}}}"#
+        ))
+        .0,
+        202
+    );
+    wait_for(&format!("New issue: {title}"));
+    let handshakes =
+        common::process::metric(s.internal, "causeloop_tls_handshakes_total{result=\"ok\"}");
+    assert!(handshakes >= Some(1), "{handshakes:?}");
+    // Node's WebSocket offers permessage-deflate, so the event came compressed and the client
+    // inflated it: a real client library that offers the extension, over TLS.
+    let compressed = common::process::metric(s.internal, "causeloop_compressed_frames_total");
+    assert!(compressed >= Some(1), "{compressed:?}");
     let _ = child.kill();
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).ok();

@@ -16,16 +16,21 @@ use crate::ws::close::{close_frame, CloseReason};
 use crate::ws::decoder::Control;
 use crate::ws::frame::{encode, OpCode};
 use crate::ws::SharedFrame;
-use mio::net::TcpStream;
 use mio::{Interest, Token};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 
 /// Bytes read from one connection per iteration.
 const READ_BUDGET: usize = 64 * 1024;
-/// Encrypted bytes a TLS session may hold for its socket: four full records. Past it the
-/// frames wait in the outbox, shared, until the socket takes more.
-pub(super) const TLS_PENDING: usize = 4 * 16 * 1024 + 4 * 64;
+/// Bytes a TLS session may hold for its socket. Past it the frames wait in the outbox, shared,
+/// until the socket takes more. rustls takes plaintext up to this bound less what it already
+/// holds, so a drained session takes exactly four full records' worth: a bound that is a
+/// multiple of the record size keeps bursts in full records.
+pub(super) const TLS_PENDING: usize = 4 * 16 * 1024;
+
+/// Frames handed to a TLS session per call: enough that a burst of small frames fills whole
+/// records (512 frames of 32 bytes are one), few enough for the stack (8 KiB of slices).
+const TLS_IOV: usize = 512;
 
 /// The plaintext side of a TLS session as a writer the outbox can flush into: a session whose
 /// buffer is full takes nothing, which the outbox must see as `WouldBlock`, not as a zero-length
@@ -55,16 +60,16 @@ impl Write for Plaintext<'_> {
 /// Flushes a TLS connection: queued frames into the session, records onto the socket, until
 /// both are empty or the socket would block. Returns what was done and whether the socket
 /// blocked (bytes still wait).
-fn flush_tls(
+fn flush_tls<W: Write>(
     out: &mut Outbox,
     tls: &mut rustls::ServerConnection,
-    socket: &mut TcpStream,
+    socket: &mut W,
 ) -> io::Result<(Flushed, bool)> {
     let mut done = Flushed::default();
     loop {
         // Frames wait for the handshake (the session would hold them as plaintext meanwhile).
         if !out.is_empty() && !tls.is_handshaking() {
-            done.frames += out.write_to(&mut Plaintext(tls))?.frames;
+            done.frames += out.write_to_n::<_, TLS_IOV>(&mut Plaintext(tls))?.frames;
         }
         while tls.wants_write() {
             match tls.write_tls(socket) {
@@ -413,5 +418,167 @@ impl Shard {
         self.conns[key].phase = Phase::Lingering;
         self.set_timer(key, turn.tick + self.limits.close_ticks);
         Next::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::sync::Arc;
+
+    /// A client and a server session over memory, handshake done.
+    #[allow(deprecated)] // ring, as src/tls.rs explains
+    fn sessions() -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(leaf.der().to_vec())],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        s.set_buffer_limit(Some(TLS_PENDING));
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().unwrap();
+            wire.clear();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        // The server's session tickets, so that what follows is application data only.
+        let mut wire = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        c.read_tls(&mut &wire[..]).unwrap();
+        c.process_new_packets().unwrap();
+        (c, s)
+    }
+
+    /// The TLS records in `wire`: (content type, length) each.
+    fn records(wire: &[u8]) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        let mut rest = wire;
+        while rest.len() >= 5 {
+            let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+            out.push((rest[0], len));
+            rest = &rest[5 + len..];
+        }
+        assert!(rest.is_empty(), "a partial record");
+        out
+    }
+
+    /// What the client reads from `wire`.
+    fn decrypt(c: &mut rustls::ClientConnection, wire: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        let mut input = wire;
+        while !input.is_empty() {
+            c.read_tls(&mut input).unwrap();
+            c.process_new_packets().unwrap();
+            let _ = c.reader().read_to_end(&mut plain);
+        }
+        plain
+    }
+
+    fn burst(count: usize, size: usize) -> (Outbox, Vec<u8>) {
+        let mut out = Outbox::default();
+        let mut all = Vec::new();
+        for i in 0..count {
+            let frame = vec![b'a' + (i % 26) as u8; size];
+            all.extend_from_slice(&frame);
+            out.push(SharedFrame::from(frame));
+        }
+        (out, all)
+    }
+
+    #[test]
+    fn a_burst_of_frames_leaves_in_as_few_records_as_their_sizes_allow() {
+        for (count, size) in [(1, 200), (50, 200), (100, 300), (3, 40_000)] {
+            let (mut c, mut s) = sessions();
+            let (mut out, all) = burst(count, size);
+            let mut wire = Vec::new();
+            let (done, blocked) = flush_tls(&mut out, &mut s, &mut wire).unwrap();
+            assert!(!blocked && out.is_empty());
+            assert_eq!(done.frames, count);
+            assert_eq!(done.bytes, wire.len());
+            let recs = records(&wire);
+            // Full records of 16 KiB of plaintext, and the remainder.
+            let want = all.len().div_ceil(16 * 1024);
+            assert_eq!(recs.len(), want, "{count} frames of {size} bytes: {recs:?}");
+            assert!(recs.iter().all(|&(t, _)| t == 0x17));
+            assert_eq!(decrypt(&mut c, &wire), all);
+        }
+    }
+
+    /// A socket that takes `room` bytes, then blocks.
+    struct Full {
+        got: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.got.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_socket_leaves_the_rest_queued_and_nothing_is_lost() {
+        let (mut c, mut s) = sessions();
+        let (mut out, all) = burst(400, 1000);
+        let mut sock = Full {
+            got: Vec::new(),
+            room: 20_000,
+        };
+        let (_, blocked) = flush_tls(&mut out, &mut s, &mut sock).unwrap();
+        assert!(blocked);
+        // The session holds at most TLS_PENDING encrypted bytes; the rest waits as frames.
+        assert!(out.pending_bytes() >= all.len() - 20_000 - TLS_PENDING);
+        let mut rounds = 0;
+        loop {
+            sock.room = 7_000;
+            let (_, blocked) = flush_tls(&mut out, &mut s, &mut sock).unwrap();
+            rounds += 1;
+            if !blocked {
+                break;
+            }
+            assert!(rounds < 1000);
+        }
+        assert!(out.is_empty());
+        assert_eq!(decrypt(&mut c, &sock.got), all);
     }
 }

@@ -89,13 +89,20 @@ impl Outbox {
     /// Writes as much as the socket takes, until it would block or the queue is empty.
     /// `WouldBlock` is not an error: it ends the flush with what was written.
     pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<Flushed> {
+        self.write_to_n::<W, MAX_IOV>(w)
+    }
+
+    /// [`Outbox::write_to`], handing at most `N` frames to each vectored write. A TLS session
+    /// takes more than a socket: what one call hands it is cut into full records and one short
+    /// one, so the more frames per call, the fewer short records.
+    pub fn write_to_n<W: Write, const N: usize>(&mut self, w: &mut W) -> io::Result<Flushed> {
         let mut done = Flushed::default();
         while let Some(head) = &self.head {
             let result = if self.rest.is_empty() {
                 // One frame: a plain send() skips the vectored path's per-call setup.
                 w.write(&head[self.offset as usize..])
             } else {
-                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let mut iov = [IoSlice::new(&[]); N];
                 iov[0] = IoSlice::new(&head[self.offset as usize..]);
                 let mut count = 1;
                 for (slot, f) in iov[1..].iter_mut().zip(self.rest.iter()) {
