@@ -7,7 +7,7 @@
 # back to back in the same run, so their ratio is meaningful on a noisy machine.
 #
 # Usage: loadtest/scripts/perf.sh [SECTION...]   sections: frame bursts scale shards connect
-#        history compression (default: all). DUR=3s for a quick smoke run.
+#        history compression tls (default: all). DUR=3s for a quick smoke run.
 # Output: markdown on stdout; JSON and HTML reports in target/perf/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export CAUSELOOP_JWT_HS256_SECRET=perf-secret-0123456789abcdef0123456789
 export CAUSELOOP_PUBLISH_KEY=perf-publish-key
 DUR=${DUR:-10s}
-SECTIONS=${*:-frame bursts scale shards connect history compression}
+SECTIONS=${*:-frame bursts scale shards connect history compression tls}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # Client sockets end in TIME_WAIT on the load tester's side; spreading them over eight source
 # addresses keeps back-to-back runs from searching a crowded port range.
@@ -26,12 +26,18 @@ SRC=127.0.0.2-127.0.0.9
 PUB=127.0.0.1:4700
 INT=127.0.0.1:4701
 
-start() { # kind (floor, server, pinned: shard i on CPU i, nohistory: --history-size 0) shards
+# The TLS rows' throwaway certificate (loadtest/scripts/tls-cert.sh).
+TLS_DIR=$OUT/tls
+
+start() { # kind (floor, server, pinned: shard i on CPU i, nohistory: --history-size 0, tls) shards
   if [ "$1" = floor ]; then
     "$BIN/causeloop-loadtest" floor-server --listen $PUB --internal-listen $INT >/dev/null 2>&1 &
   elif [ "$1" = pinned ]; then
     "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" \
       --cpu-affinity "0-$(($2 - 1))" >/dev/null 2>&1 &
+  elif [ "$1" = tls ]; then
+    "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" \
+      --tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem" >/dev/null 2>&1 &
   elif [ "$1" = nohistory ]; then
     "$BIN/causeloop-stream" --listen $PUB --internal-listen $INT --shards "$2" \
       --history-size 0 >/dev/null 2>&1 &
@@ -48,11 +54,15 @@ field() { # json-file python-expression
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); v=$2; print('n/a' if v is None else (f'{v:.0f}' if isinstance(v,float) else v))" "$1"
 }
 
+url() { # kind: the stream URL (wss:// for the tls kind, with the certificate's authority)
+  if [ "$1" = tls ]; then echo "wss://localhost:${PUB#*:} --ca-file $TLS_DIR/ca.pem"; else echo "ws://$PUB"; fi
+}
+
 fanout_row() { # label kind shards conns rate tick processes; LT_EXTRA: more load tester flags
   local name="fanout-$2-s$3-c$4-r$5-t$6${LT_NAME:-}"
   start "$2" "$3"
   # shellcheck disable=SC2086
-  "$BIN/causeloop-loadtest" fanout --url ws://$PUB --internal http://$INT --connections "$4" --workspaces 20 \
+  "$BIN/causeloop-loadtest" fanout --url $(url "$2") --internal http://$INT --connections "$4" --workspaces 20 \
     --rate "$5" --tick "$6" --processes "$7" --source-ips $SRC --duration "$DUR" --server-pid "$SPID" \
     ${LT_EXTRA:-} --json "$OUT/$name.json" --report "$OUT/$name.html" >/dev/null 2>"$OUT/$name.log"
   stop
@@ -63,7 +73,7 @@ fanout_row() { # label kind shards conns rate tick processes; LT_EXTRA: more loa
 connect_row() { # label kind shards conns rate processes hold
   local name="connect-$2-s$3-c$4"
   start "$2" "$3"
-  "$BIN/causeloop-loadtest" connect --url ws://$PUB --connections "$4" --connect-rate "$5" --processes "$6" --source-ips $SRC \
+  "$BIN/causeloop-loadtest" connect --url $(url "$2") --connections "$4" --connect-rate "$5" --processes "$6" --source-ips $SRC \
     --duration "$7" --server-pid "$SPID" --json "$OUT/$name.json" --report "$OUT/$name.html" >/dev/null 2>"$OUT/$name.log"
   stop
   local f="$OUT/$name.json"
@@ -169,5 +179,28 @@ for order in "plain deflate" "deflate plain"; do
     comp_row "$label, bursts, tick 200ms" "$extra" 100 200ms
   done
 done
+echo
+fi
+if want tls; then
+loadtest/scripts/tls-cert.sh "$TLS_DIR" >/dev/null
+echo "### TLS and plain (2,000 connections, 20 workspaces; one frame per send, then bursts)"
+echo
+echo "| target | shards | connections | delivered/s | server CPU ns/frame | p50 µs | p99 µs | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for order in "server tls" "tls server"; do
+  for kind in $order; do
+    label=$([ "$kind" = tls ] && echo "wss:// (TLS 1.3)" || echo "ws://")
+    fanout_row "$label, 20/s per workspace" "$kind" 1 2000 20 10ms 1
+  done
+  for kind in $order; do
+    label=$([ "$kind" = tls ] && echo "wss:// (TLS 1.3)" || echo "ws://")
+    fanout_row "$label, bursts, tick 200ms" "$kind" 1 2000 100 200ms 1
+  done
+done
+echo
+echo "| target | shards | connections | connected | server CPU ns/connection | RSS bytes/connection | connect p99 µs | heartbeat lateness p99 µs |"
+echo "|---|---|---|---|---|---|---|---|"
+connect_row "ws://, idle 15k" server 2 15000 5000 2 12s
+connect_row "wss://, idle 15k" tls 2 15000 5000 2 12s
 echo
 fi

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const WAKER: Token = Token(usize::MAX - 1);
@@ -44,6 +45,8 @@ enum State {
 struct Conn {
     index: u64,
     stream: Option<TcpStream>,
+    /// `wss://`: the connection's TLS session (a new one per connect).
+    tls: Option<Box<rustls::ClientConnection>>,
     state: State,
     out: Vec<u8>,
     buf: Vec<u8>,
@@ -151,6 +154,27 @@ pub struct Fleet {
     churn_last: Option<Instant>,
     /// Churn: when stalled readers next look at what they were sent.
     next_slow_wake: Option<Instant>,
+    /// `wss://`: every connection's session is made from this.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Writes `bytes` to a connection at once, best effort: a pong or a close frame is tiny, and a
+/// full socket here would be the server's problem to show.
+fn send_now(c: &mut Conn, bytes: &[u8]) {
+    match (&mut c.tls, &mut c.stream) {
+        (Some(tls), Some(s)) => {
+            let _ = tls.writer().write_all(bytes);
+            while tls.wants_write() {
+                if tls.write_tls(s).is_err() {
+                    break;
+                }
+            }
+        }
+        (None, Some(s)) => {
+            let _ = s.write(bytes);
+        }
+        _ => {}
+    }
 }
 
 impl Fleet {
@@ -177,10 +201,18 @@ impl Fleet {
             })
             .collect::<io::Result<Vec<IpAddr>>>()?;
         let key = hmac::Key::new(hmac::HMAC_SHA256, spec.secret.as_bytes());
+        let tls = match &spec.tls {
+            Some(t) => Some(
+                crate::tls::client_config(t)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
         let seed = spec.first.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         Ok((
             Fleet {
                 next_index: spec.first,
+                tls,
                 inflater: flate2::Decompress::new(false),
                 inflated: Vec::new(),
                 spec,
@@ -317,6 +349,7 @@ impl Fleet {
             let conn = Conn {
                 index,
                 stream: None,
+                tls: None,
                 state: State::Waiting,
                 out: Vec::new(),
                 buf: Vec::new(),
@@ -376,10 +409,7 @@ impl Fleet {
             self.report.churned += 1;
             c.churning = true;
             let close = wire::client_frame(0x8, &1000u16.to_be_bytes());
-            if let Some(s) = c.stream.as_mut() {
-                // A close frame is tiny; a full socket here would be the server's problem to show.
-                let _ = s.write(&close);
-            }
+            send_now(c, &close);
         }
         // Unpaid credit does not pile up while every connection is busy reconnecting.
         self.churn_credit = self.churn_credit.min(self.spec.churn_per_s.max(1.0));
@@ -499,6 +529,7 @@ impl Fleet {
         let jitter = self.random();
         let c = &mut self.conns[k];
         c.subscribed = false;
+        c.tls = None;
         if let Some(mut s) = c.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
@@ -550,11 +581,22 @@ impl Fleet {
                 })
                 .clone();
             let host = self.targets[(index % self.targets.len() as u64) as usize].to_string();
+            let session = match (&self.tls, &self.spec.tls) {
+                (Some(config), Some(t)) => match crate::tls::session(config, &t.server_name) {
+                    Ok(s) => Some(Box::new(s)),
+                    Err(e) => return self.fail(k, format!("tls: {e}")),
+                },
+                _ => None,
+            };
             let c = &mut self.conns[k];
             c.out = wire::upgrade_request(&host, &token, &ws, self.spec.compression);
+            c.tls = session;
             c.state = State::Upgrading;
         }
         let c = &mut self.conns[k];
+        if c.tls.is_some() {
+            return self.flush_tls(k);
+        }
         if c.out.is_empty() {
             return;
         }
@@ -577,7 +619,83 @@ impl Fleet {
         }
     }
 
+    /// A TLS connection's writes: the pending plaintext into the session (which holds it until
+    /// the handshake is done), then records onto the socket until it would block.
+    fn flush_tls(&mut self, k: usize) {
+        let c = &mut self.conns[k];
+        let (Some(tls), Some(stream)) = (c.tls.as_mut(), c.stream.as_mut()) else {
+            return;
+        };
+        if !c.out.is_empty() {
+            if let Err(e) = tls.writer().write_all(&c.out) {
+                return self.fail(k, format!("tls: {e}"));
+            }
+            c.out = Vec::new();
+        }
+        while tls.wants_write() {
+            match tls.write_tls(stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail(k, error_name(&e)),
+            }
+        }
+    }
+
+    /// Reads a TLS connection: records until the socket would block, their plaintext to
+    /// `on_bytes`, and whatever the session then wants to send (its handshake).
+    fn on_readable_tls(&mut self, k: usize, scratch: &mut [u8]) {
+        loop {
+            let Some(c) = self.conns.get_mut(k) else {
+                return;
+            };
+            if c.slow && c.state == State::Open && c.subscribed {
+                return; // a slow consumer: never reads while the run lasts
+            }
+            let (Some(tls), Some(stream)) = (c.tls.as_mut(), c.stream.as_mut()) else {
+                return;
+            };
+            match tls.read_tls(stream) {
+                Ok(0) => {
+                    let open = c.state == State::Open;
+                    return self.ended(k, None, if open { "eof" } else { "eof before upgrade" });
+                }
+                Ok(n) => {
+                    self.report.bytes += n as u64;
+                    if let Err(e) = tls.process_new_packets() {
+                        let _ = tls.write_tls(stream);
+                        return self.ended(k, None, &format!("tls: {e}"));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.flush_tls(k),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.ended(k, None, &error_name(&e)),
+            }
+            loop {
+                let Some(tls) = self.conns.get_mut(k).and_then(|c| c.tls.as_mut()) else {
+                    return;
+                };
+                match tls.reader().read(scratch) {
+                    Ok(0) => return self.ended(k, None, "eof"),
+                    Ok(n) => {
+                        if !self.on_bytes(k, &scratch[..n]) {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return self.ended(k, None, &error_name(&e)),
+                }
+            }
+            if self.conns.get(k).is_some_and(|c| c.tls.is_some()) {
+                self.flush_tls(k);
+            }
+        }
+    }
+
     fn on_readable(&mut self, k: usize, scratch: &mut [u8]) {
+        if self.conns.get(k).is_some_and(|c| c.tls.is_some()) {
+            return self.on_readable_tls(k, scratch);
+        }
         loop {
             let Some(c) = self.conns.get_mut(k) else {
                 return;
@@ -758,9 +876,7 @@ impl Fleet {
                 }
                 Frame::Ping(p) => {
                     let pong = wire::client_frame(0xA, p);
-                    if let Some(s) = c.stream.as_mut() {
-                        let _ = s.write(&pong);
-                    }
+                    send_now(c, &pong);
                 }
                 Frame::Other | Frame::Compressed(_) => {} // inflated above
             }

@@ -16,6 +16,7 @@ mod procfs;
 mod publisher;
 mod report;
 mod spec;
+mod tls;
 mod token;
 mod wire;
 
@@ -61,7 +62,8 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Public stream address of a node (`ws://host:port`); repeat for several nodes.
+    /// Public stream address of a node (`ws://host:port`, or `wss://host:port` for TLS); repeat
+    /// for several nodes (all with the same scheme).
     #[arg(long = "url", default_value = "ws://127.0.0.1:4000")]
     urls: Vec<String>,
     /// Internal (publish) address.
@@ -109,6 +111,13 @@ struct Common {
     /// Workspace id prefix.
     #[arg(long, default_value = "lt_ws_")]
     workspace_prefix: String,
+    /// `wss://`: a PEM file of the certificate authorities to trust.
+    #[arg(long)]
+    ca_file: Option<String>,
+    /// `wss://`: accept any certificate (the handshake's signatures are still checked). For
+    /// measuring a server with a throwaway certificate; never to trust one.
+    #[arg(long)]
+    insecure: bool,
     /// Give up waiting for connections after this long.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -202,6 +211,35 @@ fn parse_ips(s: &str) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// TLS for the URLs: all `wss://` (TLS, with the first URL's host as the certificate's name) or
+/// all `ws://`.
+fn tls_of(c: &Common) -> Result<Option<tls::TlsSpec>, String> {
+    let secure = c.urls.iter().filter(|u| u.starts_with("wss://")).count();
+    if secure == 0 {
+        return Ok(None);
+    }
+    if secure != c.urls.len() {
+        return Err("mix of ws:// and wss:// URLs: use one scheme".into());
+    }
+    if c.ca_file.is_none() && !c.insecure {
+        return Err("wss:// needs --ca-file FILE (the authority that signed the server's certificate) or --insecure".into());
+    }
+    let rest = &c.urls[0]["wss://".len()..];
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let spec = tls::TlsSpec {
+        server_name: host.to_string(),
+        ca_file: c.ca_file.clone(),
+        insecure: c.insecure,
+    };
+    // Refused here, once, rather than in every worker.
+    tls::client_config(&spec)?;
+    Ok(Some(spec))
 }
 
 fn host_port(url: &str) -> Result<String, String> {
@@ -321,6 +359,7 @@ fn run(
         .iter()
         .map(|u| host_port(u))
         .collect::<Result<Vec<_>, _>>()?;
+    let tls = tls_of(&c)?;
     let sources = match &c.source_ips {
         Some(s) => parse_ips(s)?,
         None => Vec::new(),
@@ -364,6 +403,7 @@ fn run(
             churn_per_s: fanout.as_ref().map_or(0.0, |f| f.churn) / processes as f64,
             continuity: fanout.as_ref().is_some_and(|f| f.continuity),
             compression: fanout.as_ref().is_some_and(|f| f.compression),
+            tls: tls.clone(),
         };
         let mut child = Command::new(&exe)
             .arg("worker")

@@ -61,6 +61,9 @@ pub struct WorkerSpec {
     /// Offer `permessage-deflate` and inflate compressed frames (`--compression`).
     #[serde(default)]
     pub compression: bool,
+    /// `wss://`: how to speak TLS (none: plain `ws://`).
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsSpec>,
 }
 
 /// A worker's report: counters and histograms (serialized HdrHistogram V2, base64).

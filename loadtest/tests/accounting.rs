@@ -11,7 +11,12 @@ const SECRET: &str = "loadtest-accounting-secret-0123456789";
 const KEY: &str = "loadtest-accounting-publish-key";
 
 fn server() -> Server {
+    server_with(None)
+}
+
+fn server_with(tls: Option<causeloop_stream::tls::TlsFiles>) -> Server {
     let mut c = Config {
+        tls,
         listen: "127.0.0.1:0".parse().unwrap(),
         internal_listen: "127.0.0.1:0".parse().unwrap(),
         shards: 2,
@@ -303,4 +308,89 @@ fn slow_readers_count_as_connected_when_connected_follows_the_upgrade_later() {
     );
     assert_eq!(r["connect"]["connected"], 10, "{}", r["connect"]);
     std::fs::remove_file(&json).ok();
+}
+
+/// A throwaway authority and a server certificate for localhost it signed, in `dir`:
+/// (ca.pem, the server's files).
+fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, causeloop_stream::tls::TlsFiles) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let files = causeloop_stream::tls::TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(&files.cert, leaf.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    (dir.join("ca.pem"), files)
+}
+
+#[test]
+fn counts_every_frame_over_wss_and_refuses_an_untrusted_certificate() {
+    let dir = std::env::temp_dir().join(format!("lt-wss-{}", std::process::id()));
+    let (ca, files) = certificate(&dir);
+    let s = server_with(Some(files));
+    let json = dir.join("run.json");
+    let url = format!("wss://localhost:{}", s.public_addr().port());
+    let internal = format!("http://{}", s.internal_addr());
+    let run = |ca: &std::path::Path, json: &std::path::Path| {
+        let args = [
+            "fanout",
+            "--url",
+            &url,
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--internal",
+            &internal,
+            "--connections",
+            "40",
+            "--workspaces",
+            "2",
+            "--rate",
+            "10",
+            "--duration",
+            "2s",
+            "--compression",
+            "--pad",
+            "200",
+            "--connect-timeout",
+            "5s",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        finished(loadtest(&args))
+    };
+    assert!(run(&ca, &json).success());
+    let r = read_json(&json);
+    let f = &r["fanout"];
+    let published = f["published_events"].as_u64().unwrap();
+    assert!(published >= 20, "published {published}");
+    assert_eq!(r["connect"]["connected"], 40);
+    assert_eq!(f["delivered_frames"].as_u64().unwrap(), published * 20);
+    assert_eq!(f["lost"], 0);
+    // Padded past --compression-min-bytes, the events came compressed, through TLS.
+    assert_eq!(f["compressed_frames"], f["delivered_frames"]);
+
+    // Trusting another authority: every connection fails, and the report says why.
+    let (other_ca, _) = certificate(&dir.join("other"));
+    let json2 = dir.join("refused.json");
+    let _ = run(&other_ca, &json2);
+    let r = read_json(&json2);
+    assert_eq!(r["connect"]["connected"], 0);
+    let failures = r["connect"]["failures"].as_object().unwrap();
+    assert!(
+        failures
+            .keys()
+            .any(|k| k.starts_with("tls: invalid peer certificate")),
+        "{failures:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
