@@ -35,23 +35,39 @@ pub fn http_head(data: &[u8]) {
     }
 }
 
-/// The client-frame decoder, fed in pieces cut where the first byte says: never panics, never
-/// buffers more than one frame header and one control payload.
+/// The client-frame decoder, fed in pieces cut where the first byte says, with
+/// `permessage-deflate` negotiated when that byte is odd: never panics, never buffers more than
+/// one frame header and one control payload, and every compressed message it hands on is
+/// inflated by a connection's inflater within the bound (or refused) without a panic.
 pub fn client_frames(data: &[u8]) {
     let Some((&cut, rest)) = data.split_first() else {
         return;
     };
-    let step = usize::from(cut).max(1);
+    let step = usize::from(cut >> 1).max(1);
+    let deflate = cut & 1 == 1;
     let mut d = Decoder::default();
     let mut pending = Vec::new();
+    let mut inflater = crate::ws::deflate::Inflater::new(15, false);
+    let mut refused = false;
     for chunk in rest.chunks(step) {
-        let r = d.feed(&mut pending, chunk, 4096, &mut |_| {});
+        let r = d.feed_with(&mut pending, chunk, 4096, deflate, &mut |c| {
+            use crate::ws::decoder::Control;
+            let r = match c {
+                Control::CompressedFrame { mask, len, fin } if !refused => {
+                    assert!(deflate, "a compressed frame without the extension");
+                    inflater.frame(mask, len, fin, 4096)
+                }
+                Control::Compressed(masked) if !refused => inflater.bytes(masked, 4096),
+                _ => Ok(false),
+            };
+            refused |= r.is_err();
+        });
         assert!(
             pending.len() <= 14 + 125,
             "decoder buffered {}",
             pending.len()
         );
-        if r.is_err() {
+        if r.is_err() || refused {
             return;
         }
     }
@@ -314,15 +330,208 @@ pub fn ws_deflate(data: &[u8]) {
     if let Some(c) = Deflater::default().compress_frame(&plain, 1) {
         let body = &c[header_len_of(&c)..];
         assert!(body.len() < data.len());
-        let back = Inflater::new(true).inflate_message(body, data.len());
+        let back = Inflater::new(15, true).inflate_message(body, data.len());
         assert_eq!(back.as_deref(), Ok(data));
         if !data.is_empty() {
-            let short = Inflater::new(true).inflate_message(body, data.len() - 1);
+            let short = Inflater::new(15, true).inflate_message(body, data.len() - 1);
             assert_eq!(short, Err(InflateError::TooLarge));
         }
     }
     let max = 4096;
-    if let Ok(out) = Inflater::new(false).inflate_message(data, max) {
+    if let Ok(out) = Inflater::new(15, false).inflate_message(data, max) {
         assert!(out.len() <= max);
     }
+}
+
+/// The PEM files a TLS fuzz target handshakes with (a fixture certificate and key, and the
+/// authority that signed it): `tests/fixtures/tls/`.
+pub struct TlsFixture {
+    server: std::sync::Arc<rustls::ServerConfig>,
+    client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl TlsFixture {
+    /// From the fixture's certificate chain, key and authority (PEM).
+    #[allow(deprecated)] // ring, as src/tls.rs explains
+    pub fn new(cert: &[u8], key: &[u8], ca: &[u8]) -> TlsFixture {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(cert)
+            .map(|c| c.expect("fixture certificate"))
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(key).expect("fixture key");
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("fixture pair");
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            roots.add(c.expect("fixture authority")).expect("a root");
+        }
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsFixture {
+            server: std::sync::Arc::new(server),
+            client: std::sync::Arc::new(client),
+        }
+    }
+}
+
+/// Cuts `data` into pieces whose sizes the bytes of `sizes` give (1 to 256 each, cycling).
+fn pieces<'a>(data: &'a [u8], sizes: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut rest = data;
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = sizes
+            .get(i % sizes.len().max(1))
+            .map_or(rest.len(), |&b| usize::from(b) + 1);
+        i += 1;
+        let (piece, tail) = rest.split_at(n.min(rest.len()));
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// The TLS edge of the public listener, through the shard's own TLS connection
+/// (`shard::tls::TlsConn`). The first byte picks the mode and the second how input is cut; the
+/// rest is the input.
+///
+/// - Even: the input is what a peer sends before any handshake (garbage, truncated or hostile
+///   ClientHellos), in pieces: never panics, never yields plaintext, and what the connection
+///   holds or wants to send stays bounded.
+/// - Odd: a real client (rustls) handshakes with it in memory; the input is then the client's
+///   request bytes, sent in pieces (records of every size) and fed to the server in other
+///   pieces. The server's plaintext is exactly what was sent, in order, and the request-head
+///   parser, fed as the shard feeds it, completes a head exactly when, and where, it does on
+///   the whole, and refuses exactly what it refuses on the whole. The same input cut into
+///   frames and flushed back through the connection's flush decrypts at the client to exactly
+///   those frames.
+pub fn tls_edge(fixture: &TlsFixture, data: &[u8]) {
+    use crate::shard::tls::{TlsConn, TlsScratch};
+    use std::io::{Read, Write};
+    let [mode, cut, rest @ ..] = data else {
+        return;
+    };
+    let sizes = std::slice::from_ref(cut);
+    let mut server = TlsConn::new(fixture.server.clone()).expect("session");
+    let mut scratch = TlsScratch::default();
+    let mut plain = Vec::new();
+    if mode & 1 == 0 {
+        for piece in pieces(rest, sizes) {
+            let mut piece = piece.to_vec();
+            let r = server.receive(&mut piece, &mut plain);
+            assert!(plain.is_empty(), "plaintext before a handshake");
+            assert!(
+                server.held_bytes() < 80 << 10,
+                "{} bytes held",
+                server.held_bytes()
+            );
+            if r.is_err() {
+                return;
+            }
+        }
+        return;
+    }
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut client = rustls::ClientConnection::new(fixture.client.clone(), name).expect("session");
+    let mut empty = crate::shard::outbox::Outbox::default();
+    while client.is_handshaking() || server.is_handshaking() {
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).expect("memory");
+        server
+            .receive(&mut wire, &mut plain)
+            .expect("the fixture handshake");
+        let mut back = Vec::new();
+        server
+            .flush(&mut empty, &mut back, &mut scratch)
+            .expect("memory");
+        client.read_tls(&mut &back[..]).expect("memory");
+        client.process_new_packets().expect("the fixture handshake");
+    }
+    // The server's session tickets, if any, reach the client.
+    let mut wire = Vec::new();
+    server
+        .flush(&mut empty, &mut wire, &mut scratch)
+        .expect("memory");
+    let mut input = &wire[..];
+    while !input.is_empty() {
+        client.read_tls(&mut input).expect("memory");
+        client.process_new_packets().expect("tickets");
+    }
+    // Client to server: the request in pieces of the cut's size, each its own record(s).
+    let mut wire = Vec::new();
+    for piece in pieces(rest, sizes) {
+        client.writer().write_all(piece).expect("memory");
+        client.write_tls(&mut wire).expect("memory");
+    }
+    let (max, max_headers): (usize, usize) = (256, 16);
+    let mut head_buf: Vec<u8> = Vec::new();
+    let mut head_answer = None;
+    let mut got = Vec::new();
+    for piece in wire.chunks(usize::from(*cut).max(1)) {
+        plain.clear();
+        server
+            .receive(&mut piece.to_vec(), &mut plain)
+            .expect("records from a real client");
+        got.extend_from_slice(&plain);
+        if head_answer.is_none() && !plain.is_empty() {
+            let room = (max + 1).saturating_sub(head_buf.len());
+            head_buf.extend_from_slice(&plain[..plain.len().min(room)]);
+            head_answer = match crate::http::request::parse_head(&head_buf, max, max_headers) {
+                Ok(None) => None,
+                Ok(Some(h)) => Some(Ok(h.len)),
+                Err(_) => Some(Err(())),
+            };
+        }
+    }
+    assert_eq!(
+        got, rest,
+        "the server's plaintext differs from what was sent"
+    );
+    let whole = &rest[..rest.len().min(max + 1)];
+    let at_once = match crate::http::request::parse_head(whole, max, max_headers) {
+        Ok(None) => None,
+        Ok(Some(h)) => Some(Ok(h.len)),
+        // Which refusal (a malformed byte, or the size bound) may depend on how much had come.
+        Err(_) => Some(Err(())),
+    };
+    assert_eq!(head_answer, at_once, "piecewise parsing differs");
+
+    // Server to client: the same bytes as frames, through the connection's flush.
+    let mut outbox = crate::shard::outbox::Outbox::default();
+    for piece in pieces(rest, sizes) {
+        outbox.push(crate::ws::SharedFrame::from(piece.to_vec()));
+    }
+    let mut wire = Vec::new();
+    let (done, blocked) = server
+        .flush(&mut outbox, &mut wire, &mut scratch)
+        .expect("memory");
+    assert!(!blocked && outbox.is_empty());
+    assert_eq!(done.bytes, wire.len());
+    assert_eq!(server.held_bytes(), 0, "an idle connection holds no buffer");
+    let mut back = Vec::new();
+    let mut input = &wire[..];
+    while !input.is_empty() {
+        client
+            .read_tls(&mut input)
+            .expect("records from the server");
+        client
+            .process_new_packets()
+            .expect("records from the server");
+        let _ = client.reader().read_to_end(&mut back);
+    }
+    assert_eq!(
+        back, rest,
+        "the client's plaintext differs from the frames flushed"
+    );
 }

@@ -67,6 +67,9 @@ pub struct ShardStats {
     /// Bytes queued on this shard's connections that could not be written yet (sampled each
     /// second).
     pub queued_bytes: AtomicU64,
+    /// Connections holding an inflater (they sent a compressed message and keep their context),
+    /// sampled each second.
+    pub inflaters: AtomicU64,
     /// Publish batches that found this shard's inbox full and waited for room (back-pressure).
     pub inbox_waits: AtomicU64,
     /// Times accepting paused for 100 ms for lack of file descriptors.
@@ -85,6 +88,8 @@ pub struct ShardStats {
     /// shared version or cipher suite, a peer that stopped mid-handshake is counted by its
     /// deadline instead).
     pub tls_handshake_failures: AtomicU64,
+    /// TLS handshake reads put off to the next loop turn (the per-turn handshake budget).
+    pub tls_handshakes_deferred: AtomicU64,
 }
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
@@ -475,6 +480,12 @@ impl Collector for StatsCollector {
         )?;
         counters(
             &mut enc,
+            "causeloop_tls_handshakes_deferred",
+            "TLS handshake reads put off to the next loop turn: more handshakes were ready than one turn does (32), so heartbeats and fan-out were not held up behind them.",
+            &one(sum(shards, |s| &s.tls_handshakes_deferred)),
+        )?;
+        counters(
+            &mut enc,
             "causeloop_bytes_written",
             "Bytes written to WebSocket sockets.",
             &one(sum(shards, |s| &s.bytes_written)),
@@ -490,6 +501,12 @@ impl Collector for StatsCollector {
             "causeloop_queued_outbound_bytes",
             "Bytes waiting on connections whose socket is full, per shard.",
             &per_shard(&|s| s.queued_bytes.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "causeloop_client_inflaters",
+            "Connections holding an inflater for their compressed messages (up to about 40 KiB each: the client's LZ77 window), per shard, sampled each second.",
+            &per_shard(&|s| s.inflaters.load(Ordering::Relaxed)),
         )?;
         let waits: Vec<(Labels, u64)> = shards
             .iter()

@@ -370,3 +370,114 @@ fn a_resumed_connection_is_replayed_the_same_compressed_bytes() {
         .unwrap()
         .contains("iss_2"));
 }
+
+/// A masked client frame with first byte `b0` (FIN, RSV1, opcode).
+fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x13, 0xc4, 0x7e];
+    let mut out = vec![b0];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    out
+}
+
+/// A message compressed as a browser would (raw DEFLATE, sync flush, its tail removed).
+fn deflated(text: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(text.len() + 1024);
+    c.compress_vec(text, &mut out, flate2::FlushCompress::Sync)
+        .unwrap();
+    out.truncate(out.len() - 4);
+    out
+}
+
+impl Raw {
+    /// Reads until the server's close frame; its code.
+    fn close_code(&mut self) -> u16 {
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < WAIT, "no close frame");
+            let f = self.try_frame().expect("a close frame before the end");
+            if f.b0 & 0x0f == 0x8 {
+                return u16::from_be_bytes([f.payload[0], f.payload[1]]);
+            }
+        }
+    }
+
+    /// Pings with `payload` and reads until its pong: the connection is alive and has read
+    /// everything sent before.
+    fn ping_pong(&mut self, payload: &[u8]) {
+        self.sock.write_all(&client_frame(0x89, payload)).unwrap();
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < WAIT, "no pong");
+            let f = self
+                .try_frame()
+                .expect("the connection ended instead of a pong");
+            assert_ne!(f.b0 & 0x0f, 0x8, "closed: {:?}", f.payload);
+            if f.b0 & 0x0f == 0xA && f.payload == payload {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn compressed_client_messages_are_inflated_within_the_bound() {
+    // --max-client-message-bytes (4 KiB by default) bounds what a message inflates to, not only
+    // what it weighs compressed.
+    let s = server(true);
+    let offer = Some("permessage-deflate; client_max_window_bits");
+    let text: Vec<u8> = b"a message a client may send, compressed. "
+        .iter()
+        .cycle()
+        .take(3000)
+        .copied()
+        .collect();
+
+    // Within the bound, whole and in two fragments, and with context takeover across them.
+    let mut ok = Raw::open(&s, "ws_in", offer);
+    let body = deflated(&text);
+    ok.sock.write_all(&client_frame(0xC1, &body)).unwrap();
+    let (a, b) = body.split_at(body.len() / 2);
+    ok.sock.write_all(&client_frame(0x41, a)).unwrap();
+    ok.sock.write_all(&client_frame(0x80, b)).unwrap();
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    for _ in 0..3 {
+        let mut m = Vec::with_capacity(4096);
+        c.compress_vec(&text, &mut m, flate2::FlushCompress::Sync)
+            .unwrap();
+        m.truncate(m.len() - 4);
+        ok.sock.write_all(&client_frame(0xC1, &m)).unwrap();
+    }
+    ok.ping_pong(b"still open");
+
+    // A bomb: a few hundred bytes that inflate to a megabyte. Refused 1009 at the bound.
+    let mut bomb = Raw::open(&s, "ws_in", offer);
+    let zeros = deflated(&vec![0u8; 1 << 20]);
+    assert!(zeros.len() < 4096, "{}", zeros.len());
+    bomb.sock.write_all(&client_frame(0xC2, &zeros)).unwrap();
+    assert_eq!(bomb.close_code(), 1009);
+
+    // Not DEFLATE at all: 1007.
+    let mut junk = Raw::open(&s, "ws_in", offer);
+    junk.sock
+        .write_all(&client_frame(0xC1, &[0xff, 0xff, 0xff, 0x00, 0x12, 0x34]))
+        .unwrap();
+    assert_eq!(junk.close_code(), 1007);
+
+    // RSV1 without the extension negotiated is a protocol error: 1002.
+    let mut plain = Raw::open(&s, "ws_in", None);
+    plain.sock.write_all(&client_frame(0xC1, &body)).unwrap();
+    assert_eq!(plain.close_code(), 1002);
+}

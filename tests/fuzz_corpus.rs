@@ -9,7 +9,20 @@ use std::path::Path;
 /// A fuzz target's entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 12] = [
+/// `tls_edge` with the fixture certificate, as the fuzz target runs it.
+fn tls_edge(data: &[u8]) {
+    static FIXTURE: std::sync::OnceLock<fuzzing::TlsFixture> = std::sync::OnceLock::new();
+    let fixture = FIXTURE.get_or_init(|| {
+        fuzzing::TlsFixture::new(
+            include_bytes!("fixtures/tls/cert.pem"),
+            include_bytes!("fixtures/tls/key.pem"),
+            include_bytes!("fixtures/tls/ca.pem"),
+        )
+    });
+    fuzzing::tls_edge(fixture, data)
+}
+
+const TARGETS: [(&str, Target); 13] = [
     ("http_head", fuzzing::http_head),
     ("client_frames", fuzzing::client_frames),
     ("jwt_verify", fuzzing::jwt_verify),
@@ -22,6 +35,7 @@ const TARGETS: [(&str, Target); 12] = [
     ("ack_pong", fuzzing::ack_pong),
     ("ws_extensions", fuzzing::ws_extensions),
     ("ws_deflate", fuzzing::ws_deflate),
+    ("tls_edge", tls_edge),
 ];
 
 fn replay(dir: &Path, run: Target) -> usize {

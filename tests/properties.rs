@@ -114,6 +114,9 @@ fn decode(bytes: &[u8], cuts: &[usize]) -> (Vec<Seen>, Result<(), DecodeError>, 
                 Control::Pong(_) => Seen::Pong,
                 Control::Data => Seen::Data,
                 Control::Close(c) => Seen::Close(c),
+                Control::CompressedFrame { .. } | Control::Compressed(_) => {
+                    unreachable!("no permessage-deflate negotiated here")
+                }
             })
         });
         most_pending = most_pending.max(pending.len());

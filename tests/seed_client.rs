@@ -17,23 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const SEED: &str = include_str!("seed/realtime-event-stream.txt");
-
 fn client_source(url: &str, token: &str) -> String {
-    let start = SEED
-        .find("function connectCauseloopStream")
-        .expect("client function in the seed");
-    let end = SEED
-        .find("Event bus integration")
-        .expect("end of the example");
-    let code = &SEED[start..end];
-    assert_eq!(
-        code.matches("'wss://api.causeloop.ai/v1/stream'").count(),
-        1
-    );
-    assert_eq!(code.matches("'<your_access_token>'").count(), 1);
-    code.replace("'wss://api.causeloop.ai/v1/stream'", &format!("'{url}'"))
-        .replace("'<your_access_token>'", &format!("'{token}'"))
+    seed_client_source(url, token)
 }
 
 #[test]

@@ -154,6 +154,7 @@ impl Shard {
         self.unsubscribe(key, turn);
         self.cancel_timer(key);
         let conn = self.conns.remove(key);
+        self.inflaters.remove(&key);
         self.lifecycle.socket_closed();
         if conn.phase != Phase::Lingering {
             ShardStats::add(&self.stats().dropped, 1);
@@ -192,8 +193,7 @@ impl Shard {
                 if conn.is_open() && conn.out.is_empty() {
                     match &mut conn.tls {
                         Some(tls) => {
-                            let _ = std::io::Write::write(&mut tls.writer(), &r.frame());
-                            let _ = tls.write_tls(&mut conn.stream);
+                            tls.write_now(&r.frame(), &mut conn.stream, &mut self.tls_scratch)
                         }
                         None => {
                             let _ = std::io::Write::write(&mut conn.stream, &r.frame());

@@ -77,7 +77,7 @@ pub struct Conn {
     pub stream: TcpStream,
     /// With `--tls-cert`: the TLS session over the socket. Everything above it (the request
     /// head, frames, the outbox) is the same as on a plain connection.
-    pub tls: Option<Box<rustls::ServerConnection>>,
+    pub tls: Option<Box<super::tls::TlsConn>>,
     /// Distinguishes this connection from earlier ones in the same slab slot.
     pub gen: u32,
     /// See [`Phase`].
@@ -88,9 +88,9 @@ pub struct Conn {
     pub want_write: bool,
     /// Scheduled for removal at the end of the loop iteration.
     pub dead: bool,
-    /// Negotiated `permessage-deflate`: event frames go compressed when that pays, and its
-    /// data messages may come compressed (RSV1).
-    pub deflate: bool,
+    /// Negotiated `permessage-deflate` (with what the client offered): event frames go
+    /// compressed when that pays, and its data messages may come compressed (RSV1).
+    pub deflate: Option<crate::ws::extensions::Agreed>,
     /// Shut down once the outbox is flushed.
     pub close_when_flushed: bool,
     /// Its resume record is on its way to Redis (cluster bus): the socket is shut only once
@@ -120,7 +120,7 @@ impl Conn {
     /// A freshly accepted connection, reading its request head.
     pub fn new(
         stream: TcpStream,
-        tls: Option<Box<rustls::ServerConnection>>,
+        tls: Option<Box<super::tls::TlsConn>>,
         gen: u32,
         over_limit: bool,
         opened_ms: u64,
@@ -135,7 +135,7 @@ impl Conn {
             dead: false,
             close_when_flushed: false,
             record_pending: false,
-            deflate: false,
+            deflate: None,
             over_limit,
             was_open: false,
             close_code: 0,
@@ -179,7 +179,7 @@ impl crate::shard::fanout::Subscriber for Conn {
 
     #[inline]
     fn deflate(&self) -> bool {
-        self.deflate
+        self.deflate.is_some()
     }
 }
 

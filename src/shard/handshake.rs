@@ -98,13 +98,8 @@ impl Shard {
         fault::point(&self.faults, Point::Accept, || None);
         // TCP_NODELAY and SO_SNDBUF come from the listening socket (see server::bind).
         let tls = match &self.tls {
-            Some(config) => match rustls::ServerConnection::new(config.clone()) {
-                Ok(mut session) => {
-                    // Encrypted bytes waiting for the socket, per connection: the outbox holds
-                    // the rest as shared frames, so a blocked connection costs this at most.
-                    session.set_buffer_limit(Some(super::io::TLS_PENDING));
-                    Some(Box::new(session))
-                }
+            Some(config) => match super::tls::TlsConn::new(config.clone()) {
+                Ok(session) => Some(Box::new(session)),
                 Err(e) => {
                     log::warn!("shard {}: TLS session: {e}", self.index);
                     return;
@@ -186,7 +181,7 @@ impl Shard {
                 query,
                 deflate,
             } => {
-                let deflate = deflate.is_some() && self.limits.compression;
+                let deflate = deflate.filter(|_| self.limits.compression);
                 self.conns[key].deflate = deflate;
                 let next = self.upgrade(
                     key,
@@ -224,7 +219,7 @@ impl Shard {
     ) -> Next {
         self.cancel_timer(key);
         let mut out = Vec::with_capacity(upgrade::RESPONSE_LEN + 160);
-        upgrade::write_response_with(&mut out, ws_key, self.conns[key].deflate);
+        upgrade::write_response_with(&mut out, ws_key, self.conns[key].deflate.is_some());
         if self.drain_deadline.is_some() {
             return self.refuse(key, out, CloseReason::GoingAway, turn);
         }

@@ -1,87 +1,42 @@
 //! Reading from connections (request heads and client frames) and writing to them (queueing
 //! shared frames, flushing each dirty connection once per loop turn).
 //!
-//! A TLS connection differs only at the socket: its bytes go through `read_tls`,
-//! `process_new_packets` and the session's reader before the same `on_bytes`, and its flush
-//! hands the queued shared frames to the session (one vectored write: as few records as their
-//! sizes allow, up to [`TLS_PENDING`] encrypted bytes at a time) and writes the records out.
-//! The frame is built once per event either way; what a TLS connection adds is its encryption.
+//! A TLS connection differs only at the socket: what it reads goes through its session
+//! (`shard::tls`) before the same `on_bytes`, and its flush has the session encrypt the queued
+//! shared frames, several per record, into the shard's buffer and write the records out. The
+//! frame is built once per event either way; what a TLS connection adds is its encryption.
 
 use super::conn::Phase;
-use super::outbox::{Flushed, Outbox};
 use super::{Next, Shard, Turn};
 use crate::fault::{self, Point};
 use crate::metrics::ShardStats;
 use crate::ws::close::{close_frame, CloseReason};
 use crate::ws::decoder::Control;
+use crate::ws::deflate::{InflateError, Inflater};
+use crate::ws::extensions::Agreed;
 use crate::ws::frame::{encode, OpCode};
 use crate::ws::SharedFrame;
 use mio::{Interest, Token};
-use std::io::{self, Read, Write};
+use std::collections::HashMap;
+use std::io::{self, Read};
 use std::net::Shutdown;
 
 /// Bytes read from one connection per iteration.
 const READ_BUDGET: usize = 64 * 1024;
-/// Bytes a TLS session may hold for its socket. Past it the frames wait in the outbox, shared,
-/// until the socket takes more. rustls takes plaintext up to this bound less what it already
-/// holds, so a drained session takes exactly four full records' worth: a bound that is a
-/// multiple of the record size keeps bursts in full records.
-pub(super) const TLS_PENDING: usize = 4 * 16 * 1024;
 
-/// Frames handed to a TLS session per call: enough that a burst of small frames fills whole
-/// records (512 frames of 32 bytes are one), few enough for the stack (8 KiB of slices).
-const TLS_IOV: usize = 512;
+/// What a compressed message from a connection without an agreement would be inflated with
+/// (never used: the decoder refuses RSV1 unless the extension was negotiated).
+const NO_AGREEMENT: Agreed = Agreed {
+    client_window_bits: 15,
+    client_no_context_takeover: true,
+};
 
-/// The plaintext side of a TLS session as a writer the outbox can flush into: a session whose
-/// buffer is full takes nothing, which the outbox must see as `WouldBlock`, not as a zero-length
-/// write.
-struct Plaintext<'a>(&'a mut rustls::ServerConnection);
-
-impl Write for Plaintext<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.0.writer().write(buf)? {
-            0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self.0.writer().write_vectored(bufs)? {
-            0 if bufs.iter().any(|b| !b.is_empty()) => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Flushes a TLS connection: queued frames into the session, records onto the socket, until
-/// both are empty or the socket would block. Returns what was done and whether the socket
-/// blocked (bytes still wait).
-fn flush_tls<W: Write>(
-    out: &mut Outbox,
-    tls: &mut rustls::ServerConnection,
-    socket: &mut W,
-) -> io::Result<(Flushed, bool)> {
-    let mut done = Flushed::default();
-    loop {
-        // Frames wait for the handshake (the session would hold them as plaintext meanwhile).
-        if !out.is_empty() && !tls.is_handshaking() {
-            done.frames += out.write_to_n::<_, TLS_IOV>(&mut Plaintext(tls))?.frames;
-        }
-        while tls.wants_write() {
-            match tls.write_tls(socket) {
-                Ok(n) => done.bytes += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((done, true)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if out.is_empty() || tls.is_handshaking() {
-            return Ok((done, false));
-        }
+/// A compressed client message ended. A client without context takeover starts afresh with
+/// each message, so its inflater (its 32 KiB window and state) goes until the next one; one
+/// with context takeover keeps it for the connection's life.
+fn finish_message(inflaters: &mut HashMap<usize, Box<Inflater>>, key: usize) {
+    if inflaters.get(&key).is_some_and(|i| i.resets_each()) {
+        inflaters.remove(&key);
     }
 }
 
@@ -92,7 +47,7 @@ impl Shard {
     /// frame, or its end of stream, may follow).
     pub(super) fn on_readable(&mut self, key: usize, turn: &Turn, peer_closed: bool) -> Next {
         if self.conns.get(key).is_some_and(|c| c.tls.is_some()) {
-            return self.on_readable_tls(key, turn);
+            return self.on_readable_tls(key, turn, peer_closed);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
@@ -128,78 +83,91 @@ impl Shard {
         Next::Continue
     }
 
-    /// Reads a TLS connection: records from the socket until it would block (a TLS reader
-    /// cannot tell a short read from a full one, so it always reads to `WouldBlock`), each
-    /// batch decrypted and its plaintext handed to `on_bytes` as a plain connection's would be.
-    /// A TLS error (garbage instead of a ClientHello, a bad record) sends rustls' alert and drops
-    /// the connection.
-    fn on_readable_tls(&mut self, key: usize, turn: &Turn) -> Next {
+    /// Reads a TLS connection: bytes from the socket into the shard's buffer as a plain read
+    /// does, through the session (which answers the handshake and decrypts records in place of
+    /// a copy per connection), and the plaintext on to `on_bytes`. A TLS error sends rustls'
+    /// alert, best effort, and drops the connection; the peer's close_notify ends it like an end
+    /// of stream. A bounded number of handshake steps run per loop turn.
+    fn on_readable_tls(&mut self, key: usize, turn: &Turn, peer_closed: bool) -> Next {
         let mut scratch = std::mem::take(&mut self.scratch);
+        let mut plain = std::mem::take(&mut self.tls_plain);
         let mut total = 0;
         while let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) {
             let (stream, Some(tls)) = (&mut conn.stream, conn.tls.as_mut()) else {
                 break;
             };
-            let next = match tls.read_tls(stream) {
-                Ok(0) => Next::Drop,
-                Ok(n) => {
-                    total += n;
-                    let handshaking = tls.is_handshaking();
-                    match tls.process_new_packets() {
-                        Ok(_) => {
-                            if handshaking && !tls.is_handshaking() {
-                                ShardStats::add(&self.stats_all[self.index].tls_handshakes, 1);
-                            }
-                            self.on_plaintext(key, &mut scratch, turn)
-                        }
-                        Err(e) => {
-                            log::debug!("shard {}: connection {key}: TLS: {e}", self.index);
-                            // The alert rustls queued for it, best effort.
-                            let _ = tls.write_tls(stream);
-                            Next::Drop
-                        }
-                    }
+            if tls.is_handshaking() {
+                // Handshakes are the costly part of TLS: a bounded number per turn, the rest
+                // in the next (their bytes wait in the socket meanwhile).
+                if self.handshakes_left == 0 {
+                    ShardStats::add(&self.stats_all[self.index].tls_handshakes_deferred, 1);
+                    self.read_again.push(key as u32);
+                    break;
                 }
+                self.handshakes_left -= 1;
+            }
+            let n = match stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.apply(key, Next::Drop, turn);
+                    break;
+                }
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => Next::Drop,
+                Err(_) => {
+                    self.apply(key, Next::Drop, turn);
+                    break;
+                }
             };
+            total += n;
+            plain.clear();
+            let received = tls.receive(&mut scratch[..n], &mut plain);
+            let wants_write = tls.wants_write();
+            let mut next = match received {
+                Err(e) => {
+                    log::debug!("shard {}: connection {key}: TLS: {e:?}", self.index);
+                    tls.write_pending_now(stream);
+                    Next::Drop
+                }
+                Ok(r) => {
+                    if r.handshake_done {
+                        ShardStats::add(&self.stats_all[self.index].tls_handshakes, 1);
+                    }
+                    if wants_write || (r.handshake_done && !conn.out.is_empty()) {
+                        self.mark_dirty(key);
+                    }
+                    let next = if plain.is_empty() {
+                        Next::Continue
+                    } else {
+                        self.on_bytes(key, &plain, turn)
+                    };
+                    // The peer's close_notify: nothing more will come.
+                    if r.peer_closed && next == Next::Continue {
+                        Next::Drop
+                    } else {
+                        next
+                    }
+                }
+            };
+            if !matches!(self.conns.get(key), Some(c) if !c.dead) {
+                next = Next::Continue;
+            }
             let more = next == Next::Continue;
             self.apply(key, next, turn);
-            if more && total >= READ_BUDGET {
+            if !more {
+                break;
+            }
+            if n < scratch.len() && !peer_closed {
+                break; // the socket is empty (see `on_readable`)
+            }
+            if total >= READ_BUDGET {
                 self.read_again.push(key as u32);
                 break;
             }
         }
         self.scratch = scratch;
+        self.tls_plain = plain;
         Next::Continue
-    }
-
-    /// Hands a TLS connection's decrypted bytes to `on_bytes`, and has its flush send whatever
-    /// the session wants to write (handshake messages, alerts, key updates).
-    fn on_plaintext(&mut self, key: usize, scratch: &mut [u8], turn: &Turn) -> Next {
-        loop {
-            let Some(tls) = self.conns[key].tls.as_mut() else {
-                return Next::Continue;
-            };
-            let wants_write = tls.wants_write();
-            let n = match tls.reader().read(scratch) {
-                // The peer's close_notify: nothing more will come.
-                Ok(0) => return Next::Drop,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if wants_write || !self.conns[key].out.is_empty() {
-                        self.mark_dirty(key);
-                    }
-                    return Next::Continue;
-                }
-                Err(_) => return Next::Drop,
-            };
-            let next = self.on_bytes(key, &scratch[..n], turn);
-            if next != Next::Continue || !matches!(self.conns.get(key), Some(c) if !c.dead) {
-                return next;
-            }
-        }
     }
 
     fn on_bytes(&mut self, key: usize, data: &[u8], turn: &Turn) -> Next {
@@ -219,6 +187,7 @@ impl Shard {
     pub(super) fn on_frame_bytes(&mut self, key: usize, data: &[u8], turn: &Turn) -> Next {
         let max = self.limits.max_client_message;
         let allowance = self.limits.max_client_frames;
+        let inflaters = &mut self.inflaters;
         let conn = &mut self.conns[key];
         let super::conn::Conn {
             decoder,
@@ -228,7 +197,7 @@ impl Shard {
             deflate,
             ..
         } = conn;
-        let deflate = *deflate;
+        let agreed = *deflate;
         // A closing connection answers nothing and counts nothing: only its close matters.
         let mut closing_frames = 0u16;
         let (frames, may_reply) = match phase {
@@ -241,12 +210,41 @@ impl Shard {
         // Acknowledgements in this read, in order (the last kept if a peer sends more).
         let mut claims = [crate::history::Position::default(); 4];
         let mut nclaims = 0;
-        let result = decoder.feed_with(inbuf, data, max, deflate, &mut |c| {
+        // A compressed client message is inflated as it arrives, counted and dropped (the
+        // server reads no client message); the first refusal ends the connection.
+        let mut refused: Option<InflateError> = None;
+        let result = decoder.feed_with(inbuf, data, max, agreed.is_some(), &mut |c| {
+            if let Control::Compressed(masked) = c {
+                if refused.is_none() {
+                    if let Some(i) = inflaters.get_mut(&key) {
+                        match i.bytes(masked, max) {
+                            Ok(true) => finish_message(inflaters, key),
+                            Ok(false) => {}
+                            Err(e) => refused = Some(e),
+                        }
+                    }
+                }
+                return; // payload, not a frame
+            }
             // Every frame counts against the allowance; past it nothing more is answered, and
             // the connection closes once this read is decoded.
             *frames = frames.saturating_add(1);
             let within = u32::from(*frames) <= allowance;
             match c {
+                Control::CompressedFrame { mask, len, fin } if refused.is_none() => {
+                    let a = agreed.unwrap_or(NO_AGREEMENT);
+                    let i = inflaters.entry(key).or_insert_with(|| {
+                        Box::new(Inflater::new(
+                            a.client_window_bits,
+                            a.client_no_context_takeover,
+                        ))
+                    });
+                    match i.frame(mask, len, fin, max) {
+                        Ok(true) => finish_message(inflaters, key),
+                        Ok(false) => {}
+                        Err(e) => refused = Some(e),
+                    }
+                }
                 Control::Ping(p) if within && may_reply && peer_close.is_none() => {
                     out.push(encode(OpCode::Pong, p));
                     replied = true;
@@ -283,6 +281,17 @@ impl Shard {
         if let Err(e) = result {
             log::debug!("shard {}: connection {key}: {e:?}", self.index);
             return Next::Fail(e.close_reason());
+        }
+        if let Some(e) = refused {
+            log::debug!(
+                "shard {}: connection {key}: compressed message refused: {e:?}",
+                self.index
+            );
+            self.inflaters.remove(&key);
+            return Next::Fail(match e {
+                InflateError::TooLarge => CloseReason::TooBig,
+                InflateError::Invalid => CloseReason::InvalidPayload,
+            });
         }
         if let Some(code) = peer_close {
             self.on_peer_close(key, code, turn);
@@ -364,9 +373,10 @@ impl Shard {
         let (faults, registry) = (&self.faults, &self.registry);
         fault::point(faults, Point::Flush, || registry.names(key).map(|(_, u)| u));
         let stats = &self.stats_all[self.index];
+        let tls_scratch = &mut self.tls_scratch;
         let conn = &mut self.conns[key];
         let (done, blocked) = match &mut conn.tls {
-            Some(tls) => match flush_tls(&mut conn.out, tls, &mut conn.stream) {
+            Some(tls) => match tls.flush(&mut conn.out, &mut conn.stream, tls_scratch) {
                 Ok(d) => d,
                 Err(_) => return Next::Drop,
             },
@@ -408,8 +418,8 @@ impl Shard {
         if let Some(tls) = &mut conn.tls {
             // close_notify, into a socket that has just taken everything else: best effort (a
             // WebSocket peer has the close frame already).
-            tls.send_close_notify();
-            let _ = tls.write_tls(&mut conn.stream);
+            tls.close_notify();
+            tls.write_pending_now(&mut conn.stream);
         }
         if conn.stream.shutdown(Shutdown::Write).is_err() {
             return Next::Drop;
@@ -418,167 +428,5 @@ impl Shard {
         self.conns[key].phase = Phase::Lingering;
         self.set_timer(key, turn.tick + self.limits.close_ticks);
         Next::Continue
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use std::sync::Arc;
-
-    /// A client and a server session over memory, handshake done.
-    #[allow(deprecated)] // ring, as src/tls.rs explains
-    fn sessions() -> (rustls::ClientConnection, rustls::ServerConnection) {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![CertificateDer::from(leaf.der().to_vec())],
-                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-            )
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
-        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
-        s.set_buffer_limit(Some(TLS_PENDING));
-        while c.is_handshaking() || s.is_handshaking() {
-            let mut wire = Vec::new();
-            c.write_tls(&mut wire).unwrap();
-            s.read_tls(&mut &wire[..]).unwrap();
-            s.process_new_packets().unwrap();
-            wire.clear();
-            s.write_tls(&mut wire).unwrap();
-            c.read_tls(&mut &wire[..]).unwrap();
-            c.process_new_packets().unwrap();
-        }
-        // The server's session tickets, so that what follows is application data only.
-        let mut wire = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut wire).unwrap();
-        }
-        c.read_tls(&mut &wire[..]).unwrap();
-        c.process_new_packets().unwrap();
-        (c, s)
-    }
-
-    /// The TLS records in `wire`: (content type, length) each.
-    fn records(wire: &[u8]) -> Vec<(u8, usize)> {
-        let mut out = Vec::new();
-        let mut rest = wire;
-        while rest.len() >= 5 {
-            let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
-            out.push((rest[0], len));
-            rest = &rest[5 + len..];
-        }
-        assert!(rest.is_empty(), "a partial record");
-        out
-    }
-
-    /// What the client reads from `wire`.
-    fn decrypt(c: &mut rustls::ClientConnection, wire: &[u8]) -> Vec<u8> {
-        let mut plain = Vec::new();
-        let mut input = wire;
-        while !input.is_empty() {
-            c.read_tls(&mut input).unwrap();
-            c.process_new_packets().unwrap();
-            let _ = c.reader().read_to_end(&mut plain);
-        }
-        plain
-    }
-
-    fn burst(count: usize, size: usize) -> (Outbox, Vec<u8>) {
-        let mut out = Outbox::default();
-        let mut all = Vec::new();
-        for i in 0..count {
-            let frame = vec![b'a' + (i % 26) as u8; size];
-            all.extend_from_slice(&frame);
-            out.push(SharedFrame::from(frame));
-        }
-        (out, all)
-    }
-
-    #[test]
-    fn a_burst_of_frames_leaves_in_as_few_records_as_their_sizes_allow() {
-        for (count, size) in [(1, 200), (50, 200), (100, 300), (3, 40_000)] {
-            let (mut c, mut s) = sessions();
-            let (mut out, all) = burst(count, size);
-            let mut wire = Vec::new();
-            let (done, blocked) = flush_tls(&mut out, &mut s, &mut wire).unwrap();
-            assert!(!blocked && out.is_empty());
-            assert_eq!(done.frames, count);
-            assert_eq!(done.bytes, wire.len());
-            let recs = records(&wire);
-            // Full records of 16 KiB of plaintext, and the remainder.
-            let want = all.len().div_ceil(16 * 1024);
-            assert_eq!(recs.len(), want, "{count} frames of {size} bytes: {recs:?}");
-            assert!(recs.iter().all(|&(t, _)| t == 0x17));
-            assert_eq!(decrypt(&mut c, &wire), all);
-        }
-    }
-
-    /// A socket that takes `room` bytes, then blocks.
-    struct Full {
-        got: Vec<u8>,
-        room: usize,
-    }
-
-    impl Write for Full {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if self.room == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(self.room);
-            self.got.extend_from_slice(&buf[..n]);
-            self.room -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_full_socket_leaves_the_rest_queued_and_nothing_is_lost() {
-        let (mut c, mut s) = sessions();
-        let (mut out, all) = burst(400, 1000);
-        let mut sock = Full {
-            got: Vec::new(),
-            room: 20_000,
-        };
-        let (_, blocked) = flush_tls(&mut out, &mut s, &mut sock).unwrap();
-        assert!(blocked);
-        // The session holds at most TLS_PENDING encrypted bytes; the rest waits as frames.
-        assert!(out.pending_bytes() >= all.len() - 20_000 - TLS_PENDING);
-        let mut rounds = 0;
-        loop {
-            sock.room = 7_000;
-            let (_, blocked) = flush_tls(&mut out, &mut s, &mut sock).unwrap();
-            rounds += 1;
-            if !blocked {
-                break;
-            }
-            assert!(rounds < 1000);
-        }
-        assert!(out.is_empty());
-        assert_eq!(decrypt(&mut c, &sock.got), all);
     }
 }

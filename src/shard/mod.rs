@@ -26,11 +26,12 @@ pub mod conn;
 mod delivery;
 pub mod fanout;
 mod handshake;
-mod io;
+pub(crate) mod io;
 pub mod outbox;
 pub mod registry;
 mod resume;
 mod timers;
+pub mod tls;
 
 use crate::auth::jwt;
 use crate::auth::keys::KeySet;
@@ -62,6 +63,11 @@ pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
 /// Inbox messages handled per iteration.
 const INBOX_BUDGET: usize = 256;
+/// TLS handshake steps (reads that a handshaking session processes) per loop turn. A full
+/// handshake costs about a millisecond of CPU (its signature and key exchange); past this, the
+/// rest wait for the next turn, so that a connection storm delays heartbeats and fan-out by tens
+/// of milliseconds, not by seconds.
+const TLS_HANDSHAKES_PER_TURN: u32 = 32;
 /// Size of the shard's shared read buffer.
 const SCRATCH_BYTES: usize = 16 * 1024;
 /// Slots in the timer wheel.
@@ -223,6 +229,15 @@ pub struct Shard {
     dirty: WorkList,
     dead: WorkList,
     read_again: WorkList,
+    /// TLS: the buffers every connection's records are encrypted through (empty without TLS),
+    /// and the plaintext of one read.
+    tls_scratch: tls::TlsScratch,
+    tls_plain: Vec<u8>,
+    /// The inflaters of connections that sent a compressed message (keyed by slab key; most
+    /// connections never do, so they are kept beside the slab rather than in every `Conn`).
+    inflaters: HashMap<usize, Box<crate::ws::deflate::Inflater>>,
+    /// TLS handshake steps left in this turn (see [`TLS_HANDSHAKES_PER_TURN`]).
+    handshakes_left: u32,
     slow: WorkList,
     fired: Vec<Timer>,
     accept_pending: bool,
@@ -324,6 +339,14 @@ impl Shard {
             dirty: WorkList::default(),
             dead: WorkList::default(),
             read_again: WorkList::default(),
+            handshakes_left: TLS_HANDSHAKES_PER_TURN,
+            inflaters: HashMap::new(),
+            tls_scratch: if ctx.tls.is_some() {
+                tls::TlsScratch::default()
+            } else {
+                tls::TlsScratch::none()
+            },
+            tls_plain: Vec::new(),
             slow: WorkList::default(),
             fired: Vec::new(),
             accept_pending: false,
@@ -406,6 +429,7 @@ impl Shard {
     /// One loop turn after the poll; returns true when the shard is done (drained).
     fn iterate(&mut self, events: &Events, turn: &Turn) -> bool {
         crate::fault::stall_point(&self.faults);
+        self.handshakes_left = TLS_HANDSHAKES_PER_TURN;
         for event in events.iter() {
             match event.token() {
                 LISTENER => self.accept_pending = true,
@@ -487,6 +511,10 @@ impl Shard {
             .store(queued as u64, std::sync::atomic::Ordering::Relaxed);
         stats.bus_interest_backlog.store(
             self.bus_backlog.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        stats.inflaters.store(
+            self.inflaters.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
     }

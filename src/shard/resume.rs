@@ -646,7 +646,7 @@ impl Shard {
             return Next::Continue;
         };
         let conn = &mut self.conns[key];
-        let (out, deflate) = (&mut conn.out, conn.deflate);
+        let (out, deflate) = (&mut conn.out, conn.deflate.is_some());
         let mut queued = 0u64;
         let read = d
             .history

@@ -26,6 +26,20 @@ pub enum Control<'a> {
     Close(Option<u16>),
     /// A data frame's header (its payload is skipped unread): counted, never answered.
     Data,
+    /// The header of a frame of a compressed message (RSV1 on its first frame, after
+    /// `permessage-deflate` was negotiated): its masking key, its payload length, and whether it
+    /// ends the message. Its payload follows, in order, as [`Control::Compressed`] chunks.
+    CompressedFrame {
+        /// The frame's masking key.
+        mask: [u8; 4],
+        /// Its payload length.
+        len: u32,
+        /// It is the message's last frame.
+        fin: bool,
+    },
+    /// Payload bytes of a compressed message's frame, still masked (a chunk of what one read
+    /// brought; not a frame of its own).
+    Compressed(&'a [u8]),
 }
 
 /// Why a client's byte stream cannot be accepted. Each maps to one close code.
@@ -104,14 +118,24 @@ fn parse_header(buf: &[u8]) -> Parsed {
 /// Per-connection decoder state: eight bytes, because a million connections each carry one.
 #[derive(Debug)]
 pub struct Decoder {
-    /// Payload bytes of an ignored data frame still to skip (bounded by the message limit).
+    /// Payload bytes of the data frame in progress still to pass (its low 31 bits, bounded by
+    /// the message limit), with [`COMPRESSED`] set when they belong to a compressed message:
+    /// those are handed on as [`Control::Compressed`], the others skipped unread.
     skip: u32,
-    /// Bytes of the fragmented data message in progress, or [`NO_MESSAGE`] between messages
-    /// (a message is bounded below `u32::MAX`, so the sentinel cannot collide).
+    /// Bytes of the fragmented data message in progress (its low 31 bits, with [`COMPRESSED`]
+    /// set for a compressed message), or [`NO_MESSAGE`] between messages (a message is bounded
+    /// to [`MAX_MESSAGE`], so the sentinel cannot collide).
     message_len: u32,
 }
 
 const NO_MESSAGE: u32 = u32::MAX;
+/// The flag bit of `skip` and `message_len`: a compressed message.
+const COMPRESSED: u32 = 1 << 31;
+/// The low bits: a length.
+const LENGTH: u32 = COMPRESSED - 1;
+/// The largest data message the decoder can count (below 2 GiB; the configuration's bound is
+/// far lower).
+pub const MAX_MESSAGE: u64 = (LENGTH - 1) as u64;
 
 impl Default for Decoder {
     fn default() -> Self {
@@ -138,8 +162,10 @@ impl Decoder {
     }
 
     /// [`Decoder::feed`] for a connection that negotiated `permessage-deflate` (`deflate`): the
-    /// first frame of a data message may carry RSV1 (compressed). Data messages are skipped
-    /// unread, so a compressed one is never inflated (it costs no more than its bounded size).
+    /// first frame of a data message may carry RSV1 (compressed). Plain data messages are
+    /// skipped unread; a compressed one's frames are handed on ([`Control::CompressedFrame`],
+    /// then its payload as [`Control::Compressed`] chunks) for the caller to inflate within the
+    /// bound.
     pub fn feed_with(
         &mut self,
         pending: &mut Vec<u8>,
@@ -149,13 +175,17 @@ impl Decoder {
         on_control: &mut dyn FnMut(Control<'_>),
     ) -> Result<(), DecodeError> {
         loop {
-            if self.skip > 0 {
-                let n = (self.skip as usize).min(input.len());
+            if self.skip & LENGTH > 0 {
+                let n = ((self.skip & LENGTH) as usize).min(input.len());
+                if self.skip & COMPRESSED != 0 && n > 0 {
+                    on_control(Control::Compressed(&input[..n]));
+                }
                 self.skip -= n as u32;
                 input = &input[n..];
-                if self.skip > 0 {
+                if self.skip & LENGTH > 0 {
                     return Ok(());
                 }
+                self.skip = 0;
             }
             if input.is_empty() && pending.is_empty() {
                 return Ok(());
@@ -272,29 +302,53 @@ impl Decoder {
                 if self.message_len != NO_MESSAGE {
                     return Err(DecodeError::Protocol("new message inside a fragmented one"));
                 }
-                if h.len > max_message || h.len >= NO_MESSAGE as u64 {
-                    return Err(DecodeError::TooBig);
-                }
-                self.message_len = if h.fin { NO_MESSAGE } else { h.len as u32 };
-                self.skip = h.len as u32;
-                on_control(Control::Data);
-                Ok(Some(h.header_len))
+                let compressed = if h.rsv != 0 { COMPRESSED } else { 0 };
+                self.data_frame(h, mask, h.len, compressed, max_message, on_control)
             }
             0x0 => {
                 if self.message_len == NO_MESSAGE {
                     return Err(DecodeError::Protocol("continuation without a message"));
                 }
-                let total = (self.message_len as u64).saturating_add(h.len);
-                if total > max_message || total >= NO_MESSAGE as u64 {
-                    return Err(DecodeError::TooBig);
-                }
-                self.message_len = if h.fin { NO_MESSAGE } else { total as u32 };
-                self.skip = h.len as u32;
-                on_control(Control::Data);
-                Ok(Some(h.header_len))
+                let total = ((self.message_len & LENGTH) as u64).saturating_add(h.len);
+                let compressed = self.message_len & COMPRESSED;
+                self.data_frame(h, mask, total, compressed, max_message, on_control)
             }
             _ => Err(DecodeError::Protocol("unknown opcode")),
         }
+    }
+}
+
+impl Decoder {
+    /// A data frame's header: the message so far is `total` bytes with this frame; its payload
+    /// is skipped, or handed on when the message is `compressed`.
+    fn data_frame(
+        &mut self,
+        h: Header,
+        mask: [u8; 4],
+        total: u64,
+        compressed: u32,
+        max_message: u64,
+        on_control: &mut dyn FnMut(Control<'_>),
+    ) -> Result<Option<usize>, DecodeError> {
+        if total > max_message || total > MAX_MESSAGE {
+            return Err(DecodeError::TooBig);
+        }
+        self.message_len = if h.fin {
+            NO_MESSAGE
+        } else {
+            total as u32 | compressed
+        };
+        self.skip = h.len as u32 | compressed;
+        on_control(if compressed != 0 {
+            Control::CompressedFrame {
+                mask,
+                len: h.len as u32,
+                fin: h.fin,
+            }
+        } else {
+            Control::Data
+        });
+        Ok(Some(h.header_len))
     }
 }
 
@@ -359,6 +413,9 @@ mod tests {
                     Control::Pong(_) => Got::Pong,
                     Control::Close(c) => Got::Close(c),
                     Control::Data => Got::Data,
+                    Control::CompressedFrame { .. } | Control::Compressed(_) => {
+                        unreachable!("no permessage-deflate negotiated here")
+                    }
                 })
             });
             if r.is_err() {
@@ -500,5 +557,80 @@ mod tests {
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         huge.extend_from_slice(&[0; 4]);
         assert!(run(&[&huge]).1.is_err());
+    }
+
+    /// A message compressed as a client would (raw DEFLATE, sync flush, its tail removed).
+    fn compressed(text: &[u8]) -> Vec<u8> {
+        let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut out = Vec::with_capacity(text.len() + 64);
+        c.compress_vec(text, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    #[test]
+    fn a_compressed_message_is_handed_on_frame_by_frame_and_inflates_exactly() {
+        let text: Vec<u8> = b"a client message that repeats, repeats, repeats itself "
+            .iter()
+            .cycle()
+            .take(3000)
+            .copied()
+            .collect();
+        let body = compressed(&text);
+        let (a, b) = body.split_at(body.len() / 3);
+        // First frame: RSV1, text, not final; then a ping between the fragments; then the end.
+        let mut first = client_frame(false, 0x1, a);
+        first[0] |= 0x40;
+        let mut bytes = first;
+        bytes.extend(client_frame(true, 0x9, b"mid"));
+        bytes.extend(client_frame(true, 0x0, b));
+        for split in [1, 7, 64, bytes.len()] {
+            let mut d = Decoder::default();
+            let mut pending = Vec::new();
+            let mut inflater = crate::ws::deflate::Inflater::new(15, false);
+            let (mut out, mut ended, mut pings) = (Vec::new(), 0, 0);
+            for chunk in bytes.chunks(split) {
+                d.feed_with(&mut pending, chunk, 1 << 20, true, &mut |c| match c {
+                    Control::CompressedFrame { mask, len, fin } => {
+                        if inflater.frame(mask, len, fin, 1 << 20).unwrap() {
+                            ended += 1;
+                        }
+                    }
+                    Control::Compressed(masked) => {
+                        if inflater
+                            .bytes_into(masked, 1 << 20, &mut |b| out.extend_from_slice(b))
+                            .unwrap()
+                        {
+                            ended += 1;
+                        }
+                    }
+                    Control::Ping(_) => pings += 1,
+                    other => panic!("{other:?}"),
+                })
+                .unwrap();
+            }
+            assert_eq!((ended, pings), (1, 1), "split {split}");
+            assert_eq!(out, text, "split {split}");
+        }
+    }
+
+    #[test]
+    fn compressed_frames_count_against_the_message_bound_and_need_the_extension() {
+        let body = compressed(&[b'x'; 5000]);
+        let mut frame = client_frame(true, 0x2, &body);
+        frame[0] |= 0x40;
+        let mut d = Decoder::default();
+        let r = d.feed_with(
+            &mut Vec::new(),
+            &frame,
+            body.len() as u64 - 1,
+            true,
+            &mut |_| {},
+        );
+        assert_eq!(r, Err(DecodeError::TooBig));
+        let mut d = Decoder::default();
+        let r = d.feed(&mut Vec::new(), &frame, 1 << 20, &mut |_| {});
+        assert_eq!(r, Err(DecodeError::Protocol("reserved bits set")));
     }
 }

@@ -107,74 +107,170 @@ pub enum InflateError {
     Invalid,
 }
 
-/// A connection's inflater (made only for a client that sends a compressed message: most never
-/// do). It keeps the LZ77 window across messages unless the client gave up context takeover.
+/// A connection's inflater, made only for a client that sends a compressed message (most never
+/// do). It inflates a message as its frames arrive, counting what comes out: the server reads no
+/// client message, so the output passes through a fixed buffer and none of it is kept, and the
+/// message is refused the moment the count passes the bound. It keeps the client's LZ77 window
+/// across messages unless the client gave up context takeover.
 pub struct Inflater {
     d: Decompress,
     reset_each: bool,
+    /// The frame in progress: its masking key, its bytes seen so far, the bytes still to come,
+    /// and whether it ends the message.
+    mask: [u8; 4],
+    seen: u32,
+    left: u32,
+    fin: bool,
+    /// What the message in progress has inflated to so far.
+    produced: u64,
 }
 
+/// Output bytes inflated per step (on the stack).
+const INFLATE_CHUNK: usize = 4096;
+
 impl Inflater {
-    /// For a client that negotiated `client_no_context_takeover` (`reset_each`) or not.
-    pub fn new(reset_each: bool) -> Inflater {
+    /// For a client that compresses with a `window_bits` window (9 to 15; 8 is inflated as 9)
+    /// and that negotiated `client_no_context_takeover` (`reset_each`) or not.
+    pub fn new(window_bits: u8, reset_each: bool) -> Inflater {
         Inflater {
-            d: Decompress::new(false),
+            d: Decompress::new_with_window_bits(false, window_bits.clamp(9, 15)),
             reset_each,
+            mask: [0; 4],
+            seen: 0,
+            left: 0,
+            fin: false,
+            produced: 0,
         }
     }
 
-    /// Inflates one whole message (`data`: the payloads of its frames, concatenated), refusing
-    /// it as soon as the output passes `max` bytes.
-    pub fn inflate_message(&mut self, data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
-        let mut out = Vec::with_capacity((data.len() * 3).min(max.saturating_add(1)).max(64));
-        let result = self
-            .feed(data, max, &mut out)
-            .and_then(|()| self.feed(&TAIL, max, &mut out));
+    /// Whether each message starts afresh (the client gave up context takeover).
+    pub fn resets_each(&self) -> bool {
+        self.reset_each
+    }
+
+    /// A frame of a compressed message begins (its header's masking key, payload length, and
+    /// whether it is the last). True when the message ended with it (an empty last frame).
+    pub fn frame(
+        &mut self,
+        mask: [u8; 4],
+        len: u32,
+        fin: bool,
+        max: u64,
+    ) -> Result<bool, InflateError> {
+        (self.mask, self.seen, self.left, self.fin) = (mask, 0, len, fin);
+        if len == 0 && fin {
+            return self.end(max, &mut |_| {});
+        }
+        Ok(false)
+    }
+
+    /// Payload bytes of the frame in progress, still masked. True when they end the message.
+    pub fn bytes(&mut self, masked: &[u8], max: u64) -> Result<bool, InflateError> {
+        self.bytes_into(masked, max, &mut |_| {})
+    }
+
+    /// [`Inflater::bytes`], handing what it inflates to `sink`.
+    pub(crate) fn bytes_into(
+        &mut self,
+        masked: &[u8],
+        max: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<bool, InflateError> {
+        let masked = &masked[..masked.len().min(self.left as usize)];
+        let mut plain = [0u8; 1024];
+        for chunk in masked.chunks(plain.len()) {
+            for (i, (p, &m)) in plain.iter_mut().zip(chunk).enumerate() {
+                *p = m ^ self.mask[(self.seen as usize + i) & 3];
+            }
+            self.seen = self.seen.wrapping_add(chunk.len() as u32);
+            self.inflate(&plain[..chunk.len()], max, sink)?;
+        }
+        self.left -= masked.len() as u32;
+        if self.left == 0 && self.fin {
+            return self.end(max, sink);
+        }
+        Ok(false)
+    }
+
+    /// The message is complete: the sync flush's tail the sender removed goes back in.
+    fn end(&mut self, max: u64, sink: &mut dyn FnMut(&[u8])) -> Result<bool, InflateError> {
+        let result = self.inflate(&TAIL, max, sink);
+        self.produced = 0;
         if self.reset_each || result.is_err() {
             self.d.reset(false);
         }
-        result.map(|()| out)
+        result.map(|()| true)
     }
 
-    fn feed(
+    /// Inflates `input`; a refused message leaves the inflater ready for the next one (the
+    /// connection is closing anyway).
+    fn inflate(
+        &mut self,
+        input: &[u8],
+        max: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), InflateError> {
+        let result = self.inflate_inner(input, max, sink);
+        if result.is_err() {
+            self.produced = 0;
+            self.d.reset(false);
+        }
+        result
+    }
+
+    fn inflate_inner(
         &mut self,
         mut input: &[u8],
-        max: usize,
-        out: &mut Vec<u8>,
+        max: u64,
+        sink: &mut dyn FnMut(&[u8]),
     ) -> Result<(), InflateError> {
+        let mut out = [0u8; INFLATE_CHUNK];
         loop {
-            if out.len() == out.capacity() {
-                // Grow within the bound only (one byte past it proves the message too large).
-                let room = (out.capacity().max(64)).min(max.saturating_add(1) - out.len());
-                if room == 0 {
-                    return Err(InflateError::TooLarge);
-                }
-                out.reserve_exact(room);
-            }
-            let (before, produced) = (self.d.total_in(), out.len());
+            let (before_in, before_out) = (self.d.total_in(), self.d.total_out());
             let status = self
                 .d
-                .decompress_vec(input, out, FlushDecompress::Sync)
+                .decompress(input, &mut out, FlushDecompress::Sync)
                 .map_err(|_| InflateError::Invalid)?;
-            input = &input[(self.d.total_in() - before) as usize..];
-            if self.d.total_in() == before && out.len() == produced && out.len() < out.capacity() {
-                // No progress with room to spare: the data goes nowhere.
-                return if input.is_empty() {
+            let consumed = (self.d.total_in() - before_in) as usize;
+            let produced = (self.d.total_out() - before_out) as usize;
+            input = &input[consumed..];
+            self.produced += produced as u64;
+            if self.produced > max {
+                return Err(InflateError::TooLarge);
+            }
+            sink(&out[..produced]);
+            if status == Status::StreamEnd {
+                // A final block (BFINAL): nothing may follow it in this message but the tail.
+                self.d.reset(false);
+                return if input.iter().all(|&b| b == 0) || input == TAIL {
                     Ok(())
                 } else {
                     Err(InflateError::Invalid)
                 };
             }
-            if out.len() > max {
-                return Err(InflateError::TooLarge);
+            if produced == out.len() {
+                continue; // more output may be waiting
             }
-            match status {
-                Status::StreamEnd => return Ok(()),
-                _ if input.is_empty() && out.len() < out.capacity() => return Ok(()),
-                Status::BufError if input.is_empty() && out.len() == out.capacity() => {}
-                _ => {}
+            if input.is_empty() {
+                return Ok(());
+            }
+            if consumed == 0 && produced == 0 {
+                return Err(InflateError::Invalid);
             }
         }
+    }
+
+    /// Inflates one whole message (`data`: the payloads of its frames, unmasked, concatenated),
+    /// refusing it as soon as the output passes `max` bytes; returns what it inflated to.
+    pub fn inflate_message(&mut self, data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+        let mut out = Vec::new();
+        let len = u32::try_from(data.len()).map_err(|_| InflateError::TooLarge)?;
+        let max = max as u64;
+        if self.frame([0; 4], len, true, max)? {
+            return Ok(out);
+        }
+        self.bytes_into(data, max, &mut |b| out.extend_from_slice(b))?;
+        Ok(out)
     }
 }
 
@@ -189,7 +285,9 @@ mod tests {
 
     /// What any RFC 7692 client does with a compressed message.
     fn inflate(body: &[u8]) -> Vec<u8> {
-        Inflater::new(true).inflate_message(body, 1 << 24).unwrap()
+        Inflater::new(15, true)
+            .inflate_message(body, 1 << 24)
+            .unwrap()
     }
 
     #[test]
@@ -251,7 +349,7 @@ mod tests {
         let c = d.compress_frame(&encode(OpCode::Text, &huge), 1).unwrap();
         let body = payload_of(&c);
         assert!(body.len() < 8 << 10, "{}", body.len());
-        let mut i = Inflater::new(false);
+        let mut i = Inflater::new(15, false);
         assert_eq!(
             i.inflate_message(body, 64 << 10),
             Err(InflateError::TooLarge)
@@ -265,12 +363,12 @@ mod tests {
             vec![b'b'; 500]
         );
         assert_eq!(
-            Inflater::new(true).inflate_message(&[0xff, 0xff, 0xff, 0x00, 0x12], 1 << 20),
+            Inflater::new(15, true).inflate_message(&[0xff, 0xff, 0xff, 0x00, 0x12], 1 << 20),
             Err(InflateError::Invalid)
         );
         // Exactly at the bound is fine.
         assert_eq!(
-            Inflater::new(true)
+            Inflater::new(15, true)
                 .inflate_message(payload_of(&small), 500)
                 .map(|v| v.len()),
             Ok(500)
@@ -288,7 +386,7 @@ mod tests {
         c.compress_vec(b"hello hello hello world", &mut m2, FlushCompress::Sync)
             .unwrap();
         let strip = |m: &[u8]| m.strip_suffix(&TAIL).unwrap().to_vec();
-        let mut i = Inflater::new(false);
+        let mut i = Inflater::new(15, false);
         assert_eq!(
             i.inflate_message(&strip(&m1), 1024).unwrap(),
             b"hello hello hello world"

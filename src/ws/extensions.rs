@@ -4,8 +4,9 @@
 //! The server compresses each event frame once for every subscriber, so every compressed frame
 //! must stand alone: it always answers `server_no_context_takeover`. It never asks for
 //! `client_no_context_takeover` (Safari fails the connection when a server does), and it does
-//! not cap the client's window (`client_max_window_bits`): inflating a client frame needs its
-//! window whatever it is, and client frames are small and bounded before they are inflated.
+//! not cap the client's window (`client_max_window_bits`): a client's compressed messages are
+//! inflated with whatever window it uses (its offer's value, else 15), only counted against the
+//! message bound, and a connection holds an inflater only once it sends one.
 //!
 //! An offer is taken only if it is well formed (RFC 7692 §7.1): known parameters, each at most
 //! once, `no_context_takeover` without a value, `max_window_bits` values 8 to 15 (plain or

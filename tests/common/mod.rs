@@ -16,6 +16,27 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+/// The API document (a copy of `../shared/seed/`, checked against it by `tests/seed_client.rs`).
+pub const SEED: &str = include_str!("../seed/realtime-event-stream.txt");
+
+/// The document's JavaScript client, unchanged but for its URL and its token.
+pub fn seed_client_source(url: &str, token: &str) -> String {
+    let start = SEED
+        .find("function connectCauseloopStream")
+        .expect("client function in the seed");
+    let end = SEED
+        .find("Event bus integration")
+        .expect("end of the example");
+    let code = &SEED[start..end];
+    assert_eq!(
+        code.matches("'wss://api.causeloop.ai/v1/stream'").count(),
+        1
+    );
+    assert_eq!(code.matches("'<your_access_token>'").count(), 1);
+    code.replace("'wss://api.causeloop.ai/v1/stream'", &format!("'{url}'"))
+        .replace("'<your_access_token>'", &format!("'{token}'"))
+}
+
 pub const SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
 pub const PUBLISH_KEY: &str = "integration-publish-key";
 
