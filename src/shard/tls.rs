@@ -163,7 +163,8 @@ impl TlsConn {
             let state = match state {
                 Ok(s) => s,
                 Err(e) => {
-                    self.queue_alert();
+                    used += discard;
+                    self.queue_alert(&mut input[used..]);
                     return Err(TlsFailure::Protocol(e));
                 }
             };
@@ -206,12 +207,36 @@ impl TlsConn {
         Ok((used, received))
     }
 
-    /// An alert rustls made for a fatal error, queued if it made one.
-    fn queue_alert(&mut self) {
-        let UnbufferedStatus { state, .. } = self.session.process_tls_records(&mut []);
+    /// An alert rustls made for a fatal error, queued if it made one. `rest` is what the failed
+    /// call did not discard: rustls' deframer may still point into it, so it is what the
+    /// session is shown again (never an empty buffer in its place).
+    fn queue_alert(&mut self, rest: &mut [u8]) {
+        let UnbufferedStatus { state, .. } = self.session.process_tls_records(rest);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
             encode_into(&mut self.outgoing, |buf| e.encode(buf));
         }
+    }
+
+    /// Runs the session with no new input, for sending: it is shown the bytes it holds in
+    /// `incoming` (a record not complete yet), which its deframer may have looked at, and what
+    /// it discards of them is dropped. `act` gets the state.
+    fn idle<R>(
+        &mut self,
+        act: impl FnOnce(
+            Result<ConnectionState<'_, '_, rustls::server::ServerConnectionData>, rustls::Error>,
+            &mut Vec<u8>,
+        ) -> R,
+    ) -> R {
+        let mut pending = std::mem::take(&mut self.incoming);
+        let UnbufferedStatus { discard, state } = self.session.process_tls_records(&mut pending);
+        let r = act(state, &mut self.outgoing);
+        if discard > 0 {
+            pending.drain(..discard.min(pending.len()));
+        }
+        if !pending.is_empty() {
+            self.incoming = pending;
+        }
+        r
     }
 
     /// Encrypts queued frames and writes the records, until both the outbox and the pending
@@ -286,32 +311,34 @@ impl TlsConn {
     /// session still has to send (session tickets, a key update) go to `outgoing` first.
     fn encrypt(&mut self, plain: &[u8], cipher: &mut [u8]) -> io::Result<usize> {
         loop {
-            let UnbufferedStatus { state, .. } = self.session.process_tls_records(&mut []);
-            match state.map_err(io::Error::other)? {
+            let step = self.idle(|state, outgoing| match state.map_err(io::Error::other)? {
                 ConnectionState::EncodeTlsData(mut e) => {
-                    encode_into(&mut self.outgoing, |buf| e.encode(buf));
+                    encode_into(outgoing, |buf| e.encode(buf));
+                    Ok(None)
                 }
-                ConnectionState::TransmitTlsData(t) => t.done(),
-                ConnectionState::WriteTraffic(mut w) => {
-                    return match w.encrypt(plain, cipher) {
-                        Ok(n) if self.outgoing.is_empty() => Ok(n),
-                        // Handshake bytes came first: the records follow them in `outgoing`.
-                        Ok(n) => {
-                            self.outgoing.extend_from_slice(&cipher[..n]);
-                            Ok(0)
-                        }
-                        Err(EncryptError::InsufficientSize(s)) => Err(io::Error::other(format!(
-                            "TLS records need {} bytes",
-                            s.required_size
-                        ))),
-                        Err(e) => Err(io::Error::other(e)),
-                    };
+                ConnectionState::TransmitTlsData(t) => {
+                    t.done();
+                    Ok(None)
                 }
-                other => {
-                    return Err(io::Error::other(format!(
-                        "TLS session cannot send application data ({other:?})"
-                    )))
-                }
+                ConnectionState::WriteTraffic(mut w) => match w.encrypt(plain, cipher) {
+                    Ok(n) if outgoing.is_empty() => Ok(Some(n)),
+                    // Handshake bytes came first: the records follow them in `outgoing`.
+                    Ok(n) => {
+                        outgoing.extend_from_slice(&cipher[..n]);
+                        Ok(Some(0))
+                    }
+                    Err(EncryptError::InsufficientSize(s)) => Err(io::Error::other(format!(
+                        "TLS records need {} bytes",
+                        s.required_size
+                    ))),
+                    Err(e) => Err(io::Error::other(e)),
+                },
+                other => Err(io::Error::other(format!(
+                    "TLS session cannot send application data ({other:?})"
+                ))),
+            })?;
+            if let Some(n) = step {
+                return Ok(n);
             }
         }
     }
@@ -321,13 +348,14 @@ impl TlsConn {
         if std::mem::replace(&mut self.closing, true) {
             return;
         }
-        let UnbufferedStatus { state, .. } = self.session.process_tls_records(&mut []);
-        if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
-            let mut buf = [0u8; 64];
-            if let Ok(n) = w.queue_close_notify(&mut buf) {
-                self.outgoing.extend_from_slice(&buf[..n]);
+        self.idle(|state, outgoing| {
+            if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = w.queue_close_notify(&mut buf) {
+                    outgoing.extend_from_slice(&buf[..n]);
+                }
             }
-        }
+        });
     }
 
     /// Best-effort, non-blocking write of `frame` (and anything pending before it), for a last
