@@ -164,6 +164,36 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
+
+    // Where one compression's time goes, for the first sample event: the compressor's reset
+    // between messages (each must stand alone), and the compression itself at the level the
+    // server uses (6) and at the fastest (1), with what each saves.
+    let (_, frame) = &frames()[0];
+    let payload = &frame[causeloop_stream::ws::frame::header_len_of(frame)..];
+    let mut g = c.benchmark_group("compression/breakdown");
+    let mut reset_only = flate2::Compress::new(flate2::Compression::default(), false);
+    g.bench_function("reset", |b| b.iter(|| reset_only.reset()));
+    for level in [1, 6] {
+        let mut z = flate2::Compress::new(flate2::Compression::new(level), false);
+        let mut out = Vec::with_capacity(payload.len() + 256);
+        let once = |z: &mut flate2::Compress, out: &mut Vec<u8>| {
+            out.clear();
+            z.reset();
+            z.compress_vec(payload, out, flate2::FlushCompress::Sync)
+                .expect("in memory");
+        };
+        once(&mut z, &mut out);
+        println!(
+            "level {level}: {} bytes of {} ({:.0}% saved)",
+            out.len() - 4,
+            payload.len(),
+            100.0 * (1.0 - (out.len() - 4) as f64 / payload.len() as f64)
+        );
+        g.bench_function(format!("reset and compress, level {level}"), |b| {
+            b.iter(|| once(&mut z, &mut out))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);
