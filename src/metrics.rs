@@ -90,6 +90,8 @@ pub struct ShardStats {
     pub tls_handshake_failures: AtomicU64,
     /// TLS handshake reads put off to the next loop turn (the per-turn handshake budget).
     pub tls_handshakes_deferred: AtomicU64,
+    /// TLS records sealed for connections (several frames to a record in bursts).
+    pub tls_records: AtomicU64,
 }
 
 /// Close codes counted one by one in `causeloop_connections_closed_total`; any other code counts
@@ -477,6 +479,12 @@ impl Collector for StatsCollector {
                     sum(shards, |s| &s.tls_handshake_failures),
                 ),
             ],
+        )?;
+        counters(
+            &mut enc,
+            "causeloop_tls_records",
+            "TLS application-data records sealed on the public listener: against causeloop_frames_written_total, how many frames share a record.",
+            &one(sum(shards, |s| &s.tls_records)),
         )?;
         counters(
             &mut enc,

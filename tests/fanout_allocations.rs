@@ -4,6 +4,9 @@
 //! round of events to 500 subscribers (the inbox, the fan-out, the flush list, the vectored
 //! writes, the loop's own work lists) must allocate nothing on the shard.
 //!
+//! Over TLS the same round allocates only what rustls allocates per record it seals (one
+//! buffer each), and the round's frames share records.
+//!
 //! The fan-out step alone is also counted for 10,000 subscribers without sockets, and every
 //! queued frame must be a reference to the one buffer.
 
@@ -24,6 +27,15 @@ use counting::{shard_allocations, thread_allocations, Counting, Sub};
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+fn tls_records(s: &TestServer) -> u64 {
+    s.server()
+        .stats()
+        .shards
+        .iter()
+        .map(|st| st.tls_records.load(Ordering::Relaxed))
+        .sum()
+}
+
 fn frames_written(s: &TestServer) -> u64 {
     s.server()
         .stats()
@@ -35,8 +47,35 @@ fn frames_written(s: &TestServer) -> u64 {
 
 #[test]
 fn a_shard_allocates_nothing_per_event_once_warm() {
+    shard_allocates_nothing_per_event(false);
+}
+
+#[test]
+fn over_tls_one_allocation_per_record_and_none_per_frame() {
+    // Frames are sealed into records through the shard's buffers and written straight from
+    // them; the only allocation is rustls' own buffer for each record it seals.
+    shard_allocates_nothing_per_event(true);
+}
+
+/// A subscriber, left unread once it has its `connected` frame (kept open, never read).
+#[allow(dead_code)]
+enum Sub2 {
+    Plain(std::net::TcpStream),
+    Tls(Box<common::tls::Wss>),
+}
+
+/// The counter counts every shard thread in the process: one server at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn shard_allocates_nothing_per_event(tls: bool) {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const SUBSCRIBERS: usize = 500;
+    let cert = common::tls::TestCert::new("alloc", 2030, 1, 1);
+    let files = cert.files();
     let s = TestServer::with(|c| {
+        if tls {
+            c.tls = Some(files);
+        }
         c.shards = 1;
         // Nothing but the events below in the window: no heartbeats, no pings.
         c.heartbeat_interval = Duration::from_secs(3600);
@@ -45,8 +84,19 @@ fn a_shard_allocates_nothing_per_event_once_warm() {
         // their own, kept out of the window.
         c.ack_interval = Duration::from_secs(3600);
     });
-    let socks: Vec<_> = (0..SUBSCRIBERS)
-        .map(|_| raw_subscribe(&s, "ws_alloc"))
+    let socks: Vec<Sub2> = (0..SUBSCRIBERS)
+        .map(|_| {
+            if !tls {
+                return Sub2::Plain(raw_subscribe(&s, "ws_alloc"));
+            }
+            let path = format!(
+                "/v1/stream?token={}&workspace=ws_alloc",
+                token("ws_alloc", "u", 600)
+            );
+            let mut ws = common::tls::connect_wss(s.public, cert.client(), &path);
+            assert!(read_text(&mut ws).contains("\"connected\""));
+            Sub2::Tls(Box::new(ws))
+        })
         .collect();
     let publisher = s.server().publisher();
     let payload =
@@ -91,12 +141,26 @@ fn a_shard_allocates_nothing_per_event_once_warm() {
     // Warm-up: the queues, the work lists and their spares grow to their working sizes.
     run(10, 0);
     let before = shard_allocations();
+    let records_before = tls_records(&s);
     run(10, 10);
     let allocs = shard_allocations() - before;
-    assert_eq!(
-        allocs, 0,
-        "the shard allocated {allocs} times delivering 30 events to {SUBSCRIBERS} subscribers"
-    );
+    if tls {
+        // rustls seals each record into a buffer of its own before copying it out (its
+        // unbuffered API has no in-place encryption yet): one allocation per record, none per
+        // frame or per subscriber otherwise. The frames of a round share records.
+        let records = tls_records(&s) - records_before;
+        let frames = 30 * SUBSCRIBERS as u64;
+        assert!(
+            allocs <= records,
+            "{allocs} allocations for {records} records ({frames} frames)"
+        );
+        assert!(records < frames, "{records} records for {frames} frames");
+    } else {
+        assert_eq!(
+            allocs, 0,
+            "the shard allocated {allocs} times delivering 30 events to {SUBSCRIBERS} subscribers"
+        );
+    }
     drop(socks);
 }
 

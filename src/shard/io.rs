@@ -386,6 +386,9 @@ impl Shard {
             },
         };
         ShardStats::add(&stats.frames_written, done.frames as u64);
+        if done.records > 0 {
+            ShardStats::add(&stats.tls_records, done.records as u64);
+        }
         ShardStats::add(&stats.bytes_written, done.bytes as u64);
         // Write readiness is watched only while bytes wait: registering it for good would
         // deliver an EPOLLOUT wake-up for nearly every ACK.

@@ -23,6 +23,8 @@ pub struct Flushed {
     pub bytes: usize,
     /// Frames completely written.
     pub frames: usize,
+    /// TLS records sealed (0 on a plain connection).
+    pub records: usize,
 }
 
 /// Frames waiting to be written to one socket.

@@ -15,8 +15,10 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use std::io::{self, Write};
 
+/// Plaintext per record (rustls' fragment size, TLS's maximum).
+const MAX_FRAGMENT: usize = 16 * 1024;
 /// Plaintext encrypted per call: four full records.
-pub const PLAIN_BATCH: usize = 4 * 16 * 1024;
+pub const PLAIN_BATCH: usize = 4 * MAX_FRAGMENT;
 /// Room for the records of one batch: each adds at most a header, a content type, padding it
 /// does not use here, and a tag (29 bytes for TLS 1.2, 22 for 1.3); 256 each is ample.
 pub const CIPHER_BATCH: usize = PLAIN_BATCH + 4 * 256;
@@ -263,6 +265,7 @@ impl TlsConn {
             done.frames += out.write_to_n::<_, TLS_IOV>(&mut gather)?.frames;
             let n = gather.len;
             let sealed = self.encrypt(&scratch.plain[..n], &mut scratch.cipher)?;
+            done.records += n.div_ceil(MAX_FRAGMENT);
             // Straight from the shard's buffer; only what the socket leaves is kept.
             let mut from = 0;
             while from < sealed {
