@@ -37,6 +37,20 @@ pub struct Cli {
 pub enum Command {
     /// Mint an HS256 token for a workspace and user (for tests and first runs).
     Token(TokenArgs),
+    /// Ask a running server's internal listener for `/healthz`: exit 0 if it answers 200, 1
+    /// otherwise (a container's HEALTHCHECK, where there is no shell or curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `causeloop-stream healthcheck` flags.
+#[derive(Args, Debug)]
+pub struct HealthcheckArgs {
+    /// The server's internal listener (an unspecified address means this host's loopback).
+    #[arg(long = "internal-listen", env = "CAUSELOOP_INTERNAL_LISTEN", default_value_t = defaults().internal_listen)]
+    pub internal_listen: std::net::SocketAddr,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `causeloop-stream token` flags.

@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 use causeloop_stream::auth::jwt;
-use causeloop_stream::cli::{read_secret_file, Cli, Command, TokenArgs, ENV_HS256_SECRET};
+use causeloop_stream::cli::{
+    read_secret_file, Cli, Command, HealthcheckArgs, TokenArgs, ENV_HS256_SECRET,
+};
 use causeloop_stream::clock;
 use causeloop_stream::config::Secret;
 use causeloop_stream::server::Server;
@@ -33,6 +35,7 @@ fn main() {
     }
     let code = match cli.command {
         Some(Command::Token(args)) => token(&args),
+        Some(Command::Healthcheck(args)) => healthcheck(&args),
         None => run(cli),
     };
     std::process::exit(code);
@@ -128,6 +131,45 @@ fn effective_config(matches: &clap::ArgMatches, from_file: &[String]) -> String 
         );
     }
     out
+}
+
+/// `healthcheck`: 0 if the internal listener answers `/healthz` with 200 within the timeout.
+fn healthcheck(args: &HealthcheckArgs) -> i32 {
+    use std::io::{Read, Write};
+    let mut addr = args.internal_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let answer = (|| -> std::io::Result<Vec<u8>> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, args.timeout)?;
+        s.set_read_timeout(Some(args.timeout))?;
+        s.set_write_timeout(Some(args.timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head)?;
+        head.truncate(n);
+        Ok(head)
+    })();
+    match answer {
+        Ok(head) if head.starts_with(b"HTTP/1.1 200") => 0,
+        Ok(head) => {
+            eprintln!(
+                "causeloop-stream healthcheck: {addr}: {}",
+                String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("no answer")
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("causeloop-stream healthcheck: {addr}: {e}");
+            1
+        }
+    }
 }
 
 fn token(args: &TokenArgs) -> i32 {

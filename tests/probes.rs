@@ -218,3 +218,29 @@ fn a_frozen_master_holds_up_neither_the_probes_nor_publishes_to_other_masters() 
     );
     cluster.nodes[0].signal("CONT");
 }
+
+#[test]
+fn the_healthcheck_subcommand_asks_the_internal_listener() {
+    // The container image's HEALTHCHECK: exit 0 when /healthz answers 200, 1 otherwise.
+    let s = TestServer::start();
+    let run = |addr: String| {
+        std::process::Command::new(common::process::BIN)
+            .args(["healthcheck", "--internal-listen", &addr, "--timeout", "2s"])
+            .env_remove("CAUSELOOP_INTERNAL_LISTEN")
+            .output()
+            .unwrap()
+    };
+    let up = run(s.internal.to_string());
+    assert_eq!(up.status.code(), Some(0), "{up:?}");
+    // An unspecified address means this host's loopback, as inside a container.
+    let any = run(format!("0.0.0.0:{}", s.internal.port()));
+    assert_eq!(any.status.code(), Some(0), "{any:?}");
+    // The public listener answers /healthz too, but is not what is asked; a closed port fails.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let down = run(closed.to_string());
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    assert!(String::from_utf8_lossy(&down.stderr).contains("healthcheck"));
+}
