@@ -275,6 +275,8 @@ pub struct Config {
     pub history_size: usize,
     /// `--tls-cert` and `--tls-key`: the public listener speaks TLS.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// `--dev`: the page on `GET /` and its publish route (see `dev_site`); never otherwise.
+    pub dev_site: Option<std::sync::Arc<crate::dev_site::DevSite>>,
     /// `--compression auto|off`: take a client's `permessage-deflate` offer (`auto`).
     pub compression: bool,
     /// `--compression-min-bytes`: event frames smaller than this are sent uncompressed.
@@ -341,6 +343,7 @@ impl Default for Config {
             shard_inbox: 256,
             history_size: 1000,
             tls: None,
+            dev_site: None,
             compression: true,
             compression_min_bytes: 128,
             history_ttl: Duration::from_secs(120),

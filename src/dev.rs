@@ -1,13 +1,16 @@
 //! `causeloop-stream --dev`: a ready local setup for a first run.
 //!
-//! Random HS256 secret and publish key (unless configured), a banner with a ready `ws://` URL
+//! Random HS256 secret and publish key (unless configured), the page on `GET /` (see
+//! `causeloop_stream::dev_site`) whose address the banner prints first, a ready `ws://` URL
 //! holding a fresh token, a ready `curl` publish command, and a demo publisher that sends a
 //! sample of every event type of the API document to the dev workspace. Loud on purpose.
 
 use causeloop_stream::auth::jwt;
+use causeloop_stream::bus::body::BodyLimits;
 use causeloop_stream::bus::Publisher;
 use causeloop_stream::clock;
 use causeloop_stream::config::{Config, Secret};
+use causeloop_stream::dev_site::DevSite;
 use causeloop_stream::server::Server;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::io::Write;
@@ -20,11 +23,15 @@ pub const DEV_USER: &str = "usr_dev";
 /// Pause between demo events.
 const DEMO_EVERY: Duration = Duration::from_secs(2);
 
-/// What the banner needs after the server has started.
+/// What the banner and the page's publisher need after the server has started.
 pub struct Dev {
     secret: Secret,
     publish_key: Secret,
-    workspace_claim: String,
+    /// The dev token (24 h), in the banner's URL and in the page.
+    token: String,
+    /// The page's publishes, for the thread that publishes them.
+    page_queue: Option<crossbeam_channel::Receiver<Vec<u8>>>,
+    limits: BodyLimits,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -55,10 +62,24 @@ pub fn prepare(config: &mut Config) -> Dev {
             .and_then(|p| causeloop_stream::cli::read_secret_file(p).ok())
             .unwrap_or_else(|| Secret::from(Vec::new())),
     };
+    let now = clock::now_secs();
+    let claims = jwt::claims_json(
+        &config.jwt.workspace_claim,
+        DEV_WORKSPACE,
+        DEV_USER,
+        now,
+        now + 24 * 3600,
+    );
+    let token = jwt::sign_hs256(secret.expose(), &claims);
+    let limits = BodyLimits::of(config);
+    let (site, page_queue) = DevSite::new(DEV_WORKSPACE, DEV_USER, &token, limits);
+    config.dev_site = Some(std::sync::Arc::new(site));
     Dev {
         secret,
         publish_key: config.publish_key.clone().expect("set above"),
-        workspace_claim: config.jwt.workspace_claim.clone(),
+        token,
+        page_queue: Some(page_queue),
+        limits,
     }
 }
 
@@ -73,15 +94,7 @@ fn loopback_if_unspecified(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 impl Dev {
     /// Prints the banner on stdout.
     pub fn announce(&self, server: &Server) {
-        let now = clock::now_secs();
-        let claims = jwt::claims_json(
-            &self.workspace_claim,
-            DEV_WORKSPACE,
-            DEV_USER,
-            now,
-            now + 24 * 3600,
-        );
-        let token = jwt::sign_hs256(self.secret.expose(), &claims);
+        let token = &self.token;
         let public = loopback_if_unspecified(server.public_addr());
         let internal = loopback_if_unspecified(server.internal_addr());
         let key = String::from_utf8_lossy(self.publish_key.expose());
@@ -91,10 +104,17 @@ impl Dev {
         } else {
             "ws"
         };
+        let page = if server.config().tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
             "
+Open {page}://{public}/ in a browser: the stream live, and a form to publish.
+
 === causeloop-stream DEVELOPMENT MODE: random secrets, demo publisher. Never use in production. ===
 
 Stream URL (token valid 24h, workspace {DEV_WORKSPACE}, user {DEV_USER}):
@@ -155,6 +175,16 @@ fn samples(n: u64) -> Vec<(&'static str, serde_json::Value)> {
 }
 
 /// Starts the demo publisher thread; it stops when the server drains.
+impl Dev {
+    /// Starts the thread that publishes what the page's form sends.
+    pub fn spawn_page_publisher(&mut self, publisher: Publisher) {
+        if let Some(queue) = self.page_queue.take() {
+            let limits = self.limits;
+            std::thread::spawn(move || DevSite::publish_queued(queue, publisher, limits));
+        }
+    }
+}
+
 pub fn spawn_demo_publisher(publisher: Publisher) {
     std::thread::spawn(move || {
         let mut n = 0u64;

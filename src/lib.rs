@@ -29,6 +29,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod config_file;
+pub mod dev_site;
 pub mod dispatch;
 pub mod event;
 pub mod fault;

@@ -257,7 +257,9 @@ fn run(cli: Cli) -> i32 {
         server.config().shards
     );
     if let Some(dev) = dev {
+        let mut dev = dev;
         dev.announce(&server);
+        dev.spawn_page_publisher(server.publisher());
         dev::spawn_demo_publisher(server.publisher());
     }
 

@@ -211,6 +211,16 @@ pub enum PublicRoute<'a> {
         /// The method was `HEAD`.
         head: bool,
     },
+    /// `GET /` (`head` as for `Health`): the `--dev` page, or 404.
+    Root {
+        /// The method was `HEAD`.
+        head: bool,
+    },
+    /// `POST /dev/publish`: the `--dev` page's form, or 404.
+    DevPublish {
+        /// `Content-Length`, when present and a number.
+        content_length: Option<u64>,
+    },
     /// Answer with this status and close.
     Reject(Status),
 }
@@ -246,6 +256,12 @@ pub fn route_public<'a>(head: &Head<'a>) -> PublicRoute<'a> {
         },
         b"/readyz" => PublicRoute::Ready {
             head: head.method == "HEAD",
+        },
+        b"/" if head.method == "GET" || head.method == "HEAD" => PublicRoute::Root {
+            head: head.method == "HEAD",
+        },
+        b"/dev/publish" if head.method == "POST" => PublicRoute::DevPublish {
+            content_length: head.content_length.flatten(),
         },
         _ => PublicRoute::Reject(Status::NotFound),
     }
@@ -304,6 +320,8 @@ mod tests {
                 PublicRoute::Reject(s) => s,
                 PublicRoute::Health { .. } | PublicRoute::Ready { .. } => Status::Ok,
                 PublicRoute::Stream { .. } => Status::Accepted,
+                // What the shard answers outside `--dev`.
+                PublicRoute::Root { .. } | PublicRoute::DevPublish { .. } => Status::NotFound,
             },
             Ok(None) => panic!("incomplete"),
         }

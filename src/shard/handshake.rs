@@ -137,7 +137,15 @@ impl Shard {
                     Next::Continue
                 }
                 Err(e) => self.respond_http(key, response::plain(e.status(), true)),
-                Ok(Some(head)) => self.on_route(key, route_public(&head), &data[head.len..], turn),
+                Ok(Some(head)) => {
+                    let route = route_public(&head);
+                    if self.awaits_body(&route, head.len, data.len()) {
+                        let keep = data.len().min(max + 1);
+                        self.conns[key].inbuf.extend_from_slice(&data[..keep]);
+                        return Next::Continue;
+                    }
+                    self.on_route(key, route, &data[head.len..], turn)
+                }
             };
         }
         let room = (max + 1).saturating_sub(conn.inbuf.len());
@@ -151,7 +159,31 @@ impl Shard {
                 Next::Continue
             }
             Err(e) => self.respond_http(key, response::plain(e.status(), true)),
-            Ok(Some(head)) => self.on_route(key, route_public(&head), &buf[head.len..], turn),
+            Ok(Some(head)) => {
+                let route = route_public(&head);
+                if self.awaits_body(&route, head.len, buf.len()) {
+                    drop(route);
+                    self.conns[key].inbuf = buf;
+                    return Next::Continue;
+                }
+                self.on_route(key, route, &buf[head.len..], turn)
+            }
+        }
+    }
+
+    /// A `--dev` publish whose body has not all arrived, and can within the head buffer's
+    /// bound (`have`: the bytes so far, head included). Anything else is answered now.
+    fn awaits_body(&self, route: &PublicRoute<'_>, head_len: usize, have: usize) -> bool {
+        match route {
+            PublicRoute::DevPublish {
+                content_length: Some(n),
+            } if self.dev.is_some() => {
+                let want = head_len.saturating_add(*n as usize);
+                *n as usize <= crate::dev_site::MAX_BODY
+                    && have < want
+                    && want <= self.limits.max_head + 1
+            }
+            _ => false,
         }
     }
 
@@ -175,6 +207,51 @@ impl Shard {
             }
             PublicRoute::Ready { head } => {
                 self.respond_http(key, probe(b"draining\n", Status::Unavailable, head))
+            }
+            PublicRoute::Root { head } => match &self.dev {
+                Some(dev) if head => {
+                    self.respond_http(key, response::head_only(dev.page().to_vec()))
+                }
+                Some(dev) => {
+                    let page = dev.page();
+                    ShardStats::add(&self.stats().http_responses, 1);
+                    let conn = &mut self.conns[key];
+                    conn.phase = Phase::Http;
+                    conn.close_when_flushed = true;
+                    self.enqueue(key, page);
+                    Next::Continue
+                }
+                None => self.respond_http(key, response::plain(Status::NotFound, true)),
+            },
+            PublicRoute::DevPublish { content_length } => {
+                use crate::dev_site::{DevPublish, MAX_BODY};
+                let Some(dev) = &self.dev else {
+                    return self.respond_http(key, response::plain(Status::NotFound, true));
+                };
+                let answer = match content_length.map(|n| n as usize) {
+                    None => response::plain(Status::LengthRequired, true),
+                    Some(n) if n > MAX_BODY || rest.len() < n => {
+                        response::plain(Status::PayloadTooLarge, true)
+                    }
+                    Some(n) => match dev.publish(&rest[..n]) {
+                        DevPublish::Queued => response::build(
+                            Status::Accepted,
+                            "application/json",
+                            b"{\"queued\":1}",
+                            true,
+                            "",
+                        ),
+                        DevPublish::Invalid(why) => {
+                            response::json_error(Status::BadRequest, &why, true)
+                        }
+                        DevPublish::Busy => response::json_error(
+                            Status::Unavailable,
+                            "the dev page's publisher is busy; try again",
+                            true,
+                        ),
+                    },
+                };
+                self.respond_http(key, answer)
             }
             PublicRoute::Stream {
                 key: ws_key,

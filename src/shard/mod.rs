@@ -229,6 +229,8 @@ pub struct Shard {
     dirty: WorkList,
     dead: WorkList,
     read_again: WorkList,
+    /// `--dev`: the page and its publish route.
+    dev: Option<Arc<crate::dev_site::DevSite>>,
     /// TLS: the buffers every connection's records are encrypted through (empty without TLS),
     /// and the plaintext of one read.
     tls_scratch: tls::TlsScratch,
@@ -347,6 +349,7 @@ impl Shard {
                 tls::TlsScratch::none()
             },
             tls_plain: Vec::new(),
+            dev: cfg.dev_site.clone(),
             slow: WorkList::default(),
             fired: Vec::new(),
             accept_pending: false,
