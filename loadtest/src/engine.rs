@@ -250,7 +250,10 @@ impl Fleet {
     pub fn run(mut self, commands: mpsc::Receiver<Command>, mut emit: impl FnMut(&WorkerReport)) {
         let mut events = Events::with_capacity(4096);
         let mut scratch = vec![0u8; SCRATCH];
-        let mut next_progress = Instant::now() + Duration::from_secs(1);
+        // Progress is reported just after each whole second of the run (counted from the
+        // orchestrator's start), so every worker's report of second `s` covers the same second.
+        let since_start = (unix_ns() / 1_000_000).saturating_sub(self.spec.started_unix_ms);
+        let mut next_progress = Instant::now() + Duration::from_millis(1000 - since_start % 1000);
         loop {
             let now = Instant::now();
             self.open_due(now);
@@ -309,6 +312,7 @@ impl Fleet {
             }
             if Instant::now() >= next_progress {
                 next_progress += Duration::from_secs(1);
+                self.report.t_ms = unix_ns() / 1_000_000;
                 self.report.kind = "progress".into();
                 self.fill_report(false);
                 emit(&self.report);

@@ -10,11 +10,13 @@
 //! `CAUSELOOP_PUBLISH_KEY` to publish. Workers receive them on stdin, never in argv.
 #![forbid(unsafe_code)]
 
+mod compare;
 mod engine;
 mod floor;
 mod procfs;
 mod publisher;
 mod report;
+mod seconds;
 mod spec;
 mod tls;
 mod token;
@@ -55,6 +57,9 @@ enum Cmd {
     Slow(SlowArgs),
     /// Run the bare-send floor server (for the CPU floor; see docs/loadtest.md).
     FloorServer(FloorArgs),
+    /// Put runs side by side (their --json files, one scenario): every figure with its ratio
+    /// to the first run's, latency curves overlaid.
+    Compare(CompareArgs),
     /// Internal: a worker process (reads its spec on stdin).
     #[command(hide = true)]
     Worker,
@@ -167,6 +172,16 @@ struct SlowArgs {
 }
 
 #[derive(Args, Clone)]
+struct CompareArgs {
+    /// Runs' JSON files (written with --json); the first is the baseline.
+    #[arg(required = true, num_args = 2..)]
+    runs: Vec<std::path::PathBuf>,
+    /// Write a self-contained HTML comparison.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Clone)]
 struct FloorArgs {
     /// Public listener.
     #[arg(long, default_value = "127.0.0.1:4000")]
@@ -262,6 +277,25 @@ fn main() {
             Err(e) => {
                 eprintln!("floor-server: {e}");
                 1
+            }
+        },
+        Cmd::Compare(a) => match compare::load(&a.runs) {
+            Ok(runs) => {
+                print!("{}", compare::text(&runs));
+                match &a.report {
+                    Some(path) => match std::fs::write(path, compare::html(&runs)) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            eprintln!("compare: {}: {e}", path.display());
+                            1
+                        }
+                    },
+                    None => 0,
+                }
+            }
+            Err(e) => {
+                eprintln!("causeloop-loadtest compare: {e}");
+                2
             }
         },
         Cmd::Connect(c) => orchestrate(Scenario::Connect, c, None, 0.0),
@@ -376,6 +410,7 @@ fn run(
         ));
     }
     let started = Instant::now();
+    let started_unix_ms = engine::unix_ns() / 1_000_000;
     let self_cpu_start = procfs::cpu_ns("self").unwrap_or(0);
 
     // Spawn the workers with contiguous shares of the connections.
@@ -404,6 +439,7 @@ fn run(
             continuity: fanout.as_ref().is_some_and(|f| f.continuity),
             compression: fanout.as_ref().is_some_and(|f| f.compression),
             tls: tls.clone(),
+            started_unix_ms,
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -448,7 +484,7 @@ fn run(
     drop(tx);
 
     let mut series: Vec<Point> = Vec::new();
-    let mut last_events = 0u64;
+    let mut seconds = seconds::Seconds::new(started_unix_ms, workers.len());
     let mut tick = Instant::now() + Duration::from_secs(1);
     let mut interval_hist =
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
@@ -477,6 +513,7 @@ fn run(
                         }
                         "progress" => {
                             let _ = interval_hist.add(engine::decode_hist(&r.latency_hist));
+                            seconds.add(i, r.t_ms, r.events);
                         }
                         _ => {}
                     }
@@ -488,7 +525,6 @@ fn run(
             if Instant::now() >= tick {
                 tick += Duration::from_secs(1);
                 let open: u64 = workers.iter().map(|w| w.latest.open).sum();
-                let events: u64 = workers.iter().map(|w| w.latest.events).sum();
                 let failures: u64 = workers
                     .iter()
                     .map(|w| w.latest.failures.values().sum::<u64>())
@@ -498,8 +534,6 @@ fn run(
                 } else {
                     interval_hist.value_at_quantile(0.99)
                 };
-                let delivered = events.saturating_sub(last_events);
-                last_events = events;
                 interval_hist.reset();
                 for w in workers.iter_mut() {
                     if let Some(cpu) = procfs::cpu_ns(&w.child.id().to_string()) {
@@ -513,6 +547,9 @@ fn run(
                     }
                 }
                 let t = started.elapsed().as_secs();
+                // The last second every worker has reported (this one's reports are on their
+                // way).
+                let delivered = seconds.at(t.saturating_sub(1)).unwrap_or(0);
                 let srv = server_pid.as_deref().and_then(procfs::sample);
                 eprintln!(
                     "[{t:>4}s {phase:<9}] open {open:>8}  delivered {delivered:>9}/s  p99 {:>8}  failures {failures}",
@@ -521,7 +558,8 @@ fn run(
                 series.push(Point {
                     t_s: t,
                     open,
-                    delivered_per_s: delivered,
+                    // Filled in from each second's reports once the run is over.
+                    delivered_per_s: 0,
                     p99_us: p99,
                     server_rss_bytes: srv.as_ref().map(|s| s.rss_bytes),
                     server_open_files: srv.as_ref().map(|s| s.open_files),
@@ -674,12 +712,11 @@ fn run(
         }),
         _ => None,
     };
-    let bottleneck_warning = (max_share > 0.9).then(|| {
-        format!(
-            "a load-test worker used {:.0}% of a core: it, not the server, may have set the pace; add --processes",
-            max_share * 100.0
-        )
-    });
+    let bottleneck_warning = report::bottleneck_warning(max_share);
+    // Each second's delivered frames as the workers measured them (see `seconds`).
+    for p in &mut series {
+        p.delivered_per_s = seconds.at(p.t_s).unwrap_or(0);
+    }
     let results = Results {
         scenario: format!("{scenario:?}").to_lowercase(),
         command: std::env::args().collect::<Vec<_>>().join(" "),

@@ -3,12 +3,13 @@
 //! documented in `docs/loadtest.md`.
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// Percentiles of a latency histogram, microseconds.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
@@ -42,7 +43,8 @@ impl Percentiles {
 }
 
 /// One second of the run.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Point {
     /// Seconds since the start.
     pub t_s: u64,
@@ -58,8 +60,25 @@ pub struct Point {
     pub server_open_files: Option<u64>,
 }
 
+/// The busiest worker's share of a core past which the load tester, not the server, may have
+/// set the pace.
+pub const BOTTLENECK_SHARE: f64 = 0.8;
+
+/// The warning for a run whose busiest worker used `max_share` of a core, if it is past
+/// [`BOTTLENECK_SHARE`].
+pub fn bottleneck_warning(max_share: f64) -> Option<String> {
+    (max_share > BOTTLENECK_SHARE).then(|| {
+        format!(
+            "its busiest worker used {:.0}% of a core (over {:.0}%): it, not the server, may have set the pace; add --processes or another machine",
+            max_share * 100.0,
+            BOTTLENECK_SHARE * 100.0
+        )
+    })
+}
+
 /// Connection figures.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ConnectFigures {
     /// Connections requested.
     pub requested: u64,
@@ -76,7 +95,8 @@ pub struct ConnectFigures {
 }
 
 /// Event delivery figures.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FanoutFigures {
     /// Events the server accepted (202).
     pub published_events: u64,
@@ -107,7 +127,8 @@ pub struct FanoutFigures {
 }
 
 /// Server resource figures (`--server-pid`).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ServerFigures {
     /// The sampled process.
     pub pid: u32,
@@ -130,7 +151,8 @@ pub struct ServerFigures {
 }
 
 /// The load tester's own cost.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SelfFigures {
     /// CPU of all workers and the orchestrator, nanoseconds.
     pub cpu_ns: u64,
@@ -141,7 +163,8 @@ pub struct SelfFigures {
 }
 
 /// Everything a run measured.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Results {
     /// `connect`, `fanout`, `storm` or `slow`.
     pub scenario: String,
@@ -297,12 +320,13 @@ impl Results {
             self.loadtest.worker_max_core_share * 100.0
         );
         if let Some(w) = &self.loadtest.bottleneck_warning {
-            let _ = writeln!(o, "  WARNING: {w}");
+            let _ = writeln!(o, "  WARNING: the load tester was the bottleneck: {w}");
         }
         o
     }
 
-    /// The self-contained HTML report.
+    /// The self-contained HTML report. A load tester that may have set the pace is said first,
+    /// in red, above everything else.
     pub fn html(&self) -> String {
         let esc = |s: &str| {
             s.replace('&', "&amp;")
@@ -315,6 +339,13 @@ impl Results {
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>causeloop-loadtest {}</title><style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}}pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}h2{{margin-top:2em}}</style></head><body>",
             esc(&self.scenario)
         );
+        if let Some(w) = &self.loadtest.bottleneck_warning {
+            let _ = write!(
+                o,
+                "<p class=\"bottleneck\" style=\"color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.6em\">The load tester was the bottleneck: {}</p>",
+                esc(w)
+            );
+        }
         let _ = write!(o, "<h1>causeloop-loadtest: {}</h1>", esc(&self.scenario));
         let _ = write!(
             o,
@@ -381,18 +412,22 @@ impl Results {
 
 /// A line chart as inline SVG, axes labelled, with min/max ticks.
 pub fn svg_line(points: &[(f64, f64)], x_label: &str, y_label: &str) -> String {
+    svg_lines(&[("", points)], x_label, y_label)
+}
+
+/// Line colours, in the order of the series.
+const COLOURS: [&str; 6] = [
+    "#2a6fdb", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#495057",
+];
+
+/// Several lines on one chart (one per labelled series, a legend when there are labels), as
+/// inline SVG.
+pub fn svg_lines(series: &[(&str, &[(f64, f64)])], x_label: &str, y_label: &str) -> String {
     let (w, h, l, b, t, r) = (860.0, 320.0, 70.0, 40.0, 10.0, 20.0);
-    let xmax = points
-        .iter()
-        .map(|p| p.0)
-        .fold(f64::MIN, f64::max)
-        .max(1e-9);
-    let xmin = points
-        .iter()
-        .map(|p| p.0)
-        .fold(f64::MAX, f64::min)
-        .min(xmax);
-    let ymax = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.05;
+    let all = || series.iter().flat_map(|(_, p)| p.iter());
+    let xmax = all().map(|p| p.0).fold(f64::MIN, f64::max).max(1e-9);
+    let xmin = all().map(|p| p.0).fold(f64::MAX, f64::min).min(xmax);
+    let ymax = all().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.05;
     let sx = |x: f64| l + (x - xmin) / (xmax - xmin).max(1e-9) * (w - l - r);
     let sy = |y: f64| h - b - y / ymax * (h - b - t);
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">");
@@ -424,15 +459,33 @@ pub fn svg_line(points: &[(f64, f64)], x_label: &str, y_label: &str) -> String {
             fmt_num(x)
         );
     }
-    let path: Vec<String> = points
-        .iter()
-        .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-        .collect();
-    let _ = write!(
-        s,
-        "<polyline fill=\"none\" stroke=\"#2a6fdb\" stroke-width=\"2\" points=\"{}\"/>",
-        path.join(" ")
-    );
+    for (i, (label, points)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        );
+        if !label.is_empty() {
+            let y = t + 16.0 + 16.0 * i as f64;
+            let _ = write!(
+                s,
+                "<line x1=\"{}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{}</text>",
+                l + 10.0,
+                l + 30.0,
+                l + 36.0,
+                y + 4.0,
+                label
+                    .replace('&', "&amp;")
+                    .replace('<', "&lt;")
+                    .replace('>', "&gt;")
+            );
+        }
+    }
     let _ = write!(
         s,
         "<text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"middle\">{x_label}</text>",
@@ -507,5 +560,20 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 3);
         assert!(!html.contains("<script"));
         assert!(!html.contains("http://") || html.contains("http://www.w3.org/2000/svg"));
+        assert!(!html.contains("class=\"bottleneck\""));
+    }
+
+    #[test]
+    fn a_saturated_load_tester_is_said_first_in_red() {
+        assert_eq!(bottleneck_warning(0.79), None);
+        let mut r = Results {
+            scenario: "fanout".into(),
+            ..Results::default()
+        };
+        r.loadtest.bottleneck_warning = bottleneck_warning(0.85);
+        let html = r.html();
+        let warning = html.find("class=\"bottleneck\"").expect("the warning");
+        assert!(warning < html.find("<h1>").unwrap(), "above the title");
+        assert!(html.contains("color:#b00020") && html.contains("85% of a core"));
     }
 }

@@ -64,6 +64,10 @@ pub struct WorkerSpec {
     /// `wss://`: how to speak TLS (none: plain `ws://`).
     #[serde(default)]
     pub tls: Option<crate::tls::TlsSpec>,
+    /// When the run started, Unix milliseconds: workers report right after each whole second
+    /// of the run, so that the orchestrator can add up each second's figures.
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 /// A worker's report: counters and histograms (serialized HdrHistogram V2, base64).
@@ -116,4 +120,8 @@ pub struct WorkerReport {
     /// Compressed frames received and inflated (`--compression`).
     #[serde(default)]
     pub compressed_frames: u64,
+    /// When the figures were taken, Unix milliseconds (progress reports: just after a whole
+    /// second of the run).
+    #[serde(default)]
+    pub t_ms: u64,
 }
