@@ -3,16 +3,18 @@
 //! inflated within a bound.
 //!
 //! With `server_no_context_takeover` every compressed message stands alone, so one compressor
-//! per shard serves every connection: it is reset after each message, and the frame it makes is
-//! shared by reference like the plain one. A message is compressed only when it is at least
+//! per shard serves every connection: the one-shot encoder (`ws::oneshot`), which compresses a
+//! whole message in one block and has nothing to clear between messages, and the frame it makes
+//! is shared by reference like the plain one. A message is compressed only when it is at least
 //! `min_bytes` and compressing makes it smaller (the caller then sends the plain frame).
 //!
 //! Inflating refuses a message the moment its output passes the bound, before more is produced:
 //! a small compressed frame that would inflate to gigabytes costs at most the bound.
 
 use super::frame::{encode_header, header_len_of, OpCode, MAX_HEADER_LEN};
+use super::oneshot::{OneShot, MAX_INPUT};
 use super::SharedFrame;
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Decompress, FlushDecompress, Status};
 
 /// The four bytes a sync flush ends with, removed from a message and added back to inflate it.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -20,19 +22,12 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// The RSV1 bit: this message is compressed.
 pub const RSV1: u8 = 0x40;
 
-/// One shard's compressor.
+/// One shard's compressor: the one-shot encoder (`ws::oneshot`), which keeps nothing between
+/// messages that needs clearing.
+#[derive(Default)]
 pub struct Deflater {
-    c: Compress,
+    one: OneShot,
     out: Vec<u8>,
-}
-
-impl Default for Deflater {
-    fn default() -> Self {
-        Deflater {
-            c: Compress::new(Compression::default(), false),
-            out: Vec::new(),
-        }
-    }
 }
 
 impl Deflater {
@@ -51,30 +46,12 @@ impl Deflater {
         if payload.len() < min_bytes.max(1) {
             return None;
         }
-        self.out.clear();
-        self.out.reserve(payload.len() + 64);
-        self.c.reset();
-        let mut input = payload;
-        loop {
-            let before = self.c.total_in();
-            self.out.reserve(256);
-            if self
-                .c
-                .compress_vec(input, &mut self.out, FlushCompress::Sync)
-                .is_err()
-            {
-                return None;
-            }
-            input = &input[(self.c.total_in() - before) as usize..];
-            // Done when every byte is in and the flush is whole (it left spare room).
-            if input.is_empty() && self.out.len() < self.out.capacity() {
-                break;
-            }
-            if self.out.len() > payload.len() + 64 {
-                return None; // growing: not worth it
-            }
+        if payload.len() > MAX_INPUT {
+            return None;
         }
-        let body = self.out.strip_suffix(&TAIL).unwrap_or(&self.out);
+        self.out.clear();
+        self.one.compress(payload, &mut self.out);
+        let body = &self.out[..];
         if body.len() >= payload.len() {
             return None;
         }
@@ -278,6 +255,7 @@ impl Inflater {
 mod tests {
     use super::*;
     use crate::ws::frame::encode;
+    use flate2::{Compress, Compression, FlushCompress};
 
     fn payload_of(frame: &[u8]) -> &[u8] {
         &frame[header_len_of(frame)..]

@@ -10,6 +10,7 @@ pub mod decoder;
 pub mod deflate;
 pub mod extensions;
 pub mod frame;
+pub mod oneshot;
 pub mod upgrade;
 
 use std::sync::Arc;
