@@ -7,7 +7,10 @@
 # back to back in the same run, so their ratio is meaningful on a noisy machine.
 #
 # Usage: loadtest/scripts/perf.sh [SECTION...]   sections: frame bursts scale shards connect
-#        history compression tls (default: all). DUR=3s for a quick smoke run.
+#        history compression tls compression-pinned (default: all but compression-pinned).
+#        compression-pinned: the server on CPU 0 and the load tester on CPU 1, so that the load
+#        tester's inflating does not share the server's core; OTHER_BIN=path/to/causeloop-stream
+#        adds rows for another build (an A/B in one run). DUR=3s for a quick smoke run.
 # Output: markdown on stdout; JSON and HTML reports in target/perf/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -202,5 +205,31 @@ echo "| target | shards | connections | connected | server CPU ns/connection | R
 echo "|---|---|---|---|---|---|---|---|"
 connect_row "ws://, idle 15k" server 2 15000 5000 2 12s
 connect_row "wss://, idle 15k" tls 2 15000 5000 2 12s
+echo
+fi
+if want compression-pinned; then
+echo "### permessage-deflate in bursts, server pinned to CPU 0, load tester to CPU 1 (2,000 connections, 20 workspaces, 100 events/s per workspace every 200 ms, padded with 200 bytes of words)"
+echo
+echo "| server | compression | delivered/s | server CPU ns/frame | bytes received per frame | lost | load tester % core |"
+echo "|---|---|---|---|---|---|---|"
+pinned_row() { # label binary lt-extra
+  taskset -c 0 "$2" --listen $PUB --internal-listen $INT --shards 1 >/dev/null 2>&1 &
+  SPID=$!
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/4700) 2>/dev/null && break; sleep 0.1; done
+  local f="$OUT/pinned.json"
+  # shellcheck disable=SC2086
+  taskset -c 1 "$BIN/causeloop-loadtest" fanout --url ws://$PUB --internal http://$INT --connections 2000 --workspaces 20 \
+    --rate 100 --tick 200ms --processes 1 --source-ips $SRC --duration "$DUR" --server-pid "$SPID" --pad 200 $3 \
+    --json "$f" >/dev/null 2>"$OUT/pinned.log"
+  stop
+  echo "| $1 | $([ -n "$3" ] && echo on || echo off) | $(field "$f" "r['fanout']['delivered_per_s']") | $(field "$f" "r['server']['cpu_ns_per_frame']") | $(field "$f" "r['fanout']['bytes_received']/max(r['fanout']['delivered_frames'],1)") | $(field "$f" "r['fanout']['lost']") | $(field "$f" "r['loadtest']['worker_max_core_share']*100") |"
+}
+for rep in 1 2 3; do
+  pinned_row "this build" "$BIN/causeloop-stream" ""
+  pinned_row "this build" "$BIN/causeloop-stream" "--compression"
+  if [ -n "${OTHER_BIN:-}" ]; then
+    pinned_row "$OTHER_BIN" "$OTHER_BIN" "--compression"
+  fi
+done
 echo
 fi
