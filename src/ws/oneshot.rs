@@ -334,8 +334,11 @@ impl OneShot {
                 let h = hash3(&input[i..]);
                 let entry = self.table[h];
                 self.table[h] = stamp | i as u64;
-                if entry >> 32 == stamp >> 32 {
-                    let cand = (entry & 0xffff_ffff) as usize;
+                // An entry of this message's stamp is a hint, not a promise (after 2^32 messages
+                // the stamp comes round again): the position must be behind this one, and the
+                // bytes are compared anyway.
+                let cand = (entry & 0xffff_ffff) as usize;
+                if entry >> 32 == stamp >> 32 && cand < i {
                     let dist = i - cand;
                     if dist <= MAX_DISTANCE && input[cand..cand + 3] == input[i..i + 3] {
                         let max = (n - i).min(MAX_MATCH);
@@ -611,6 +614,21 @@ mod tests {
             &mut Tree::default(),
         );
         assert!(cl.iter().all(|&l| (1..=7).contains(&l)));
+    }
+
+    #[test]
+    fn a_stamp_that_comes_round_again_is_harmless() {
+        // Entries of a long message, then a short one under the same stamp: positions beyond the
+        // short message must not be used.
+        let mut o = OneShot::default();
+        let long: Vec<u8> = (0..20_000u32).map(|i| (i % 97) as u8).collect();
+        let mut out = Vec::new();
+        o.compress(&long, &mut out);
+        o.stamp = o.stamp.wrapping_sub(1);
+        let short = &long[..50];
+        out.clear();
+        o.compress(short, &mut out);
+        assert_eq!(inflate(&out), short);
     }
 
     proptest! {
