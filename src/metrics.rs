@@ -308,6 +308,14 @@ impl std::fmt::Debug for StatsCollector {
     }
 }
 
+/// A counter's two rows by `result`: `ok` and `error`.
+fn ok_and_error(ok: u64, error: u64) -> Vec<(Labels, u64)> {
+    vec![
+        (vec![("result", "ok".to_string())], ok),
+        (vec![("result", "error".to_string())], error),
+    ]
+}
+
 fn counters(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -469,16 +477,10 @@ impl Collector for StatsCollector {
             &mut enc,
             "causeloop_tls_handshakes",
             "TLS handshakes on the public listener, by result (a peer that stops mid-handshake ends at --handshake-timeout and is counted as failed).",
-            &[
-                (
-                    vec![("result", "ok".to_string())],
-                    sum(shards, |s| &s.tls_handshakes),
-                ),
-                (
-                    vec![("result", "error".to_string())],
-                    sum(shards, |s| &s.tls_handshake_failures),
-                ),
-            ],
+            &ok_and_error(
+                sum(shards, |s| &s.tls_handshakes),
+                sum(shards, |s| &s.tls_handshake_failures),
+            ),
         )?;
         counters(
             &mut enc,
@@ -730,37 +732,23 @@ impl Collector for StatsCollector {
             "Messages received from the cluster bus, by result.",
             &received,
         )?;
-        let reloads = vec![
-            (
-                vec![("result", "ok".to_string())],
-                bus.key_reloads_ok.load(Ordering::Relaxed),
-            ),
-            (
-                vec![("result", "error".to_string())],
-                bus.key_reloads_failed.load(Ordering::Relaxed),
-            ),
-        ];
         counters(
             &mut enc,
             "causeloop_key_reloads",
             "Key reloads, by result.",
-            &reloads,
+            &ok_and_error(
+                bus.key_reloads_ok.load(Ordering::Relaxed),
+                bus.key_reloads_failed.load(Ordering::Relaxed),
+            ),
         )?;
-        let tls_reloads = vec![
-            (
-                vec![("result", "ok".to_string())],
-                bus.tls_reloads_ok.load(Ordering::Relaxed),
-            ),
-            (
-                vec![("result", "error".to_string())],
-                bus.tls_reloads_failed.load(Ordering::Relaxed),
-            ),
-        ];
         counters(
             &mut enc,
             "causeloop_tls_reloads",
             "TLS certificate reloads (SIGHUP), by result; on error the old certificate stays in force.",
-            &tls_reloads,
+            &ok_and_error(
+                bus.tls_reloads_ok.load(Ordering::Relaxed),
+                bus.tls_reloads_failed.load(Ordering::Relaxed),
+            ),
         )?;
         let not_after = bus.tls_not_after.load(Ordering::Relaxed);
         if not_after != 0 {

@@ -17,7 +17,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Largest certificate or key file read (a chain of a few certificates is a few KiB).
@@ -67,13 +66,6 @@ impl fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
-/// A loaded pair: what handshakes present, and when the server's certificate expires.
-struct Pair {
-    key: Arc<CertifiedKey>,
-    /// The leaf certificate's notAfter, Unix seconds (`None` if it could not be read).
-    not_after: Option<i64>,
-}
-
 fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| TlsError::Read(path.into(), e))?;
@@ -87,7 +79,8 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(bytes)
 }
 
-fn load(files: &TlsFiles) -> Result<Pair, TlsError> {
+/// The pair `files` name, read, parsed and matched: what handshakes present.
+fn load(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
     let cert_pem = read_bounded(&files.cert)?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .filter_map(Result::ok)
@@ -98,7 +91,6 @@ fn load(files: &TlsFiles) -> Result<Pair, TlsError> {
     let key_pem = read_bounded(&files.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| TlsError::BadKey(files.key.clone(), e.to_string()))?;
-    let not_after = not_after(&chain[0]);
     let provider = ring();
     let signing = provider
         .key_provider
@@ -110,10 +102,7 @@ fn load(files: &TlsFiles) -> Result<Pair, TlsError> {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(e) => return Err(TlsError::Mismatch(e.to_string())),
     }
-    Ok(Pair {
-        key: Arc::new(certified),
-        not_after,
-    })
+    Ok(Arc::new(certified))
 }
 
 /// The ring provider: ring is already the JWT crypto, and the binary carries one crypto
@@ -147,7 +136,6 @@ pub struct Tls {
     files: TlsFiles,
     config: Arc<ServerConfig>,
     resolver: Arc<Resolver>,
-    not_after: AtomicI64,
 }
 
 impl fmt::Debug for Tls {
@@ -160,9 +148,8 @@ impl Tls {
     /// Loads the pair and builds the configuration: TLS 1.3 and 1.2, ALPN `http/1.1`, no client
     /// certificates.
     pub fn new(files: TlsFiles) -> Result<Tls, TlsError> {
-        let pair = load(&files)?;
         let resolver = Arc::new(Resolver {
-            current: RwLock::new(pair.key),
+            current: RwLock::new(load(&files)?),
         });
         let mut config = ServerConfig::builder_with_provider(Arc::new(ring()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -174,7 +161,6 @@ impl Tls {
             files,
             config: Arc::new(config),
             resolver,
-            not_after: AtomicI64::new(pair.not_after.unwrap_or(0)),
         })
     }
 
@@ -186,25 +172,29 @@ impl Tls {
     /// Reads both files again; on success new handshakes present the new certificate. On error
     /// the pair in force stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let pair = load(&self.files)?;
+        let key = load(&self.files)?;
         *self
             .resolver
             .current
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = pair.key;
-        self.not_after
-            .store(pair.not_after.unwrap_or(0), Ordering::Relaxed);
+            .unwrap_or_else(|e| e.into_inner()) = key;
         Ok(())
     }
 
-    /// The certificate in force's notAfter, Unix seconds (0 if it could not be read).
+    /// The certificate in force's notAfter, Unix seconds (0 if it could not be read), read from
+    /// the pair the resolver holds.
     pub fn not_after(&self) -> i64 {
-        self.not_after.load(Ordering::Relaxed)
-    }
-
-    /// The files it reads.
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
+        let current = self
+            .resolver
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        current
+            .end_entity_cert()
+            .ok()
+            .and_then(|c| not_after(c))
+            .unwrap_or(0)
     }
 }
 

@@ -178,21 +178,17 @@ fn the_seed_client_in_chromium_over_wss_with_compression() {
         &format!("file://{}", page.display()),
     );
     let mut id = 0;
-    let mut logs = |needle: &str| -> Vec<String> {
-        let start = Instant::now();
-        loop {
-            id += 1;
-            let v = evaluate(&mut cdp, id, "window.logs || []");
-            let lines: Vec<String> = serde_json::from_value(v).unwrap_or_default();
-            if lines.iter().any(|l| l.contains(needle)) {
-                return lines;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "Chromium never logged {needle:?}; it logged {lines:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    let mut logs = |needle: &str| {
+        let expr = format!(
+            "(window.logs || []).some(l => l.includes({}))",
+            serde_json::to_string(needle).unwrap()
+        );
+        wait_for(
+            &mut cdp,
+            &mut id,
+            &expr,
+            &format!("the log line {needle:?}"),
+        );
     };
     logs(&format!("[WS] authenticated as workspace {workspace}"));
     let title = "Payment gateway timeout on checkout, seen in Chromium over TLS, compressed";
@@ -289,7 +285,11 @@ fn wait_for<S: std::io::Read + std::io::Write>(
         }
         if start.elapsed() > WAIT {
             *id += 1;
-            let page = evaluate(cdp, *id, "document.body.innerText");
+            let page = evaluate(
+                cdp,
+                *id,
+                "document.body.innerText + ' | log: ' + (window.logs || []).join(' / ')",
+            );
             panic!("the page never showed {what}; it shows: {page}");
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -17,10 +17,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn client_source(url: &str, token: &str) -> String {
-    seed_client_source(url, token)
-}
-
 #[test]
 fn the_seed_copy_matches_the_shared_document() {
     let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -55,7 +51,7 @@ fn run_client_with(
     assert!(version.status.success());
     std::fs::create_dir_all(dir).unwrap();
     let script = dir.join("client.js");
-    std::fs::write(&script, client_source(url, token)).unwrap();
+    std::fs::write(&script, seed_client_source(url, token)).unwrap();
     let mut child = Command::new(&node)
         .arg("--experimental-websocket")
         .arg(&script)
@@ -79,6 +75,33 @@ fn run_client_with(
     (child, rx)
 }
 
+/// The client's output lines as they come. stdout (console.log) and stderr (console.warn/error)
+/// arrive on two pipes, so lines written in one order may be received in another: every line
+/// not matched yet is kept and searched, rather than assuming order across the two streams.
+struct Printed {
+    rx: mpsc::Receiver<String>,
+    unmatched: Vec<String>,
+}
+
+impl Printed {
+    /// The first line holding `needle`, waiting up to 15 s for it (then the test fails with what
+    /// the client printed).
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            if let Some(i) = self.unmatched.iter().position(|l| l.contains(needle)) {
+                return self.unmatched.remove(i);
+            }
+            match self.rx.recv_timeout(Duration::from_secs(15)) {
+                Ok(line) => self.unmatched.push(line),
+                Err(_) => panic!(
+                    "the seed client never printed {needle:?}; it printed {:?}",
+                    self.unmatched
+                ),
+            }
+        }
+    }
+}
+
 #[test]
 fn seed_client_connects_receives_and_reconnects_after_drain() {
     let workspace = "ws_01abc123"; // the usage example's workspace
@@ -87,23 +110,11 @@ fn seed_client_connects_receives_and_reconnects_after_drain() {
     let url = format!("ws://127.0.0.1:{port}/v1/stream");
     let dir = std::env::temp_dir().join(format!("causeloop-seed-{}", std::process::id()));
     let (mut child, rx) = run_client(&url, &token(workspace, "usr_01abc456", 600), &dir);
-    // stdout (console.log) and stderr (console.warn/error) arrive on two pipes, so lines written
-    // in one order may be received in another: keep every line not yet matched and search them
-    // all, rather than assuming order across the two streams.
-    let mut unmatched: Vec<String> = Vec::new();
-    let mut wait_for = |needle: &str| -> String {
-        loop {
-            if let Some(i) = unmatched.iter().position(|l| l.contains(needle)) {
-                return unmatched.remove(i);
-            }
-            match rx.recv_timeout(Duration::from_secs(15)) {
-                Ok(line) => unmatched.push(line),
-                Err(_) => {
-                    panic!("the seed client never printed {needle:?}; it printed {unmatched:?}")
-                }
-            }
-        }
+    let mut printed = Printed {
+        rx,
+        unmatched: Vec::new(),
     };
+    let mut wait_for = |needle: &str| printed.wait_for(needle);
     wait_for("[WS] connected");
     wait_for(&format!("[WS] authenticated as workspace {workspace}"));
     let (st, _) = first.publish(&format!(
@@ -235,17 +246,12 @@ fn seed_client_works_unchanged_over_wss() {
         &dir,
         &[("NODE_EXTRA_CA_CERTS", cert.ca.as_path())],
     );
-    let mut printed: Vec<String> = Vec::new();
-    let mut wait_for = |needle: &str| loop {
-        if printed.iter().any(|l| l.contains(needle)) {
-            return;
-        }
-        match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(line) => printed.push(line),
-            Err(_) => {
-                panic!("the seed client never printed {needle:?} over wss; it printed {printed:?}")
-            }
-        }
+    let mut printed = Printed {
+        rx,
+        unmatched: Vec::new(),
+    };
+    let mut wait_for = |needle: &str| {
+        printed.wait_for(needle);
     };
     wait_for("[WS] connected");
     wait_for(&format!("[WS] authenticated as workspace {workspace}"));

@@ -116,22 +116,14 @@ fn the_seed_contract_holds_over_wss() {
         assert_eq!(expect_close(ws, false).0, 1001);
         finish_close(ws);
     }
-    let m = raw_http(
-        s.internal,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    let handshakes = m
-        .lines()
-        .find(|l| l.starts_with("causeloop_tls_handshakes_total{result=\"ok\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
-    assert!(handshakes >= Some(6), "{m}");
-    assert!(
-        m.contains(&format!(
-            "causeloop_tls_certificate_expiry_timestamp_seconds {}",
-            cert.not_after
-        )),
-        "{m}"
+    let handshakes = metric(s.internal, "causeloop_tls_handshakes_total{result=\"ok\"}");
+    assert!(handshakes >= Some(6), "{handshakes:?}");
+    assert_eq!(
+        metric(
+            s.internal,
+            "causeloop_tls_certificate_expiry_timestamp_seconds "
+        ),
+        Some(cert.not_after as u64)
     );
 }
 
@@ -198,27 +190,25 @@ fn a_reload_swaps_the_certificate_for_new_handshakes_and_a_bad_pair_keeps_the_ol
         &path(&token("ws_r", "still", 600), "ws_r"),
     );
     assert!(read_text(&mut still).contains("\"connected\""));
-    let m = raw_http(
-        s.internal,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    assert_eq!(
+        metric(s.internal, "causeloop_tls_reloads_total{result=\"ok\"}"),
+        Some(1)
     );
-    assert!(
-        m.contains("causeloop_tls_reloads_total{result=\"ok\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("causeloop_tls_reloads_total{result=\"error\"} 2"),
-        "{m}"
+    assert_eq!(
+        metric(s.internal, "causeloop_tls_reloads_total{result=\"error\"}"),
+        Some(2)
     );
     let expiry = causeloop_stream::tls::not_after(
         &rustls::pki_types::CertificateDer::from_pem_file(&cert.cert).unwrap(),
     )
     .unwrap();
-    assert!(
-        m.contains(&format!(
-            "causeloop_tls_certificate_expiry_timestamp_seconds {expiry}"
-        )),
-        "the reloaded certificate's expiry: {m}"
+    assert_eq!(
+        metric(
+            s.internal,
+            "causeloop_tls_certificate_expiry_timestamp_seconds "
+        ),
+        Some(expiry as u64),
+        "the reloaded certificate's expiry"
     );
 }
 
@@ -315,13 +305,10 @@ fn garbage_instead_of_a_client_hello_is_dropped_and_counted() {
         let took = closed_within(&mut sock, WAIT);
         assert!(took.is_some(), "kept open after {junk:?}");
     }
-    assert!(eventually(WAIT, || {
-        let m = raw_http(
-            s.internal,
-            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        );
-        m.contains("causeloop_tls_handshakes_total{result=\"error\"} 3")
-    }));
+    assert!(eventually(WAIT, || metric(
+        s.internal,
+        "causeloop_tls_handshakes_total{result=\"error\"}"
+    ) == Some(3)));
     // The listener still serves.
     let mut ws = connect_wss(
         s.public,
@@ -352,13 +339,10 @@ fn a_client_that_stops_mid_handshake_is_closed_at_the_handshake_timeout() {
         let took = closed_within(sock, WAIT).expect("closed");
         assert!(took < Duration::from_secs(10), "closed after {took:?}");
     }
-    assert!(eventually(WAIT, || {
-        let m = raw_http(
-            s.internal,
-            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        );
-        m.contains("causeloop_tls_handshakes_total{result=\"error\"} 2")
-    }));
+    assert!(eventually(WAIT, || metric(
+        s.internal,
+        "causeloop_tls_handshakes_total{result=\"error\"}"
+    ) == Some(2)));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! connection and workspace counts, the machine) is said above the table, not hidden. The HTML
 //! report overlays the runs' latency percentile curves and delivered-frames series.
 
-use crate::report::{svg_lines, Results};
+use crate::report::{bottleneck_banner, esc, nines_curve, svg_lines, Results};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -252,12 +252,6 @@ pub fn text(runs: &[(String, Results)]) -> String {
     o
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 /// The self-contained HTML comparison.
 pub fn html(runs: &[(String, Results)]) -> String {
     let mut o = String::new();
@@ -267,12 +261,9 @@ pub fn html(runs: &[(String, Results)]) -> String {
     );
     for (name, r) in runs {
         if let Some(w) = &r.loadtest.bottleneck_warning {
-            let _ = write!(
-                o,
-                "<p class=\"bottleneck\" style=\"color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.6em\">{}: the load tester was the bottleneck: {}</p>",
-                esc(name),
-                esc(w)
-            );
+            o.push_str(&bottleneck_banner(&format!(
+                "{name}: the load tester was the bottleneck: {w}"
+            )));
         }
     }
     let _ = write!(
@@ -296,21 +287,7 @@ pub fn html(runs: &[(String, Results)]) -> String {
     let curves: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .filter(|(_, r)| !r.latency_curve.is_empty())
-        .map(|(n, r)| {
-            let pts = r
-                .latency_curve
-                .iter()
-                .map(|&(p, v)| {
-                    let nines = if p >= 100.0 {
-                        5.0
-                    } else {
-                        (1.0 / (1.0 - p / 100.0)).log10().min(5.0)
-                    };
-                    (nines, v as f64 / 1000.0)
-                })
-                .collect();
-            (n.clone(), pts)
-        })
+        .map(|(n, r)| (n.clone(), nines_curve(&r.latency_curve)))
         .collect();
     if !curves.is_empty() {
         let series: Vec<(&str, &[(f64, f64)])> =

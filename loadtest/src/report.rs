@@ -328,11 +328,6 @@ impl Results {
     /// The self-contained HTML report. A load tester that may have set the pace is said first,
     /// in red, above everything else.
     pub fn html(&self) -> String {
-        let esc = |s: &str| {
-            s.replace('&', "&amp;")
-                .replace('<', "&lt;")
-                .replace('>', "&gt;")
-        };
         let mut o = String::new();
         let _ = write!(
             o,
@@ -340,11 +335,9 @@ impl Results {
             esc(&self.scenario)
         );
         if let Some(w) = &self.loadtest.bottleneck_warning {
-            let _ = write!(
-                o,
-                "<p class=\"bottleneck\" style=\"color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.6em\">The load tester was the bottleneck: {}</p>",
-                esc(w)
-            );
+            o.push_str(&bottleneck_banner(&format!(
+                "The load tester was the bottleneck: {w}"
+            )));
         }
         let _ = write!(o, "<h1>causeloop-loadtest: {}</h1>", esc(&self.scenario));
         let _ = write!(
@@ -356,18 +349,7 @@ impl Results {
         let _ = write!(o, "<p><b>Command:</b></p><pre>{}</pre>", esc(&self.command));
         let _ = write!(o, "<h2>Summary</h2><pre>{}</pre>", esc(&self.table()));
         if !self.latency_curve.is_empty() {
-            let pts: Vec<(f64, f64)> = self
-                .latency_curve
-                .iter()
-                .map(|&(p, v)| {
-                    let nines = if p >= 100.0 {
-                        5.0
-                    } else {
-                        (1.0 / (1.0 - p / 100.0)).log10().min(5.0)
-                    };
-                    (nines, v as f64 / 1000.0)
-                })
-                .collect();
+            let pts = nines_curve(&self.latency_curve);
             let _ = write!(
                 o,
                 "<h2>Event latency by percentile</h2>{}",
@@ -408,6 +390,37 @@ impl Results {
         );
         o
     }
+}
+
+/// The red banner that opens a report whose load tester may have set the pace.
+pub fn bottleneck_banner(text: &str) -> String {
+    format!(
+        "<p class=\"bottleneck\" style=\"color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.6em\">{}</p>",
+        esc(text)
+    )
+}
+
+/// `s` made safe as HTML text.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A latency percentile curve as chart points: (nines, milliseconds), where 1 nine is 90%, 2 are
+/// 99%, 3 are 99.9% (100% drawn at 5).
+pub fn nines_curve(curve: &[(f64, u64)]) -> Vec<(f64, f64)> {
+    curve
+        .iter()
+        .map(|&(p, v)| {
+            let nines = if p >= 100.0 {
+                5.0
+            } else {
+                (1.0 / (1.0 - p / 100.0)).log10().min(5.0)
+            };
+            (nines, v as f64 / 1000.0)
+        })
+        .collect()
 }
 
 /// A line chart as inline SVG, axes labelled, with min/max ticks.
@@ -479,10 +492,7 @@ pub fn svg_lines(series: &[(&str, &[(f64, f64)])], x_label: &str, y_label: &str)
                 l + 30.0,
                 l + 36.0,
                 y + 4.0,
-                label
-                    .replace('&', "&amp;")
-                    .replace('<', "&lt;")
-                    .replace('>', "&gt;")
+                esc(label)
             );
         }
     }
